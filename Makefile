@@ -19,7 +19,7 @@ $(VENV)/.torch: | $(PY)
 	@touch $@
 
 $(VENV)/.installed-run: pyproject.toml $(VENV)/.torch
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ".[examples]"
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
@@ -29,7 +29,7 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 install: $(VENV)/.installed-run
 
 run: $(VENV)/.installed-run
-	$(PY) -m accountants epsilon --dataset-size 60000 --batch-size 256 --noise-multiplier 1.1 --epochs 10 --delta 1e-5
+	$(PY) scripts/train_digits.py
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
