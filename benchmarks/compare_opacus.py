@@ -180,6 +180,83 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
     return result
 
 
+ACCURACY_EPSILONS = (1.0, 3.0, 8.0)
+
+
+def accuracy_run(library: str, epsilon: float, seed: int, epochs: int) -> dict[str, Any]:
+    """Train the main job's digits CNN privately with ``library`` at the σ dpclip calibrates for ``epsilon``.
+
+    Both libraries get the same initial weights, data split, (q, σ, C, steps), optimizer and learning rate; each
+    samples its own Poisson batches and noise, so accuracies differ by training noise only. ε is what each
+    library's own accountant reports for the run.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import train_digits
+    from torch.utils.data import DataLoader
+
+    from accountants import noise_multiplier_for
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    defaults = train_digits.DEFAULTS
+    train, test = train_digits.load_data(torch.device("cpu"))
+    batch, clip, lr = defaults["batch_size"], defaults["max_grad_norm"], defaults["lr"]
+    loader = DataLoader(train, batch_size=batch)
+    # Opacus samples at q = 1 / len(loader) (not batch / N); both libraries use that q here.
+    q = 1 / len(loader)
+    steps = epochs * len(loader)
+    sigma = noise_multiplier_for(epsilon, DELTA, q, steps)
+    torch.manual_seed(seed)
+    model = train_digits.DigitsCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    start = time.perf_counter()
+    if library == "dpclip":
+        import dpclip
+
+        engine = dpclip.PrivacyEngine(seed=seed)
+        model, optimizer, loader = engine.make_private(
+            model, optimizer, loader, noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q
+        )
+    else:
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant="rdp")
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma, max_grad_norm=clip,
+            poisson_sampling=True, grad_sample_mode="hooks",
+        )
+    criterion = nn.CrossEntropyLoss()
+    taken = 0
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            criterion(model(x), y).backward()
+            optimizer.step()
+            taken += 1
+    wall = time.perf_counter() - start
+    module = model._module if hasattr(model, "_module") else model.module
+    return {"library": library, "target_epsilon": epsilon, "seed": seed, "sigma": sigma, "sample_rate": q,
+            "steps": taken, "planned_steps": steps, "epsilon": engine.get_epsilon(DELTA),
+            "test_accuracy": train_digits.accuracy(module, test), "wall_s": wall}
+
+
+def accuracy_table(runs: list[dict[str, Any]]) -> str:
+    lines = ["| ε target | σ | steps | library | test accuracy (mean ± sd over seeds) | ε reported | s per run |",
+             "|---|---|---|---|---|---|---|"]
+    for eps in sorted({r["target_epsilon"] for r in runs}):
+        for lib in ("dpclip", "opacus"):
+            rs = [r for r in runs if r["target_epsilon"] == eps and r["library"] == lib]
+            if not rs:
+                continue
+            accs = [r["test_accuracy"] for r in rs]
+            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            lines.append(
+                f"| {eps:g} | {rs[0]['sigma']:.3f} | {rs[0]['steps']} | {lib} | {statistics.mean(accs):.3f} ± {sd:.3f} "
+                f"(n={len(accs)}) | {max(r['epsilon'] for r in rs):.3f} | {statistics.mean(r['wall_s'] for r in rs):.1f} |"
+            )
+    return "\n".join(lines)
+
+
 def spawn(model: str, library: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, __file__, "--worker", model, library, "--size", args.size, "--device", args.device,
                "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -245,7 +322,29 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps: checks that everything runs")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "LIBRARY"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--accuracy", action="store_true",
+        help="instead of timing: train the digits CNN (scripts/train_digits.py) with dpclip and Opacus at the same "
+        "(q, sigma, C, steps) for each --epsilons, over --seeds seeds, and compare test accuracy and reported epsilon",
+    )
+    parser.add_argument("--epsilons", nargs="+", type=float, default=list(ACCURACY_EPSILONS))
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per (epsilon, library) in --accuracy")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs in --accuracy (default: the main job's)")
     args = parser.parse_args()
+    if args.accuracy:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+        import train_digits
+
+        epochs = args.epochs or (1 if args.smoke else train_digits.DEFAULTS["epochs"])
+        seeds = 1 if args.smoke else args.seeds
+        runs = [accuracy_run(lib, eps, seed, epochs) for eps in args.epsilons for lib in ("dpclip", "opacus") for seed in range(seeds)]
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = "accuracy_digits_smoke" if args.smoke else "accuracy_digits"
+        (args.out / f"{stem}.json").write_text(json.dumps({"delta": DELTA, "epochs": epochs, "runs": runs}, indent=1))
+        markdown = accuracy_table(runs)
+        (args.out / f"{stem}.md").write_text(markdown + "\n")
+        print(markdown)
+        return
     if args.smoke:
         args.size, args.steps, args.warmup = "smoke", 2, 1
     if args.worker:

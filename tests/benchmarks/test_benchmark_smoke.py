@@ -36,3 +36,18 @@ def test_accountant_speed_runs(tmp_path):
     rows = json.loads(out.read_text())
     values = [row["epsilon"] for row in rows.values()]
     assert len(rows) == 5 and max(values) - min(values) < 1e-3  # all libraries agree on ε ≈ 6.71
+
+
+def test_accuracy_comparison_smoke(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_opacus.py"), "--accuracy", "--smoke",
+                    "--epsilons", "3", "--out", str(tmp_path)], check=True, capture_output=True, timeout=600)
+    report = json.loads((tmp_path / "accuracy_digits_smoke.json").read_text())
+    runs = {r["library"]: r for r in report["runs"]}
+    assert set(runs) == {"dpclip", "opacus"}
+    # Same σ, q and steps; each library's own accountant must then report (nearly) the same ε, at most the target.
+    assert runs["dpclip"]["sigma"] == runs["opacus"]["sigma"]
+    assert runs["dpclip"]["steps"] == runs["opacus"]["steps"] == runs["dpclip"]["planned_steps"]
+    assert runs["dpclip"]["epsilon"] <= 3.0
+    assert abs(runs["opacus"]["epsilon"] - runs["dpclip"]["epsilon"]) < 0.01
+    for r in runs.values():
+        assert 0.0 <= r["test_accuracy"] <= 1.0
