@@ -442,8 +442,9 @@ class PrivacyEngine:
         self.accountant.compose(self._step_event)
         self.steps += 1
         if isinstance(self.clipping, MedianClipping):
-            count_noise = self.noise.gaussian(torch.zeros((), dtype=torch.float64), settings.count_noise_multiplier)
-            self.clipping.update(self._count + float(count_noise), settings.expected_batch_size)
+            count = torch.tensor(self._count, dtype=torch.float64)
+            noisy_count = self.noise.noisy(count, settings.count_noise_multiplier, "gaussian")
+            self.clipping.update(float(noisy_count), settings.expected_batch_size)
         self._reset_step()
 
     # ------------------------------------------------------------------------------------------------

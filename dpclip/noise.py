@@ -1,22 +1,80 @@
-"""Step 4 of the data path: noise calibrated to the clipping bound, drawn on the parameters' device."""
+"""Step 4 of the data path: noise calibrated to the clipping bound, drawn on the parameters' device.
+
+Two samplers:
+
+- the default one: ``torch.randn`` / the difference of two ``exponential_`` draws in the parameters' dtype —
+  fast, reproducible from a seed, and exposed to the known floating-point attacks on textbook samplers
+  (Mironov 2012 for Laplace; Holohan & Braghin 2021 and Jin et al. 2022 for Gaussian samplers);
+- the secure one (``secure_mode=True``): seeds from the OS CSPRNG, draws in float64 as a *sum* of independent
+  pieces of the target law (Holohan & Braghin 2021, "Secure Random Sampling in Differential Privacy"), and
+  releases ``value + noise`` *snapped* to a power-of-two grid Λ and clamped to ±B (the rounding/clamping of
+  Mironov 2012, "On Significance of the Least Significant Bits for Differential Privacy"), so the low-order
+  bits of a release carry nothing but the grid.
+
+In exact arithmetic the secure sampler is the same mechanism the accountant charges: a sum of independent
+N(0, s²/2) is N(0, s²); the Holohan–Braghin product sum is exactly Laplace(0, 1) (characteristic function
+(1 + t²)⁻¹); clamping each coordinate of the input is 1-Lipschitz per coordinate, so it cannot raise the L1 or
+L2 sensitivity; rounding, clamping the output and casting to the parameters' dtype are post-processing.
+No accounting change is needed. What remains (float-level effects, bounded noise support, a 64-bit seed) is
+listed in README § "Secure noise".
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 
 from .clipping import Norm
 
 Tensor = torch.Tensor
+Mechanism = Literal["gaussian", "laplace"]
+
+#: Λ is the smallest power of two ≥ noise scale × 2^-GRID_BITS (rounding adds variance ≤ Λ²/12 ≤ 2^-18·s²/12).
+GRID_BITS = 10
+#: Releases are clamped to ±B with B = Λ · 2^RANGE_BITS (≥ 2^20 noise scales): float64 rounding of
+#: value + noise (≤ B·2^-53) then stays ≤ 2^-23 Λ, far below the grid.
+RANGE_BITS = 30
+
+
+def snapping_grid(scale: float) -> float:
+    """Λ: the smallest power of two ≥ ``scale`` · 2^-GRID_BITS (a power of two, as in Mironov 2012's snapping mechanism)."""
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"the noise scale must be positive and finite, got {scale!r}")
+    return math.ldexp(1.0, math.ceil(math.log2(scale)) - GRID_BITS)
+
+
+def snapping_bound(scale: float) -> float:
+    """B = Λ · 2^RANGE_BITS: every coordinate of a secure release is clamped to [−B, B]."""
+    return math.ldexp(snapping_grid(scale), RANGE_BITS)
+
+
+def secure_standard_gaussian(shape: torch.Size | tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+    """N(0, 1) in float64 as (N₁ + N₂)/√2 of two independent draws (Holohan & Braghin 2021; as in diffprivlib)."""
+    pair = torch.randn((2, *shape), generator=generator, device=device, dtype=torch.float64)
+    return (pair[0] + pair[1]) * math.sqrt(0.5)
+
+
+def secure_standard_laplace(shape: torch.Size | tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+    """Laplace(0, 1) in float64 as ln(1−U₁)cos(πU₂) + ln(1−U₃)cos(πU₄) (Holohan & Braghin 2021).
+
+    Each term is distributed as the product of two independent standard normals (characteristic function
+    (1 + t²)^-½), so the sum has characteristic function (1 + t²)⁻¹: exactly the standard Laplace law.
+    U ∈ [0, 1) on the 2^-53 grid, so 1 − U ∈ (0, 1] and every logarithm is finite.
+    """
+    u = torch.rand((4, *shape), generator=generator, device=device, dtype=torch.float64)
+    return torch.log1p(-u[0]) * torch.cos(math.pi * u[1]) + torch.log1p(-u[2]) * torch.cos(math.pi * u[3])
 
 
 class NoiseSource:
     """One ``torch.Generator`` per device, so noise is drawn where the parameters live (no host copies).
 
     ``secure_mode=True`` reseeds the generator from the operating system's CSPRNG (``os.urandom``) before every
-    draw and refuses a user seed, so noise cannot be replayed from a known seed.
+    draw and refuses a user seed, so noise cannot be replayed from a known seed; it also switches to the
+    float-attack-resistant sampler of :meth:`noisy` (the device must support float64: CPU and CUDA do).
     """
 
     def __init__(self, seed: int | None = None, secure_mode: bool = False) -> None:
@@ -36,15 +94,39 @@ class NoiseSource:
         return gen
 
     def gaussian(self, like: Tensor, std: float) -> Tensor:
-        """N(0, std²) per coordinate, shaped and placed like ``like``."""
-        return torch.randn(like.shape, generator=self.generator(like.device), device=like.device, dtype=like.dtype) * std
+        """N(0, std²) per coordinate, shaped and placed like ``like`` (secure mode: drawn in float64, then cast)."""
+        gen = self.generator(like.device)
+        if self.secure_mode:
+            return (secure_standard_gaussian(like.shape, gen, like.device) * std).to(like.dtype)
+        return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype) * std
 
     def laplace(self, like: Tensor, scale: float) -> Tensor:
-        """Laplace(0, scale) per coordinate, as the difference of two Exp(1) draws times the scale."""
+        """Laplace(0, scale) per coordinate: the difference of two Exp(1) draws times the scale (secure mode:
+        the Holohan–Braghin sampler in float64, then cast)."""
         gen = self.generator(like.device)
+        if self.secure_mode:
+            return (secure_standard_laplace(like.shape, gen, like.device) * scale).to(like.dtype)
         first = torch.empty_like(like).exponential_(generator=gen)
         second = torch.empty_like(like).exponential_(generator=gen)
         return (first - second) * scale
+
+    def noisy(self, values: Tensor, scale: float, mechanism: Mechanism) -> Tensor:
+        """``values`` + Gaussian (std ``scale``) or Laplace (scale ``scale``) noise: the released tensor.
+
+        Secure mode: clamp(values, ±B) in float64, add the secure float64 sample, round to the grid Λ
+        (:func:`snapping_grid`), clamp to ±B, cast to ``values.dtype`` — snapping the *sum*, never the noise
+        alone (noise on a grid added to an off-grid value would reveal the value modulo Λ).
+        """
+        if mechanism not in ("gaussian", "laplace"):
+            raise ValueError(f"mechanism must be 'gaussian' or 'laplace', got {mechanism!r}")
+        if not self.secure_mode:
+            draw = self.gaussian if mechanism == "gaussian" else self.laplace
+            return values + draw(values, scale)
+        grid, bound = snapping_grid(scale), snapping_bound(scale)
+        sampler = secure_standard_gaussian if mechanism == "gaussian" else secure_standard_laplace
+        noise = sampler(values.shape, self.generator(values.device), values.device) * scale
+        released = values.to(torch.float64).clamp(-bound, bound) + noise
+        return (torch.round(released / grid) * grid).clamp(-bound, bound).to(values.dtype)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
@@ -61,7 +143,8 @@ class NoiseSource:
 def add_noise(
     summed: Mapping[str, Tensor], noise_multiplier: float, max_norm: float, norm: Norm, source: NoiseSource
 ) -> dict[str, Tensor]:
-    """Σ clip(g_i) + noise: Gaussian with std σ·C per coordinate for L2, Laplace with scale λ·C for L1."""
+    """Σ clip(g_i) + noise: Gaussian with std σ·C per coordinate for L2, Laplace with scale λ·C for L1
+    (snapped to a grid in secure mode, see :meth:`NoiseSource.noisy`)."""
     scale = noise_multiplier * max_norm
-    draw = source.gaussian if norm == "l2" else source.laplace
-    return {name: s + draw(s, scale) for name, s in summed.items()}
+    mechanism: Mechanism = "gaussian" if norm == "l2" else "laplace"
+    return {name: source.noisy(s, scale, mechanism) for name, s in summed.items()}
