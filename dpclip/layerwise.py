@@ -6,7 +6,9 @@ for that forward, so autograd computes only activation gradients (no weight grad
 ends, per-example norms come from (a, g) and the clipped sum is one weighted matmul per layer ("book-keeping",
 Bu et al. 2023, "Differentially Private Optimization on Large Model at Small Cost"):
 
-- Linear (and Conv2d via unfold): per-example weight gradient Σ_t g_t a_tᵀ. Its squared L2 norm is
+- Conv2d: each example's weight gradient is the convolution's own weight backward on that example, vmapped
+  (one grouped convolution; no unfolded patches), kept for the clipped sum.
+- Linear: per-example weight gradient Σ_t g_t a_tᵀ. Its squared L2 norm is
   ‖a‖²‖g‖² for one position, else Σ_{t,s} (a_t·a_s)(g_t·g_s) (the "ghost norm", Goodfellow 2015; Li et al. 2022)
   when T² ≤ d_in·d_out, else the gradient is formed for that layer alone. The clipped sum Σ_i c_i Σ_t g_it a_itᵀ
   is (c ⊙ G)ᵀ A — the same cost as a non-private weight gradient.
@@ -87,6 +89,58 @@ class _LinearWeight(_Contribution):
         g = masked_scale(self.g, factors).reshape(-1, self.g.shape[2])
         a = masked_scale(self.a, keep).reshape(-1, self.a.shape[2])
         return (g.transpose(0, 1) @ a).reshape(self.shape)
+
+
+class _ConvWeight(_Contribution):
+    """Per-example Conv2d weight gradients from the layer's input ``x`` and output gradient ``g``.
+
+    Each example's gradient is the convolution's weight backward on that example alone, vmapped (torch batches it
+    as one grouped convolution), which is far cheaper than unfolding the input into patches. The gradients are kept
+    for the weighted sum when they fit in ``cache_bytes``; otherwise they are recomputed chunk by chunk.
+    """
+
+    cache_bytes = 256 * 2**20
+
+    def __init__(self, name: str, module: nn.Conv2d, x: Tensor, g: Tensor) -> None:
+        super().__init__(name, None)
+        self.module, self.x, self.g = module, x, g
+        self._cached: Tensor | None = None
+        per_example = module.weight.numel() * module.weight.element_size()
+        self.chunk = max(1, self.cache_bytes // per_example)
+
+    def _grads(self, start: int, stop: int) -> Tensor:
+        conv = self.module
+
+        def one(xi: Tensor, gi: Tensor) -> Tensor:
+            return torch.ops.aten.convolution_backward(
+                gi[None], xi[None], conv.weight, None, conv.stride, conv.padding, conv.dilation,
+                False, [0, 0], conv.groups, [False, True, False],
+            )[1]
+
+        with torch.no_grad():
+            return torch.func.vmap(one)(self.x[start:stop], self.g[start:stop])
+
+    def materialize(self) -> Tensor:
+        if self._cached is None:
+            grads = self._grads(0, self.x.shape[0])
+            if self.chunk >= self.x.shape[0]:
+                self._cached = grads
+            return grads
+        return self._cached
+
+    def norm(self, norm: Norm) -> Tensor:
+        if self.chunk >= self.x.shape[0]:
+            return _vector_norms(self.materialize(), norm)
+        batch = self.x.shape[0]
+        return torch.cat([_vector_norms(self._grads(i, i + self.chunk), norm) for i in range(0, batch, self.chunk)])
+
+    def weighted(self, factors: Tensor) -> Tensor:
+        if self.chunk >= self.x.shape[0]:
+            return masked_scale(self.materialize(), factors).sum(dim=0)
+        total = torch.zeros_like(self.module.weight)
+        for i in range(0, self.x.shape[0], self.chunk):
+            total += masked_scale(self._grads(i, i + self.chunk), factors[i : i + self.chunk]).sum(dim=0)
+        return total
 
 
 class _Summed(_Contribution):
@@ -242,13 +296,13 @@ class LayerwiseTape:
                 return parts
 
         elif _conv_supported(module):
-            a = _unfold(module, x.detach())
+            xd = x.detach()
 
             def build(g: Tensor) -> list[_Contribution]:
                 gp = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
                 parts: list[_Contribution] = []
                 if w_name:
-                    parts.append(_LinearWeight(w_name, None, a, gp, weight.shape))
+                    parts.append(_ConvWeight(w_name, module, xd, g))
                 if b_name:
                     parts.append(_Summed(b_name, None, gp))
                 return parts
@@ -379,7 +433,6 @@ def _linear_like(module: nn.Module) -> bool:
 def _conv_supported(module: nn.Module) -> bool:
     return (
         type(module) is nn.Conv2d
-        and module.groups == 1
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
     )
@@ -391,12 +444,6 @@ def _embedding_supported(module: nn.Module) -> bool:
 
 def _affine_norm(module: nn.Module) -> bool:
     return (type(module) is nn.LayerNorm and module.elementwise_affine) or (type(module) is nn.GroupNorm and module.affine)
-
-
-def _unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
-    """Conv2d input as [B, positions, C_in·kh·kw] patches, so the convolution is a linear map per position."""
-    patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
-    return patches.transpose(1, 2)
 
 
 def _recorded_attention_forward(module: nn.MultiheadAttention, tape: LayerwiseTape) -> Callable[..., Any]:

@@ -50,7 +50,21 @@ class CausalEncoder(nn.Module):
         return self.head(self.layer(self.emb(tokens), src_mask=mask, is_causal=True)[:, -1])
 
 
+class GroupedConv(nn.Module):
+    """Grouped, dilated, strided Conv2d layers (per-example weight gradients by vmapped weight backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=2, dilation=2)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, groups=2, bias=False)
+        self.head = nn.Linear(6 * 9, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv2(torch.tanh(self.conv1(x)))).flatten(1))
+
+
 MORE = {
+    "grouped_dilated_conv": (GroupedConv, lambda b: torch.randn(b, 2, 7, 7)),
     "sequence_ghost": (lambda: SeqModel(6), lambda b: torch.randint(0, 12, (b, 5))),
     "sequence_materialized": (lambda: SeqModel(2), lambda b: torch.randint(0, 3, (b, 5))),  # many repeated ids
     "causal_encoder": (CausalEncoder, lambda b: torch.randint(0, 20, (b, 6))),
@@ -114,4 +128,13 @@ def test_unsupported_models_are_named():
     assert any("shared" in p for p in LayerwiseTape.unsupported(shared))
     assert any("GRU" in p for p in LayerwiseTape.unsupported(nn.Sequential(nn.GRU(4, 4))))
     assert LayerwiseTape.unsupported(nn.Sequential(nn.Conv2d(1, 2, 3, groups=1), nn.Flatten())) == []
-    assert LayerwiseTape.unsupported(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2))) != []
+    assert LayerwiseTape.unsupported(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2))) == []
+    assert LayerwiseTape.unsupported(nn.Sequential(nn.Conv2d(2, 2, 3, padding_mode="reflect", padding=1))) != []
+
+
+def test_conv_gradients_recomputed_in_chunks_when_too_large_to_keep(monkeypatch):
+    from dpclip import layerwise
+
+    monkeypatch.setattr(layerwise._ConvWeight, "cache_bytes", 3 * 4 * 2 * 4 * 9)  # 3 examples per chunk
+    torch.manual_seed(3)
+    _compare(*_both(GroupedConv(), torch.randn(7, 2, 7, 7), torch.randint(0, 3, (7,))))
