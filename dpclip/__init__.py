@@ -9,6 +9,7 @@ from .clipping import FixedClipping, MedianClipping, clip, clipped_sum, per_exam
 from .engine import PrivacyEngine, PrivacySettings
 from .errors import (
     EngineUsageError,
+    LossNotPerExampleError,
     ModelNotSupportedError,
     NonFiniteGradientError,
     PrivacyBudgetExceeded,
@@ -20,7 +21,7 @@ from .noise import NoiseSource, add_noise
 from .optimizer import DPOptimizer
 from .per_sample import per_sample_grads
 from .sampling import PoissonDataLoader
-from .validation import fix_model, model_problems, validate_model
+from .validation import check_loss, fix_model, model_problems, validate_model
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "DPOptimizer",
     "EngineUsageError",
     "FixedClipping",
+    "LossNotPerExampleError",
     "MedianClipping",
     "ModelNotSupportedError",
     "NoiseSource",
@@ -39,6 +41,7 @@ __all__ = [
     "PrivacySettings",
     "PrivateModule",
     "add_noise",
+    "check_loss",
     "clip",
     "clipped_sum",
     "fix_model",

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from accountants._validation import check_positive, check_sample_rate
+from accountants._validation import PrivacyParameterError, check_positive, check_sample_rate
 
 Tensor = torch.Tensor
 Norm = Literal["l2", "l1"]
@@ -24,7 +24,10 @@ _SAFETY = 1.0 - 2.0**-20
 
 def check_norm(norm: str) -> Norm:
     if norm not in ("l2", "l1"):
-        raise ValueError(f"norm must be 'l2' (with Gaussian noise) or 'l1' (with Laplace noise), got {norm!r}")
+        raise PrivacyParameterError(
+            f"norm must be 'l2' (clipping in L2, Gaussian noise) or 'l1' (clipping in L1, Laplace noise), got {norm!r}; "
+            "the noise always matches the clipping norm, since only that pair is what the accountant charges"
+        )
     return norm  # type: ignore[return-value]
 
 

@@ -11,6 +11,10 @@ class ModelNotSupportedError(ValueError):
     """The model has layers that mix examples within a batch (e.g. BatchNorm) or nothing to train."""
 
 
+class LossNotPerExampleError(ValueError):
+    """The loss does not combine per-example losses by the declared mean or sum (see :func:`dpclip.check_loss`)."""
+
+
 class NonFiniteGradientError(FloatingPointError):
     """Some per-example gradients are NaN or infinite."""
 
@@ -21,6 +25,7 @@ class EngineUsageError(RuntimeError):
 
 __all__ = [
     "EngineUsageError",
+    "LossNotPerExampleError",
     "ModelNotSupportedError",
     "NonFiniteGradientError",
     "PrivacyBudgetExceeded",

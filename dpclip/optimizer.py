@@ -9,6 +9,9 @@ import torch
 
 from .errors import EngineUsageError
 
+# Attributes that set σ, C or q on other DP libraries' optimizers; here the engine owns them.
+_ENGINE_SETTINGS = frozenset({"noise_multiplier", "max_grad_norm", "sample_rate", "expected_batch_size"})
+
 
 class DPOptimizer(torch.optim.Optimizer):
     """Shares the wrapped optimizer's parameter groups and state (so LR schedulers work) and routes
@@ -20,6 +23,15 @@ class DPOptimizer(torch.optim.Optimizer):
         self._private_step = private_step
         self._optimizer_step_pre_hooks = optimizer._optimizer_step_pre_hooks
         self._optimizer_step_post_hooks = optimizer._optimizer_step_post_hooks
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _ENGINE_SETTINGS:
+            raise EngineUsageError(
+                f"optimizer.{name} cannot be set: σ, C and q are fixed by engine.make_private and charged by its "
+                "accountant at every step; a change here would not be applied. To train with other settings, "
+                "start a new PrivacyEngine."
+            )
+        super().__setattr__(name, value)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]

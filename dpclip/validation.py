@@ -1,10 +1,15 @@
-"""Refuse models whose layers mix examples within a batch; offer a fix."""
+"""Refuse models whose layers mix examples within a batch (offer a fix); check that a loss is per-example."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
 import torch.nn as nn
 
-from .errors import ModelNotSupportedError
+from .errors import LossNotPerExampleError, ModelNotSupportedError, PrivacyParameterError
+from .per_sample import batch_size_of, batched_parameter_forward, per_sample_grads, trainable_parameters
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -57,3 +62,64 @@ def fix_model(model: nn.Module) -> nn.Module:
         else:
             fix_model(child)
     return model
+
+
+def check_loss(
+    model: nn.Module,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    loss_reduction: str = "mean",
+    rtol: float = 1e-4,
+    atol: float = 1e-6,
+) -> None:
+    """Check on one batch that ``loss_fn`` is what the engine assumes: the mean (or sum) of per-example losses.
+
+    The engine clips each example's gradient of *your* batch loss; that bounds one example's influence only if
+    the loss of example i depends on example i alone. This compares, for every example, the gradient of
+    ``loss_fn(model(inputs), targets)`` with respect to that example's copy of the parameters (what the engine
+    clips) against the gradient of ``loss_fn`` on that example alone, and raises
+    :class:`LossNotPerExampleError` if they differ: a loss that normalises with batch statistics or compares
+    examples with each other, or a ``loss_reduction`` that does not match the criterion. The engine cannot make
+    this check itself (it never sees the loss); call it once before training. Dropout is switched off for the
+    check; needs a batch of at least 2 examples.
+    """
+    if loss_reduction not in ("mean", "sum"):
+        raise PrivacyParameterError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    batch = batch_size_of(args, {})
+    if batch < 2:
+        raise PrivacyParameterError(f"check_loss needs a batch of at least 2 examples to see them interact, got {batch}")
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        alone = per_sample_grads(model, loss_fn, args, targets)
+        leaves = {n: p.detach().expand(batch, *p.shape).requires_grad_() for n, p in trainable_parameters(model).items()}
+        loss = loss_fn(batched_parameter_forward(model, leaves, args, {}), targets)
+        together = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    scale = float(batch) if loss_reduction == "mean" else 1.0
+    pairs = [
+        (torch.zeros_like(leaf) if g is None else g * scale, alone[name])
+        for (name, leaf), g in zip(leaves.items(), together)
+    ]
+
+    def matches(factor: float) -> bool:
+        return all(torch.allclose(g * factor, a, rtol=rtol, atol=atol) for g, a in pairs)
+
+    if matches(1.0):
+        return
+    for factor, actual, fix in ((1.0 / batch, "sums", "sum"), (float(batch), "averages", "mean")):
+        if matches(factor):
+            raise LossNotPerExampleError(
+                f"the loss {actual} over the batch but loss_reduction={loss_reduction!r}: pass loss_reduction={fix!r} "
+                "to make_private or change the criterion's reduction (otherwise each example's gradient is off by "
+                "a factor of the batch size before clipping)"
+            )
+    raise LossNotPerExampleError(
+        "the loss of one example depends on the other examples of the batch (e.g. it normalises with batch "
+        "statistics or compares examples with each other): clipping each example's gradient would not bound its "
+        "influence, so DP-SGD cannot account it. Compute a loss per example and reduce it with mean or sum."
+    )
