@@ -4,7 +4,7 @@ an optimizer and a Poisson data loader, records every step with the accountant, 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -32,6 +32,7 @@ from accountants._validation import (
 )
 
 from .clipping import FixedClipping, MedianClipping, check_norm, clip_factors, layer_bound
+from .distributed import DistributedContext, unwrap_model
 from .example_grads import ExampleGradients, MaterializedGradients
 from .layerwise import LayerwiseTape
 from .errors import EngineUsageError, NonFiniteGradientError, PrivacyBudgetExceeded
@@ -158,6 +159,7 @@ class PrivacyEngine:
         self._optimizer: torch.optim.Optimizer | None = None
         self._loader: PoissonDataLoader | None = None
         self._tape: LayerwiseTape | None = None
+        self.distributed: DistributedContext | None = None  # set by make_private under torch.distributed
         self._reset_step()
 
     # ------------------------------------------------------------------------------------------------
@@ -185,6 +187,7 @@ class PrivacyEngine:
         target_delta: float | None = None,
         sample_rate: float | None = None,
         grad_sample_mode: Literal["auto", "layerwise", "vmap"] = "auto",
+        distributed: bool | None = None,
     ) -> tuple[PrivateModule, DPOptimizer, PoissonDataLoader]:
         """Wrap ``module``, ``optimizer`` and ``data_loader`` for DP-SGD; returns their private versions.
 
@@ -203,6 +206,12 @@ class PrivacyEngine:
           materialising per-example weight gradients (Linear, Conv2d, Embedding, LayerNorm, GroupNorm,
           MultiheadAttention); "vmap" materialises them for any model; "auto" (default) takes "layerwise" when
           every trainable layer has a fast path.
+        - ``distributed`` (default None = automatic): under an initialised ``torch.distributed`` process group
+          with world size > 1, or for a ``DistributedDataParallel`` model, every rank clips its shard of one
+          global Poisson batch, the clipped sums are all-reduced and noised once (:mod:`dpclip.distributed`);
+          ε is that of single-process training. Call it identically on every rank with the whole data set;
+          train with the returned model (a DDP wrapper's reducer is bypassed). FSDP is refused.
+          ``False``: this process trains alone.
         """
         if self._module is not None:
             raise EngineUsageError("this PrivacyEngine already manages a model; create one engine per model")
@@ -210,6 +219,8 @@ class PrivacyEngine:
             raise EngineUsageError("this optimizer is already wrapped by a PrivacyEngine; wrap the original optimizer once")
         if isinstance(module, PrivateModule):
             raise EngineUsageError("this model is already wrapped by a PrivacyEngine; pass the original model")
+        dist_context = DistributedContext.resolve(distributed, module, self.secure_mode)
+        wrapper, module = module, unwrap_model(module)  # DDP → ddp.module (its reducer is bypassed); FSDP refused
         validate_model(module)
         dataset = data_loader.dataset
         dataset_size = len(dataset)  # type: ignore[arg-type]
@@ -256,6 +267,10 @@ class PrivacyEngine:
             seed=None if self._seed is None else self._seed + 1,
             secure_mode=self.secure_mode,
         )
+        if dist_context is not None:  # same mechanism, model and seeds on every rank; this rank's shard
+            fingerprint = dict(settings=settings, clipping=self.clipping, budget=self.budget, nonfinite=nonfinite)
+            dist_context.synchronize_setup(self, wrapper, module, loader, fingerprint)
+        self.distributed = dist_context
         loader.listener = self
         self._module, self._optimizer, self._loader = module, optimizer, loader
         optimizer._dpclip_wrapped = True  # type: ignore[attr-defined]
@@ -400,6 +415,8 @@ class PrivacyEngine:
         finite = torch.isfinite(norms)
         if not bool(finite.all()) and self._nonfinite == "error":
             bad = [name for j, name in enumerate(example_grads.names) if not bool(torch.isfinite(per_param[:, j]).all())]
+            if self.distributed is not None:  # raised on every rank by optimizer.step() (see dpclip.distributed)
+                return self.distributed.defer_error(f"{int((~finite).sum())} examples with NaN/inf gradients in {', '.join(bad)}")
             self._reset_step()
             raise NonFiniteGradientError(
                 f"{int((~finite).sum())} of {len(norms)} examples have NaN/inf gradients (in {', '.join(bad)}); "
@@ -415,6 +432,10 @@ class PrivacyEngine:
             self._sum[name] = contribution if name not in self._sum else self._sum[name] + contribution
         if isinstance(clipping, MedianClipping):
             self._count += float(clipping.centred_count(norms))  # NaN norms count as "above C"
+
+    def _release(self, compute: Callable[[], Any], like: Any) -> Any:
+        """``compute()`` (add noise) here, or across ranks: the shared-seed draw or rank 0's broadcast."""
+        return compute() if self.distributed is None else self.distributed.release(compute, like)
 
     def _step(self) -> None:
         """optimizer.step(): after the last micro-batch of a logical batch, noise, step and account."""
@@ -435,7 +456,12 @@ class PrivacyEngine:
         params = trainable_parameters(self._module)
         summed = {name: self._sum.get(name, torch.zeros_like(p)) for name, p in params.items()}
         bound = self.clipping.max_norm
-        noisy = add_noise(summed, settings.gradient_noise_multiplier, bound, settings.norm, self.noise)  # type: ignore[arg-type]
+        if self.distributed is not None:  # Σ over ranks of the clipped sums (and counts), before the one noise draw
+            summed, self._count, error = self.distributed.all_reduce(summed, self._count)
+            if error is not None:
+                self._reset_step()
+                raise NonFiniteGradientError(error)
+        noisy = self._release(lambda: add_noise(summed, settings.gradient_noise_multiplier, bound, settings.norm, self.noise), summed)  # type: ignore[arg-type]
         for name, p in params.items():
             p.grad = (noisy[name] / settings.expected_batch_size).to(p.dtype)
         self._optimizer.step()
@@ -443,7 +469,7 @@ class PrivacyEngine:
         self.steps += 1
         if isinstance(self.clipping, MedianClipping):
             count = torch.tensor(self._count, dtype=torch.float64)
-            noisy_count = self.noise.noisy(count, settings.count_noise_multiplier, "gaussian")
+            noisy_count = self._release(lambda: self.noise.noisy(count, settings.count_noise_multiplier, "gaussian"), count)
             self.clipping.update(float(noisy_count), settings.expected_batch_size)
         self._reset_step()
 
@@ -573,6 +599,8 @@ class PrivacyEngine:
         if accountant.steps != state["steps"]:
             raise PrivacyParameterError("corrupt checkpoint: the accountant history does not match the step count")
         assert self._module is not None and self._optimizer is not None and self._loader is not None
+        if self.distributed is not None:  # every rank must resume from the same state (see dpclip.distributed)
+            self.distributed.check_same_state(state, self.secure_mode)
         self._module.load_state_dict(state["model"])
         self._optimizer.load_state_dict(state["optimizer"])
         self.accountant = accountant

@@ -31,6 +31,12 @@ class PoissonDataLoader:
 
     Sampling runs in the main process from its own ``torch.Generator`` (reseeded from the OS before every step
     in secure mode), so a checkpoint restores the exact sequence of batches.
+
+    ``shard=(rank, world_size)`` (distributed training, see :mod:`dpclip.distributed`): the Bernoulli(q) mask is
+    still drawn over all N indices of the *global* data set, and this process keeps the sampled indices with
+    ``index % world_size == rank``. With the same generator seed on every rank the shards' union is exactly the
+    single-process Poisson batch; with independent seeds (secure mode) each example's inclusion is still decided
+    once, by its own rank, with probability q. ``len()`` and the expected batch size stay global.
     """
 
     def __init__(
@@ -42,6 +48,7 @@ class PoissonDataLoader:
         max_physical_batch_size: int | None = None,
         seed: int | None = None,
         secure_mode: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         try:
             self.dataset_size = len(dataset)  # type: ignore[arg-type]
@@ -59,6 +66,12 @@ class PoissonDataLoader:
             None if max_physical_batch_size is None else check_count("max_physical_batch_size", max_physical_batch_size)
         )
         self.secure_mode = secure_mode
+        if shard is not None:
+            rank, world_size = (int(v) for v in shard)
+            if not (world_size >= 1 and 0 <= rank < world_size):
+                raise PrivacyParameterError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard!r}")
+            shard = (rank, world_size)
+        self.shard = shard
         self.generator = torch.Generator().manual_seed(
             int.from_bytes(os.urandom(8), "little") if seed is None else seed
         )
@@ -74,11 +87,15 @@ class PoissonDataLoader:
         return self.steps_per_epoch
 
     def sample_indices(self) -> torch.Tensor:
-        """Indices of one Poisson batch."""
+        """Indices of one Poisson batch (with ``shard``: this rank's part of the global batch)."""
         if self.secure_mode:
             self.generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
         mask = torch.rand(self.dataset_size, generator=self.generator) < self.sample_rate
-        return mask.nonzero().flatten()
+        indices = mask.nonzero().flatten()
+        if self.shard is not None:
+            rank, world_size = self.shard
+            indices = indices[indices % world_size == rank]
+        return indices
 
     def _micro_batches(self, indices: torch.Tensor) -> Sequence[torch.Tensor]:
         if self.max_physical_batch_size is None or len(indices) == 0:

@@ -1,0 +1,354 @@
+"""DP-SGD over ``torch.distributed`` process groups: one private mechanism for the global batch.
+
+What each rank does per logical step (the engine calls into :class:`DistributedContext`):
+
+1. **Sampling.** Every rank holds the *whole* data set (indexable by global index) and a sampling generator
+   seeded identically on all ranks (rank 0's seed, broadcast). Each draws the same Bernoulli(q) mask over all
+   N indices and keeps the indices of its own shard, ``index % world_size == rank``. The union over ranks is
+   therefore exactly one Poisson(q) sample of the global data set (the very batch a single process with the
+   same seed would draw), whatever the shard of an example. In ``secure_mode`` each rank reseeds from its own
+   OS CSPRNG instead: every example's inclusion is then decided by one rank alone, independently with
+   probability q, which is still exactly Poisson(q) over N.
+2. **Clipping.** Each rank computes, clips (to C) and sums the per-example gradients of its own examples.
+3. **Aggregation.** The clipped sums are all-reduced (SUM), together with, for median clipping, the centred
+   counts of examples below C; a rank whose examples had NaN/inf gradients (``nonfinite="error"``) flags it
+   in the same reduction, so every rank raises :class:`NonFiniteGradientError` from ``optimizer.step()``
+   (instead of one rank raising from ``backward()`` while the others wait in the all-reduce).
+4. **Noise, exactly once.** The global sum Σ_i clip(g_i) gets one draw of N(0, σ²C²) per coordinate (Laplace
+   for L1), and the noisy count one draw of N(0, σ_b²):
+
+   - default: every rank draws the *same* noise from a generator seeded identically on all ranks (rank 0's
+     seed, broadcast). Ranks hold bitwise-identical sums (the all-reduce result) and identical generator
+     states, so they compute the same release without a second collective;
+   - ``secure_mode``: seeds come from each rank's OS CSPRNG and cannot be shared, so rank 0 alone draws and
+     snaps the release, and broadcasts it.
+
+   Either way the released value is Σ_{ranks} Σ_{i ∈ shard batch} clip(g_i) + Z with a single Z of the
+   calibrated law: the same random variable as single-process training on the global batch (the sum is the
+   same sum, merely added in another order). The divisor is the global q·N, the optimizer step is then
+   identical on every rank, and every rank composes the same event into its accountant, so ε is that of
+   single-process training with the same (q, σ, steps).
+
+DistributedDataParallel: its reducer all-reduces and *averages* the ordinary (non-private) gradients into
+``.grad`` during ``backward()``. The engine therefore never runs the DDP wrapper in training: it trains
+``ddp.module`` directly (per-example gradients go to expanded copies of the parameters, or, on the layerwise
+path, parameters have ``requires_grad=False`` during the forward; either way no hook of DDP's reducer fires
+and DDP's ``prepare_for_backward`` is never called), and does its own all-reduce of the clipped sums. A
+training-mode call of the DDP wrapper itself raises :class:`EngineUsageError`. DDP's buffer broadcast is
+bypassed too, which is harmless because models with running statistics (BatchNorm) are refused anyway.
+
+FullyShardedDataParallel (FSDP1 and ``fully_shard``/FSDP2) and DTensor parameters are refused: they shard
+parameters and reduce-scatter gradients, while per-example clipping needs each example's whole gradient
+norm on one rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from .errors import EngineUsageError, ModelNotSupportedError, PrivacyParameterError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import PrivacyEngine
+    from .sampling import PoissonDataLoader
+
+Tensor = torch.Tensor
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _is_ddp(module: nn.Module) -> bool:
+    return torch.distributed.is_available() and isinstance(module, nn.parallel.DistributedDataParallel)
+
+
+def _sharded_reason(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be trained privately across ranks (FSDP, DTensor parameters), or None."""
+    if not torch.distributed.is_available():
+        return None
+    sharded: tuple[type, ...] = ()
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        sharded += (FullyShardedDataParallel,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from torch.distributed.fsdp import FSDPModule  # fully_shard (FSDP2)
+
+        sharded += (FSDPModule,)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(module, sharded):
+        return f"the model is wrapped by FSDP ({type(module).__name__})"
+    for name, sub in module.named_modules():
+        if isinstance(sub, sharded):
+            return f"submodule {name} is wrapped by FSDP ({type(sub).__name__})"
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return None
+    for name, p in module.named_parameters():
+        if isinstance(p, DTensor):
+            return f"parameter {name} is a DTensor (sharded or tensor-parallel)"
+    return None
+
+
+def unwrap_model(module: nn.Module) -> nn.Module:
+    """The module the engine trains: ``ddp.module`` for a DistributedDataParallel wrapper, else ``module``.
+
+    Refuses FSDP-wrapped models and DTensor parameters (:class:`ModelNotSupportedError`). Changes nothing.
+    """
+    reason = _sharded_reason(module)
+    if reason is not None:
+        raise ModelNotSupportedError(
+            f"{reason}: fully sharded data parallelism is not supported. FSDP shards each parameter across ranks "
+            "and reduce-scatters gradients, but per-example clipping needs the norm of each example's whole "
+            "gradient on one rank. Pass the plain model (or a DistributedDataParallel wrapper) to make_private; "
+            "dpclip then clips on each rank and all-reduces the clipped sums."
+        )
+    return module.module if _is_ddp(module) else module
+
+
+def _guard_ddp_wrapper(wrapper: nn.Module) -> None:
+    """Make a training-mode call of the DDP wrapper itself raise: its reducer would average non-private gradients."""
+
+    def refuse(ddp: nn.Module, args: tuple) -> None:
+        if ddp.training and torch.is_grad_enabled():
+            raise EngineUsageError(
+                "this DistributedDataParallel wrapper was passed to PrivacyEngine.make_private: train with the "
+                "model make_private returned. DDP's own reducer would all-reduce and average non-private "
+                "gradients; dpclip all-reduces the clipped sums itself. (Evaluation through it is fine.)"
+            )
+
+    wrapper.register_forward_pre_hook(refuse)
+
+
+def _default_device(backend: str) -> torch.device:
+    if backend == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclass
+class DistributedContext:
+    """The engine's view of the process group: rank, world size and the collectives of the private step."""
+
+    rank: int
+    world_size: int
+    #: True in secure mode: rank 0 draws the noise and broadcasts the release (seeds cannot be shared).
+    broadcast_noise: bool
+    #: Where collectives on host-side values (seeds, counts, flags) run: CUDA for NCCL, else CPU.
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _pending_error: str | None = None
+
+    # ---------------------------------------------------------------------------------------------------
+    # Set-up
+    # ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def resolve(cls, distributed: bool | None, module: nn.Module, secure_mode: bool) -> DistributedContext | None:
+        """The context for ``make_private(..., distributed=...)``, or None for single-process training.
+
+        ``None`` (default): distributed when a default process group is initialised with world size > 1 or
+        the model is a DDP wrapper. ``True``: requires an initialised process group. ``False``: this process
+        trains on its own (refused for a DDP wrapper).
+        """
+        if distributed is not None and not isinstance(distributed, bool):
+            raise PrivacyParameterError(f"distributed must be True, False or None (automatic), got {distributed!r}")
+        ddp = _is_ddp(module)
+        if distributed is False:
+            if ddp:
+                raise EngineUsageError("distributed=False with a DistributedDataParallel model: pass model.module, or distributed=True")
+            return None
+        if not _dist_ready():
+            if distributed or ddp:
+                raise EngineUsageError(
+                    "distributed training needs an initialised process group: call "
+                    "torch.distributed.init_process_group(...) (e.g. under torchrun) before make_private"
+                )
+            return None
+        world_size = torch.distributed.get_world_size()
+        if distributed is None and world_size == 1 and not ddp:
+            return None
+        backend = str(torch.distributed.get_backend())
+        return cls(torch.distributed.get_rank(), world_size, broadcast_noise=secure_mode, device=_default_device(backend))
+
+    def synchronize_setup(
+        self, engine: PrivacyEngine, wrapper: nn.Module, module: nn.Module, loader: PoissonDataLoader, fingerprint: Mapping[str, Any]
+    ) -> None:
+        """At make_private, after every local check: make sure every rank has the same mechanism, then give all
+        ranks rank 0's model (as DDP does), rank 0's noise and sampling seeds (outside secure mode), and this
+        rank's shard of the loader.
+
+        ``fingerprint`` holds what must agree across ranks (settings, clipping strategy, budget, ...); the data
+        set size is part of the settings. Raises :class:`PrivacyParameterError` on every rank, before changing
+        anything, when a rank differs.
+        """
+        mine = {key: repr(value) for key, value in fingerprint.items()}
+        mine.update(
+            secure_mode=repr(engine.secure_mode),
+            world_size=repr(self.world_size),
+            model=repr([(name, tuple(p.shape), p.dtype, p.requires_grad) for name, p in module.named_parameters()]),
+        )
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, mine)
+        for rank, other in enumerate(gathered):
+            diff = sorted(k for k in set(gathered[0]) | set(other) if gathered[0].get(k) != other.get(k))
+            if diff:
+                raise PrivacyParameterError(
+                    f"rank {rank} called make_private with other {', '.join(diff)} than rank 0: "
+                    + "; ".join(f"{k}: {gathered[0].get(k)} (rank 0) vs {other.get(k)} (rank {rank})" for k in diff)
+                    + ". Every rank must pass the same data set, privacy settings and model."
+                )
+        if _is_ddp(wrapper):
+            _guard_ddp_wrapper(wrapper)
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                self._broadcast_(tensor)
+        loader.shard = (self.rank, self.world_size)
+        if self.broadcast_noise:  # secure mode: each rank samples from its own OS seeds; rank 0 draws the noise
+            return
+        seeds: list[Any] = [engine.noise.seed, int(loader.generator.initial_seed())] if self.rank == 0 else [None, None]
+        torch.distributed.broadcast_object_list(seeds, src=0, device=self.device)
+        from .noise import NoiseSource
+
+        engine.noise = NoiseSource(seed=int(seeds[0]), secure_mode=False)
+        loader.generator.manual_seed(int(seeds[1]))
+
+    # ---------------------------------------------------------------------------------------------------
+    # The private step
+    # ---------------------------------------------------------------------------------------------------
+    def defer_error(self, message: str) -> None:
+        """Remember a non-finite-gradient error of this rank; it is raised on every rank at the step."""
+        self._pending_error = self._pending_error or message
+
+    def all_reduce(self, summed: Mapping[str, Tensor], count: float) -> tuple[dict[str, Tensor], float, str | None]:
+        """SUM-reduce the clipped sums and the centred count over ranks; also say whether any rank flagged
+        non-finite gradients (then the caller abandons the step on every rank)."""
+        status = torch.zeros(1 + self.world_size, dtype=torch.float64, device=self.device)
+        status[0] = count
+        status[1 + self.rank] = 1.0 if self._pending_error is not None else 0.0
+        works = [torch.distributed.all_reduce(status, async_op=True)]
+        buckets = self._buckets(summed)
+        works += [torch.distributed.all_reduce(flat, async_op=True) for flat, _ in buckets]
+        for work in works:
+            work.wait()
+        local_error, self._pending_error = self._pending_error, None
+        bad = [rank for rank in range(self.world_size) if status[1 + rank].item() > 0]
+        if bad:
+            here = f" (here: {local_error})" if local_error else ""
+            return {}, 0.0, f"examples with NaN/inf gradients on rank(s) {bad}{here}; the step was abandoned on every rank"
+        return self._unflatten(summed, buckets), float(status[0].item()), None
+
+    def release(self, compute: Callable[[], Any], like: Tensor | Mapping[str, Tensor]) -> Any:
+        """The noisy release: drawn on every rank from the shared generator, or (secure mode) drawn by rank 0
+        and broadcast. ``compute`` adds the noise; ``like`` gives the shapes on ranks that do not draw."""
+        if not self.broadcast_noise:
+            return compute()
+        if self.rank == 0:
+            released = compute()
+        elif isinstance(like, Tensor):
+            released = torch.empty_like(like)
+        else:
+            released = {name: torch.empty_like(t) for name, t in like.items()}
+        for tensor in [released] if isinstance(released, Tensor) else released.values():
+            self._broadcast_(tensor)
+        return released
+
+    # ---------------------------------------------------------------------------------------------------
+    # Checks
+    # ---------------------------------------------------------------------------------------------------
+    def check_same_state(self, state: Mapping[str, Any], secure_mode: bool, what: str = "load_state_dict") -> None:
+        """Raise :class:`EngineUsageError` on every rank unless every rank holds the same ``state`` (an engine
+        state_dict) in all that must agree: model, optimizer, accountant, C, budget, steps and, outside secure
+        mode, the noise and sampling generators. Ranks resumed from different states would release different
+        noisy values (and so more than the accountant charges). torch's global RNG (dropout) may differ."""
+        digest = state_digest(state, secure_mode)
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, digest)
+        bad = [rank for rank, other in enumerate(gathered) if other != gathered[0]]
+        if bad:
+            parts = sorted({k for rank in bad for k in gathered[0] if gathered[rank].get(k) != gathered[0][k]})
+            raise EngineUsageError(
+                f"{what}: the state on rank(s) {bad} differs from rank 0's in {', '.join(parts)}; nothing was "
+                "changed. Every rank must resume from the same checkpoint (save it on rank 0 and load it "
+                "everywhere, or save each rank's identical engine state)."
+            )
+
+    # ---------------------------------------------------------------------------------------------------
+    # Helpers
+    # ---------------------------------------------------------------------------------------------------
+    def _broadcast_(self, tensor: Tensor) -> None:
+        """In-place broadcast from rank 0 (through ``self.device`` for tensors the backend cannot send)."""
+        if tensor.device == self.device or self.device.type == "cpu":
+            torch.distributed.broadcast(tensor, src=0)
+            return
+        moved = tensor.to(self.device)
+        torch.distributed.broadcast(moved, src=0)
+        tensor.copy_(moved)
+
+    @staticmethod
+    def _buckets(summed: Mapping[str, Tensor]) -> list[tuple[Tensor, list[str]]]:
+        """One flat buffer per (dtype, device), so each rank issues the same few all-reduces in the same order."""
+        groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
+        for name, t in summed.items():
+            groups.setdefault((t.dtype, t.device), []).append(name)
+        return [(torch.cat([summed[n].reshape(-1) for n in names]), names) for names in groups.values()]
+
+    @staticmethod
+    def _unflatten(summed: Mapping[str, Tensor], buckets: list[tuple[Tensor, list[str]]]) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for flat, names in buckets:
+            offset = 0
+            for name in names:
+                n = summed[name].numel()
+                out[name] = flat[offset : offset + n].view_as(summed[name])
+                offset += n
+        return {name: out[name] for name in summed}
+
+
+def _tensor_hash(tensors: Any) -> str:
+    h = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            h.update(str((t.dtype, tuple(value.shape))).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, Mapping):
+            for k in sorted(value, key=str):
+                h.update(str(k).encode())
+                feed(value[k])
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                feed(v)
+        else:
+            h.update(repr(value).encode())
+
+    feed(tensors)
+    return h.hexdigest()
+
+
+def state_digest(state: Mapping[str, Any], secure_mode: bool) -> dict[str, str]:
+    """SHA-256 of each part of an engine ``state_dict`` that must be identical on every rank (per-rank state,
+    torch's global RNG used by dropout, is left out; so are the OS-seeded generators of secure mode)."""
+    keys = ["model", "optimizer", "accountant", "clipping", "budget", "steps", "settings"]
+    if not secure_mode:
+        keys += ["noise", "loader"]
+    return {key: _tensor_hash(state.get(key)) for key in keys}
+
+
+def assert_in_sync(engine: PrivacyEngine) -> None:
+    """Raise :class:`EngineUsageError` unless every rank's engine state is identical (a debugging aid; call it
+    between steps, on every rank; it hashes the model and optimizer state on the CPU, so call it rarely on
+    large models). A no-op for single-process engines."""
+    context = getattr(engine, "distributed", None)
+    if context is not None:
+        context.check_same_state(engine.state_dict(), engine.secure_mode, what="assert_in_sync")
