@@ -28,6 +28,7 @@ from accountants._validation import (
     check_count,
     check_delta,
     check_positive,
+    check_sample_rate,
     warn_if_delta_too_large,
 )
 
@@ -101,6 +102,8 @@ def _settings_for(
     loss_reduction: str,
 ) -> PrivacySettings:
     norm = check_norm(norm)
+    sample_rate = check_sample_rate(sample_rate)
+    dataset_size = check_count("dataset_size", dataset_size)
     if clipping not in ("fixed", "median"):
         raise PrivacyParameterError(f"clipping must be 'fixed' or 'median', got {clipping!r}")
     if loss_reduction not in ("mean", "sum"):
@@ -133,6 +136,20 @@ def _settings_for(
     return settings
 
 
+def _dataset_size(data_loader: DataLoader) -> int:
+    """N, the size of the loader's data set; refuses data sets without a length and empty ones."""
+    try:
+        size = len(data_loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise PrivacyParameterError(
+            "the data set must have a length: an iterable-style data set cannot be Poisson-sampled (use a map-style "
+            "Dataset, e.g. TensorDataset)"
+        ) from None
+    if size == 0:
+        raise PrivacyParameterError("the data set is empty: there is nothing to train on")
+    return size
+
+
 class PrivacyEngine:
     """Private training with an honest, live (ε, δ).
 
@@ -151,8 +168,9 @@ class PrivacyEngine:
         self.secure_mode = secure_mode
         self.noise = NoiseSource(seed=seed, secure_mode=secure_mode)
         self._seed = seed
-        self.settings: PrivacySettings | None = None
+        self._settings: PrivacySettings | None = None
         self.clipping: FixedClipping | MedianClipping | None = None
+        self._bound: float | None = None  # the clipping bound C the engine set; any other value is refused
         self.budget: tuple[float, float] | None = None
         self.steps = 0
         self._module: nn.Module | None = None
@@ -161,6 +179,18 @@ class PrivacyEngine:
         self._tape: LayerwiseTape | None = None
         self.distributed: DistributedContext | None = None  # set by make_private under torch.distributed
         self._reset_step()
+
+    @property
+    def settings(self) -> PrivacySettings | None:
+        """The mechanism fixed by :meth:`make_private` (None before); read-only."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: Any) -> None:
+        raise EngineUsageError(
+            "engine.settings cannot be changed: σ, q and the clipping mode are fixed by make_private, and the "
+            "accountant charges every step for them. To train with other settings, start a new PrivacyEngine."
+        )
 
     # ------------------------------------------------------------------------------------------------
     # Set-up
@@ -222,10 +252,9 @@ class PrivacyEngine:
         dist_context = DistributedContext.resolve(distributed, module, self.secure_mode)
         wrapper, module = module, unwrap_model(module)  # DDP → ddp.module (its reducer is bypassed); FSDP refused
         validate_model(module)
+        # Everything is validated into locals first: a refused call leaves the engine, model and optimizer as they were.
         dataset = data_loader.dataset
-        dataset_size = len(dataset)  # type: ignore[arg-type]
-        if dataset_size == 0:
-            raise PrivacyParameterError("the data set is empty: there is nothing to train on")
+        dataset_size = _dataset_size(data_loader)
         if sample_rate is None:
             if data_loader.batch_size is None:
                 raise PrivacyParameterError("the data loader has no batch_size; pass sample_rate= (expected batch size / N)")
@@ -233,7 +262,7 @@ class PrivacyEngine:
         settings = _settings_for(
             noise_multiplier, norm, clipping, sample_rate, dataset_size, count_noise_multiplier, per_layer, loss_reduction
         )
-        self.clipping = (
+        strategy = (
             MedianClipping(max_grad_norm, target_quantile, clip_learning_rate, settings.count_noise_multiplier)
             if clipping == "median"
             else FixedClipping(max_grad_norm)
@@ -244,21 +273,17 @@ class PrivacyEngine:
             chunk_size = check_count("chunk_size", chunk_size)
         if (target_epsilon is None) != (target_delta is None):
             raise PrivacyParameterError("give both target_epsilon and target_delta for a budget, or neither")
+        budget = None
         if target_epsilon is not None:
             delta = check_delta(target_delta, "target_delta")
             warn_if_delta_too_large(delta, dataset_size)
-            self.budget = (check_positive("target_epsilon", target_epsilon), delta)
+            budget = (check_positive("target_epsilon", target_epsilon), delta)
 
         if grad_sample_mode not in ("auto", "layerwise", "vmap"):
             raise PrivacyParameterError(f"grad_sample_mode must be 'auto', 'layerwise' or 'vmap', got {grad_sample_mode!r}")
         unsupported = LayerwiseTape.unsupported(module)
         if grad_sample_mode == "layerwise" and unsupported:
             raise PrivacyParameterError("grad_sample_mode='layerwise' cannot serve this model: " + "; ".join(unsupported))
-        self._tape = LayerwiseTape(module) if grad_sample_mode != "vmap" and not unsupported else None
-        self.settings = settings
-        self._step_event = settings.step_event()
-        self._nonfinite = nonfinite
-        self._chunk_size = chunk_size
         loader = PoissonDataLoader(
             dataset,
             settings.sample_rate,
@@ -268,9 +293,15 @@ class PrivacyEngine:
             secure_mode=self.secure_mode,
         )
         if dist_context is not None:  # same mechanism, model and seeds on every rank; this rank's shard
-            fingerprint = dict(settings=settings, clipping=self.clipping, budget=self.budget, nonfinite=nonfinite)
+            fingerprint = dict(settings=settings, clipping=strategy, budget=budget, nonfinite=nonfinite)
             dist_context.synchronize_setup(self, wrapper, module, loader, fingerprint)
         self.distributed = dist_context
+        self._tape = LayerwiseTape(module) if grad_sample_mode != "vmap" and not unsupported else None
+        self._settings, self.clipping, self.budget = settings, strategy, budget
+        self._bound = strategy.max_norm
+        self._step_event = settings.step_event()
+        self._nonfinite = nonfinite
+        self._chunk_size = chunk_size
         loader.listener = self
         self._module, self._optimizer, self._loader = module, optimizer, loader
         optimizer._dpclip_wrapped = True  # type: ignore[attr-defined]
@@ -290,12 +321,19 @@ class PrivacyEngine:
     ) -> tuple[PrivateModule, DPOptimizer, PoissonDataLoader]:
         """As :meth:`make_private`, with the smallest noise multiplier that keeps ``epochs`` epochs within
         (target_epsilon, target_delta), which also becomes the budget."""
-        dataset_size = len(data_loader.dataset)  # type: ignore[arg-type]
-        if dataset_size == 0:
-            raise PrivacyParameterError("the data set is empty: there is nothing to train on")
-        q = kwargs.get("sample_rate") or min(1.0, (data_loader.batch_size or 0) / dataset_size)
-        if not q:
-            raise PrivacyParameterError("the data loader has no batch_size; pass sample_rate=")
+        if "noise_multiplier" in kwargs:
+            raise PrivacyParameterError(
+                "make_private_with_epsilon computes noise_multiplier from target_epsilon, target_delta and epochs; "
+                "do not pass it (or call make_private(noise_multiplier=...) instead)"
+            )
+        check_delta(target_delta, "target_delta")
+        dataset_size = _dataset_size(data_loader)
+        if kwargs.get("sample_rate") is not None:
+            q = check_sample_rate(kwargs["sample_rate"])
+        elif data_loader.batch_size is None:
+            raise PrivacyParameterError("the data loader has no batch_size; pass sample_rate= (expected batch size / N)")
+        else:
+            q = min(1.0, data_loader.batch_size / dataset_size)
         steps = epochs_to_steps(epochs, q)
         fields = dict(
             norm=kwargs.get("norm", "l2"),
@@ -331,6 +369,7 @@ class PrivacyEngine:
         self._step_open = False
         self._read_data = False
         self._last_micro_batch = True
+        self._micro_batch_size: int | None = None
         self._forwarded = False
         self._sum: dict[str, Tensor] = {}
         self._count = 0.0
@@ -365,9 +404,41 @@ class PrivacyEngine:
         self._reset_step()
         self._step_open = True
 
-    def begin_micro_batch(self, index: int, last: bool) -> None:
+    def begin_micro_batch(self, index: int, last: bool, size: int | None = None) -> None:
+        """Called by the Poisson loader before it yields a (micro-)batch of ``size`` examples."""
         self._last_micro_batch = last
         self._forwarded = False
+        self._micro_batch_size = size
+
+    def _check_bound(self) -> None:
+        """Refuse a clipping bound C changed behind the engine's back (clipping and noise must use the same C)."""
+        assert self.clipping is not None
+        if self.clipping.max_norm != self._bound:
+            raise EngineUsageError(
+                f"max_grad_norm (the clipping bound C) was changed from {self._bound!r} to {self.clipping.max_norm!r} "
+                "outside the engine: the noise, the privacy report and checkpoints must all use the C that clipped "
+                "the batch. C is fixed by make_private (clipping='median' adapts it privately); to train with "
+                "another C, start a new PrivacyEngine."
+            )
+
+    def _check_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The training forward's batch must be the loader's (same size) and sit on the parameters' device."""
+        batch = batch_size_of(args, kwargs)
+        if self._micro_batch_size is not None and batch != self._micro_batch_size:
+            raise EngineUsageError(
+                f"the model was called on a batch of {batch} examples, but the batch the private data loader just "
+                f"yielded has {self._micro_batch_size}. Train only on the batches of the loader returned by "
+                "make_private (its Poisson sampling is what the accountant assumes), one row per example: a batch "
+                "from another loader, a slice of the batch, or augmentation that adds rows is not accounted."
+            )
+        first = next(t for t in [*args, *kwargs.values()] if isinstance(t, Tensor) and t.dim() > 0)  # as batch_size_of
+        devices = {p.device for p in module.parameters() if p.requires_grad}
+        if first.device not in devices:
+            raise EngineUsageError(
+                f"the batch is on device {first.device} but the model's parameters are on "
+                f"{', '.join(sorted(map(str, devices)))}: move the batch first, e.g. x = x.to(device) with the "
+                "model's device (nothing was computed)"
+            )
 
     def _forward(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         settings = self._require_setup()
@@ -382,6 +453,8 @@ class PrivacyEngine:
                 "a second training-mode forward on the same batch: its examples would be counted twice. "
                 "Run one forward per batch (use torch.no_grad() or model.eval() for extra forwards)."
             )
+        self._check_bound()
+        self._check_batch(module, args, kwargs)
         self._forwarded = self._read_data = True
         mean = settings.loss_reduction == "mean"
         if self._tape is not None:
@@ -444,6 +517,7 @@ class PrivacyEngine:
             raise EngineUsageError(
                 "optimizer.step() was called outside a batch of the data loader returned by make_private"
             )
+        self._check_bound()
         for collector in self._collectors:
             collector.finish()
         self._collectors = []
@@ -470,7 +544,7 @@ class PrivacyEngine:
         if isinstance(self.clipping, MedianClipping):
             count = torch.tensor(self._count, dtype=torch.float64)
             noisy_count = self._release(lambda: self.noise.noisy(count, settings.count_noise_multiplier, "gaussian"), count)
-            self.clipping.update(float(noisy_count), settings.expected_batch_size)
+            self._bound = self.clipping.update(float(noisy_count), settings.expected_batch_size)
         self._reset_step()
 
     # ------------------------------------------------------------------------------------------------
@@ -478,6 +552,7 @@ class PrivacyEngine:
     # ------------------------------------------------------------------------------------------------
     def get_epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default: the budget's δ)."""
+        self._require_setup()
         return self.accountant.get_epsilon(self._delta(delta))
 
     def _delta(self, delta: float | None) -> float:
@@ -581,13 +656,24 @@ class PrivacyEngine:
             raise PrivacyParameterError("not a dpclip PrivacyEngine checkpoint")
         if state.get("version") != _STATE_VERSION:
             raise PrivacyParameterError(f"unsupported checkpoint version {state.get('version')!r}")
-        try:
+        assert self._module is not None and self._optimizer is not None and self._loader is not None
+        try:  # parse and validate every part before changing anything
             saved = PrivacySettings(**state["settings"])
             signature = [(name, tuple(shape)) for name, shape in state["signature"]]
             accountant = RDPAccountant.from_state_dict(state["accountant"])
-            for key in ("model", "optimizer", "clipping", "steps", "noise", "loader", "torch_rng"):
-                state[key]
-        except (KeyError, TypeError) as error:
+            tensors = [(name, tuple(t.shape)) for name, t in state["model"].items()]
+            groups = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
+            max_norm = check_positive("max_grad_norm", state["clipping"]["max_norm"])
+            clip_history = [float(c) for c in state["clipping"]["history"]]
+            budget = state["budget"]
+            if budget is not None:
+                budget = (check_positive("target_epsilon", budget[0]), check_delta(budget[1], "target_delta"))
+            steps = check_count("steps", state["steps"], minimum=0)
+            NoiseSource(secure_mode=self.secure_mode).load_state_dict(state["noise"])
+            torch.Generator().set_state(state["loader"]["generator"])
+            steps_in_epoch = check_count("steps_done_in_epoch", state["loader"]["steps_done_in_epoch"], minimum=0)
+            torch.Generator().set_state(state["torch_rng"])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
             raise PrivacyParameterError(f"corrupt or truncated checkpoint: {error!r}") from None
         if saved != settings:
             raise PrivacyParameterError(
@@ -596,21 +682,33 @@ class PrivacyEngine:
             )
         if signature != self._signature():
             raise PrivacyParameterError("the checkpoint belongs to a different model (parameter names or shapes differ)")
-        if accountant.steps != state["steps"]:
+        if tensors != signature:
+            raise PrivacyParameterError("corrupt checkpoint: its model tensors do not match its own signature")
+        if groups != [len(group["params"]) for group in self._optimizer.param_groups]:
+            raise PrivacyParameterError(
+                "the checkpoint's optimizer has other parameter groups than this one; build the optimizer as in the "
+                "run you resume"
+            )
+        if accountant.steps != steps:
             raise PrivacyParameterError("corrupt checkpoint: the accountant history does not match the step count")
-        assert self._module is not None and self._optimizer is not None and self._loader is not None
+        foreign = [str(entry.event) for entry in accountant.history if entry.event != self._step_event]
+        if foreign:
+            raise PrivacyParameterError(
+                f"corrupt checkpoint: its accountant history records {foreign[0]}, but every step of this engine is "
+                f"{self._step_event}; the history was edited or comes from another run"
+            )
         if self.distributed is not None:  # every rank must resume from the same state (see dpclip.distributed)
             self.distributed.check_same_state(state, self.secure_mode)
         self._module.load_state_dict(state["model"])
         self._optimizer.load_state_dict(state["optimizer"])
         self.accountant = accountant
-        self.clipping.max_norm = float(state["clipping"]["max_norm"])  # type: ignore[union-attr]
+        self.clipping.max_norm = self._bound = max_norm  # type: ignore[union-attr]
         if isinstance(self.clipping, MedianClipping):
-            self.clipping.history = [float(c) for c in state["clipping"]["history"]]
-        self.budget = None if state["budget"] is None else tuple(state["budget"])  # type: ignore[assignment]
-        self.steps = int(state["steps"])
+            self.clipping.history = clip_history
+        self.budget = budget  # type: ignore[assignment]
+        self.steps = steps
         self.noise.load_state_dict(state["noise"])
-        self._loader.load_state_dict(state["loader"])
+        self._loader.load_state_dict({"generator": state["loader"]["generator"], "steps_done_in_epoch": steps_in_epoch})
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])

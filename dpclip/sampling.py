@@ -23,7 +23,7 @@ from accountants._validation import PrivacyParameterError, check_count, check_sa
 class StepListener(Protocol):
     def begin_step(self) -> None: ...
 
-    def begin_micro_batch(self, index: int, last: bool) -> None: ...
+    def begin_micro_batch(self, index: int, last: bool, size: int | None = None) -> None: ...
 
 
 class PoissonDataLoader:
@@ -125,7 +125,7 @@ class PoissonDataLoader:
             self.steps_done_in_epoch += 1
             for index, part in enumerate(parts):
                 if self.listener is not None:
-                    self.listener.begin_micro_batch(index, last=index == len(parts) - 1)
+                    self.listener.begin_micro_batch(index, last=index == len(parts) - 1, size=len(part))
                 yield self._fetch(part)
         self.steps_done_in_epoch = 0
 
