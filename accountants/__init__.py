@@ -1,4 +1,4 @@
-"""Privacy accounting for DP-SGD: mechanisms as data, an RDP accountant, calibration, a budget CLI.
+"""Privacy accounting for DP-SGD: mechanisms as data, RDP and PLD accountants, calibration, a budget CLI.
 
 Depends on numpy and scipy only (never torch), so it can plan budgets anywhere.
 """
@@ -15,25 +15,31 @@ from .calibration import (
     steps_per_epoch,
 )
 from .events import Composed, Event, Gaussian, Laplace, PoissonSampled, event_from_dict
+from .factory import ACCOUNTANTS, make_accountant
+from .pld_accountant import PLDAccountant, UnsupportedEventError
 from .rdp import DEFAULT_ORDERS, rdp_curve
 from .rdp_accountant import HistoryEntry, RDPAccountant
 from .statement import privacy_statement
 
 __all__ = [
+    "ACCOUNTANTS",
     "DEFAULT_ORDERS",
     "Composed",
     "Event",
     "Gaussian",
     "HistoryEntry",
     "Laplace",
+    "PLDAccountant",
     "PoissonSampled",
     "PrivacyParameterError",
     "PrivacyWarning",
     "RDPAccountant",
     "SamplingPlan",
+    "UnsupportedEventError",
     "calibrate_noise",
     "epochs_to_steps",
     "event_from_dict",
+    "make_accountant",
     "noise_multiplier_for",
     "privacy_statement",
     "rdp_curve",

@@ -15,7 +15,7 @@ from ._validation import (
     check_sample_rate,
 )
 from .events import Event, Gaussian, Laplace, PoissonSampled
-from .rdp_accountant import RDPAccountant
+from .factory import AccountantName, make_accountant
 
 __all__ = [
     "Mechanism",
@@ -73,10 +73,12 @@ def step_event(sample_rate: float, noise_multiplier: float, mechanism: Mechanism
     return PoissonSampled(sample_rate, base)
 
 
-def _epsilon(event: Event, steps: int, delta: float, orders: Sequence[float] | None) -> float:
-    accountant = RDPAccountant(orders)
-    accountant.compose(event, steps)
-    return accountant.get_epsilon(delta)
+def _epsilon(
+    event: Event, steps: int, delta: float, orders: Sequence[float] | None, accountant: AccountantName
+) -> float:
+    tracker = make_accountant(accountant, orders=orders)
+    tracker.compose(event, steps)
+    return tracker.get_epsilon(delta)
 
 
 def calibrate_noise(
@@ -86,18 +88,21 @@ def calibrate_noise(
     steps: int,
     orders: Sequence[float] | None = None,
     rtol: float = 1e-4,
+    accountant: AccountantName = "rdp",
 ) -> float:
     """Smallest noise multiplier σ (to relative tolerance ``rtol``) with ε(event_for(σ) × steps) ≤ target.
 
     Bracketing in log σ, then bisection; the returned σ is the upper end of the final bracket, whose ε was
-    computed and is ≤ target — a guarantee, whatever the curve's numerical monotonicity.
+    computed and is ≤ target — a guarantee, whatever the curve's numerical monotonicity. ``accountant``
+    ("rdp" or "pld", see :func:`~accountants.make_accountant`) says whose ε must meet the target.
     """
     target = check_positive("target_epsilon", target_epsilon)
     delta = check_delta(delta)
     steps = check_count("steps", steps)
+    make_accountant(accountant, orders=orders)  # validate the name (and orders) before searching
 
     def eps(sigma: float) -> float:
-        return _epsilon(event_for(sigma), steps, delta, orders)
+        return _epsilon(event_for(sigma), steps, delta, orders, accountant)
 
     hi = 1.0
     while eps(hi) > target:
@@ -128,14 +133,18 @@ def noise_multiplier_for(
     steps: int,
     mechanism: Mechanism = "gaussian",
     orders: Sequence[float] | None = None,
+    accountant: AccountantName = "rdp",
 ) -> float:
     """Smallest σ (Gaussian: std / L2 sensitivity; Laplace: scale / L1 sensitivity) reaching ``target_epsilon``.
 
-    The result is guaranteed to give ε ≤ target_epsilon for ``steps`` Poisson-sampled steps at rate q.
+    The result is guaranteed to give ε ≤ target_epsilon, by ``accountant``'s ε ("rdp" or "pld"), for
+    ``steps`` Poisson-sampled steps at rate q. The default "rdp" matches the training engine's accountant.
     """
     q = check_sample_rate(sample_rate)
     step_event(q, 1.0, mechanism)  # validate the mechanism name before searching
-    return calibrate_noise(lambda sigma: step_event(q, sigma, mechanism), target_epsilon, delta, steps, orders)
+    return calibrate_noise(
+        lambda sigma: step_event(q, sigma, mechanism), target_epsilon, delta, steps, orders, accountant=accountant
+    )
 
 
 def steps_for(
@@ -146,15 +155,19 @@ def steps_for(
     mechanism: Mechanism = "gaussian",
     orders: Sequence[float] | None = None,
     max_steps: int = 10**12,
+    accountant: AccountantName = "rdp",
 ) -> int:
-    """Largest number of steps T ≤ ``max_steps`` with ε(T) ≤ target_epsilon (0 if not even one step fits)."""
+    """Largest number of steps T ≤ ``max_steps`` with ε(T) ≤ target_epsilon (0 if not even one step fits).
+
+    ε is ``accountant``'s ("rdp" or "pld"); every T returned had its ε computed and found ≤ target.
+    """
     target = check_positive("target_epsilon", target_epsilon)
     delta = check_delta(delta)
     event = step_event(check_sample_rate(sample_rate), check_positive("noise_multiplier", noise_multiplier), mechanism)
-    accountant = RDPAccountant(orders)
+    tracker = make_accountant(accountant, orders=orders)
 
     def fits(steps: int) -> bool:
-        return accountant.get_epsilon_after(event, delta, steps) <= target
+        return tracker.get_epsilon_after(event, delta, steps) <= target
 
     if not fits(1):
         return 0

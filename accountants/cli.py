@@ -3,6 +3,7 @@
     dpclip-budget epsilon --dataset-size 60000 --batch-size 256 --noise-multiplier 1.1 --epochs 10 --delta 1e-5
     dpclip-budget noise   --sample-rate 0.01 --target-epsilon 3 --steps 10000 --delta 1e-5
     dpclip-budget steps   --sample-rate 0.01 --target-epsilon 3 --noise-multiplier 1.0 --delta 1e-5 --json
+    dpclip-budget epsilon ... --accountant rdp      # the RDP bound instead of the (default) PLD one
 
 Bad input prints a message on stderr and exits with status 2 (no traceback).
 """
@@ -26,8 +27,15 @@ from ._validation import (
     warn_if_delta_too_large,
 )
 from .calibration import epochs_to_steps, noise_multiplier_for, step_event, steps_for
-from .rdp_accountant import RDPAccountant
+from .factory import make_accountant
 from .statement import format_epsilon, privacy_statement
+
+ACCOUNTANT_HELP = (
+    "pld (default): privacy loss distributions, near-exact and never optimistic - the smallest epsilon a "
+    "rigorous accountant can certify, typically 8-16%% below RDP for DP-SGD; a query takes ~0.1 s. "
+    "rdp: Renyi DP, ~1 ms per query but looser. Plan with the accountant your training run will report "
+    "(dpclip's engine uses rdp unless told otherwise), or its budget guard may stop training earlier than planned."
+)
 
 
 def _add_common(parser: argparse.ArgumentParser, *, steps: bool) -> None:
@@ -46,13 +54,14 @@ def _add_common(parser: argparse.ArgumentParser, *, steps: bool) -> None:
         default="gaussian",
         help="gaussian: L2 clipping + Gaussian noise (default); laplace: L1 clipping + Laplace noise",
     )
+    parser.add_argument("--accountant", choices=["pld", "rdp"], default="pld", help=ACCOUNTANT_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpclip-budget",
-        description="Privacy budget calculator for DP-SGD with Poisson sampling (RDP accountant).",
+        description="Privacy budget calculator for DP-SGD with Poisson sampling (PLD or RDP accountant).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{epsilon,noise,steps}")
 
@@ -94,23 +103,30 @@ def _steps(args: argparse.Namespace, q: float) -> int:
 
 
 def _report(args: argparse.Namespace, q: float, sigma: float, steps: int, delta: float) -> dict[str, Any]:
-    accountant = RDPAccountant()
+    accountant = make_accountant(args.accountant)
     accountant.compose(step_event(q, sigma, args.mechanism), steps)
-    eps, order = accountant.get_epsilon_and_order(delta)
+    if args.accountant == "pld":
+        eps, error = accountant.get_epsilon_and_error(delta)
+        order, name = None, f"PLD (privacy loss distributions; numerical error ≤ {error:.2g})"
+    else:
+        eps, order = accountant.get_epsilon_and_order(delta)
+        error, name = None, "RDP"
     return {
         "epsilon": eps,
         "delta": delta,
-        "order": None if math.isinf(order) else order,
+        "order": None if order is None or math.isinf(order) else order,
+        "epsilon_error": error,
         "noise_multiplier": sigma,
         "sample_rate": q,
         "steps": steps,
         "epochs": steps * q,
         "mechanism": args.mechanism,
-        "accountant": "rdp",
+        "accountant": args.accountant,
         "dataset_size": args.dataset_size,
         "batch_size": args.batch_size,
         "statement": privacy_statement(
-            eps, delta, steps=steps, sample_rate=q, noise_multiplier=sigma, mechanism=args.mechanism, order=order
+            eps, delta, steps=steps, sample_rate=q, noise_multiplier=sigma, mechanism=args.mechanism, order=order,
+            accountant=name,
         ),
     }
 
@@ -127,7 +143,7 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     elif args.command == "noise":
         target = check_positive("--target-epsilon", args.target_epsilon)
         steps = _steps(args, q)
-        sigma = noise_multiplier_for(target, delta, q, steps, args.mechanism)
+        sigma = noise_multiplier_for(target, delta, q, steps, args.mechanism, accountant=args.accountant)
         result = _report(args, q, sigma, steps, delta)
         result["target_epsilon"] = target
         headline = (
@@ -137,10 +153,10 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     else:
         target = check_positive("--target-epsilon", args.target_epsilon)
         sigma = check_positive("--noise-multiplier", args.noise_multiplier)
-        steps = steps_for(target, delta, q, sigma, args.mechanism)
+        steps = steps_for(target, delta, q, sigma, args.mechanism, accountant=args.accountant)
         if steps == 0:
             result = {"epsilon": None, "delta": delta, "order": None, "noise_multiplier": sigma, "sample_rate": q,
-                      "steps": 0, "epochs": 0.0, "mechanism": args.mechanism, "accountant": "rdp",
+                      "steps": 0, "epochs": 0.0, "mechanism": args.mechanism, "accountant": args.accountant,
                       "target_epsilon": target, "statement": "Not even one step fits this budget."}
             return result, f"no step fits epsilon <= {target:g} at delta = {delta:g}; raise the noise multiplier"
         result = _report(args, q, sigma, steps, delta)

@@ -19,14 +19,17 @@ def run_cli(*args):
 
 
 def test_importing_accountants_never_imports_torch():
-    code = "import sys, accountants, accountants.cli; assert not any(m.split('.')[0] == 'torch' for m in sys.modules)"
+    code = (
+        "import sys, accountants, accountants.cli, accountants.pld, accountants.pld_accountant, accountants.factory; "
+        "assert not any(m.split('.')[0] == 'torch' for m in sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_epsilon_json_matches_dp_accounting():
     result = run_cli(
         "epsilon", "--dataset-size", "60000", "--batch-size", "256", "--noise-multiplier", "1.1",
-        "--epochs", "10", "--delta", "1e-5", "--json",
+        "--epochs", "10", "--delta", "1e-5", "--json", "--accountant", "rdp",
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -40,14 +43,20 @@ def test_epsilon_json_matches_dp_accounting():
 
 
 def test_text_output_has_a_privacy_statement():
-    result = run_cli("epsilon", "--sample-rate", "0.01", "--noise-multiplier", "1.0", "--steps", "10000", "--delta", "1e-5")
+    result = run_cli(
+        "epsilon", "--sample-rate", "0.01", "--noise-multiplier", "1.0", "--steps", "10000", "--delta", "1e-5",
+        "--accountant", "rdp",
+    )
     assert result.returncode == 0
     assert result.stdout.startswith("epsilon = 6.713 at delta = 1e-05")  # dp_accounting: 6.7128 (refdata)
     assert "Poisson" in result.stdout and "adding or removing one training example" in result.stdout
 
 
 def test_noise_command_finds_the_smallest_sufficient_sigma():
-    result = run_cli("noise", "--sample-rate", "0.01", "--target-epsilon", "3", "--steps", "10000", "--delta", "1e-5", "--json")
+    result = run_cli(
+        "noise", "--sample-rate", "0.01", "--target-epsilon", "3", "--steps", "10000", "--delta", "1e-5", "--json",
+        "--accountant", "rdp",
+    )
     report = json.loads(result.stdout)
     assert report["epsilon"] <= 3.0
     oracle = dp_rdp.RdpAccountant(list(DEFAULT_ORDERS))
@@ -65,8 +74,38 @@ def test_steps_command():
 
 def test_laplace_mechanism():
     result = run_cli("epsilon", "--sample-rate", "1", "--noise-multiplier", "2", "--steps", "1", "--delta", "1e-5",
-                     "--mechanism", "laplace", "--json")
+                     "--mechanism", "laplace", "--json", "--accountant", "rdp")
     assert json.loads(result.stdout)["epsilon"] == pytest.approx(0.5)  # one Laplace(b=2) release is 0.5-DP
+    pld = run_cli("epsilon", "--sample-rate", "1", "--noise-multiplier", "2", "--steps", "1", "--delta", "1e-5",
+                  "--mechanism", "laplace", "--json")
+    assert 0.5 - 1e-4 <= json.loads(pld.stdout)["epsilon"] <= 0.5  # δ > 0 buys a hair below the pure-DP 0.5
+
+
+def test_default_accountant_is_pld_and_matches_dp_accounting():
+    from dp_accounting.pld import privacy_loss_distribution as dpl
+
+    result = run_cli("epsilon", "--sample-rate", "0.01", "--noise-multiplier", "1.0", "--steps", "10000", "--delta", "1e-5", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["accountant"] == "pld" and report["order"] is None and 0 < report["epsilon_error"] < 0.2
+    pessimistic = dpl.from_gaussian_mechanism(1.0, sampling_prob=0.01).self_compose(10000).get_epsilon_for_delta(1e-5)
+    assert pessimistic * (1 - 1e-3) <= report["epsilon"] <= pessimistic * 1.01  # dp_accounting: 6.1877
+    assert "Accountant: PLD" in report["statement"]
+    rdp = json.loads(run_cli("epsilon", "--sample-rate", "0.01", "--noise-multiplier", "1.0", "--steps", "10000",
+                             "--delta", "1e-5", "--json", "--accountant", "rdp").stdout)
+    assert report["epsilon"] < rdp["epsilon"] and rdp["accountant"] == "rdp" and rdp["epsilon_error"] is None
+
+
+def test_noise_and_steps_commands_with_pld():
+    noise = json.loads(run_cli("noise", "--sample-rate", "0.02", "--target-epsilon", "2", "--steps", "500", "--delta", "1e-5", "--json").stdout)
+    assert noise["epsilon"] <= 2.0 and noise["accountant"] == "pld"
+    from dp_accounting.pld import privacy_loss_distribution as dpl
+
+    check = dpl.from_gaussian_mechanism(noise["noise_multiplier"], sampling_prob=0.02).self_compose(500)
+    assert check.get_epsilon_for_delta(1e-5) <= 2.0 * (1 + 2e-4)
+    steps = json.loads(run_cli("steps", "--sample-rate", "0.02", "--target-epsilon", "2", "--noise-multiplier",
+                               str(noise["noise_multiplier"] * 1.01), "--delta", "1e-5", "--json").stdout)
+    assert steps["steps"] > 500 and steps["epsilon"] <= 2.0
 
 
 def test_delta_too_large_warns_on_stderr():
@@ -91,6 +130,7 @@ def test_delta_too_large_warns_on_stderr():
         (["noise", "--sample-rate", "0.1", "--target-epsilon", "0", "--steps", "3", "--delta", "1e-5"], "--target-epsilon must be"),
         (["noise", "--sample-rate", "0.1", "--steps", "3", "--delta", "1e-5"], "--target-epsilon"),
         (["steps", "--sample-rate", "0.1", "--target-epsilon", "1", "--noise-multiplier", "1", "--delta", "1e-5", "--mechanism", "cauchy"], "invalid choice"),
+        (["epsilon", "--sample-rate", "0.1", "--noise-multiplier", "1", "--steps", "3", "--delta", "1e-5", "--accountant", "moments"], "invalid choice"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
     ],
@@ -105,5 +145,5 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(args, message):
 def test_module_entry_point_and_help():
     result = subprocess.run([sys.executable, "-m", "accountants", "epsilon", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    for flag in ["--sample-rate", "--dataset-size", "--batch-size", "--noise-multiplier", "--steps", "--epochs", "--delta", "--mechanism", "--json"]:
+    for flag in ["--sample-rate", "--dataset-size", "--batch-size", "--noise-multiplier", "--steps", "--epochs", "--delta", "--mechanism", "--json", "--accountant"]:
         assert flag in result.stdout
