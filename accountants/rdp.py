@@ -20,6 +20,7 @@ Sources:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -178,8 +179,7 @@ def _sgm_log_a_minus_1_fractional(q: float, sigma: float, orders: np.ndarray) ->
     h = min(σ, σ²)/4 converges geometrically (error ≲ e^{-60} relative); the mass lies within 14σ of
     [0, max(α, 2)], where the window is cut (tails ≲ e^{-98}).
     """
-    h = min(sigma, sigma * sigma) / 4.0
-    lo, hi = -14.0 * sigma, max(float(orders.max()), 2.0) + 14.0 * sigma
+    lo, hi, h = _quadrature_window(sigma, orders)
     z = np.linspace(lo, hi, int(math.ceil((hi - lo) / h)) + 1)
     h = z[1] - z[0]
     w = (2.0 * z - 1.0) / (2.0 * sigma**2)
@@ -198,13 +198,52 @@ def subsampled_gaussian_rdp(sample_rate: float, noise_multiplier: float, orders:
     a = _as_orders(orders)
     if sample_rate == 1.0:
         return gaussian_rdp(noise_multiplier, a)
-    log_a_minus_1 = np.empty_like(a)
     integer = _is_integer(a)
+    fractional = ~integer
+    if fractional.any() and _quadrature_points(noise_multiplier, a[fractional]) > QUADRATURE_MAX_POINTS:
+        # Very small σ: the quadrature grid would be huge; bound fractional orders from the exact integer ones.
+        return _interpolate_fractional(a, lambda ints: subsampled_gaussian_rdp(sample_rate, noise_multiplier, ints))
+    log_a_minus_1 = np.empty_like(a)
     if integer.any():
         log_a_minus_1[integer] = _sgm_log_a_minus_1_integer(sample_rate, noise_multiplier, a[integer])
-    if (~integer).any():
-        log_a_minus_1[~integer] = _sgm_log_a_minus_1_fractional(sample_rate, noise_multiplier, a[~integer])
+    if fractional.any():
+        log_a_minus_1[fractional] = _sgm_log_a_minus_1_fractional(sample_rate, noise_multiplier, a[fractional])
     return np.logaddexp(0.0, log_a_minus_1) / (a - 1)
+
+
+QUADRATURE_MAX_POINTS = 200_000
+
+
+def _quadrature_window(sigma: float, orders: np.ndarray) -> tuple[float, float, float]:
+    """(lo, hi, step) of the trapezoid grid used by :func:`_sgm_log_a_minus_1_fractional`."""
+    return -14.0 * sigma, max(float(orders.max()), 2.0) + 14.0 * sigma, min(sigma, sigma * sigma) / 4.0
+
+
+def _quadrature_points(sigma: float, orders: np.ndarray) -> float:
+    lo, hi, h = _quadrature_window(sigma, orders)
+    return (hi - lo) / h
+
+
+def _interpolate_fractional(orders: np.ndarray, integer_rdp: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """RDP at any orders from exact values at integers, upper-bounding fractional orders by convexity.
+
+    Between integers m < α < m+1 the cumulant (α−1)ε(α) is convex (van Erven & Harremoës 2014, Thm. 11) and 0 at
+    α = 1, so (α−1)ε(α) ≤ (m+1−α)(m−1)ε(m) + (α−m)·m·ε(m+1).
+    """
+    lower = np.floor(orders)
+    needed = np.unique(np.concatenate([lower[lower >= 2], np.ceil(orders)])).astype(np.float64)
+    needed = needed[needed >= 2]
+    at = dict(zip(needed.tolist(), integer_rdp(needed).tolist()))
+    result = np.empty_like(orders)
+    for i, alpha in enumerate(orders.tolist()):
+        m = math.floor(alpha)
+        if m == alpha:
+            result[i] = at[alpha]
+            continue
+        cgf_low = 0.0 if m == 1 else (m - 1) * at[float(m)]
+        cgf_high = m * at[float(m + 1)]
+        result[i] = ((m + 1 - alpha) * cgf_low + (alpha - m) * cgf_high) / (alpha - 1)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,21 +279,11 @@ def subsampled_rdp_upper_bound(sample_rate: float, base: Event, orders: np.ndarr
     (α−1)ε(α) ≤ (m+1−α)(m−1)ε(m) + (α−m)·m·ε(m+1).
     """
     a = _as_orders(orders)
-    lower = np.floor(a)
-    needed = np.unique(np.concatenate([lower[lower >= 2], np.ceil(a)])).astype(np.float64)
-    needed = needed[needed >= 2]
-    base_curve = rdp_curve(base, np.arange(2.0, needed.max() + 1.0))
-    at = dict(zip(needed.tolist(), _zhu_wang_integer(sample_rate, base_curve, needed).tolist()))
-    result = np.empty_like(a)
-    for i, alpha in enumerate(a.tolist()):
-        m = math.floor(alpha)
-        if m == alpha:
-            result[i] = at[alpha]
-            continue
-        cgf_low = 0.0 if m == 1 else (m - 1) * at[float(m)]
-        cgf_high = m * at[float(m + 1)]
-        result[i] = ((m + 1 - alpha) * cgf_low + (alpha - m) * cgf_high) / (alpha - 1)
-    return result
+
+    def integer_orders(ints: np.ndarray) -> np.ndarray:
+        return _zhu_wang_integer(sample_rate, rdp_curve(base, np.arange(2.0, ints.max() + 1.0)), ints)
+
+    return _interpolate_fractional(a, integer_orders)
 
 
 # ---------------------------------------------------------------------------------------------------

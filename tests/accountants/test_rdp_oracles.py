@@ -289,3 +289,20 @@ def test_epsilon_is_an_upper_bound_of_the_exact_gaussian_composition(sigma, step
     assert exact_delta(eps * 0.5) > delta  # and RDP is within a factor 2 of the truth here
     for eps_query in [0.5 * eps, eps, 2 * eps]:
         assert accountant.get_delta(eps_query) >= exact_delta(eps_query) - 1e-15
+
+
+def test_tiny_noise_multiplier_uses_a_bounded_grid_and_an_upper_bound(monkeypatch):
+    """σ → 0 must neither exhaust memory nor crash; the fallback for fractional orders is an upper bound."""
+    from accountants import rdp as rdp_module
+
+    orders = np.array([1.5, 2.0, 2.5, 3.0, 7.3, 8.0])
+    exact = rdp_module.subsampled_gaussian_rdp(0.1, 0.7, orders)
+    monkeypatch.setattr(rdp_module, "QUADRATURE_MAX_POINTS", 0)  # force the convexity bound
+    bounded = rdp_module.subsampled_gaussian_rdp(0.1, 0.7, orders)
+    integer = orders == np.floor(orders)
+    np.testing.assert_allclose(bounded[integer], exact[integer], rtol=1e-12)
+    assert np.all(bounded[~integer] >= exact[~integer] * (1 - 1e-12))
+    assert np.all(bounded[~integer] <= exact[~integer] * 2.0)  # and not absurdly loose
+    monkeypatch.undo()
+    tiny = rdp_module.subsampled_gaussian_rdp(0.1, 1e-12, np.array([1.5, 2.0, 10.5]))
+    assert np.all(np.isfinite(tiny) | np.isinf(tiny)) and np.all(tiny > 1e20)
