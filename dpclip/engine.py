@@ -18,8 +18,10 @@ from accountants import (
     Gaussian,
     Laplace,
     PoissonSampled,
+    ACCOUNTANTS,
     RDPAccountant,
     calibrate_noise,
+    make_accountant,
     epochs_to_steps,
     privacy_statement,
 )
@@ -161,10 +163,13 @@ class PrivacyEngine:
     >>> engine.get_epsilon(delta=1e-5)
     """
 
-    def __init__(self, accountant: Literal["rdp"] = "rdp", secure_mode: bool = False, seed: int | None = None) -> None:
-        if accountant != "rdp":
-            raise PrivacyParameterError(f"accountant must be 'rdp', got {accountant!r}")
-        self.accountant = RDPAccountant()
+    def __init__(self, accountant: Literal["rdp", "pld"] = "rdp", secure_mode: bool = False, seed: int | None = None) -> None:
+        if accountant not in ACCOUNTANTS:
+            raise PrivacyParameterError(
+                f"accountant must be 'rdp' (Rényi DP: fast) or 'pld' (privacy loss distributions: tighter ε), got {accountant!r}"
+            )
+        self.accountant_name = accountant
+        self.accountant = make_accountant(accountant)
         self.secure_mode = secure_mode
         self.noise = NoiseSource(seed=seed, secure_mode=secure_mode)
         self._seed = seed
@@ -350,7 +355,7 @@ class PrivacyEngine:
                 return PoissonSampled(q, Gaussian(sigma))  # the split mechanism is exactly Gaussian(σ)
             return _settings_for(sigma, **fields).step_event()
 
-        sigma = calibrate_noise(event_for, target_epsilon, target_delta, steps)
+        sigma = calibrate_noise(event_for, target_epsilon, target_delta, steps, accountant=self.accountant_name)
         return self.make_private(
             module,
             optimizer,
@@ -573,7 +578,11 @@ class PrivacyEngine:
         """A JSON-ready summary: ε, δ, σ, q, steps, clipping, mechanism, accountant and a plain statement."""
         settings = self._require_setup()
         delta = self._delta(delta)
-        eps, order = self.accountant.get_epsilon_and_order(delta)
+        if isinstance(self.accountant, RDPAccountant):
+            eps, order = self.accountant.get_epsilon_and_order(delta)
+            error = None
+        else:
+            (eps, error), order = self.accountant.get_epsilon_and_error(delta), None
         extra = None
         if settings.clipping == "median":
             extra = (
@@ -583,8 +592,9 @@ class PrivacyEngine:
         return {
             "epsilon": eps,
             "delta": delta,
-            "order": None if math.isinf(order) else order,
-            "accountant": "rdp",
+            "order": None if order is None or math.isinf(order) else order,
+            "epsilon_error": error,
+            "accountant": self.accountant_name,
             "mechanism": settings.mechanism,
             "norm": settings.norm,
             "noise_multiplier": settings.noise_multiplier,
@@ -608,6 +618,7 @@ class PrivacyEngine:
                 noise_multiplier=settings.noise_multiplier,
                 mechanism=settings.mechanism,
                 order=order,
+                accountant="RDP" if self.accountant_name == "rdp" else "PLD",
                 extra=extra,
             ),
         }
@@ -660,7 +671,7 @@ class PrivacyEngine:
         try:  # parse and validate every part before changing anything
             saved = PrivacySettings(**state["settings"])
             signature = [(name, tuple(shape)) for name, shape in state["signature"]]
-            accountant = RDPAccountant.from_state_dict(state["accountant"])
+            accountant = type(self.accountant).from_state_dict(state["accountant"])
             tensors = [(name, tuple(t.shape)) for name, t in state["model"].items()]
             groups = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
             max_norm = check_positive("max_grad_norm", state["clipping"]["max_norm"])

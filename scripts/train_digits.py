@@ -97,7 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
         help="device to train on (default: cuda if available, else cpu)",
     )
-    parser.add_argument("--accountant", choices=["rdp"], default="rdp", help="privacy accountant (only RDP for now)")
+    parser.add_argument(
+        "--accountant", choices=["rdp", "pld"], default="rdp",
+        help="privacy accountant for calibration and the report: rdp (Renyi DP) or pld (privacy loss distributions: "
+        "tighter, so the same epsilon needs less noise)",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the non-private reference run")
     parser.add_argument("--quick", action="store_true", help=f"tiny run for tests and smoke checks ({QUICK_EPOCHS} epochs unless --epochs is given)")
     parser.add_argument("--no-progress", action="store_true", help="hide the per-epoch progress bars")

@@ -405,3 +405,36 @@ def test_functional_private_step_matches_the_engine():
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
     assert accountant.get_epsilon(1e-5) == engine.get_epsilon(1e-5)
+
+
+def test_pld_accountant_in_the_engine_matches_dp_accounting_and_calibrates_less_noise(tmp_path):
+    import dp_accounting as dpa
+
+    model = mlp()
+    engine = PrivacyEngine(accountant="pld", seed=0)
+    model, optimizer, loader = engine.make_private_with_epsilon(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data(), batch_size=20),
+        target_epsilon=3.0, target_delta=1e-5, epochs=4, max_grad_norm=1.0,
+    )
+    rdp_engine = PrivacyEngine(seed=0)
+    rdp_engine.make_private_with_epsilon(
+        mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1), DataLoader(data(), batch_size=20),
+        target_epsilon=3.0, target_delta=1e-5, epochs=4, max_grad_norm=1.0,
+    )
+    sigma = engine.settings.noise_multiplier
+    assert sigma < rdp_engine.settings.noise_multiplier  # the tighter accountant buys the same ε with less noise
+    train(model, optimizer, loader, epochs=4)
+    reference = dpa.pld.PLDAccountant(value_discretization_interval=1e-4).compose(
+        dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.1, dpa.GaussianDpEvent(sigma)), 40)
+    ).get_epsilon(1e-5)
+    eps = engine.get_epsilon(1e-5)
+    assert eps <= 3.0 and eps == pytest.approx(reference, rel=1e-2)
+    report = engine.privacy_report()
+    assert report["accountant"] == "pld" and report["epsilon_error"] >= 0 and "Accountant: PLD" in report["statement"]
+    state = engine.state_dict()
+    again, again_model, again_optimizer, _ = private(noise_multiplier=sigma)
+    with pytest.raises(dpclip.PrivacyParameterError, match="another accountant"):
+        again.load_state_dict(state)  # an RDP engine refuses a PLD history; nothing changed
+    assert again.steps == 0
+    with pytest.raises(dpclip.PrivacyParameterError, match="'rdp'.*'pld'"):
+        PrivacyEngine(accountant="prv")
