@@ -375,8 +375,10 @@ class LayerwiseTape:
             if use.grad is not None:
                 parts.extend(use.build(use.grad))
         self.uses = []
+        gradients = LayerwiseGradients(self.batch, [n for n in self.names.values()], parts, self.model)
+        del parts  # the weighted sum releases each layer's activations and output gradients as it goes
         if self.consume is not None:
-            self.consume(LayerwiseGradients(self.batch, [n for n in self.names.values()], parts, self.model))
+            self.consume(gradients)
 
 
 class LayerwiseGradients:
@@ -386,6 +388,7 @@ class LayerwiseGradients:
         self.batch = batch
         self.names = names
         self.params = {name: p for name, p in model.named_parameters() if name in set(names)}
+        self._summed = False
         self.by_name: dict[str, list[_Contribution]] = defaultdict(list)
         for part in parts:
             self.by_name[part.name].append(part)
@@ -413,10 +416,14 @@ class LayerwiseGradients:
         return torch.stack([self._param_norm(name, norm) for name in self.names], dim=1)
 
     def weighted_sum(self, factors: Tensor) -> dict[str, Tensor]:
+        """Σ_i factors[i, j] · g_i[names[j]]; single use: it frees the recorded tensors as it goes."""
+        if self._summed:
+            raise EngineUsageError("LayerwiseGradients.weighted_sum can be called once (its tensors are freed)")
+        self._summed = True
         sums = {}
         for j, name in enumerate(self.names):
             total = torch.zeros_like(self.params[name])
-            for part in self.by_name.get(name, []):
+            for part in self.by_name.pop(name, []):  # once summed, a part's tensors can be freed
                 block = part.weighted(factors[:, j])
                 if part.rows is None:
                     total = total + block
