@@ -409,8 +409,8 @@ class PrivacyEngine:
         self._reset_step()
         self._step_open = True
 
-    def begin_micro_batch(self, index: int, last: bool, size: int | None = None) -> None:
-        """Called by the Poisson loader before it yields a (micro-)batch of ``size`` examples."""
+    def begin_micro_batch(self, index: int, last: bool, size: int | None = None, batch: Any = None) -> None:
+        """Called by the Poisson loader before it yields a (micro-)batch of ``size`` examples (``batch``)."""
         self._last_micro_batch = last
         self._forwarded = False
         self._micro_batch_size = size

@@ -23,7 +23,7 @@ from accountants._validation import PrivacyParameterError, check_count, check_sa
 class StepListener(Protocol):
     def begin_step(self) -> None: ...
 
-    def begin_micro_batch(self, index: int, last: bool, size: int | None = None) -> None: ...
+    def begin_micro_batch(self, index: int, last: bool, size: int | None = None, batch: Any = None) -> None: ...
 
 
 class PoissonDataLoader:
@@ -124,9 +124,10 @@ class PoissonDataLoader:
             parts = self._micro_batches(self.sample_indices())
             self.steps_done_in_epoch += 1
             for index, part in enumerate(parts):
-                if self.listener is not None:
-                    self.listener.begin_micro_batch(index, last=index == len(parts) - 1, size=len(part))
-                yield self._fetch(part)
+                batch = self._fetch(part)
+                if self.listener is not None:  # the engine checks that the model is called on this very batch
+                    self.listener.begin_micro_batch(index, last=index == len(parts) - 1, size=len(part), batch=batch)
+                yield batch
         self.steps_done_in_epoch = 0
 
     def state_dict(self) -> dict:
