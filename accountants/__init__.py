@@ -3,7 +3,8 @@
 Depends on numpy and scipy only (never torch), so it can plan budgets anywhere.
 """
 
-from ._validation import PrivacyParameterError, PrivacyWarning
+from .base import Accountant, EpsilonResult
+from .errors import PrivacyParameterError, PrivacyWarning, UnsupportedEventError
 from .calibration import (
     SamplingPlan,
     calibrate_noise,
@@ -16,15 +17,17 @@ from .calibration import (
 )
 from .events import Composed, Event, Gaussian, Laplace, PoissonSampled, event_from_dict
 from .factory import ACCOUNTANTS, make_accountant
-from .pld_accountant import PLDAccountant, UnsupportedEventError
+from .pld_accountant import PLDAccountant
 from .rdp import DEFAULT_ORDERS, rdp_curve
 from .rdp_accountant import HistoryEntry, RDPAccountant
 from .statement import privacy_statement
 
 __all__ = [
     "ACCOUNTANTS",
+    "Accountant",
     "DEFAULT_ORDERS",
     "Composed",
+    "EpsilonResult",
     "Event",
     "Gaussian",
     "HistoryEntry",

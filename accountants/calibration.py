@@ -5,15 +5,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+
+from scipy.optimize import brentq
 from typing import Literal
 
-from ._validation import (
-    PrivacyParameterError,
+from .checks import (
+    MAX_STEPS,
     check_count,
     check_delta,
     check_positive,
     check_sample_rate,
 )
+from .errors import PrivacyParameterError
 from .events import Event, Gaussian, Laplace, PoissonSampled
 from .factory import AccountantName, make_accountant
 
@@ -45,12 +49,24 @@ class SamplingPlan:
 
 def steps_per_epoch(sample_rate: float) -> int:
     """Steps in one epoch of Poisson sampling at rate q: ⌈1/q⌉ (each step reads q·N examples on average)."""
-    return math.ceil(1.0 / check_sample_rate(sample_rate) - 1e-9)
+    inverse = 1.0 / check_sample_rate(sample_rate)
+    if inverse > MAX_STEPS:
+        raise PrivacyParameterError(
+            f"one epoch at sample_rate={sample_rate:g} is {inverse:.3g} steps, more than the {MAX_STEPS:,} an "
+            "accountant composes; raise the sample rate (batch size / dataset size) or give a number of steps"
+        )
+    return math.ceil(inverse - 1e-9)
 
 
 def epochs_to_steps(epochs: float, sample_rate: float) -> int:
     """Number of steps in ``epochs`` epochs: ⌈epochs · ⌈1/q⌉⌉ (rounded up, so ε is never under-reported)."""
-    return max(1, math.ceil(check_positive("epochs", epochs) * steps_per_epoch(sample_rate) - 1e-9))
+    total = check_positive("epochs", epochs) * steps_per_epoch(sample_rate)
+    if total > MAX_STEPS:
+        raise PrivacyParameterError(
+            f"epochs={epochs:g} at sample_rate={sample_rate:g} is {total:.3g} steps, more than the {MAX_STEPS:,} "
+            "an accountant composes; plan fewer epochs"
+        )
+    return max(1, math.ceil(total - 1e-9))
 
 
 def sampling_plan(dataset_size: int, batch_size: int, epochs: float) -> SamplingPlan:
@@ -81,6 +97,67 @@ def _epsilon(
     return tracker.get_epsilon(delta)
 
 
+def _narrow(
+    epsilon: Callable[[float], float],
+    target: float,
+    good: float,
+    bad: float,
+    eps_good: float,
+    eps_bad: float,
+    tolerance: Callable[[float, float], float],
+    snap: Callable[[float, float, float], float],
+) -> float:
+    """Shrink a bracket with ε(good) ≤ target < ε(bad) (ε monotone between) until |log(bad/good)| ≤ tolerance.
+
+    Brent's method (scipy.optimize.brentq: bisection, secant and inverse quadratic steps; Brent 1973, ch. 4) on
+    log ε − log target over log x, where ε is smooth and nearly linear, recording the tightest bracket seen and
+    stopping as soon as it is tight; bisection then finishes whatever brentq left. ``snap(x, good, bad)`` maps a
+    probe to an admissible point strictly inside the bracket (e.g. an integer). Returns ``good``, whose ε was
+    computed and is ≤ target.
+    """
+    log_target = math.log(target)
+
+    def f(value: float) -> float:
+        return min(max(math.log(value) if value > 0 else -1e3, -1e3), 1e3) - log_target
+
+    def done() -> bool:
+        return abs(math.log(bad / good)) <= tolerance(good, bad) * (1 + 1e-9)
+
+    def probe(x: float) -> float:
+        nonlocal good, bad
+        x = snap(x, good, bad)
+        value = epsilon(x)
+        if value <= target:
+            good = x
+        else:
+            bad = x
+        return f(value)
+
+    known = {math.log(good): f(eps_good), math.log(bad): f(eps_bad)}
+    if not done():
+        a, b = sorted(known)
+        brentq(
+            lambda u: known[u] if u in known else (0.0 if done() else probe(math.exp(u))),  # 0: tight, stop
+            a, b, xtol=tolerance(good, bad) / 4, maxiter=100, disp=False,
+        )
+    while not done():
+        probe(math.sqrt(good * bad))
+    return good
+
+
+def _inside(x: float, a: float, b: float) -> float:
+    """``x`` if strictly between a and b, else their geometric mean."""
+    lo, hi = min(a, b), max(a, b)
+    return x if lo < x < hi else math.sqrt(lo * hi)
+
+
+def _inside_integer(x: float, a: float, b: float) -> float:
+    """The integer nearest ``x`` if strictly between the integers a and b, else their midpoint."""
+    lo, hi = int(min(a, b)), int(max(a, b))
+    n = int(round(x))
+    return n if lo < n < hi else (lo + hi) // 2
+
+
 def calibrate_noise(
     event_for: Callable[[float], Event],
     target_epsilon: float,
@@ -92,38 +169,44 @@ def calibrate_noise(
 ) -> float:
     """Smallest noise multiplier σ (to relative tolerance ``rtol``) with ε(event_for(σ) × steps) ≤ target.
 
-    Bracketing in log σ, then bisection; the returned σ is the upper end of the final bracket, whose ε was
-    computed and is ≤ target — a guarantee, whatever the curve's numerical monotonicity. ``accountant``
+    Bracketing in log σ, then safeguarded regula falsi on log ε(log σ); the returned σ is the upper end of
+    the final bracket, whose ε was computed and is ≤ target — a guarantee, whatever the curve's numerical
+    monotonicity. ``accountant``
     ("rdp" or "pld", see :func:`~accountants.make_accountant`) says whose ε must meet the target.
     """
     target = check_positive("target_epsilon", target_epsilon)
     delta = check_delta(delta)
-    steps = check_count("steps", steps)
+    steps = check_count("steps", steps, maximum=MAX_STEPS)
     make_accountant(accountant, orders=orders)  # validate the name (and orders) before searching
 
     def eps(sigma: float) -> float:
         return _epsilon(event_for(sigma), steps, delta, orders, accountant)
 
-    hi = 1.0
-    while eps(hi) > target:
-        hi *= 4.0
+    hi, factor = 1.0, 4.0
+    if accountant != "rdp":
+        # Start below RDP's σ when it already meets the target here (it always does for "pld", which is never
+        # looser than RDP): the σ returned is then never larger than RDP's.
+        try:
+            hi, factor = calibrate_noise(event_for, target, delta, steps, rtol=rtol, accountant="rdp"), 2.0
+        except PrivacyParameterError:  # unreachable by RDP: search from scratch
+            pass
+    eps_hi = eps(hi)
+    while eps_hi > target:
+        hi *= factor
         if hi > _SIGMA_CEILING:
             raise PrivacyParameterError(
                 f"target_epsilon={target:g} is unreachable at delta={delta:g} with {steps} steps even with a "
                 f"noise multiplier of {_SIGMA_CEILING:g}; raise target_epsilon or delta, or take fewer steps"
             )
-    lo = hi / 4.0
-    while eps(lo) <= target:
-        hi, lo = lo, lo / 4.0
+        eps_hi = eps(hi)
+    lo = hi / factor
+    eps_lo = eps(lo)
+    while eps_lo <= target:
+        hi, eps_hi, lo = lo, eps_lo, lo / factor
         if lo < _SIGMA_FLOOR:
             return hi
-    while hi / lo - 1.0 > rtol:
-        mid = math.sqrt(lo * hi)
-        if eps(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+        eps_lo = eps(lo)
+    return _narrow(eps, target, hi, lo, eps_hi, eps_lo, lambda good, bad: math.log1p(rtol), _inside)
 
 
 def noise_multiplier_for(
@@ -154,32 +237,38 @@ def steps_for(
     noise_multiplier: float,
     mechanism: Mechanism = "gaussian",
     orders: Sequence[float] | None = None,
-    max_steps: int = 10**12,
+    max_steps: int = MAX_STEPS,
     accountant: AccountantName = "rdp",
 ) -> int:
     """Largest number of steps T ≤ ``max_steps`` with ε(T) ≤ target_epsilon (0 if not even one step fits).
 
-    ε is ``accountant``'s ("rdp" or "pld"); every T returned had its ε computed and found ≤ target.
+    ε is ``accountant``'s ("rdp" or "pld"); every T returned had its ε computed and found ≤ target. For
+    another accountant than "rdp" the search starts from RDP's answer when it fits (it always does for "pld",
+    never looser than RDP), so it never returns fewer steps than RDP.
     """
     target = check_positive("target_epsilon", target_epsilon)
     delta = check_delta(delta)
-    event = step_event(check_sample_rate(sample_rate), check_positive("noise_multiplier", noise_multiplier), mechanism)
+    event = step_event(check_sample_rate(sample_rate), noise_multiplier, mechanism)
+    max_steps = check_count("max_steps", max_steps, maximum=MAX_STEPS)
     tracker = make_accountant(accountant, orders=orders)
 
-    def fits(steps: int) -> bool:
-        return tracker.get_epsilon_after(event, delta, steps) <= target
+    @lru_cache(maxsize=None)
+    def epsilon(steps: float) -> float:
+        return tracker.get_epsilon_after(event, delta, int(steps))
 
-    if not fits(1):
+    lo = 1
+    if accountant != "rdp":
+        rdp_steps = steps_for(target, delta, sample_rate, noise_multiplier, mechanism, None, max_steps, "rdp")
+        if rdp_steps > 1 and epsilon(rdp_steps) <= target:
+            lo = rdp_steps
+    if epsilon(lo) > target:
         return 0
-    lo, hi = 1, 2
-    while fits(hi):
-        lo, hi = hi, hi * 2
+    while True:  # invariant: ε(lo) ≤ target
         if lo >= max_steps:
             return max_steps
-    while hi - lo > 1:  # invariant: fits(lo) and not fits(hi)
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+        hi = min(2 * lo, max_steps)
+        if epsilon(hi) > target:
+            break
+        lo = hi
+    return int(_narrow(epsilon, target, lo, hi, epsilon(lo), epsilon(hi), lambda good, bad: math.log1p(1 / good),
+                       _inside_integer))

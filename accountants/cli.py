@@ -5,7 +5,8 @@
     dpclip-budget steps   --sample-rate 0.01 --target-epsilon 3 --noise-multiplier 1.0 --delta 1e-5 --json
     dpclip-budget epsilon ... --accountant rdp      # the RDP bound instead of the (default) PLD one
 
-Bad input prints a message on stderr and exits with status 2 (no traceback).
+Bad input prints a message on stderr and exits with status 2 (no traceback); every input is answered
+(status 0) or refused (status 2) within seconds. Limits are stated in ``--help`` (see LIMITS).
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from ._validation import (
-    PrivacyParameterError,
+from .checks import (
+    MAX_STEPS,
+    NOISE_MULTIPLIER_RANGE,
     check_count,
     check_delta,
+    check_noise_multiplier,
     check_positive,
     check_sample_rate,
     warn_if_delta_too_large,
 )
+from .errors import PrivacyParameterError, PrivacyWarning
 from .calibration import epochs_to_steps, noise_multiplier_for, step_event, steps_for
 from .factory import make_accountant
 from .statement import format_epsilon, privacy_statement
@@ -38,6 +42,14 @@ ACCOUNTANT_HELP = (
 )
 
 
+LIMITS = (
+    f"limits: at most {MAX_STEPS:,} steps (given by --steps, or --epochs x ceil(1/q)); noise multiplier in "
+    f"[{NOISE_MULTIPLIER_RANGE[0]:g}, {NOISE_MULTIPLIER_RANGE[1]:g}]; q = --sample-rate or "
+    "--batch-size/--dataset-size in (0, 1]; --delta in (0, 1); --target-epsilon and --epochs finite and > 0. "
+    "Anything else is refused with a message (exit status 2)."
+)
+
+
 def _add_common(parser: argparse.ArgumentParser, *, steps: bool) -> None:
     sampling = parser.add_argument_group("sampling (give --sample-rate, or --dataset-size with --batch-size)")
     sampling.add_argument("--sample-rate", type=float, metavar="Q", help="Poisson sampling rate q in (0, 1]")
@@ -45,7 +57,7 @@ def _add_common(parser: argparse.ArgumentParser, *, steps: bool) -> None:
     sampling.add_argument("--batch-size", type=int, metavar="B", help="expected batch size; q = B / N")
     if steps:
         length = parser.add_mutually_exclusive_group(required=True)
-        length.add_argument("--steps", type=int, metavar="T", help="number of training steps")
+        length.add_argument("--steps", type=int, metavar="T", help=f"number of training steps (at most {MAX_STEPS:,})")
         length.add_argument("--epochs", type=float, metavar="E", help="number of epochs; steps = ceil(E * ceil(1/q))")
     parser.add_argument("--delta", type=float, required=True, metavar="D", help="target delta in (0, 1)")
     parser.add_argument(
@@ -62,18 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpclip-budget",
         description="Privacy budget calculator for DP-SGD with Poisson sampling (PLD or RDP accountant).",
+        epilog=LIMITS,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{epsilon,noise,steps}")
 
-    eps = commands.add_parser("epsilon", help="epsilon spent by a training plan")
+    eps = commands.add_parser("epsilon", help="epsilon spent by a training plan", epilog=LIMITS)
     eps.add_argument("--noise-multiplier", type=float, required=True, metavar="S", help="noise multiplier sigma")
     _add_common(eps, steps=True)
 
-    noise = commands.add_parser("noise", help="smallest noise multiplier that meets a target epsilon")
+    noise = commands.add_parser("noise", help="smallest noise multiplier that meets a target epsilon", epilog=LIMITS)
     noise.add_argument("--target-epsilon", type=float, required=True, metavar="EPS", help="privacy budget")
     _add_common(noise, steps=True)
 
-    steps = commands.add_parser("steps", help="largest number of steps that fits a target epsilon")
+    steps = commands.add_parser(
+        "steps", help=f"largest number of steps (up to {MAX_STEPS:,}) that fits a target epsilon", epilog=LIMITS
+    )
     steps.add_argument("--target-epsilon", type=float, required=True, metavar="EPS", help="privacy budget")
     steps.add_argument("--noise-multiplier", type=float, required=True, metavar="S", help="noise multiplier sigma")
     _add_common(steps, steps=False)
@@ -93,24 +108,21 @@ def _sample_rate(args: argparse.Namespace) -> float:
     b = check_count("--batch-size", args.batch_size)
     if b > n:
         raise PrivacyParameterError(f"--batch-size ({b}) must not exceed --dataset-size ({n})")
-    return b / n
+    return check_sample_rate(b / n, "q = --batch-size / --dataset-size")  # b/n is exact, but may underflow to 0
 
 
 def _steps(args: argparse.Namespace, q: float) -> int:
     if args.steps is not None:
-        return check_count("--steps", args.steps)
+        return check_count("--steps", args.steps, maximum=MAX_STEPS)
     return epochs_to_steps(check_positive("--epochs", args.epochs), q)
 
 
 def _report(args: argparse.Namespace, q: float, sigma: float, steps: int, delta: float) -> dict[str, Any]:
     accountant = make_accountant(args.accountant)
     accountant.compose(step_event(q, sigma, args.mechanism), steps)
-    if args.accountant == "pld":
-        eps, error = accountant.get_epsilon_and_error(delta)
-        order, name = None, f"PLD (privacy loss distributions; numerical error ≤ {error:.2g})"
-    else:
-        eps, order = accountant.get_epsilon_and_order(delta)
-        error, name = None, "RDP"
+    found = accountant.epsilon_result(delta)
+    eps, order, error = found.epsilon, found.order, found.error
+    name = "RDP" if error is None else f"PLD (privacy loss distributions; numerical error ≤ {error:.2g})"
     return {
         "epsilon": eps,
         "delta": delta,
@@ -137,7 +149,7 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     if args.dataset_size is not None:
         warn_if_delta_too_large(delta, check_count("--dataset-size", args.dataset_size))
     if args.command == "epsilon":
-        sigma = check_positive("--noise-multiplier", args.noise_multiplier)
+        sigma = check_noise_multiplier("--noise-multiplier", args.noise_multiplier)
         result = _report(args, q, sigma, _steps(args, q), delta)
         headline = f"epsilon = {format_epsilon(result['epsilon'])} at delta = {delta:g}"
     elif args.command == "noise":
@@ -152,7 +164,7 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         )
     else:
         target = check_positive("--target-epsilon", args.target_epsilon)
-        sigma = check_positive("--noise-multiplier", args.noise_multiplier)
+        sigma = check_noise_multiplier("--noise-multiplier", args.noise_multiplier)
         steps = steps_for(target, delta, q, sigma, args.mechanism, accountant=args.accountant)
         if steps == 0:
             result = {"epsilon": None, "delta": delta, "order": None, "noise_multiplier": sigma, "sample_rate": q,
@@ -178,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except PrivacyParameterError as error:
             parser.exit(2, f"dpclip-budget {args.command}: error: {error}\n")
     for warning in caught:
-        print(f"dpclip-budget: warning: {warning.message}", file=sys.stderr)
+        if issubclass(warning.category, PrivacyWarning):  # numerical RuntimeWarnings are not the user's concern
+            print(f"dpclip-budget: warning: {warning.message}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -16,7 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._validation import PrivacyParameterError, check_count, check_positive, check_sample_rate
+from .checks import MAX_STEPS, check_count, check_noise_multiplier, check_sample_rate
+from .errors import PrivacyParameterError
 
 __all__ = ["Event", "Gaussian", "Laplace", "PoissonSampled", "Composed", "event_from_dict"]
 
@@ -35,7 +36,7 @@ class Gaussian(Event):
     noise_multiplier: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "noise_multiplier", check_positive("noise_multiplier", self.noise_multiplier))
+        object.__setattr__(self, "noise_multiplier", check_noise_multiplier("noise_multiplier", self.noise_multiplier))
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": "gaussian", "noise_multiplier": self.noise_multiplier}
@@ -51,7 +52,7 @@ class Laplace(Event):
     noise_multiplier: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "noise_multiplier", check_positive("noise_multiplier", self.noise_multiplier))
+        object.__setattr__(self, "noise_multiplier", check_noise_multiplier("noise_multiplier", self.noise_multiplier))
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": "laplace", "noise_multiplier": self.noise_multiplier}
@@ -95,8 +96,14 @@ class Composed(Event):
         for event in events:
             if not isinstance(event, Event):
                 raise PrivacyParameterError(f"Composed accepts only accountants events, got {event!r}")
+        count = check_count("count", count, maximum=MAX_STEPS)
+        if count * sum(_runs(e) for e in events) > MAX_STEPS:
+            raise PrivacyParameterError(
+                f"Composed must run at most {MAX_STEPS:,} mechanisms in all (count × nested runs), "
+                f"got {count} × {sum(_runs(e) for e in events)}"
+            )
         object.__setattr__(self, "events", events)
-        object.__setattr__(self, "count", check_count("count", count))
+        object.__setattr__(self, "count", count)
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": "composed", "events": [e.to_dict() for e in self.events], "count": self.count}
@@ -104,6 +111,15 @@ class Composed(Event):
     def __str__(self) -> str:
         inner = " + ".join(str(e) for e in self.events)
         return f"[{inner}]" if self.count == 1 else f"{self.count} × [{inner}]"
+
+
+def _runs(event: Event) -> int:
+    """Number of noise releases in one run of ``event`` (a Composed counts its repeats)."""
+    if isinstance(event, Composed):
+        return event.count * sum(_runs(e) for e in event.events)
+    if isinstance(event, PoissonSampled):
+        return _runs(event.mechanism)
+    return 1
 
 
 def event_from_dict(data: Mapping[str, Any]) -> Event:

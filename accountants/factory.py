@@ -2,36 +2,44 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-from ._validation import PrivacyParameterError
+from .base import Accountant
+from .errors import PrivacyParameterError
 from .pld_accountant import PLDAccountant
 from .rdp_accountant import RDPAccountant
 
 __all__ = ["ACCOUNTANTS", "AccountantName", "Accountant", "make_accountant"]
 
 AccountantName = Literal["rdp", "pld"]
-Accountant = Union[RDPAccountant, PLDAccountant]
 
 #: The accountants by name. "rdp": Rényi DP (Mironov 2017), fast, closed-form curves, slightly loose;
 #: "pld": privacy loss distributions (Koskela et al. 2020; Doroshenko et al. 2022), near-exact, slower.
-ACCOUNTANTS: dict[str, type] = {"rdp": RDPAccountant, "pld": PLDAccountant}
+ACCOUNTANTS: dict[str, type[Accountant]] = {"rdp": RDPAccountant, "pld": PLDAccountant}
 
 
 def make_accountant(name: str = "rdp", *, orders: Sequence[float] | None = None, **options: Any) -> Accountant:
-    """A fresh accountant: ``"rdp"`` (RDPAccountant(orders)) or ``"pld"`` (PLDAccountant(**options)).
+    """A fresh accountant ``ACCOUNTANTS[name](**options)``: "rdp" takes ``orders``, "pld" e.g. value_discretization_interval.
 
-    Both have the same interface (compose, history, steps, get_epsilon, get_epsilon_after, get_delta,
-    state_dict / load_state_dict, summary). ``orders`` applies to "rdp" only; ``options`` (e.g.
-    value_discretization_interval) to "pld" only.
+    Every accountant has the :class:`~accountants.base.Accountant` interface (compose, history, steps,
+    epsilon_result, get_epsilon, get_epsilon_after, get_delta, state_dict / load_state_dict, summary).
+    An unknown name, or an option the named accountant does not take, raises PrivacyParameterError.
     """
-    if name == "rdp":
-        if options:
-            raise PrivacyParameterError(f"options {sorted(options)} apply to the PLD accountant, not to 'rdp'")
-        return RDPAccountant(orders)
-    if name == "pld":
-        if orders is not None:
-            raise PrivacyParameterError("orders apply to the RDP accountant only, not to 'pld'")
-        return PLDAccountant(**options)
-    raise PrivacyParameterError(f"accountant must be one of {sorted(ACCOUNTANTS)}, got {name!r}")
+    try:
+        cls = ACCOUNTANTS[name]
+    except (KeyError, TypeError):
+        raise PrivacyParameterError(
+            f"accountant must be one of {', '.join(repr(n) for n in ACCOUNTANTS)}, got {name!r}"
+        ) from None
+    if orders is not None:
+        options["orders"] = orders
+    accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise PrivacyParameterError(
+            f"options {unknown} do not apply to the {name!r} accountant ({cls.__name__} takes "
+            f"{', '.join(accepted) or 'no options'})"
+        )
+    return cls(**options)

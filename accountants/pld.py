@@ -53,14 +53,26 @@ __all__ = [
     "self_compose",
 ]
 
-#: Tail mass cut off when discretising one mechanism run (it is replicated once per composed run).
-DISCRETIZATION_TAIL = 1e-16
-#: Tail mass cut off after each FFT convolution (a little above FFT round-off, ~1e-17 per entry).
+#: Tail mass cut off after each FFT convolution by default (a little above plain FFT round-off, ~1e-17 per
+#: entry). Every truncation is replicated in every later composition, so T runs truncate ≈ T × tail in all.
 COMPOSITION_TAIL = 1e-15
+#: Tail mass cut off when discretising one mechanism run, as a fraction of the composition tail.
+DISCRETIZATION_TAIL_FRACTION = 0.1
+DISCRETIZATION_TAIL = COMPOSITION_TAIL * DISCRETIZATION_TAIL_FRACTION
+#: Smallest composition tail a grid may ask for: below it, the tails of long compositions sink into the
+#: round-off of the split convolution (see :func:`_convolve`) and arrays stop shrinking.
+MIN_COMPOSITION_TAIL = 1e-19
 #: Finest and coarsest grid steps the automatic grid will choose (powers of two).
 MIN_STEP_EXPONENT, MAX_STEP_EXPONENT = -24, -3
+#: Longest PLD kept after a composition: longer ones are truncated further (more mass counted in δ).
+MAX_COMPOSED_POINTS = 1 << 20
+#: Grids beyond the coarsest step keep at most this many × points_per_std points per standard deviation.
+MAX_OVERSAMPLING = 8.0
 #: Largest number of grid points of one mechanism's PLD; the grid is coarsened beyond it.
 MAX_POINTS = 1 << 22
+#: Widest loss range (nats) of one mechanism run that is discretised; wider runs (e.g. σ ≲ 1e-3, ε ~ 1e6 per
+#: run) get the closed form :func:`revealing`, exact to double precision for every ε below ~1e5.
+MAX_LOSS_RANGE = 2.0**20
 _DIRECT_CONVOLUTION = 64  # arrays at most this long are convolved directly
 
 
@@ -194,7 +206,7 @@ class DiscretePLD:
         """
         candidates = []
         for eta, shift in [(0.0, self.noise_abs)] + [
-            (delta * f, self.bias + math.sqrt(self.noise_sq * math.log(1.0 / (delta * f)) / 2.0))
+            (delta * f, self.bias + math.sqrt(self.noise_sq * -(math.log(delta) + math.log(f)) / 2.0))
             for f in (0.5, 0.1, 1e-2, 1e-3, 1e-4)
         ]:
             inflated = delta + eta + self.failure
@@ -213,16 +225,26 @@ class DiscretePLD:
             return self
         if abs(ratio * self.step - step) > 1e-9 * step:
             raise ValueError(f"rebin needs an integer multiple of the step, got {step} / {self.step}")
-        start = math.floor(self.offset / ratio) * ratio
+        start = (self.offset // ratio) * ratio  # integer arithmetic: offsets may exceed 2^53
         lead = self.offset - start
-        n = -(-(lead + self.pmf.size) // ratio) * ratio
-        padded = np.zeros(n)
-        padded[lead : lead + self.pmf.size] = self.pmf
-        blocks = padded.reshape(-1, ratio)
-        up = -np.expm1(-np.arange(ratio) * self.step) / -math.expm1(-step)  # share of a+u sent to a+step
-        upper = np.einsum("ij,j->i", blocks, up)
-        pmf = np.zeros(blocks.shape[0] + 1)
-        pmf[:-1] += np.maximum(blocks.sum(axis=1) - upper, 0.0)
+        if ratio <= max(self.pmf.size, 1 << 16):
+            n = -(-(lead + self.pmf.size) // ratio) * ratio
+            padded = np.zeros(n)
+            padded[lead : lead + self.pmf.size] = self.pmf
+            blocks = padded.reshape(-1, ratio)
+            up = -np.expm1(-np.arange(ratio) * self.step) / -math.expm1(-step)  # share of a+u sent to a+step
+            upper = np.einsum("ij,j->i", blocks, up)
+            total = blocks.sum(axis=1)
+        else:  # far coarser than the PLD is wide: its atoms fall into at most two cells (no ratio-long arrays)
+            i = _index(self.pmf.size)
+            first = ratio - lead  # atoms i < first lie in the first cell
+            low = i < first
+            up = -np.expm1(-np.where(low, lead + i, i - first) * self.step) / -math.expm1(-step)
+            weighted = self.pmf * up
+            upper = np.array([weighted[low].sum(), weighted[~low].sum()])
+            total = np.array([self.pmf[low].sum(), self.pmf[~low].sum()])
+        pmf = np.zeros(total.size + 1)
+        pmf[:-1] += np.maximum(total - upper, 0.0)
         pmf[1:] += np.maximum(upper, 0.0)
         return _trimmed(
             replace(
@@ -316,7 +338,7 @@ def _head_span(p: np.ndarray) -> tuple[int, int]:
     return int(big[0]), int(big[-1]) + 1
 
 
-def _convolve(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+def _convolve(a: np.ndarray, b: np.ndarray | None = None, tail: float = COMPOSITION_TAIL) -> np.ndarray:
     """Linear convolution a ∗ b (a ∗ a if b is None) with small absolute round-off in the tails.
 
     FFT round-off is ~1e-2·ε_mach·‖a‖₂‖b‖₂ per entry, spread over the whole output; summed over a long tail
@@ -330,7 +352,7 @@ def _convolve(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     n_out = a.size + bb.size - 1
     # Measured mean positive round-off is ≤ 0.02 ε‖a‖‖b‖ per entry; split only if it could sum past tail/2.
     noise = 0.02 * _EPS * math.sqrt(float(np.einsum("i,i->", a, a)) * float(np.einsum("i,i->", bb, bb))) * n_out
-    if noise <= COMPOSITION_TAIL / 2 or min(a.size, bb.size) <= _DIRECT_CONVOLUTION:
+    if noise <= tail / 2 or min(a.size, bb.size) <= _DIRECT_CONVOLUTION:
         out = _rfft_conv(a, None if square else bb)
     else:
         a0, a1 = _head_span(a)
@@ -362,23 +384,40 @@ class Grid:
 
     Automatic grids are powers of two, so every grid nests in every coarser one; after each composition the
     PLD is re-binned (pessimistically) to ≈ std/points_per_std of the result, which keeps arrays short
-    while the loss spreads out under composition.
+    while the loss spreads out under composition. ``tail`` is the P-mass truncated after each composition
+    (a tenth of it when discretising one run); it bounds the resolvable δ from below (≈ runs × tail).
+    ``max_exponent``: steps stay ≤ 2^max_exponent while that keeps ≤ 8 × points_per_std points per std.
     """
 
     step: float | None = None
     points_per_std: float = 512.0
+    tail: float = COMPOSITION_TAIL
+    max_exponent: int = MAX_STEP_EXPONENT
+
+    def coarser(self, factor: int = 8) -> "Grid":
+        """The same policy ``factor`` (a power of two) times coarser, for cheap first bounds."""
+        return replace(self, points_per_std=self.points_per_std / factor, max_exponent=self.max_exponent + _pow2_floor(factor))
+
+    @property
+    def discretization_tail(self) -> float:
+        return self.tail * DISCRETIZATION_TAIL_FRACTION
 
     def step_for(self, std: float) -> float:
         if self.step is not None:
             return self.step
         if not std > 0:
             return 2.0**MIN_STEP_EXPONENT
-        e = _pow2_floor(std / self.points_per_std)
-        return 2.0 ** min(max(e, MIN_STEP_EXPONENT), MAX_STEP_EXPONENT)
+        e = min(max(_pow2_floor(std / self.points_per_std), MIN_STEP_EXPONENT), self.max_exponent)
+        # Very wide losses (ε in the hundreds or more) go coarser: at most MAX_OVERSAMPLING × points_per_std per std.
+        return 2.0 ** max(e, _pow2_floor(std / (MAX_OVERSAMPLING * self.points_per_std)))
 
 
-def compose(a: DiscretePLD, b: DiscretePLD, grid: Grid, tail: float = COMPOSITION_TAIL) -> DiscretePLD:
-    """PLD of running both mechanisms (independent losses add): FFT convolution, then truncation."""
+def compose(a: DiscretePLD, b: DiscretePLD, grid: Grid, tail: float | None = None) -> DiscretePLD:
+    """PLD of running both mechanisms (independent losses add): FFT convolution, then truncation.
+
+    ``tail`` (default: the grid's) is the P-mass each side that truncation may move.
+    """
+    tail = grid.tail if tail is None else tail
     step = max(a.step, b.step)
     if grid.step is None:
         var = a.mean_std()[1] ** 2 + b.mean_std()[1] ** 2
@@ -387,12 +426,13 @@ def compose(a: DiscretePLD, b: DiscretePLD, grid: Grid, tail: float = COMPOSITIO
     (mean_a, std_a), (mean_b, std_b) = a.mean_std(), b.mean_std()
     a = a.rebin(step)
     b = a if square else b.rebin(step)
-    pmf = _convolve(a.pmf, None if square else b.pmf)
+    pmf = _convolve(a.pmf, None if square else b.pmf, tail)
     result = DiscretePLD(
         step=step,
         offset=a.offset + b.offset,
         pmf=pmf,
-        inf_mass=1.0 - (1.0 - a.inf_mass) * (1.0 - b.inf_mass),
+        # P(L_a + L_b = ∞) = 1 − (1−x)(1−y), written so that masses far below 1e-16 are not rounded away.
+        inf_mass=min(1.0, a.inf_mass + b.inf_mass - a.inf_mass * b.inf_mass),
         noise_sq=a.noise_sq + b.noise_sq,
         noise_abs=a.noise_abs + b.noise_abs,
         bias=a.bias + b.bias,
@@ -400,6 +440,9 @@ def compose(a: DiscretePLD, b: DiscretePLD, grid: Grid, tail: float = COMPOSITIO
         runs=a.runs + b.runs,
     )
     result = _trimmed(result).truncate(tail)
+    while result.pmf.size > MAX_COMPOSED_POINTS:  # heavy tails that fine truncation cannot shorten: cut more
+        tail *= 10.0
+        result = result.truncate(tail)
     # Independent losses: means and variances add (only used to choose later grids).
     result.__dict__["_moments"] = (mean_a + mean_b, math.sqrt(std_a**2 + std_b**2))
     return result
@@ -652,7 +695,7 @@ def _loss_range(mech: Mechanism, direction: str, tail: float) -> tuple[float, fl
     q = mech.q
     if q == 1.0:
         return z_lo, z_hi
-    g = lambda z: math.log1p(q * math.expm1(z)) if z > -700 else math.log1p(-q)  # noqa: E731
+    g = lambda z: float(np.logaddexp(math.log1p(-q), math.log(q) + z))  # log(1 − q + q e^z)  # noqa: E731
     if direction == "remove":
         low = g(z_lo) if math.isfinite(mech.law.z_min) else math.log1p(-q)
         return low, g(z_hi)
@@ -660,18 +703,26 @@ def _loss_range(mech: Mechanism, direction: str, tail: float) -> tuple[float, fl
     return -g(z_hi), high
 
 
-def discretize(mech: Mechanism, direction: str, step: float, tail: float = DISCRETIZATION_TAIL) -> DiscretePLD:
+def discretize(
+    mech: Mechanism,
+    direction: str,
+    step: float,
+    tail: float = DISCRETIZATION_TAIL,
+    loss_range: tuple[float, float] | None = None,
+) -> DiscretePLD:
     """Pessimistic PLD of one run of ``mech`` on the grid ``step`` (Doroshenko et al. 2022, connect the dots).
 
     Each grid cell (a, b] of the loss receives its exact P-mass P_c and Q-mass Q_c (from the noise CDFs);
     they are split as p_b = (P_c − e^a Q_c)/(1 − e^{−h}) at b and P_c − p_b at a, which keeps both masses.
+    The grid covers ``loss_range`` (default: all but ``tail`` of the mass each side); P-mass below it moves
+    up to its lowest point and P-mass above it goes to +∞.
     """
     law, q = mech.law, mech.q
     if direction not in ("remove", "add"):
         raise ValueError(f"direction must be 'remove' or 'add', got {direction!r}")
     if q == 1.0:
         direction = "remove"  # symmetric noise: both directions have the same PLD
-    lo, hi = _loss_range(mech, direction, tail)
+    lo, hi = _loss_range(mech, direction, tail) if loss_range is None else loss_range
     k_lo = math.ceil(lo / step) - 1
     k_hi = math.floor(hi / step) + 1
     ell = np.arange(k_lo, k_hi + 1) * step  # cell boundaries
@@ -720,24 +771,73 @@ def discretize(mech: Mechanism, direction: str, step: float, tail: float = DISCR
     return _trimmed(pld)
 
 
+def revealing(mech: Mechanism, direction: str, step: float) -> DiscretePLD:
+    """Closed-form PLD of publishing the Poisson sample itself, which dominates every run of ``mech``.
+
+    Any noise on the sample is a post-processing of the sample, so this pair dominates (Blackwell). With
+    B0, B1 disjoint, "remove" (M, B0) has loss +∞ with probability q and log(1 − q) otherwise; "add" (B0, M)
+    has loss −log(1 − q) with probability 1 (the dominating pairs of Zhu, Dong & Wang 2022, Prop. 30, at
+    the extreme). Finite losses are rounded up to the grid. ``failure`` = 1: it claims no closeness to the
+    exact PLD, so :meth:`DiscretePLD.epsilon_lower_bound` certifies nothing from it.
+    """
+    q = mech.q
+    if q == 1.0:
+        loss, mass, inf_mass = 0.0, 0.0, 1.0
+    elif direction == "remove":
+        loss, mass, inf_mass = math.log1p(-q), 1.0 - q, q
+    else:
+        loss, mass, inf_mass = -math.log1p(-q), 1.0, 0.0
+    return DiscretePLD(
+        step=step,
+        offset=math.ceil(loss / step),
+        pmf=np.array([mass]),
+        inf_mass=inf_mass,
+        noise_sq=step * step,
+        noise_abs=step,
+        bias=step,
+        failure=1.0,
+    )
+
+
 def discretize_auto(mech: Mechanism, direction: str, grid: Grid) -> DiscretePLD:
-    """:func:`discretize` on the grid policy's step; automatic grids refine until step ≤ std/points_per_std."""
+    """:func:`discretize` on the grid policy's step; automatic grids refine until step ≤ std/points_per_std.
+
+    A run whose loss spreads over more than :data:`MAX_LOSS_RANGE` nats (tiny σ or b: the record is all but
+    revealed) gets the closed form :func:`revealing` instead; the accountant's RDP bound covers large ε there.
+    """
+    tail = grid.discretization_tail
+    lo, hi = _loss_range(mech, direction if mech.q < 1 else "remove", tail)
+    if not hi - lo <= MAX_LOSS_RANGE:  # also NaN
+        return revealing(mech, direction, grid.step if grid.step is not None else 2.0**MIN_STEP_EXPONENT)
     if grid.step is not None:
-        return discretize(mech, direction, grid.step)
-    lo, hi = _loss_range(mech, direction if mech.q < 1 else "remove", DISCRETIZATION_TAIL)
+        return discretize(mech, direction, grid.step, tail)
     coarsest = 2.0 ** (_pow2_floor(max(hi - lo, 1e-300) / MAX_POINTS) + 1)
     step = max(2.0 ** min(max(_pow2_floor(max(hi - lo, 1e-300) / 4096) + 1, MIN_STEP_EXPONENT), 8), coarsest)
-    pld = discretize(mech, direction, step)
-    for _ in range(8):
+    pld = discretize(mech, direction, step, tail)
+    for _ in range(12):
         # The split inflates the variance by at most h²/4, so this std never exceeds the exact one.
         _, std = pld.mean_std()
         std = math.sqrt(max(std * std - step * step / 4, 0.0))
         target = max(grid.step_for(std), coarsest)
         if target >= step:
             return pld.rebin(target) if target > step else pld
-        step = target
-        pld = discretize(mech, direction, step)
+        # Refine only where this PLD holds all but `tail` of the P-mass each side ([lo, hi] spans both B0 and
+        # B1, and one direction's mass may sit in a sliver of it, e.g. "add" with a small σ), ≤ 64× at a time.
+        lo, hi = _mass_range(pld, tail, lo, hi)
+        coarsest = 2.0 ** (_pow2_floor(max(hi - lo, 1e-300) / MAX_POINTS) + 1)
+        step = max(target, step / 64, coarsest)
+        pld = discretize(mech, direction, step, tail, (lo, hi))
     return pld
+
+
+def _mass_range(pld: DiscretePLD, tail: float, lo: float, hi: float) -> tuple[float, float]:
+    """The part of [lo, hi] outside which ``pld`` holds at most ``tail`` P-mass on each side (one cell of margin)."""
+    p = pld.pmf
+    cut_lo, _ = _tail_cut(p, tail)
+    cut_hi, _ = _tail_cut(p[::-1], tail)
+    if cut_lo + cut_hi >= p.size:
+        return lo, hi
+    return max(lo, (pld.offset + cut_lo - 1) * pld.step), min(hi, (pld.offset + p.size - cut_hi) * pld.step)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -766,8 +866,8 @@ def _fold_cached(mech: Mechanism, direction: str, grid: Grid, count: int) -> Dis
     result: DiscretePLD | None = None
     k = 0
     while count:
+        power = _power(mech, direction, grid, k)  # every k in turn: the cache then never recurses deeply
         if count & 1:
-            power = _power(mech, direction, grid, k)
             result = power if result is None else compose(result, power, grid)
         count >>= 1
         k += 1

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from . import pld
-from ._validation import PrivacyParameterError, check_count, check_delta, check_nonnegative, check_positive
-from .events import Composed, Event, Gaussian, Laplace, PoissonSampled, event_from_dict
+from .base import Accountant, EpsilonResult, HistoryEntry
+from .checks import check_delta, check_positive
+from .errors import PrivacyParameterError, UnsupportedEventError
+from .events import Composed, Event, Gaussian, Laplace, PoissonSampled
 from .rdp import _effective_gaussian, _normalise
-from .rdp_accountant import HistoryEntry, _merged
+from .rdp_accountant import RDPAccountant
 
 __all__ = ["PLDAccountant", "UnsupportedEventError", "mechanisms_of"]
 
-_STATE_FORMAT = "dpclip.accountants.PLDAccountant"
-_STATE_VERSION = 1
 DEFAULT_POINTS_PER_STD = 128.0
+#: Share of δ that the truncated tails (≈ runs × grid tail, see :class:`accountants.pld.Grid`) may take.
+TRUNCATION_SHARE = 1e-3
 
-
-class UnsupportedEventError(PrivacyParameterError):
-    """The PLD accountant cannot interpret this event (the RDP accountant may: it has general bounds)."""
+Runs = tuple[tuple[pld.Mechanism, int], ...]
 
 
 def _unsupported(event: Event, why: str) -> UnsupportedEventError:
@@ -94,7 +95,7 @@ def mechanisms_of(event: Event) -> Counter:
     return runs
 
 
-def _total_runs(history: Sequence[HistoryEntry]) -> tuple[tuple[pld.Mechanism, int], ...]:
+def _total_runs(history: Sequence[HistoryEntry]) -> Runs:
     """All mechanism runs of a history, merged; unsampled Gaussians become one exact Gaussian.
 
     k Gaussian mechanisms with μ_i = 1/σ_i compose to one with μ² = Σ μ_i² (Dong, Roth & Su 2022, Cor. 3.3).
@@ -111,7 +112,7 @@ def _total_runs(history: Sequence[HistoryEntry]) -> tuple[tuple[pld.Mechanism, i
     return tuple(sorted(total.items(), key=lambda item: repr(item[0])))
 
 
-class PLDAccountant:
+class PLDAccountant(Accountant):
     """Tracks privacy spent through privacy loss distributions: a near-exact, never optimistic (ε, δ).
 
     Each mechanism's privacy loss distribution is discretised pessimistically ("connect the dots",
@@ -129,40 +130,33 @@ class PLDAccountant:
     by default (None) every distribution gets a power-of-two step ≈ its standard deviation /
     ``points_per_std``, re-chosen as composition spreads the loss, which keeps arrays short and ε accurate
     to ~1e-4 relative. :meth:`get_epsilon_and_error` also returns a rigorous bound on the numerical error.
+
+    Small δ: the tails cut off at each composition (counted in δ) are kept below δ/1000 by a finer truncation
+    where needed; and every ε (δ) reported is the smaller of the PLD bound and the RDP bound
+    (:class:`~accountants.RDPAccountant`) of the same history — both are valid upper bounds, so their
+    minimum is one too, and the PLD accountant is never looser than the RDP one.
     """
+
+    state_format = "dpclip.accountants.PLDAccountant"
 
     def __init__(
         self,
         value_discretization_interval: float | None = None,
         points_per_std: float = DEFAULT_POINTS_PER_STD,
     ) -> None:
+        super().__init__()
         step = None if value_discretization_interval is None else check_positive(
             "value_discretization_interval", value_discretization_interval
         )
         self._grid = pld.Grid(step=step, points_per_std=check_positive("points_per_std", points_per_std))
-        self._history: list[HistoryEntry] = []
         self._cache: dict[tuple, pld.DiscretePLD] = {}
+        self._rdp = RDPAccountant()  # the fallback bound, queried on this accountant's histories
 
-    # -- composition ---------------------------------------------------------------------------
-    def compose(self, event: Event, count: int = 1) -> None:
-        """Record ``count`` runs of ``event`` (count = 0 records nothing); unsupported events raise at once."""
-        mechanisms_of(event)  # validate before changing anything
-        count = check_count("count", count, minimum=0)
-        self._history = _merged(self._history, event, count)
-
-    def reset(self) -> None:
-        """Forget the whole history (a fresh budget)."""
-        self._history = []
-
-    @property
-    def history(self) -> tuple[HistoryEntry, ...]:
-        """What was composed, in order, consecutive repeats merged."""
-        return tuple(self._history)
-
-    @property
-    def steps(self) -> int:
-        """Total number of composed events."""
-        return sum(entry.count for entry in self._history)
+    def _check_event(self, event: object) -> Event:
+        """Unsupported events raise :class:`UnsupportedEventError` before anything changes."""
+        mechanisms_of(event)
+        assert isinstance(event, Event)
+        return event
 
     @property
     def value_discretization_interval(self) -> float | None:
@@ -174,7 +168,7 @@ class PLDAccountant:
         return self._grid.points_per_std
 
     # -- privacy queries -----------------------------------------------------------------------
-    def _pld(self, runs: tuple, direction: str, grid: pld.Grid) -> pld.DiscretePLD:
+    def _pld(self, runs: Runs, direction: str, grid: pld.Grid) -> pld.DiscretePLD:
         """The composed PLD of ``runs`` in one direction ('remove' or 'add') on ``grid`` (memoised)."""
         key = (runs, direction, grid)
         if key not in self._cache:
@@ -187,37 +181,62 @@ class PLDAccountant:
             self._cache[key] = total if total is not None else pld.DiscretePLD.identity(1.0)
         return self._cache[key]
 
-    def _worst(self, history: Sequence[HistoryEntry], value) -> tuple[float, list[pld.DiscretePLD]]:
+    def _grid_for(self, runs: Runs, delta: float) -> pld.Grid:
+        """The accountant's grid, with a finer truncation tail if ≈ runs × tail would exceed δ × TRUNCATION_SHARE.
+
+        The tail is a power of ten (so nearby queries share cached PLDs), at least pld.MIN_COMPOSITION_TAIL.
+        """
+        runs_total = max(sum(count for _, count in runs), 1)
+        log_wanted = math.log10(delta) + math.log10(TRUNCATION_SHARE) - math.log10(runs_total)
+        if log_wanted >= math.log10(self._grid.tail):
+            return self._grid
+        return replace(self._grid, tail=max(10.0 ** math.floor(log_wanted), pld.MIN_COMPOSITION_TAIL))
+
+    def _worst(
+        self, runs: Runs, value: Callable[[pld.DiscretePLD], float], grid: pld.Grid
+    ) -> tuple[float, list[pld.DiscretePLD]]:
         """max over the add and remove directions of ``value(pld)`` (ε at δ, or δ at ε; larger is worse).
 
         Both directions are first bounded on a grid 8× coarser (cheap, and still an upper bound); only the
         worse is computed finely, and the other too unless its coarse bound is already below that value.
         Returns the value and the finely computed PLDs.
         """
-        runs = _total_runs(history)
         if not any(mech.q < 1.0 for mech, _ in runs):  # symmetric noise: add and remove coincide
-            fine = self._pld(runs, "remove", self._grid)
+            fine = self._pld(runs, "remove", grid)
             return value(fine), [fine]
-        if self._grid.step is not None:
-            fines = [self._pld(runs, d, self._grid) for d in ("remove", "add")]
+        if grid.step is not None:
+            fines = [self._pld(runs, d, grid) for d in ("remove", "add")]
             return max(value(p) for p in fines), fines
-        coarse_grid = pld.Grid(points_per_std=self._grid.points_per_std / 8)
+        coarse_grid = grid.coarser(8)
         coarse = {d: value(self._pld(runs, d, coarse_grid)) for d in ("remove", "add")}
-        first = max(coarse, key=coarse.get)
+        first = max(coarse, key=coarse.__getitem__)
         other = "add" if first == "remove" else "remove"
-        fines = [self._pld(runs, first, self._grid)]
+        fines = [self._pld(runs, first, grid)]
         worst = value(fines[0])
         if coarse[other] > worst:
-            fines.append(self._pld(runs, other, self._grid))
+            fines.append(self._pld(runs, other, grid))
             worst = max(worst, value(fines[1]))
         return worst, fines
 
-    def _epsilon(self, history: Sequence[HistoryEntry], delta: float) -> float:
-        return self._worst(history, lambda p: p.epsilon_for_delta(delta))[0]
+    def _epsilon_result(self, history: Sequence[HistoryEntry], delta: float) -> EpsilonResult:
+        """min(PLD ε, RDP ε), and its distance to a certified lower bound on the exact ε (PLD coupling)."""
+        runs = _total_runs(history)
+        upper, fines = self._worst(runs, lambda p: p.epsilon_for_delta(delta), self._grid_for(runs, delta))
+        epsilon = min(upper, self._rdp._epsilon_result(history, delta).epsilon)
+        if math.isinf(epsilon):
+            return EpsilonResult(math.inf, error=math.inf)
+        lower = max(p.epsilon_lower_bound(delta) for p in fines)
+        return EpsilonResult(epsilon, error=max(epsilon - lower, 0.0))
 
-    def get_epsilon(self, delta: float) -> float:
-        """Smallest ε such that everything composed so far is (ε, δ)-DP (an upper bound, never optimistic)."""
-        return self._epsilon(self._history, check_delta(delta))
+    def _delta(self, history: Sequence[HistoryEntry], epsilon: float) -> float:
+        """min(PLD δ, RDP δ); the PLD δ is recomputed with finer tails if they may weigh in it."""
+        runs = _total_runs(history)
+        grid = self._grid
+        delta = self._worst(runs, lambda p: p.delta_for_epsilon(epsilon), grid)[0]
+        if 0.0 < delta < 1.0 and self._grid_for(runs, delta) != grid:
+            refined = self._worst(runs, lambda p: p.delta_for_epsilon(epsilon), self._grid_for(runs, delta))[0]
+            delta = min(delta, refined)
+        return min(delta, self._rdp._delta(history, epsilon))
 
     def get_epsilon_and_error(self, delta: float) -> tuple[float, float]:
         """(ε, error): ε as :meth:`get_epsilon`, and a rigorous bound on how far it may exceed the exact ε.
@@ -226,84 +245,22 @@ class PLDAccountant:
         discretisation step with the exact loss (Azuma–Hoeffding; see :mod:`accountants.pld`) and is
         conservative: the actual gap is typically ~100× smaller.
         """
-        delta = check_delta(delta)
-        upper, fines = self._worst(self._history, lambda p: p.epsilon_for_delta(delta))
-        if math.isinf(upper):
-            return math.inf, math.inf
-        lower = max(p.epsilon_lower_bound(delta) for p in fines)
-        return upper, max(upper - lower, 0.0)
+        result = self._epsilon_result(self._history, check_delta(delta))
+        assert result.error is not None
+        return result.epsilon, result.error
 
-    def get_epsilon_after(self, event: Event, delta: float, count: int = 1) -> float:
-        """ε the history would have after ``count`` more runs of ``event``; the accountant is not changed."""
-        mechanisms_of(event)
-        count = check_count("count", count, minimum=0)
-        return self._epsilon(_merged(self._history, event, count), check_delta(delta))
+    # -- settings ------------------------------------------------------------------------------
+    def _settings(self) -> dict[str, Any]:
+        return {"value_discretization_interval": self._grid.step, "points_per_std": self._grid.points_per_std}
 
-    def get_delta(self, epsilon: float) -> float:
-        """Smallest δ such that everything composed so far is (ε, δ)-DP (an upper bound)."""
-        epsilon = check_nonnegative("epsilon", epsilon)
-        return self._worst(self._history, lambda p: p.delta_for_epsilon(epsilon))[0]
+    def _parse_settings(self, state: Mapping[str, Any]) -> pld.Grid:
+        step = state["value_discretization_interval"]
+        return pld.Grid(
+            step=None if step is None else check_positive("value_discretization_interval", step),
+            points_per_std=check_positive("points_per_std", state["points_per_std"]),
+        )
 
-    # -- persistence ---------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable snapshot; :meth:`load_state_dict` restores it exactly."""
-        return {
-            "format": _STATE_FORMAT,
-            "version": _STATE_VERSION,
-            "value_discretization_interval": self._grid.step,
-            "points_per_std": self._grid.points_per_std,
-            "history": [{"event": e.event.to_dict(), "count": e.count} for e in self._history],
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a snapshot from :meth:`state_dict`. On any error the accountant is left unchanged."""
-        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
-            raise PrivacyParameterError(
-                f"not a PLDAccountant state (expected format {_STATE_FORMAT!r}); was it saved by another accountant?"
-            )
-        if state.get("version") != _STATE_VERSION:
-            raise PrivacyParameterError(
-                f"unsupported PLDAccountant state version {state.get('version')!r} (this dpclip reads {_STATE_VERSION})"
-            )
-        try:
-            step = state["value_discretization_interval"]
-            grid = pld.Grid(
-                step=None if step is None else check_positive("value_discretization_interval", step),
-                points_per_std=check_positive("points_per_std", state["points_per_std"]),
-            )
-            history: list[HistoryEntry] = []
-            for item in state["history"]:
-                event = event_from_dict(item["event"])
-                mechanisms_of(event)
-                history = _merged(history, event, check_count("count", item["count"]))
-        except (KeyError, TypeError) as error:
-            raise PrivacyParameterError(f"corrupt PLDAccountant state: {error!r}") from None
-        if grid != self._grid:
+    def _apply_settings(self, settings: pld.Grid) -> None:
+        if settings != self._grid:
             self._cache = {}
-        self._grid, self._history = grid, history
-
-    @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any]) -> "PLDAccountant":
-        accountant = cls()
-        accountant.load_state_dict(state)
-        return accountant
-
-    # -- display -------------------------------------------------------------------------------
-    def summary(self, delta: float | None = None) -> str:
-        """Readable history, one line per entry, plus ε (and its numerical error bound) at ``delta`` if given."""
-        lines = [f"PLDAccountant: {self.steps} composed events"]
-        lines += [f"  {entry}" for entry in self._history]
-        if delta is not None:
-            eps, error = self.get_epsilon_and_error(delta)
-            lines.append(f"  => (ε = {eps:.4g}, δ = {delta:g}), exact ε ≥ ε − {error:.2g} (numerical error bound)")
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        return f"PLDAccountant(steps={self.steps}, entries={len(self._history)})"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, PLDAccountant):
-            return NotImplemented
-        return self._grid == other._grid and self._history == other._history
-
-    __hash__ = None  # type: ignore[assignment]
+        self._grid = settings

@@ -324,7 +324,9 @@ def pure_epsilon(event: Event) -> float:
         inner = pure_epsilon(event.mechanism)
         if math.isinf(inner):
             return math.inf
-        return math.log1p(event.sample_rate * math.expm1(inner))
+        # log(1 − q + q e^ε) in log space: e^ε overflows for ε > 709 (e.g. Laplace with a tiny b).
+        q = event.sample_rate
+        return float(np.logaddexp(math.log1p(-q) if q < 1 else -math.inf, math.log(q) + inner))
     if isinstance(event, Composed):
         return event.count * sum(pure_epsilon(e) for e in event.events)
     raise TypeError(f"not an accountants event: {event!r}")

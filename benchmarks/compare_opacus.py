@@ -124,7 +124,6 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
             model, optimizer, loader, noise_multiplier=SIGMA, max_grad_norm=CLIP,
             grad_sample_mode="vmap" if library == "dpclip-vmap" else "auto",
         )
-        note = "layerwise" if engine._tape is not None else "vmap"
     else:
         from opacus import PrivacyEngine
         from opacus.validators import ModuleValidator
@@ -163,6 +162,8 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
                 break
     if library != "nonprivate":
         epsilon = engine.get_epsilon(DELTA)
+    if library.startswith("dpclip"):
+        note = engine.grad_sample_path  # the path verification chose on the first step
     measured = times[warmup:]
     ms = statistics.median(measured) * 1e3
     result = {
@@ -173,6 +174,7 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "epsilon": epsilon,
         "steps_timed": len(measured),
+        "first_step_ms": times[0] * 1e3,  # dpclip: includes the first-step verification
         "note": note,
     }
     if device == "cuda":
@@ -190,23 +192,22 @@ def accuracy_run(library: str, epsilon: float, seed: int, epochs: int) -> dict[s
     samples its own Poisson batches and noise, so accuracies differ by training noise only. ε is what each
     library's own accountant reports for the run.
     """
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    import train_digits
     from torch.utils.data import DataLoader
 
     from accountants import noise_multiplier_for
+    from dpclip_examples.digits import DigitsCNN, accuracy, load_data
+    from dpclip_examples.train_digits import DEFAULTS
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    defaults = train_digits.DEFAULTS
-    train, test = train_digits.load_data(torch.device("cpu"))
-    batch, clip, lr = defaults["batch_size"], defaults["max_grad_norm"], defaults["lr"]
+    train, test = load_data(torch.device("cpu"))
+    batch, clip, lr = DEFAULTS["batch_size"], DEFAULTS["max_grad_norm"], DEFAULTS["lr"]
     loader = DataLoader(train, batch_size=batch)
     # Opacus samples at q = 1 / len(loader) (not batch / N); both libraries use that q here.
     q = 1 / len(loader)
     steps = epochs * len(loader)
     sigma = noise_multiplier_for(epsilon, DELTA, q, steps)
     torch.manual_seed(seed)
-    model = train_digits.DigitsCNN()
+    model = DigitsCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     start = time.perf_counter()
     if library == "dpclip":
@@ -237,7 +238,7 @@ def accuracy_run(library: str, epsilon: float, seed: int, epochs: int) -> dict[s
     module = model._module if hasattr(model, "_module") else model.module
     return {"library": library, "target_epsilon": epsilon, "seed": seed, "sigma": sigma, "sample_rate": q,
             "steps": taken, "planned_steps": steps, "epsilon": engine.get_epsilon(DELTA),
-            "test_accuracy": train_digits.accuracy(module, test), "wall_s": wall}
+            "test_accuracy": accuracy(module, test), "wall_s": wall}
 
 
 def accuracy_table(runs: list[dict[str, Any]]) -> str:
@@ -324,7 +325,7 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "LIBRARY"), help=argparse.SUPPRESS)
     parser.add_argument(
         "--accuracy", action="store_true",
-        help="instead of timing: train the digits CNN (scripts/train_digits.py) with dpclip and Opacus at the same "
+        help="instead of timing: train the digits CNN of the main job (dpclip_examples.digits) with dpclip and Opacus at the same "
         "(q, sigma, C, steps) for each --epsilons, over --seeds seeds, and compare test accuracy and reported epsilon",
     )
     parser.add_argument("--epsilons", nargs="+", type=float, default=list(ACCURACY_EPSILONS))
@@ -332,10 +333,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs in --accuracy (default: the main job's)")
     args = parser.parse_args()
     if args.accuracy:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-        import train_digits
+        from dpclip_examples.train_digits import DEFAULTS
 
-        epochs = args.epochs or (1 if args.smoke else train_digits.DEFAULTS["epochs"])
+        epochs = args.epochs or (1 if args.smoke else DEFAULTS["epochs"])
         seeds = 1 if args.smoke else args.seeds
         runs = [accuracy_run(lib, eps, seed, epochs) for eps in args.epsilons for lib in ("dpclip", "opacus") for seed in range(seeds)]
         args.out.mkdir(parents=True, exist_ok=True)

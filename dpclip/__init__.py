@@ -5,6 +5,7 @@ functions (:mod:`dpclip.functional`) and wired for the ordinary PyTorch loop by 
 Privacy accounting lives in the torch-free sibling package :mod:`accountants`.
 """
 
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint, save_checkpoint
 from .clipping import FixedClipping, MedianClipping, clip, clipped_sum, per_example_norms
 from .engine import PrivacyEngine, PrivacySettings
 from .errors import (
@@ -16,6 +17,7 @@ from .errors import (
     PrivacyParameterError,
 )
 from .functional import private_step
+from .grads import LayerRule, register_layer
 from .module import PrivateModule
 from .noise import NoiseSource, add_noise
 from .optimizer import DPOptimizer
@@ -26,9 +28,11 @@ from .validation import check_loss, fix_model, model_problems, validate_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "DPOptimizer",
     "EngineUsageError",
     "FixedClipping",
+    "LayerRule",
     "LossNotPerExampleError",
     "MedianClipping",
     "ModelNotSupportedError",
@@ -41,13 +45,17 @@ __all__ = [
     "PrivacySettings",
     "PrivateModule",
     "add_noise",
+    "atomic_save",
     "check_loss",
     "clip",
     "clipped_sum",
     "fix_model",
+    "load_checkpoint",
     "model_problems",
     "per_example_norms",
     "per_sample_grads",
     "private_step",
+    "register_layer",
+    "save_checkpoint",
     "validate_model",
 ]

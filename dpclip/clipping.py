@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
-from accountants._validation import PrivacyParameterError, check_positive, check_sample_rate
+from accountants.checks import check_positive, check_sample_rate
+
+from .errors import EngineUsageError
+from .norms import clip_norm
 
 Tensor = torch.Tensor
 Norm = Literal["l2", "l1"]
@@ -23,28 +26,18 @@ _SAFETY = 1.0 - 2.0**-20
 
 
 def check_norm(norm: str) -> Norm:
-    if norm not in ("l2", "l1"):
-        raise PrivacyParameterError(
-            f"norm must be 'l2' (clipping in L2, Gaussian noise) or 'l1' (clipping in L1, Laplace noise), got {norm!r}; "
-            "the noise always matches the clipping norm, since only that pair is what the accountant charges"
-        )
-    return norm  # type: ignore[return-value]
-
-
-def _flat(grad: Tensor) -> Tensor:
-    return grad.reshape(grad.shape[0], -1)
+    """``norm`` if it is "l2" or "l1" (see :mod:`dpclip.norms`), else a clear PrivacyParameterError."""
+    return clip_norm(norm).name
 
 
 def layer_norms(grads: Mapping[str, Tensor], norm: Norm = "l2") -> Tensor:
-    """Per-example norm of each parameter's gradient: shape [batch, number of parameters]."""
-    order = 2 if norm == "l2" else 1
-    return torch.stack([torch.linalg.vector_norm(_flat(g).float(), ord=order, dim=1) for g in grads.values()], dim=1)
+    """Per-example norm of each parameter's gradient: shape [batch, number of parameters], in float64."""
+    return torch.stack([clip_norm(norm).vector(g).double() for g in grads.values()], dim=1)
 
 
 def per_example_norms(grads: Mapping[str, Tensor], norm: Norm = "l2") -> Tensor:
     """Norm of each example's whole gradient (all parameters together): shape [batch]."""
-    per_layer = layer_norms(grads, norm)
-    return per_layer.square().sum(dim=1).sqrt() if norm == "l2" else per_layer.sum(dim=1)
+    return clip_norm(norm).combine(layer_norms(grads, norm))
 
 
 def clip_factors(norms: Tensor, max_norm: float) -> Tensor:
@@ -52,15 +45,10 @@ def clip_factors(norms: Tensor, max_norm: float) -> Tensor:
     return torch.clamp(max_norm * _SAFETY / norms, max=1.0)
 
 
-def layer_bound(max_norm: float, layers: int, norm: Norm) -> float:
-    """Per-layer bound C_k with Σ C_k² = C² (L2) or Σ C_k = C (L1), so the whole gradient stays ≤ C."""
-    return max_norm / math.sqrt(layers) if norm == "l2" else max_norm / layers
-
-
 def clipping_factors(grads: Mapping[str, Tensor], max_norm: float, norm: Norm = "l2", per_layer: bool = False) -> Tensor:
     """Factors [batch, layers] that clip each example's gradient (or each of its layers) to the bound."""
     if per_layer:
-        return clip_factors(layer_norms(grads, norm), layer_bound(max_norm, len(grads), norm))
+        return clip_factors(layer_norms(grads, norm), clip_norm(norm).part_bound(max_norm, len(grads)))
     return clip_factors(per_example_norms(grads, norm), max_norm)[:, None].expand(-1, len(grads))
 
 
@@ -82,11 +70,43 @@ def clipped_sum(
     }
 
 
-@dataclass
-class FixedClipping:
-    """A constant clipping bound C."""
+def check_bound(policy: ClippingPolicy | None, bound: float | None) -> None:
+    """Refuse a clipping bound C changed behind the engine's back (clipping and noise must use the same C)."""
+    assert policy is not None
+    if policy.max_norm != bound:
+        raise EngineUsageError(
+            f"max_grad_norm (the clipping bound C) was changed from {bound!r} to {policy.max_norm!r} outside the "
+            "engine: the noise, the privacy report and checkpoints must all use the C that clipped the batch. C is "
+            "fixed by make_private (clipping='median' adapts it privately); to train with another C, start a new "
+            "PrivacyEngine."
+        )
+
+
+class ClippingPolicy(Protocol):
+    """Where the clipping bound C comes from. The engine calls ``observe`` with each batch's per-example norms
+    (it returns that batch's share of the statistic the policy releases, 0 when it releases none) and, after
+    the step's release, ``after_release`` with the noisy statistic (None when ``releases_count`` is False)."""
 
     max_norm: float
+    releases_count: bool
+
+    @property
+    def history(self) -> list[float]: ...
+
+    def observe(self, norms: Tensor) -> float: ...
+
+    def after_release(self, noisy_statistic: float | None, expected_batch_size: float) -> float: ...
+
+    def restore(self, max_norm: float, history: list[float]) -> None: ...
+
+
+@dataclass
+class FixedClipping:
+    """A constant clipping bound C; it releases nothing besides the gradient."""
+
+    max_norm: float
+    steps: int = 0
+    releases_count = False
 
     def __post_init__(self) -> None:
         self.max_norm = check_positive("max_grad_norm", self.max_norm)
@@ -94,6 +114,21 @@ class FixedClipping:
     @property
     def adaptive(self) -> bool:
         return False
+
+    @property
+    def history(self) -> list[float]:
+        """C before each step and after the last (all equal)."""
+        return [self.max_norm] * (self.steps + 1)
+
+    def observe(self, norms: Tensor) -> float:
+        return 0.0
+
+    def after_release(self, noisy_statistic: float | None, expected_batch_size: float) -> float:
+        self.steps += 1
+        return self.max_norm
+
+    def restore(self, max_norm: float, history: list[float]) -> None:
+        self.max_norm, self.steps = max_norm, len(history) - 1
 
 
 @dataclass
@@ -119,13 +154,25 @@ class MedianClipping:
         if not self.history:
             self.history = [self.max_norm]
 
+    releases_count = True
+
     @property
     def adaptive(self) -> bool:
         return True
 
     def centred_count(self, norms: Tensor) -> Tensor:
-        """Σ_i (b_i − ½) for the examples of a batch (before noise)."""
+        """Σ_i (b_i − ½) for the examples of a batch (before noise; NaN norms count as above C)."""
         return ((norms <= self.max_norm).to(torch.float64) - 0.5).sum()
+
+    def observe(self, norms: Tensor) -> float:
+        return float(self.centred_count(norms))
+
+    def after_release(self, noisy_statistic: float | None, expected_batch_size: float) -> float:
+        assert noisy_statistic is not None
+        return self.update(noisy_statistic, expected_batch_size)
+
+    def restore(self, max_norm: float, history: list[float]) -> None:
+        self.max_norm, self.history = max_norm, list(history)
 
     def update(self, noisy_centred_count: float, expected_batch_size: float) -> float:
         """Apply the geometric update from the released (noisy) count; returns the new C."""

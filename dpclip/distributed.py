@@ -10,10 +10,11 @@ What each rank does per logical step (the engine calls into :class:`DistributedC
    OS CSPRNG instead: every example's inclusion is then decided by one rank alone, independently with
    probability q, which is still exactly Poisson(q) over N.
 2. **Clipping.** Each rank computes, clips (to C) and sums the per-example gradients of its own examples.
-3. **Aggregation.** The clipped sums are all-reduced (SUM), together with, for median clipping, the centred
-   counts of examples below C; a rank whose examples had NaN/inf gradients (``nonfinite="error"``) flags it
-   in the same reduction, so every rank raises :class:`NonFiniteGradientError` from ``optimizer.step()``
-   (instead of one rank raising from ``backward()`` while the others wait in the all-reduce).
+3. **Aggregation.** The step's tagged header (see "Lock-step check" below) carries each rank's position, its
+   centred count of examples below C (median clipping) and whether its examples had NaN/inf gradients
+   (``nonfinite="error"``); then the clipped sums are all-reduced (SUM). A flagged rank makes every rank
+   raise :class:`NonFiniteGradientError` from ``optimizer.step()`` (instead of one rank raising from
+   ``backward()`` while the others wait in the all-reduce), and the sums are then not reduced at all.
 4. **Noise, exactly once.** The global sum Σ_i clip(g_i) gets one draw of N(0, σ²C²) per coordinate (Laplace
    for L1), and the noisy count one draw of N(0, σ_b²):
 
@@ -28,6 +29,18 @@ What each rank does per logical step (the engine calls into :class:`DistributedC
    same sum, merely added in another order). The divisor is the global q·N, the optimizer step is then
    identical on every rank, and every rank composes the same event into its accountant, so ε is that of
    single-process training with the same (q, σ, steps).
+
+**Lock-step check.** Every collective operation of the private step (and of make_private, load_state_dict,
+assert_in_sync and the end of each epoch of the loader) starts with one small tagged all-reduce, the *header*:
+each rank writes into its own row (phase, logical batches its loader drew, steps released, error flag, median
+count) and zeros elsewhere, so after the SUM every rank holds every rank's row. Only when all rows agree on
+(phase, batch, step) are the payload collectives (the clipped sums, the secure-mode broadcasts, the state
+digests) issued; otherwise every rank raises :class:`EngineUsageError` naming each rank's position. So a rank
+that skipped a batch (or stopped early, or called load_state_dict alone) can neither pair its all-reduce with
+another step's nor leave the other ranks waiting for the process-group timeout: the mismatch is reported at
+the next collective on every rank. (A rank that stops calling collectives altogether, e.g. one that leaves
+the training loop with a ``break`` while the others go on, still leaves them waiting until the
+process-group timeout: there is no collective left to carry its tag.)
 
 DistributedDataParallel: its reducer all-reduces and *averages* the ordinary (non-private) gradients into
 ``.grad`` during ``backward()``. The engine therefore never runs the DDP wrapper in training: it trains
@@ -131,6 +144,20 @@ def _guard_ddp_wrapper(wrapper: nn.Module) -> None:
     wrapper.register_forward_pre_hook(refuse)
 
 
+#: Header columns: (phase, logical batches drawn, steps released, non-finite flag, centred median count).
+_PHASE, _BATCH, _STEP, _FLAG, _COUNT = range(5)
+#: The phases of the header, with what a rank in that phase is doing (for the error message).
+PHASES: dict[str, str] = {
+    "make_private": "in make_private",
+    "step": "in optimizer.step()",
+    "end of epoch": "at the end of an epoch of the private loader",
+    "load_state_dict": "in engine.load_state_dict",
+    "assert_in_sync": "in assert_in_sync",
+}
+_PHASE_CODES = {name: code for code, name in enumerate(PHASES, start=1)}
+_PHASE_NAMES = {code: name for name, code in _PHASE_CODES.items()}
+
+
 def _default_device(backend: str) -> torch.device:
     if backend == "nccl" and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -148,6 +175,9 @@ class DistributedContext:
     #: Where collectives on host-side values (seeds, counts, flags) run: CUDA for NCCL, else CPU.
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _pending_error: str | None = None
+    #: The engine and loader whose position (steps released, batches drawn) tags every collective.
+    _engine: Any = field(default=None, repr=False)
+    _loader: Any = field(default=None, repr=False)
 
     # ---------------------------------------------------------------------------------------------------
     # Set-up
@@ -191,6 +221,8 @@ class DistributedContext:
         set size is part of the settings. Raises :class:`PrivacyParameterError` on every rank, before changing
         anything, when a rank differs.
         """
+        self._engine, self._loader = engine, loader
+        self.exchange_header("make_private")
         mine = {key: repr(value) for key, value in fingerprint.items()}
         mine.update(
             secure_mode=repr(engine.secure_mode),
@@ -213,6 +245,7 @@ class DistributedContext:
             for tensor in [*module.parameters(), *module.buffers()]:
                 self._broadcast_(tensor)
         loader.shard = (self.rank, self.world_size)
+        loader.on_epoch_end = self.end_of_epoch
         if self.broadcast_noise:  # secure mode: each rank samples from its own OS seeds; rank 0 draws the noise
             return
         seeds: list[Any] = [engine.noise.seed, int(loader.generator.initial_seed())] if self.rank == 0 else [None, None]
@@ -229,27 +262,79 @@ class DistributedContext:
         """Remember a non-finite-gradient error of this rank; it is raised on every rank at the step."""
         self._pending_error = self._pending_error or message
 
+    def position(self) -> tuple[int, int]:
+        """(logical batches this rank's loader drew, steps this rank's engine released): what every collective
+        carries. Since make_private or the last load_state_dict; equal on all ranks while they are in step."""
+        batches = int(getattr(self._loader, "batches_drawn", 0)) if self._loader is not None else 0
+        steps = int(getattr(self._engine, "steps", 0)) if self._engine is not None else 0
+        return batches, steps
+
+    def exchange_header(self, phase: str, count: float = 0.0, flag: bool = False) -> Tensor:
+        """The tagged all-reduce that opens every collective operation; returns the (world_size, 5) header
+        (one row per rank: phase, batch, step, flag, count) after checking that all ranks are at the same
+        (phase, batch, step). Raises :class:`EngineUsageError` on every rank otherwise (all ranks see the same
+        header, so all of them decide alike), before any payload collective is issued."""
+        if phase not in _PHASE_CODES:
+            raise ValueError(f"unknown phase {phase!r}; one of {sorted(_PHASE_CODES)}")
+        batches, steps = self.position()
+        header = torch.zeros(self.world_size, 5, dtype=torch.float64, device=self.device)
+        header[self.rank] = torch.tensor(
+            [_PHASE_CODES[phase], batches, steps, 1.0 if flag else 0.0, count], dtype=torch.float64
+        )
+        torch.distributed.all_reduce(header)
+        rows = header.cpu()
+        tags = [tuple(int(v) for v in rows[r, :3].tolist()) for r in range(self.world_size)]
+        if any(tag != tags[0] for tag in tags):
+            raise EngineUsageError(self._out_of_step_message(tags))
+        return rows
+
+    def _out_of_step_message(self, tags: list[tuple[int, ...]]) -> str:
+        where = "; ".join(
+            f"rank {r} is {PHASES.get(_PHASE_NAMES.get(phase, ''), f'in unknown phase {phase}')} after its "
+            f"loader drew {batch} logical batch(es) and its engine released {step} step(s)"
+            for r, (phase, batch, step) in enumerate(tags)
+        )
+        differ = [r for r, tag in enumerate(tags) if tag != tags[0]]
+        return (
+            f"the ranks are out of step ({where}); ranks {differ} differ from rank 0. A rank skipped or repeated a "
+            "batch (or called make_private, load_state_dict or assert_in_sync alone), so its collectives would "
+            "have been paired with another step's. Nothing was reduced or applied in this call, on any rank. "
+            "Every rank must run forward, backward and optimizer.step() on every batch its private loader yields "
+            "(an empty shard too: do not `continue` past it), in the same order, and call make_private, "
+            "load_state_dict and assert_in_sync together. Restart every rank from the last checkpoint."
+        )
+
+    def end_of_epoch(self) -> None:
+        """Called by the loader when an epoch's iteration ends: a header exchange, so a rank that skipped the
+        last batch of the epoch meets the others' optimizer.step() with a clear error instead of a hang."""
+        self.exchange_header("end of epoch")
+
     def all_reduce(self, summed: Mapping[str, Tensor], count: float) -> tuple[dict[str, Tensor], float, str | None]:
         """SUM-reduce the clipped sums and the centred count over ranks; also say whether any rank flagged
-        non-finite gradients (then the caller abandons the step on every rank)."""
-        status = torch.zeros(1 + self.world_size, dtype=torch.float64, device=self.device)
-        status[0] = count
-        status[1 + self.rank] = 1.0 if self._pending_error is not None else 0.0
-        works = [torch.distributed.all_reduce(status, async_op=True)]
-        buckets = self._buckets(summed)
-        works += [torch.distributed.all_reduce(flat, async_op=True) for flat, _ in buckets]
-        for work in works:
-            work.wait()
+        non-finite gradients (then the caller abandons the step on every rank).
+
+        The header (step tag, count, flags) is exchanged and checked first; the sums are reduced only when every
+        rank is at the same step (see :meth:`exchange_header`)."""
         local_error, self._pending_error = self._pending_error, None
-        bad = [rank for rank in range(self.world_size) if status[1 + rank].item() > 0]
+        header = self.exchange_header("step", count=count, flag=local_error is not None)
+        bad = [rank for rank in range(self.world_size) if header[rank, _FLAG].item() > 0]
         if bad:
             here = f" (here: {local_error})" if local_error else ""
             return {}, 0.0, f"examples with NaN/inf gradients on rank(s) {bad}{here}; the step was abandoned on every rank"
-        return self._unflatten(summed, buckets), float(status[0].item()), None
+        total = sum(float(header[rank, _COUNT].item()) for rank in range(self.world_size))  # same order everywhere
+        buckets = self._buckets(summed)
+        works = [torch.distributed.all_reduce(flat, async_op=True) for flat, _ in buckets]
+        for work in works:
+            work.wait()
+        return self._unflatten(summed, buckets), total, None
 
     def release(self, compute: Callable[[], Any], like: Tensor | Mapping[str, Tensor]) -> Any:
         """The noisy release: drawn on every rank from the shared generator, or (secure mode) drawn by rank 0
-        and broadcast. ``compute`` adds the noise; ``like`` gives the shapes on ranks that do not draw."""
+        and broadcast. ``compute`` adds the noise; ``like`` gives the shapes on ranks that do not draw.
+
+        The engine calls it right after :meth:`all_reduce` of the same step, with no rank-dependent branch in
+        between; that step's header already established that every rank is at this step, so the broadcast
+        cannot be paired with another step's."""
         if not self.broadcast_noise:
             return compute()
         if self.rank == 0:
@@ -271,6 +356,7 @@ class DistributedContext:
         mode, the noise and sampling generators. Ranks resumed from different states would release different
         noisy values (and so more than the accountant charges). torch's global RNG (dropout) may differ."""
         digest = state_digest(state, secure_mode)
+        self.exchange_header(what if what in _PHASE_CODES else "load_state_dict")
         gathered: list[Any] = [None] * self.world_size
         torch.distributed.all_gather_object(gathered, digest)
         bad = [rank for rank, other in enumerate(gathered) if other != gathered[0]]

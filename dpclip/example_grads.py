@@ -2,7 +2,7 @@
 
 Two implementations share this small interface, so the engine's clip → sum code is one piece:
 - :class:`MaterializedGradients` holds the per-example gradients themselves (the vmap path);
-- :class:`dpclip.layerwise.LayerwiseGradients` derives both from each layer's inputs and output gradients
+- :class:`dpclip.grads.LayerwiseGradients` derives both from each layer's inputs and output gradients
   without materialising per-example weight gradients (the fast path).
 """
 

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from accountants import Gaussian, Laplace, PoissonSampled, RDPAccountant
-from accountants._validation import check_positive, check_sample_rate
+from accountants import RDPAccountant
+from accountants.checks import check_positive
 
-from .clipping import Norm, check_norm, clip, clipped_sum, per_example_norms
+from .clipping import Norm, clip, clipped_sum, per_example_norms
+from .mechanism import DPSGDMechanism
 from .errors import NonFiniteGradientError
 from .noise import NoiseSource, add_noise
 from .per_sample import per_sample_grads, trainable_parameters
@@ -49,17 +50,15 @@ def private_step(
     The batch must have been drawn with Poisson sampling at ``sample_rate`` from ``dataset_size`` examples
     (e.g. by :class:`dpclip.PoissonDataLoader`): that is what the recorded event asserts.
     """
-    norm = check_norm(norm)
-    sigma = check_positive("noise_multiplier", noise_multiplier)
+    mechanism = DPSGDMechanism.create(noise_multiplier, norm, "fixed", sample_rate, dataset_size, per_layer=per_layer, loss_reduction="sum")
     bound = check_positive("max_grad_norm", max_grad_norm)
-    q = check_sample_rate(sample_rate)
     grads = per_sample_grads(model, loss_fn, inputs, targets, chunk_size=chunk_size)
     norms = per_example_norms(grads, norm)
     if not bool(torch.isfinite(norms).all()):
         raise NonFiniteGradientError("some per-example gradients are NaN or infinite; nothing was applied")
-    noisy = add_noise(clipped_sum(grads, bound, norm, per_layer), sigma, bound, norm, source)
+    noisy = add_noise(clipped_sum(grads, bound, norm, per_layer), mechanism.noise_multiplier, bound, norm, source)
     for name, p in trainable_parameters(model).items():
-        p.grad = noisy[name] / (q * dataset_size)
+        p.grad = noisy[name] / mechanism.expected_batch_size
     optimizer.step()
-    accountant.compose(PoissonSampled(q, Gaussian(sigma) if norm == "l2" else Laplace(sigma)))
+    accountant.compose(mechanism.step_event())
     return norms

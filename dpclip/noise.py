@@ -24,14 +24,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
 
 from .clipping import Norm
+from .norms import NoiseLaw, clip_norm
 
 Tensor = torch.Tensor
-Mechanism = Literal["gaussian", "laplace"]
 
 #: Λ is the smallest power of two ≥ noise scale × 2^-GRID_BITS (rounding adds variance ≤ Λ²/12 ≤ 2^-18·s²/12).
 GRID_BITS = 10
@@ -110,20 +109,20 @@ class NoiseSource:
         second = torch.empty_like(like).exponential_(generator=gen)
         return (first - second) * scale
 
-    def noisy(self, values: Tensor, scale: float, mechanism: Mechanism) -> Tensor:
+    def noisy(self, values: Tensor, scale: float, law: NoiseLaw) -> Tensor:
         """``values`` + Gaussian (std ``scale``) or Laplace (scale ``scale``) noise: the released tensor.
 
         Secure mode: clamp(values, ±B) in float64, add the secure float64 sample, round to the grid Λ
         (:func:`snapping_grid`), clamp to ±B, cast to ``values.dtype`` — snapping the *sum*, never the noise
         alone (noise on a grid added to an off-grid value would reveal the value modulo Λ).
         """
-        if mechanism not in ("gaussian", "laplace"):
-            raise ValueError(f"mechanism must be 'gaussian' or 'laplace', got {mechanism!r}")
+        if law not in ("gaussian", "laplace"):
+            raise ValueError(f"the noise law must be 'gaussian' or 'laplace', got {law!r}")
         if not self.secure_mode:
-            draw = self.gaussian if mechanism == "gaussian" else self.laplace
+            draw = self.gaussian if law == "gaussian" else self.laplace
             return values + draw(values, scale)
         grid, bound = snapping_grid(scale), snapping_bound(scale)
-        sampler = secure_standard_gaussian if mechanism == "gaussian" else secure_standard_laplace
+        sampler = secure_standard_gaussian if law == "gaussian" else secure_standard_laplace
         noise = sampler(values.shape, self.generator(values.device), values.device) * scale
         released = values.to(torch.float64).clamp(-bound, bound) + noise
         return (torch.round(released / grid) * grid).clamp(-bound, bound).to(values.dtype)
@@ -146,5 +145,5 @@ def add_noise(
     """Σ clip(g_i) + noise: Gaussian with std σ·C per coordinate for L2, Laplace with scale λ·C for L1
     (snapped to a grid in secure mode, see :meth:`NoiseSource.noisy`)."""
     scale = noise_multiplier * max_norm
-    mechanism: Mechanism = "gaussian" if norm == "l2" else "laplace"
-    return {name: source.noisy(s, scale, mechanism) for name, s in summed.items()}
+    law = clip_norm(norm).noise
+    return {name: source.noisy(s, scale, law) for name, s in summed.items()}

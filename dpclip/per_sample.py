@@ -78,6 +78,20 @@ def batched_parameter_forward(
     return vmap(one, in_dims=(0, dims[0], dims[1]), randomness="different")(dict(leaves), tuple(args), dict(kwargs))
 
 
+def without_padding_rows(module: nn.Module, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Zero the ``padding_idx`` row of every Embedding's per-example weight gradients: torch's vmap batching rule
+    offsets the ids of batched weights but not ``padding_idx``, so that row would otherwise get gradients."""
+    uses: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    for name, layer in module.named_modules():
+        if isinstance(layer, nn.Embedding) and layer.padding_idx is not None and uses.get(id(layer.weight)) == 1:
+            key = f"{name}.weight" if name else "weight"  # (a tied weight's padding row also gets other layers' gradient)
+            if key in grads:
+                grads[key] = grads[key].index_fill(1, torch.tensor([layer.padding_idx], device=grads[key].device), 0.0)
+    return grads
+
+
 def per_sample_grads(
     model: nn.Module,
     loss_fn: Callable[[Any, Tensor], Tensor],
@@ -104,4 +118,4 @@ def per_sample_grads(
     if batch == 0:
         return {name: p.new_zeros((0, *p.shape)) for name, p in params.items()}
     per_example = vmap(grad(loss_of_one), in_dims=(None, dims[0], 0), randomness="different", chunk_size=chunk_size)
-    return per_example(params, args, targets)
+    return without_padding_rows(model, per_example(params, args, targets))

@@ -4,12 +4,25 @@ This is the sampling the accountant assumes (``PoissonSampled``). Batches vary i
 empty batch is still a step (noise is still added and the step is accounted). A logical batch that does not
 fit in memory is cut into physical micro-batches of at most ``max_physical_batch_size`` examples; the engine
 adds noise once per logical batch.
+
+Inclusion is decided with integers, never with floats: a float32 uniform lies on the 2⁻²⁴ grid, so the test
+``torch.rand(N) < q`` includes an example with probability ⌈q·2²⁴⌉/2²⁴ — up to 5.96·q at q = 10⁻⁸ and slightly
+above q for every q that is not a multiple of 2⁻²⁴ — while the accountant charges q. Here every example gets
+a uniform integer U on [0, 2⁶²) and joins iff U < t = ⌊q·2⁶²⌋ (t computed exactly from the float q with
+Python fractions), so P(include) = t/2⁶² ≤ q, short of q by less than 2⁻⁶²: never more than the accountant
+charges. Sampling at a rate q' ≤ q is at least as private as at q: for add/remove neighbours the two output
+laws are P and (1 − q')P + q'Q, and every f-divergence between them (the hockey-stick divergence behind
+(ε, δ), the Rényi moments) is convex in q' by joint convexity and vanishes at q' = 0, hence nondecreasing in
+q' (Balle, Barthe & Gaboardi 2018, "Privacy Amplification by Subsampling", §3 for the mixture form). See
+:func:`bernoulli_indices` for how U is drawn.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from fractions import Fraction
 from typing import Any, Protocol
 
 import torch
@@ -17,7 +30,65 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 from torch.utils._pytree import tree_map
 
 from accountants import steps_per_epoch as _steps_per_epoch
-from accountants._validation import PrivacyParameterError, check_count, check_sample_rate
+from accountants.errors import PrivacyParameterError
+from accountants.checks import check_count, check_sample_rate
+
+
+#: Bits of the uniform integer U that decides an inclusion (two 31-bit halves; see :func:`bernoulli_indices`).
+INCLUSION_BITS = 62
+_HALF_BITS = INCLUSION_BITS // 2
+
+
+def inclusion_threshold(sample_rate: float) -> int:
+    """t = ⌊q·2^62⌋, exactly: an example joins the batch iff its uniform integer U ∈ [0, 2^62) is below t.
+
+    Computed with :class:`fractions.Fraction` from the exact binary value of the float ``sample_rate``, so no
+    rounding can push it above q·2^62. q = 1 gives t = 2^62 (every example joins).
+    """
+    q = Fraction(float(sample_rate))
+    if not 0 <= q <= 1:
+        raise PrivacyParameterError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+    return math.floor(q * 2**INCLUSION_BITS)
+
+
+def inclusion_probability(sample_rate: float) -> Fraction:
+    """The exact probability that :func:`bernoulli_indices` includes an example: t/2^62 with t =
+    :func:`inclusion_threshold` (≤ q, and q − t/2^62 < 2^-62)."""
+    return Fraction(inclusion_threshold(sample_rate), 2**INCLUSION_BITS)
+
+
+def bernoulli_indices(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """The sorted indices in [0, ``n``) that join a Poisson batch: each independently, with probability
+    p = :func:`inclusion_probability` ≤ q.
+
+    Each example's U = H·2^31 + L has independent halves H, L uniform on [0, 2^31) (``random_(0, 2**31)``:
+    torch reduces one 32-bit Mersenne-Twister output modulo 2^31, which is exactly uniform), so U is uniform
+    on [0, 2^62). With t = T_H·2^31 + T_L, "U < t" is "H < T_H, or H = T_H and L < T_L" (lexicographic order);
+    L is drawn only for the examples with H = T_H (probability 2^-31 each), in index order, which changes the
+    cost, not the law. So P(include) = T_H/2^31 + 2^-31·T_L/2^31 = t/2^62 exactly, and examples are
+    independent (each uses its own draws). Everything comes from ``generator`` (its ``get_state()``
+    captures the sequence). One pass over n 31-bit draws; the ties are looked for among the ≈ q·n candidates.
+    """
+    threshold = inclusion_threshold(sample_rate)
+    if threshold >= 2**INCLUSION_BITS:  # q = 1
+        return torch.arange(n)
+    high_t, low_t = divmod(threshold, 2**_HALF_BITS)
+    high = torch.empty(n, dtype=torch.int32).random_(0, 2**_HALF_BITS, generator=generator)
+    candidates = (high <= high_t).nonzero().flatten()  # H < T_H (in), or H = T_H (decided by L)
+    tied = high[candidates] == high_t
+    if bool(tied.any()):
+        low = torch.empty(int(tied.sum()), dtype=torch.int32).random_(0, 2**_HALF_BITS, generator=generator)
+        keep = ~tied
+        keep[tied] = low < low_t
+        candidates = candidates[keep]
+    return candidates
+
+
+def bernoulli_mask(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """:func:`bernoulli_indices` as a boolean mask of length ``n`` (the same draws, the same decisions)."""
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[bernoulli_indices(n, sample_rate, generator)] = True
+    return mask
 
 
 class StepListener(Protocol):
@@ -31,6 +102,9 @@ class PoissonDataLoader:
 
     Sampling runs in the main process from its own ``torch.Generator`` (reseeded from the OS before every step
     in secure mode), so a checkpoint restores the exact sequence of batches.
+
+    Each example joins a batch with probability :func:`inclusion_probability` (q rounded *down* to a
+    multiple of 2^-62; see :func:`bernoulli_indices`), never more than the q the accountant charges.
 
     ``shard=(rank, world_size)`` (distributed training, see :mod:`dpclip.distributed`): the Bernoulli(q) mask is
     still drawn over all N indices of the *global* data set, and this process keeps the sampled indices with
@@ -76,7 +150,12 @@ class PoissonDataLoader:
             int.from_bytes(os.urandom(8), "little") if seed is None else seed
         )
         self.steps_done_in_epoch = 0
+        #: Logical batches drawn since this loader was created or restored (not saved in checkpoints);
+        #: :mod:`dpclip.distributed` compares it across ranks at every collective.
+        self.batches_drawn = 0
         self.listener: StepListener | None = None
+        #: Called when an epoch's iteration ends (distributed training: a tagged check that every rank got there).
+        self.on_epoch_end: Callable[[], None] | None = None
         self._empty: Any = None
 
     @property
@@ -90,8 +169,7 @@ class PoissonDataLoader:
         """Indices of one Poisson batch (with ``shard``: this rank's part of the global batch)."""
         if self.secure_mode:
             self.generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
-        mask = torch.rand(self.dataset_size, generator=self.generator) < self.sample_rate
-        indices = mask.nonzero().flatten()
+        indices = bernoulli_indices(self.dataset_size, self.sample_rate, self.generator)
         if self.shard is not None:
             rank, world_size = self.shard
             indices = indices[indices % world_size == rank]
@@ -123,12 +201,15 @@ class PoissonDataLoader:
                 self.listener.begin_step()
             parts = self._micro_batches(self.sample_indices())
             self.steps_done_in_epoch += 1
+            self.batches_drawn += 1
             for index, part in enumerate(parts):
                 batch = self._fetch(part)
                 if self.listener is not None:  # the engine checks that the model is called on this very batch
                     self.listener.begin_micro_batch(index, last=index == len(parts) - 1, size=len(part), batch=batch)
                 yield batch
         self.steps_done_in_epoch = 0
+        if self.on_epoch_end is not None:
+            self.on_epoch_end()
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "steps_done_in_epoch": self.steps_done_in_epoch}
@@ -136,3 +217,4 @@ class PoissonDataLoader:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.steps_done_in_epoch = int(state["steps_done_in_epoch"])
+        self.batches_drawn = 0

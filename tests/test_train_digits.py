@@ -13,11 +13,10 @@ import dp_accounting as dpa
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from accountants import RDPAccountant
+from dpclip_examples import digits, train_digits
 
-import train_digits  # noqa: E402
-from accountants import RDPAccountant  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def dp_accounting_epsilon(report: dict) -> float:
@@ -58,11 +57,11 @@ def test_default_report_epsilon_matches_dp_accounting_and_budget(default_run: tu
 
 def test_saved_model_and_checkpoint_reload(default_run: tuple[dict, Path]) -> None:
     report, out = default_run
-    model = train_digits.DigitsCNN()
+    model = digits.DigitsCNN()
     model.load_state_dict(torch.load(out / "model.pt"))
-    _, test = train_digits.load_data(torch.device("cpu"))
-    assert train_digits.accuracy(model, test) == pytest.approx(report["test_accuracy"])
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    _, test = digits.load_data(torch.device("cpu"))
+    assert digits.accuracy(model, test) == pytest.approx(report["test_accuracy"])
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["steps"] == report["steps"]
     accountant = RDPAccountant()
     accountant.load_state_dict(checkpoint["accountant"])

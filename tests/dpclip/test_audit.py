@@ -3,14 +3,20 @@ claim (and below the exact privacy curve), planted bugs are caught, and the boun
 fraction of the claim."""
 
 import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from scipy import optimize, stats
 
-import dpclip.engine
+import dpclip.audit.statistics
+import dpclip.clipping
 from accountants import Composed, Gaussian, Laplace, PoissonSampled, RDPAccountant
 from dpclip.audit import audit_config, clopper_pearson, epsilon_lower_bound, main
+from dpclip.clipping import clip_factors
 from dpclip.noise import NoiseSource
 
 
@@ -56,6 +62,38 @@ def test_bound_of_a_perfect_test_has_the_closed_form():
     assert float(bound) == pytest.approx(math.log((1 - rate - delta) / rate))
     useless, _, _ = epsilon_lower_bound(500, 1000, 500, 1000, alpha, delta)  # a coin flip proves nothing
     assert float(useless) == 0.0
+
+
+def test_the_statistics_run_without_torch():
+    """dpclip/audit/statistics.py needs numpy and scipy only: loaded by path with torch unimportable, a perfectly
+    separating score is found on the calibration half and gives the closed-form bound on the held-out half."""
+    path = Path(dpclip.audit.statistics.__file__)
+    code = textwrap.dedent(f"""
+        import importlib.util, math, sys
+        import numpy as np
+
+        class NoTorch:  # first on the import path: `import torch` raises ImportError
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "torch":
+                    raise ImportError("torch is blocked")
+
+        sys.meta_path.insert(0, NoTorch())
+        spec = importlib.util.spec_from_file_location("audit_statistics", {str(path)!r})
+        statistics = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = statistics
+        spec.loader.exec_module(statistics)
+        rng = np.random.default_rng(0)
+        scores = {{"noise": (rng.normal(size=2000), rng.normal(size=2000)),
+                   "signal": (rng.normal(size=2000) + 100.0, rng.normal(size=2000))}}
+        found = statistics.evaluate(scores, 2000, rng, calibration_fraction=0.5, alpha=0.05, delta=1e-5)
+        assert found.test.score == "signal" and found.test.above and found.fpr == found.fnr == 0.0, found
+        rate = 1 - 0.025 ** (1 / 1000)
+        assert math.isclose(found.epsilon_lower_bound, math.log((1 - rate - 1e-5) / rate)), found
+        assert "torch" not in sys.modules
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -107,12 +145,27 @@ def test_independent_runs_with_median_clipping_score_the_released_count():
 
 
 # ------------------------------------------------------------------------------------------------------
-# Planted bugs: the bound must exceed the claim
+# Planted bugs: the bound must exceed the claim. They go in through public seams only — tamper= (each fresh
+# engine's public parts), the NoiseSource class, the clip_factors function — never through the engine's internals.
 # ------------------------------------------------------------------------------------------------------
+class Silent(NoiseSource):
+    """The planted bug: every noise draw is zero."""
+
+    def gaussian(self, like, std):
+        return torch.zeros_like(like)
+
+    def laplace(self, like, scale):
+        return torch.zeros_like(like)
+
+
+def switch_noise_off(engine):
+    """tamper=: swap the engine's public noise source for the silent one."""
+    engine.noise = Silent(seed=engine.noise.seed)
+
+
 @pytest.mark.parametrize("norm", ["l2", "l1"])
-def test_noise_switched_off_is_caught(monkeypatch, norm):
-    monkeypatch.setattr(dpclip.engine, "add_noise", lambda summed, *args, **kwargs: dict(summed))
-    result = audit_config(1.0, 1.0, norm=norm, trials=20_000)
+def test_noise_switched_off_is_caught(norm):
+    result = audit_config(1.0, 1.0, norm=norm, trials=20_000, tamper=switch_noise_off)
     assert result.violated and result.epsilon_lower_bound > result.claimed_epsilon + 3
     assert result.fpr == 0 and result.fnr == 0
 
@@ -126,10 +179,22 @@ def test_noise_scaled_down_tenfold_is_caught(monkeypatch, norm):
     assert result.violated and result.epsilon_lower_bound > result.claimed_epsilon + 2
 
 
+def skip_clipping(monkeypatch):
+    """The planted bug: every clipping factor min(1, C/‖g‖) is 1 — dpclip.clipping.clip_factors replaced in every
+    dpclip module that imported it, wherever the engine happens to call it from."""
+    holders = [
+        module for name, module in sorted(sys.modules.items())
+        if name.split(".")[0] == "dpclip" and getattr(module, "clip_factors", None) is clip_factors
+    ]
+    assert dpclip.clipping in holders and len(holders) > 1  # the definition, and where the engine clips
+    for module in holders:
+        monkeypatch.setattr(module, "clip_factors", lambda norms, max_norm: torch.ones_like(norms))
+
+
 @pytest.mark.parametrize("norm", ["l2", "l1"])
 def test_skipped_clipping_is_caught(monkeypatch, norm):
     """The canary's gradient has norm 1000·C; without clipping its update dwarfs the noise."""
-    monkeypatch.setattr(dpclip.engine, "clip_factors", lambda norms, max_norm: torch.ones_like(norms))
+    skip_clipping(monkeypatch)
     result = audit_config(1.0, 1.0, norm=norm, trials=20_000, canary_norm=1000.0)
     assert result.violated and result.epsilon_lower_bound > result.claimed_epsilon + 3
 
@@ -157,6 +222,55 @@ def test_the_same_count_audit_passes_with_the_noise_on():
         count_noise_multiplier=5.0, seed=3,
     )
     assert not result.violated
+
+
+class ReusedNoise(NoiseSource):
+    """The planted bug: one standard-noise draw per tensor shape, then the same noise at every step (scaled to
+    the std/scale asked for). Each coordinate's noise is still N(0, σ²C²) (or Laplace), so one step alone looks
+    right; only the composition over steps is broken (the true ε over T > 1 steps is ∞)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed=seed)
+        self.first_draws: dict[tuple, torch.Tensor] = {}
+
+    def _reused(self, like, draw):
+        key = (tuple(like.shape), like.dtype, like.device, draw.__name__)
+        if key not in self.first_draws:
+            self.first_draws[key] = draw(like, 1.0)
+        return self.first_draws[key]
+
+    def gaussian(self, like, std):
+        return self._reused(like, super().gaussian) * std
+
+    def laplace(self, like, scale):
+        return self._reused(like, super().laplace) * scale
+
+
+def reuse_noise(engine):
+    """tamper=: swap the engine's public noise source for the reusing one (same seed)."""
+    engine.noise = ReusedNoise(seed=engine.noise.seed)
+
+
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_noise_reused_across_steps_is_caught(norm):
+    """q = 0.5, σ = 1, 4 steps: claimed ε = 7.41 (Gaussian). The sum of the steps' scores only sees
+    4·Z + (number of steps with the canary): one draw's worth of noise, so the old score's bound was 1.35.
+    The spread across steps is ≈ 0 without the canary (the same Z every step) and exactly 1 with it whenever
+    it was sampled at some steps and not others (probability 1 − 2·0.5⁴): a perfect test, bound ≈ 8.7."""
+    result = audit_config(1.0, 0.5, norm=norm, steps=4, trials=50_000, seed=1, tamper=reuse_noise)
+    assert result.score in ("step_range", "max_step")
+    assert result.violated and result.epsilon_lower_bound > result.claimed_epsilon + 0.5
+    assert result.fpr < 1e-3 and result.fnr < 0.15  # 1 − 2·0.5⁴ = 0.875 of the canaries move between steps
+    honest = audit_config(1.0, 0.5, norm=norm, steps=4, trials=50_000, seed=1)
+    assert honest.claimed_epsilon == result.claimed_epsilon
+    assert not honest.violated and honest.epsilon_lower_bound < honest.claimed_epsilon
+
+
+def test_the_per_step_scores_are_offered_only_with_several_steps():
+    one = audit_config(1.0, 1.0, trials=2_000, seed=0)
+    assert one.score == "gradient"  # with one step max_step = gradient and step_range = 0: not offered
+    several = audit_config(1.0, 0.5, steps=3, trials=2_000, seed=0, tamper=reuse_noise)
+    assert several.score in ("step_range", "max_step")
 
 
 def test_tamper_hook_reaches_each_engine():
@@ -204,7 +318,12 @@ def test_command_line_prints_the_bound_next_to_the_claim(capsys):
         assert flag in text
 
 
+def test_python_dash_m_runs_the_command_line():
+    done = subprocess.run([sys.executable, "-m", "dpclip.audit", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "python -m dpclip.audit" in done.stdout and "--noise-multiplier" in done.stdout
+
+
 def test_command_line_exits_1_on_a_violation(monkeypatch, capsys):
-    monkeypatch.setattr(dpclip.engine, "add_noise", lambda summed, *args, **kwargs: dict(summed))
+    monkeypatch.setattr(NoiseSource, "gaussian", Silent.gaussian)  # no tamper= on the command line
     assert main(["--noise-multiplier", "1.0", "--sample-rate", "1", "--trials", "5000", "--json"]) == 1
     assert '"violated": true' in capsys.readouterr().out

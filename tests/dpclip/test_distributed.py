@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -89,7 +90,7 @@ def run(
         net, optimizer, DataLoader(dataset(nan_index), batch_size=batch_size), distributed=distributed, **private
     )
     if load is not None:
-        engine.load_state_dict(torch.load(load, weights_only=False))
+        engine.load_state_dict(torch.load(load, weights_only=True))
     criterion = nn.CrossEntropyLoss()
     result: dict[str, Any] = {"updates": [], "batch_sizes": [], "micro_batches": []}
     done = 0
@@ -221,7 +222,7 @@ def _free_port() -> int:
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("dist")
     mp.spawn(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 def single(steps: int, **kwargs: Any) -> dict[str, Any]:
@@ -455,3 +456,70 @@ def test_train_distributed_script_under_torchrun_matches_one_process(tmp_path: P
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
     assert "Privacy guarantee" in two.stdout and "2 process(es)" in two.stdout
     assert "RANK" not in os.environ
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lock-step check: a rank that skips a batch fails fast, on every rank (its own two processes, short timeout)
+# ---------------------------------------------------------------------------------------------------------------
+PG_TIMEOUT_S = 20  # the safety net: without the check, rank 0 would wait this long in a collective, then fail
+
+
+def _train_skipping(rank: int, skip_on_rank1: int, epochs: int) -> tuple[str, float]:
+    """Train ``epochs`` epochs (4 logical batches each); rank 1 skips its batch ``skip_on_rank1`` (a bare
+    ``continue``, as for an "unwanted" batch). Returns the error raised on this rank and the seconds it took."""
+    net = model(8)
+    engine = PrivacyEngine(seed=0)
+    pm, po, loader = engine.make_private(
+        net, torch.optim.SGD(net.parameters(), lr=0.1), DataLoader(dataset(), batch_size=BATCH),
+        noise_multiplier=1.0, max_grad_norm=1.0, distributed=True,
+    )
+    criterion = nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    try:
+        for _ in range(epochs):
+            for i, (x, y) in enumerate(loader):
+                if rank == 1 and i == skip_on_rank1:
+                    continue
+                po.zero_grad()
+                criterion(pm(x), y).backward()
+                po.step()
+    except EngineUsageError as caught:
+        return f"EngineUsageError: {caught}", time.perf_counter() - start
+    return "no error", time.perf_counter() - start
+
+
+def _skip_worker(rank: int, port: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S))
+    out: dict[str, Any] = {}
+    try:
+        out["middle"] = _train_skipping(rank, skip_on_rank1=1, epochs=2)  # mismatch at the next step
+        out["last"] = _train_skipping(rank, skip_on_rank1=3, epochs=1)  # rank 1 ends the epoch, rank 0 steps
+    except BaseException:
+        out = {"error": traceback.format_exc()}
+        raise
+    finally:
+        torch.save(out, Path(tmp) / f"skip{rank}.pt")
+        dist.destroy_process_group()
+
+
+def test_a_rank_skipping_a_batch_fails_fast_on_every_rank(tmp_path: Path) -> None:
+    """Rank 1 skips a batch: before the lock-step check, rank 0's step t was silently all-reduced with rank 1's
+    step t+1, and rank 0 then hung in its last all-reduce until the process-group timeout. Now both ranks raise
+    EngineUsageError at the next collective (well within the timeout), naming both ranks' positions."""
+    mp.spawn(_skip_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"skip{r}.pt", weights_only=True) for r in range(WORLD)]
+    for r in ranks:
+        assert "error" not in r, r.get("error")
+        for case in ("middle", "last"):
+            message, seconds = r[case]
+            assert message.startswith("EngineUsageError") and "out of step" in message, (case, message)
+            assert "ranks [1] differ from rank 0" in message and "do not `continue`" in message
+            assert seconds < 5.0 < PG_TIMEOUT_S, (case, seconds)  # the check, not the timeout, ended the run
+        # skipped batch 1 (the 2nd): at the next step rank 0 has drawn 2 batches, rank 1 already 3
+        assert "rank 0 is in optimizer.step() after its loader drew 2 logical batch(es) and its engine released 1 " in r["middle"][0]
+        assert "rank 1 is in optimizer.step() after its loader drew 3 logical batch(es) and its engine released 1 " in r["middle"][0]
+        # skipped the last batch: rank 1 is at the end of the epoch while rank 0 releases its 4th step
+        assert "rank 0 is in optimizer.step() after its loader drew 4" in r["last"][0]
+        assert "rank 1 is at the end of an epoch of the private loader after its loader drew 4" in r["last"][0]

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpclip
-from accountants import Gaussian, PoissonSampled, RDPAccountant
+from accountants import Gaussian, Laplace, PoissonSampled, RDPAccountant
 from dpclip import (
     EngineUsageError,
     ModelNotSupportedError,
@@ -152,7 +152,7 @@ def test_median_clipping_with_laplace_accounts_the_composite_mechanism():
     (entry,) = engine.accountant.history
     assert "Laplace(b=2)" in str(entry.event) and "Gaussian(σ=2)" in str(entry.event)  # 2σ_b, σ_b = 20/20
     laplace_only = RDPAccountant()
-    laplace_only.compose(PoissonSampled(0.1, dpclip.engine.Laplace(2.0)), 5)
+    laplace_only.compose(PoissonSampled(0.1, Laplace(2.0)), 5)
     assert engine.get_epsilon(1e-5) > laplace_only.get_epsilon(1e-5)
 
 
@@ -258,7 +258,7 @@ def test_resume_gives_exactly_the_same_model_and_epsilon():
     torch.manual_seed(999)  # disturb every RNG before resuming
     engine2, m2, o2, l2 = setup()
     buffer.seek(0)
-    engine2.load_state_dict(torch.load(buffer, weights_only=False))
+    engine2.load_state_dict(torch.load(buffer, weights_only=True))
     train(m2, o2, l2, steps=7)  # finishes the interrupted epoch, then 5 steps into the next
     resumed = m2.module.state_dict()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
@@ -417,8 +417,9 @@ def test_pld_accountant_in_the_engine_matches_dp_accounting_and_calibrates_less_
         target_epsilon=3.0, target_delta=1e-5, epochs=4, max_grad_norm=1.0,
     )
     rdp_engine = PrivacyEngine(seed=0)
+    rdp_model = mlp()
     rdp_engine.make_private_with_epsilon(
-        mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1), DataLoader(data(), batch_size=20),
+        rdp_model, torch.optim.SGD(rdp_model.parameters(), lr=0.1), DataLoader(data(), batch_size=20),
         target_epsilon=3.0, target_delta=1e-5, epochs=4, max_grad_norm=1.0,
     )
     sigma = engine.settings.noise_multiplier

@@ -5,10 +5,10 @@ import torch
 import torch.nn as nn
 
 from dpclip.example_grads import MaterializedGradients
-from dpclip.layerwise import LayerwiseTape
+from dpclip.grads import LayerwiseTape
 from dpclip.per_sample import per_sample_grads
 
-from test_per_sample import CASES
+from tests.dpclip.test_per_sample import CASES
 
 
 class SeqModel(nn.Module):
@@ -98,7 +98,6 @@ def test_layerwise_equals_vmap(case):
     torch.manual_seed(0)
     make_model, make_input = {**CASES, **MORE}[case]
     model, x = make_model(), make_input(7)
-    assert LayerwiseTape.unsupported(model) == []
     _compare(*_both(model, x, torch.randint(0, 3, (7,))))
 
 
@@ -122,19 +121,61 @@ def test_recorded_attention_computes_the_same_outputs_as_pytorch():
     assert "forward" not in model.layer.self_attn.__dict__  # the stock module is restored after the call
 
 
-def test_unsupported_models_are_named():
-    shared = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    shared[1].weight = shared[0].weight
-    assert any("shared" in p for p in LayerwiseTape.unsupported(shared))
-    assert any("GRU" in p for p in LayerwiseTape.unsupported(nn.Sequential(nn.GRU(4, 4))))
-    assert LayerwiseTape.unsupported(nn.Sequential(nn.Conv2d(1, 2, 3, groups=1), nn.Flatten())) == []
-    assert LayerwiseTape.unsupported(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2))) == []
-    assert LayerwiseTape.unsupported(nn.Sequential(nn.Conv2d(2, 2, 3, padding_mode="reflect", padding=1))) != []
+class Scale(nn.Module):
+    """A user layer with its own parameter: y = x ⊙ s."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return x * self.s
+
+
+def _scale_model():
+    return nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def test_layers_without_a_rule_fall_back_to_vmap_alone_and_shared_weights_are_summed():
+    torch.manual_seed(4)
+    _compare(*_both(_scale_model(), torch.randn(7, 4), torch.randint(0, 3, (7,))))
+    shared = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 3))
+    shared[2].weight = shared[0].weight  # one parameter used by two layers
+    _compare(*_both(shared, torch.randn(7, 4), torch.randint(0, 3, (7,))))
+
+
+def test_a_user_registered_rule_is_used_and_equals_the_brute_force_loop():
+    from dpclip.grads import LayerRule, Summed, register_layer, rule_for
+
+    class Scale2(Scale):
+        pass
+
+    calls = []
+
+    @register_layer(Scale2)
+    class ScaleRule(LayerRule):
+        def contributions(self, call):
+            calls.append(call.module_name)
+            g, x = call.grad, call.input
+            return [Summed(call.name(call.module.s), (g * x).reshape(g.shape[0], -1, g.shape[-1]))]
+
+    model = nn.Sequential(nn.Linear(4, 5), Scale2(5), nn.Tanh(), nn.Linear(5, 3))
+    assert isinstance(rule_for(model[1]), ScaleRule)
+    torch.manual_seed(5)
+    x, y = torch.randn(7, 4), torch.randint(0, 3, (7,))
+    reference, fast = _both(model, x, y)
+    assert calls == ["1"]
+    # the brute-force oracle: each example's gradient computed alone, with autograd
+    for i in range(7):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
+        alone = torch.stack([p.grad.norm() for p in model.parameters()])
+        torch.testing.assert_close(fast.norms("l2")[i].float(), alone, atol=1e-5, rtol=1e-4)
 
 
 def test_conv_gradients_recomputed_in_chunks_when_too_large_to_keep(monkeypatch):
-    from dpclip import layerwise
+    from dpclip.grads import ConvWeight
 
-    monkeypatch.setattr(layerwise._ConvWeight, "cache_bytes", 3 * 4 * 2 * 4 * 9)  # 3 examples per chunk
+    monkeypatch.setattr(ConvWeight, "cache_bytes", 3 * 4 * 2 * 4 * 9)  # 3 examples per chunk
     torch.manual_seed(3)
     _compare(*_both(GroupedConv(), torch.randn(7, 2, 7, 7), torch.randint(0, 3, (7,))))

@@ -211,5 +211,5 @@ def test_default_mode_is_unchanged_and_reproducible():
     a = NoiseSource(seed=9).noisy(values, 0.5, "gaussian")
     b = values + NoiseSource(seed=9).gaussian(values, 0.5)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="mechanism"):
+    with pytest.raises(ValueError, match="noise law"):
         NoiseSource(seed=9).noisy(values, 0.5, "uniform")

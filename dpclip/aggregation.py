@@ -1,0 +1,85 @@
+"""Steps 2–3 of the data path inside the engine: clip each example's gradient and add it to the step's sum.
+
+:class:`ClippedSum` takes each (micro-)batch's per-example gradients (:class:`~dpclip.example_grads.
+ExampleGradients`, from either per-example path), computes every example's norm with the mechanism's
+:class:`~dpclip.norms.ClipNorm`, the clipping factors min(1, C/‖g_i‖) (whole gradient, or per parameter with
+``per_layer``), and accumulates Σ_i c_i g_i and the clipping policy's statistic (the median count).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from .clipping import ClippingPolicy, clip_factors
+from .errors import NonFiniteGradientError
+from .example_grads import ExampleGradients
+from .mechanism import DPSGDMechanism
+from .noise import NoiseSource, add_noise
+
+Tensor = torch.Tensor
+
+
+class ClippedSum:
+    """Σ_i clip(g_i, C) and the policy's statistic over the micro-batches of one logical step."""
+
+    def __init__(self, mechanism: DPSGDMechanism, clipping: ClippingPolicy, nonfinite: str,
+                 on_nonfinite: Callable[[str], None]) -> None:
+        self.mechanism, self.clipping, self.nonfinite = mechanism, clipping, nonfinite
+        self.on_nonfinite = on_nonfinite  # raises (one process) or defers the error to the step (distributed)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0.0
+
+    def add(self, example_grads: ExampleGradients, scale: float) -> None:
+        """Clip one batch (or chunk) and add it; ``scale`` undoes a mean-reduced loss (runs inside backward)."""
+        per_param = example_grads.norms(self.mechanism.norm) * scale  # type: ignore[arg-type]
+        norm = self.mechanism.clip_norm
+        norms = norm.combine(per_param)
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()) and self.nonfinite == "error":
+            bad = [name for j, name in enumerate(example_grads.names) if not bool(torch.isfinite(per_param[:, j]).all())]
+            self.on_nonfinite(f"{int((~finite).sum())} of {len(norms)} examples have NaN/inf gradients (in {', '.join(bad)})")
+            return
+        bound = self.clipping.max_norm
+        if self.mechanism.per_layer:
+            factors = clip_factors(per_param, norm.part_bound(bound, len(example_grads.names)))
+        else:
+            factors = clip_factors(norms, bound)[:, None].expand(-1, per_param.shape[1])
+        factors = torch.where(finite[:, None], factors, 0.0)  # nonfinite="drop": those examples contribute 0
+        for name, contribution in example_grads.weighted_sum(factors * scale).items():
+            self.sums[name] = contribution if name not in self.sums else self.sums[name] + contribution
+        self.count += self.clipping.observe(norms)
+
+
+def noisy_release(clipped: ClippedSum, params: Mapping[str, Tensor], collective: Any, noise: NoiseSource) -> tuple[dict[str, Tensor], float | None]:
+    """Step 4: Σ over processes of the clipped sums, then one noise draw — the step's release — and, for adaptive
+    clipping, the noisy count. Raises NonFiniteGradientError if a process flagged NaN/inf gradients."""
+    mechanism, policy = clipped.mechanism, clipped.clipping
+    bound = policy.max_norm
+    summed = {name: clipped.sums.get(name, torch.zeros_like(p)) for name, p in params.items()}
+    summed, count, error = collective.all_reduce(summed, clipped.count)
+    if error is not None:
+        raise NonFiniteGradientError(error)
+    noisy = collective.release(
+        lambda: add_noise(summed, mechanism.gradient_noise_multiplier, bound, mechanism.norm, noise), summed  # type: ignore[arg-type]
+    )
+    if not policy.releases_count:
+        return noisy, None
+    total = torch.tensor(count, dtype=torch.float64)  # the adaptive-clipping count: Gaussian, charged in the step event
+    return noisy, float(collective.release(lambda: noise.noisy(total, mechanism.count_noise_multiplier, "gaussian"), total))  # type: ignore[arg-type]
+
+
+def nonfinite_message(detail: str) -> str:
+    return (
+        f"{detail}; the step was abandoned and nothing was applied. Check the loss and inputs, lower the learning "
+        "rate, or pass nonfinite='drop' to make_private to zero such examples privately."
+    )
+
+
+def raise_nonfinite(detail: str) -> None:
+    raise NonFiniteGradientError(nonfinite_message(detail))

@@ -1,0 +1,200 @@
+"""One layer use's share of each example's gradient, in a form that gives norms and clipped sums cheaply.
+
+A :class:`Contribution` stands for the gradients g_i (one per example i) that one call of a layer adds to one
+parameter (or to a block of its rows). It answers the two questions clipping asks — each example's norm and the
+weighted sum Σ_i c_i g_i — without necessarily forming every g_i ("book-keeping", Bu et al. 2023,
+"Differentially Private Optimization on Large Model at Small Cost").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..clipping import Norm
+from ..example_grads import masked_scale
+from ..norms import clip_norm
+
+Tensor = torch.Tensor
+
+# Unit roundoff of float32 and float64 (Higham, "Accuracy and Stability of Numerical Algorithms", §2.1).
+_U32 = 2.0**-24
+_U64 = 2.0**-53
+
+
+def vector_norms(values: Tensor, norm: Norm) -> Tensor:
+    """Norm of each example's slice of ``values`` [batch, ...], in float32 or wider."""
+    return clip_norm(norm).vector(values)
+
+
+class Contribution:
+    """The gradients one use of a layer adds to parameter ``name`` (rows ``rows`` of it, or all of it)."""
+
+    def __init__(self, name: str, rows: slice | None = None) -> None:
+        self.name = name
+        self.rows = rows
+
+    def materialize(self) -> Tensor:
+        """Every example's gradient block: [batch, *block shape]."""
+        raise NotImplementedError
+
+    def norm(self, norm: Norm) -> Tensor:
+        """Each example's norm of this block (an upper bound where it is not computed exactly)."""
+        return vector_norms(self.materialize(), norm)
+
+    def weighted(self, factors: Tensor) -> Tensor:
+        """Σ_i factors[i] · g_i, shaped like the block; examples with factor 0 contribute exactly 0."""
+        return masked_scale(self.materialize(), factors).sum(dim=0)
+
+
+class Materialized(Contribution):
+    """Per-example gradients held in full (the per-layer vmap fallback, recurrent cells...)."""
+
+    def __init__(self, name: str, grads: Tensor, rows: slice | None = None) -> None:
+        super().__init__(name, rows)
+        self.grads = grads
+
+    def materialize(self) -> Tensor:
+        return self.grads
+
+
+class LinearWeight(Contribution):
+    """Weight gradient Σ_t g_t a_tᵀ of a linear map; ``a``: [B, T, in], ``g``: [B, T, out].
+
+    ``transposed`` stores it as [in, out] (transformers' ``Conv1D``). L2 norms use the ghost identity
+    ‖Σ_t g_t a_tᵀ‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s) (Goodfellow 2015; Li et al. 2022, "Large Language Models Can
+    Be Strong Differentially Private Learners", §4) when T² ≤ in·out, accumulated in float64 and returned as an
+    upper bound that covers its own rounding (Higham 2002, Thm. 3.1/3.5): the sum can cancel, and a norm that
+    came out too small would let an example's clipped gradient exceed C.
+    """
+
+    def __init__(self, name: str, rows: slice | None, a: Tensor, g: Tensor, shape: torch.Size, transposed: bool = False) -> None:
+        super().__init__(name, rows)
+        self.a, self.g, self.shape, self.transposed = a, g, shape, transposed
+
+    def materialize(self) -> Tensor:
+        if self.transposed:
+            grads = torch.einsum("bti,bto->bio", self.a, self.g)
+        else:
+            grads = torch.einsum("bto,bti->boi", self.g, self.a)
+        return grads.reshape(grads.shape[0], *self.shape)
+
+    def norm(self, norm: Norm) -> Tensor:
+        positions, d_in, d_out = self.a.shape[1], self.a.shape[2], self.g.shape[2]
+        a, g = self.a.double(), self.g.double()
+        order = 2 if norm == "l2" else 1
+        # Σ_t ‖a_t‖‖g_t‖ bounds the float32 rounding of forming Σ_t g_t a_tᵀ (the book-keeping sum does it in float32).
+        spread = (a.norm(p=order, dim=2) * g.norm(p=order, dim=2)).sum(dim=1)
+        slack = (positions + 2) * _U32 * spread
+        if norm == "l1" or positions * positions > d_in * d_out:
+            exact = torch.einsum("bto,bti->boi", g, a).reshape(a.shape[0], -1).norm(p=order, dim=1)
+            return exact * (1 + (positions + 4) * _U64) + slack
+        if positions == 1:  # ‖g aᵀ‖ = ‖a‖‖g‖
+            return spread * (1 + (d_in + d_out + 4) * _U64) + slack
+        squared = ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum(dim=(1, 2))
+        rounding = (2 * positions + d_in + d_out + 8) * _U64 * spread.square()
+        return (squared + rounding).clamp_min(0).sqrt() + slack
+
+    def weighted(self, factors: Tensor) -> Tensor:
+        keep = (factors != 0).to(factors.dtype)
+        g = masked_scale(self.g, factors).reshape(-1, self.g.shape[2])
+        a = masked_scale(self.a, keep).reshape(-1, self.a.shape[2])
+        if self.transposed:
+            return (a.transpose(0, 1) @ g).reshape(self.shape)
+        return (g.transpose(0, 1) @ a).reshape(self.shape)
+
+
+class Summed(Contribution):
+    """A gradient that is a sum over positions of ``values`` [B, T, *block]: biases, norm-layer affines."""
+
+    def __init__(self, name: str, values: Tensor, rows: slice | None = None) -> None:
+        super().__init__(name, rows)
+        self.values = values
+
+    def materialize(self) -> Tensor:
+        return self.values.sum(dim=1)
+
+
+class EmbeddingWeight(Contribution):
+    """Rows Σ_{t: id_t = v} w_t g_t of an embedding; ``ids``: [B, T], ``g``: [B, T, E].
+
+    ``scale_grad_by_freq`` divides each position's gradient by the count of its id in the example (torch
+    counts within the batch; per example it is the example's own count).
+    """
+
+    def __init__(self, name: str, ids: Tensor, g: Tensor, num_embeddings: int, scale_grad_by_freq: bool = False) -> None:
+        super().__init__(name)
+        same = ids[:, :, None] == ids[:, None, :]
+        if scale_grad_by_freq:
+            g = g / same.sum(dim=2, keepdim=True).to(g.dtype)
+        self.ids, self.g, self.num_embeddings, self._same = ids, g, num_embeddings, same
+
+    def norm(self, norm: Norm) -> Tensor:
+        # Gather each example's rows at the first position of every distinct id, then take the norm.
+        first = self._same.to(torch.int8).argmax(dim=2)
+        rows = torch.zeros_like(self.g).scatter_add_(1, first[..., None].expand_as(self.g), self.g)
+        return vector_norms(rows, norm)
+
+    def materialize(self) -> Tensor:
+        batch, _, width = self.g.shape
+        out = self.g.new_zeros(batch, self.num_embeddings, width)
+        return out.scatter_add_(1, self.ids[..., None].expand_as(self.g), self.g)
+
+    def weighted(self, factors: Tensor) -> Tensor:
+        out = self.g.new_zeros(self.num_embeddings, self.g.shape[2])
+        return out.index_add_(0, self.ids.reshape(-1), masked_scale(self.g, factors).reshape(-1, self.g.shape[2]))
+
+
+class ConvWeight(Contribution):
+    """Per-example ConvNd weight gradients from the layer's input ``x`` and output gradient ``g``.
+
+    Each example's gradient is the convolution's own weight backward on that example alone, vmapped (torch
+    batches it as one grouped convolution), far cheaper than unfolding the input into patches. The gradients are
+    kept for the weighted sum when they fit in ``cache_bytes``; otherwise they are recomputed chunk by chunk.
+    """
+
+    cache_bytes = 256 * 2**20
+
+    def __init__(self, name: str, module: nn.Module, x: Tensor, g: Tensor) -> None:
+        super().__init__(name)
+        self.module, self.x, self.g = module, x, g
+        self._cached: Tensor | None = None
+        weight = module.weight  # type: ignore[union-attr]
+        self.chunk = max(1, self.cache_bytes // (weight.numel() * weight.element_size()))
+
+    def _grads(self, start: int, stop: int) -> Tensor:
+        conv = self.module
+        dims = conv.weight.dim() - 2  # type: ignore[union-attr]
+        transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+        output_padding = list(conv.output_padding) if transposed else [0] * dims  # type: ignore[union-attr]
+
+        def one(xi: Tensor, gi: Tensor) -> Tensor:
+            return torch.ops.aten.convolution_backward(
+                gi[None], xi[None], conv.weight, None, conv.stride, conv.padding, conv.dilation,
+                transposed, output_padding, conv.groups, [False, True, False],
+            )[1]
+
+        with torch.no_grad():
+            return torch.func.vmap(one)(self.x[start:stop], self.g[start:stop])
+
+    def materialize(self) -> Tensor:
+        if self._cached is None:
+            grads = self._grads(0, self.x.shape[0])
+            if self.chunk >= self.x.shape[0]:
+                self._cached = grads
+            return grads
+        return self._cached
+
+    def norm(self, norm: Norm) -> Tensor:
+        if self.chunk >= self.x.shape[0]:
+            return vector_norms(self.materialize(), norm)
+        batch = self.x.shape[0]
+        return torch.cat([vector_norms(self._grads(i, i + self.chunk), norm) for i in range(0, batch, self.chunk)])
+
+    def weighted(self, factors: Tensor) -> Tensor:
+        if self.chunk >= self.x.shape[0]:
+            return masked_scale(self.materialize(), factors).sum(dim=0)
+        total = torch.zeros_like(self.module.weight)  # type: ignore[arg-type]
+        for i in range(0, self.x.shape[0], self.chunk):
+            total += masked_scale(self._grads(i, i + self.chunk), factors[i : i + self.chunk]).sum(dim=0)
+        return total

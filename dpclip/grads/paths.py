@@ -1,0 +1,163 @@
+"""The two per-example paths as runners that verification can try on a probe batch.
+
+- ``layerwise``: the tape (:mod:`.tape`) with its layer rules — no per-example weight gradients where a rule
+  avoids them;
+- ``vmap``: the whole model under ``torch.func.vmap`` over (parameter copy, example) pairs
+  (:func:`dpclip.module.per_example_forward`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from ..errors import ModelNotSupportedError
+from ..example_grads import ExampleGradients, MaterializedGradients
+from ..guards import check_optimizer, refuse_nonprivate_gradients
+from ..module import ChunkCollector, per_example_forward
+from ..per_sample import batch_size_of, trainable_parameters, without_padding_rows
+from .tape import LayerwiseTape
+from .verify import PathRunner, StateGuard, verify_paths
+
+Tensor = torch.Tensor
+
+
+def tape_runner(tape: LayerwiseTape) -> PathRunner:
+    """Run the tape on a probe, learning (pinning) each layer call's layout."""
+
+    def run(module: nn.Module, args: tuple, kwargs: dict, batch: int) -> tuple[Any, Callable[[], ExampleGradients]]:
+        tape.layouts = {}
+        captured: list[ExampleGradients] = []
+        out = tape.forward(module, args, kwargs, batch, captured.append, probe=True)
+
+        def collect() -> ExampleGradients:
+            if not captured:
+                tape.finish()
+            if not captured:
+                raise ModelNotSupportedError("no gradient reached the recorded layers")
+            return captured[0]
+
+        return out, collect
+
+    return run
+
+
+def vmap_runner(module_names: list[str]) -> PathRunner:
+    """Run the whole-model vmap path on a probe (one chunk)."""
+
+    def run(module: nn.Module, args: tuple, kwargs: dict, batch: int) -> tuple[Any, Callable[[], ExampleGradients]]:
+        captured: list[ExampleGradients] = []
+        out, collectors = per_example_forward(
+            module, args, kwargs, batch, False,
+            lambda grads, scale, start: captured.append(MaterializedGradients(without_padding_rows(module, grads))),
+        )
+
+        def collect() -> ExampleGradients:
+            for collector in collectors:
+                collector.finish()
+            return captured[0]
+
+        return out, collect
+
+    return run
+
+
+Consumer = Callable[[ExampleGradients, float], None]  # (a batch's per-example gradients, scale)
+_AUTO_CHUNK_BYTES = 256 * 2**20
+
+
+class PerExampleForward:
+    """The private model's training forward: verify (first step, or every step) which path computes exact
+    per-example gradients for this model, then run the forward on it; backward hands the per-example
+    gradients of each batch (or chunk) to the consumer.
+
+    ``mode``: "auto" (layerwise, else vmap), "layerwise" or "vmap"; ``verify``: "first-step", "every-step", "off".
+    """
+
+    def __init__(self, module: nn.Module, mode: str, verify: str, chunk_size: int | None) -> None:
+        self.tape = LayerwiseTape(module) if mode != "vmap" else None
+        self.paths = ["layerwise", "vmap"] if mode == "auto" else [mode]
+        self.verify = verify
+        self.path: str | None = None if verify != "off" else self.paths[0]
+        self.chunk_size = chunk_size
+        self.trainable = list(trainable_parameters(module))
+        self.batched_arguments: tuple[bool, ...] | None = None
+        self.collectors: list[ChunkCollector] = []
+        self.state: StateGuard | None = None
+        self._gradient_guards = refuse_nonprivate_gradients(module)
+
+    def follow_trainable(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Follow ``requires_grad`` changes made after make_private: re-read the trainable set and re-verify."""
+        names = list(trainable_parameters(module))
+        if names == self.trainable:
+            return
+        check_optimizer(module, optimizer)
+        for handle in self._gradient_guards:
+            handle.remove()
+        self._gradient_guards = refuse_nonprivate_gradients(module)
+        self.trainable = names
+        if self.tape is not None:
+            self.tape.rebuild()
+        if self.verify != "off":
+            self.path = None
+
+    def forward(self, module: nn.Module, args: tuple, kwargs: dict, mean: bool, consume: Consumer) -> Any:
+        """The forward whose backward delivers per-example gradients (scaled back from a mean loss) to ``consume``."""
+        batch = batch_size_of(args, kwargs)
+        first = self.path is None
+        if batch > 0 and (first or self.verify == "every-step"):
+            self.path = self._choose(module, args, kwargs, batch)
+        self.state = StateGuard(module, snapshot=first and batch > 0)
+        scale = float(batch) if mean else 1.0
+        if self.path == "layerwise" and batch > 0:
+            assert self.tape is not None
+            return self.tape.forward(module, args, kwargs, batch, lambda grads: consume(grads, scale))
+        self._check_vmap_arguments(args, kwargs, batch, pin=first)
+        out, collectors = per_example_forward(
+            module, args, kwargs, self._chunk_size(module), mean,
+            lambda grads, scale, start: consume(MaterializedGradients(without_padding_rows(module, grads)), scale),
+        )
+        self.collectors.extend(collectors)
+        return out
+
+    def gradients_arrived(self) -> bool:
+        """Whether backward reached the recorded layers (or the vmapped copies) of the current micro-batch."""
+        tape = self.tape is not None and any(any(g is not None for g in use.grads) for use in self.tape.uses)
+        return tape or any(c.done or c.grads for c in self.collectors)
+
+    def finish(self) -> None:
+        """After backward: hand over what is still pending (chunks with unused parameters, the tape)."""
+        for collector in self.collectors:
+            collector.finish()
+        self.collectors = []
+        if self.tape is not None:
+            self.tape.finish()
+
+    def _choose(self, module: nn.Module, args: tuple, kwargs: dict, batch: int) -> str:
+        runners = {"layerwise": tape_runner(self.tape) if self.tape is not None else None, "vmap": vmap_runner(self.trainable)}
+        candidates = {path: run for path in self.paths if (run := runners[path]) is not None}
+        return verify_paths(module, args, kwargs, batch, candidates, self.trainable)
+
+    def _chunk_size(self, module: nn.Module) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        per_example = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+        return max(1, _AUTO_CHUNK_BYTES // max(per_example, 1))
+
+    def _check_vmap_arguments(self, args: tuple, kwargs: dict, batch: int, pin: bool) -> None:
+        """The vmap path splits every argument whose dim 0 is the batch size: that must be the same arguments as on
+        the verified step, or a shared table whose length happens to equal this batch's size would be split."""
+        batched = tuple(t.dim() > 0 and t.shape[0] == batch for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor))
+        if pin or self.batched_arguments is None:
+            self.batched_arguments = batched
+        elif batched != self.batched_arguments and batch > 0:
+            raise ModelNotSupportedError(
+                f"the model's tensor arguments with the batch in dim 0 were {self.batched_arguments} on the verified "
+                f"step and are {batched} on this batch of {batch}: a shared argument whose length equals the batch size "
+                "cannot be told apart from a batched one on the vmap path. Keep shared tensors (tables, masks for all "
+                "examples) as buffers of the model, not as arguments. Nothing was applied."
+            )

@@ -1,0 +1,135 @@
+"""The layer-rule registry: how the layerwise tape gets per-example gradients of each layer family.
+
+A rule is registered for exact layer types (a subclass with its own ``forward`` is another layer) or for a
+type's qualified name, so rules for third-party layers (``"transformers.pytorch_utils.Conv1D"``) need no
+import. A layer with trainable parameters and no rule gets per-example gradients by vmap over that layer alone
+(:class:`dpclip.grads.rules.fallback.VmapLayerRule`). Users add their own::
+
+    @dpclip.register_layer(MyScale)
+    class MyScaleRule(dpclip.LayerRule):
+        def contributions(self, call):
+            return [Summed(call.name(call.module.scale), call.grad * call.input)]   # per-example Σ_t g_t ⊙ x_t
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+import torch.nn as nn
+
+from .contributions import Contribution
+
+if TYPE_CHECKING:
+    from .tape import LayerwiseTape
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class LayerCall:
+    """One recorded call of a layer, laid out batch-first: what a rule needs to build contributions.
+
+    ``args``/``kwargs`` are the call's arguments (tensors detached; ``in_dims`` says, like vmap's, which hold the
+    examples in dim 0); ``output_grads`` the gradients of the output's floating tensors ([batch, ...]; None where
+    no gradient arrived). ``layout_dims`` is (input dim, output dim) of the examples as the layer saw them
+    (None for a shared call, whose inputs hold no examples and were expanded to the batch); ``unsqueeze`` says
+    whether one example's inputs need a batch dim of 1 to run the layer on them alone.
+    """
+
+    module: nn.Module
+    module_name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    in_dims: tuple[Any, Any]
+    output_grads: list[Tensor | None]
+    batch: int
+    names: dict[int, str]
+    layout_dims: tuple[int, int] | None = (0, 0)
+    unsqueeze: bool = True
+
+    @property
+    def input(self) -> Tensor:
+        """The first tensor argument (what ``nn.Linear`` & co. call ``input``)."""
+        return next(v for v in [*self.args, *self.kwargs.values()] if isinstance(v, Tensor))
+
+    @property
+    def grad(self) -> Tensor:
+        """The gradient of the (first) output tensor."""
+        grad = self.output_grads[0]
+        assert grad is not None
+        return grad
+
+    def name(self, param: Tensor | None) -> str | None:
+        """The trainable parameter's name in the model, or None (frozen, absent)."""
+        return None if param is None else self.names.get(id(param))
+
+
+class LayerRule:
+    """How the tape turns one call of a layer into per-example gradient contributions of its parameters."""
+
+    #: the rule covers every trainable parameter below the layer (its sub-layers are not recorded separately)
+    covers_submodules: bool = False
+
+    def supports(self, module: nn.Module) -> str | None:
+        """Why this rule cannot serve ``module`` (then the per-layer vmap fallback does), or None."""
+        return None
+
+    def refusal(self, module: nn.Module) -> str | None:
+        """Why ``module`` can never be trained privately as it is (with the fix), or None."""
+        return None
+
+    def contributions(self, call: LayerCall) -> list[Contribution]:
+        """The per-example contributions of this call to the layer's trainable parameters."""
+        raise NotImplementedError
+
+    def recorded_forward(self, module: nn.Module, tape: LayerwiseTape) -> Callable[..., Any] | None:
+        """A forward to run instead of the layer's own while recording (it records its uses itself), or None."""
+        return None
+
+
+_BY_TYPE: dict[type, LayerRule] = {}
+_BY_NAME: dict[str, LayerRule] = {}
+R = TypeVar("R", bound=type[LayerRule])
+
+
+def _qualified(layer_type: type) -> str:
+    return f"{layer_type.__module__}.{layer_type.__qualname__}"
+
+
+def register_layer(*layer_types: type[nn.Module] | str) -> Callable[[R], R]:
+    """Class decorator: use this :class:`LayerRule` for layers of exactly these types (or qualified names)."""
+    if not layer_types:
+        raise TypeError("register_layer needs at least one layer type, e.g. @register_layer(nn.Linear)")
+
+    def register(rule_class: R) -> R:
+        rule = rule_class()
+        for layer_type in layer_types:
+            if isinstance(layer_type, str):
+                _BY_NAME[layer_type] = rule
+            elif isinstance(layer_type, type) and issubclass(layer_type, nn.Module):
+                _BY_TYPE[layer_type] = rule
+            else:
+                raise TypeError(f"register_layer takes nn.Module subclasses or qualified names, got {layer_type!r}")
+        return rule_class
+
+    return register
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule registered for ``module``'s exact type (or its qualified name), or None."""
+    layer_type = type(module)
+    return _BY_TYPE.get(layer_type) or _BY_NAME.get(_qualified(layer_type))
+
+
+def refusals(model: nn.Module) -> list[str]:
+    """Every layer of ``model`` that a rule refuses, with the reason and the fix."""
+    problems = []
+    for name, module in model.named_modules():
+        rule = rule_for(module)
+        reason = rule.refusal(module) if rule is not None else None
+        if reason:
+            problems.append(f"{name or type(module).__name__} ({type(module).__name__}): {reason}")
+    return problems

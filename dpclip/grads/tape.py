@@ -1,0 +1,412 @@
+"""The layerwise tape: per-example gradients from each layer's inputs and output gradients.
+
+The model runs its ordinary batched forward with its trainable parameters switched to ``requires_grad=False``,
+so autograd computes activation gradients only. A forward hook on every layer with trainable parameters
+(registered first, so users' hooks see what it returns) records the call and attaches a gradient hook to the
+layer's output; when the user's ``loss.backward()`` ends, each call's :class:`~dpclip.grads.LayerRule` turns
+(inputs, output gradient) into per-example norms and clipped sums (:class:`LayerwiseGradients`).
+
+Where the examples sit in each call is a *layout*: the dim of the input and of the output that holds the
+batch, or "shared" for a call on tensors without examples (a position table: its output is broadcast over the
+batch later, so the tape expands it to one copy per example and each copy's gradient is that example's).
+Layouts are learnt on a probe batch whose size matches no other dim of the model (see
+:mod:`dpclip.grads.verify`) and then pinned, so a batch whose size happens to equal a sequence length is never
+mistaken for one; calls that contradict a pinned layout are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..clipping import Norm
+from ..errors import EngineUsageError, ModelNotSupportedError
+from ..norms import clip_norm
+from . import rules as _rules  # noqa: F401  (registers the built-in rules)
+from .contributions import Contribution, LinearWeight, Summed, vector_norms
+from .registry import LayerCall, LayerRule, rule_for
+from .rules.fallback import VmapLayerRule
+
+Tensor = torch.Tensor
+
+
+class LayoutError(ModelNotSupportedError):
+    """A layer call's examples are not where the tape can find them (or not where they were on the probe)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a layer call holds the examples: input dim and output dim, or ``shared`` (no examples)."""
+
+    shared: bool
+    in_dim: int = 0
+    out_dim: int = 0
+    batched_args: tuple[bool, ...] = ()
+
+
+def _tensor_leaves(values: Any) -> list[Tensor]:
+    return [t for t in tree_flatten(values)[0] if isinstance(t, Tensor)]
+
+
+def _per_example(t: Tensor, batch: int) -> Tensor:
+    """A shared tensor as one (stride-0) copy per example: [1, ...] → [batch, ...], else [batch, *shape]."""
+    if t.dim() > 0 and t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    return t.unsqueeze(0).expand(batch, *t.shape)
+
+
+class _Use:
+    """One call of a recorded layer; its output gradients arrive in backward."""
+
+    def __init__(self, tape: LayerwiseTape, where: str, module: nn.Module, rule: LayerRule, call_args: tuple, call_kwargs: dict, layout: Layout, main: Tensor) -> None:
+        self.tape, self.where, self.module, self.rule = tape, where, module, rule
+        self.args, self.kwargs, self.layout, self.main = call_args, call_kwargs, layout, main
+        self.grads: list[Tensor | None] = []
+
+    def capture(self, output: Any) -> Any:
+        """The output with a gradient hook on each floating tensor (expanded per example for a shared call)."""
+        leaves, spec = tree_flatten(output)
+        out = []
+        for leaf in leaves:
+            if isinstance(leaf, Tensor) and leaf.is_floating_point():
+                index = len(self.grads)
+                self.grads.append(None)
+                if self.layout.shared:
+                    leaf = _per_example(leaf, self.tape.batch)
+                if not leaf.requires_grad:  # e.g. the first layer: its inputs and (switched-off) weights need none
+                    base = leaf.detach().requires_grad_()
+                    base.register_hook(self._hook(index))
+                    leaf = base.clone()
+                else:
+                    leaf.register_hook(self._hook(index))
+            out.append(leaf)
+        self.tape.uses.append(self)
+        return tree_unflatten(out, spec)
+
+    def _hook(self, index: int) -> Callable[[Tensor], None]:
+        def on_grad(grad: Tensor) -> None:
+            if self.grads[index] is not None or self.tape.finished:
+                raise EngineUsageError(
+                    "backward ran twice through the same forward: each example's gradient would count twice. "
+                    "Run one forward per batch and call backward on it once."
+                )
+            self.grads[index] = grad.detach()
+            self.tape.on_backward()
+
+        return on_grad
+
+    def call(self) -> LayerCall:
+        """The batch-first view of this call that rules read."""
+        layout, batch = self.layout, self.tape.batch
+        params = [p for p in self.module.parameters() if p.is_floating_point()]
+        dtype = params[0].dtype if params else None
+
+        def promote(t: Tensor) -> Tensor:  # autocast: statistics in the parameters' precision
+            return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+
+        if layout.shared:
+            grads = [None if g is None else promote(g) for g in self.grads]
+            main = promote(_per_example(self.main, batch))
+            args, kwargs = self.args, self.kwargs
+            in_dims: tuple[Any, Any] = (tuple(None for _ in args), {k: None for k in kwargs})
+        else:
+            grads = [None if g is None else promote(g.movedim(layout.out_dim, 0)) for g in self.grads]
+            main = promote(self.main.movedim(layout.in_dim, 0))
+            flags = iter(layout.batched_args)
+
+            def arrange(v: Any) -> tuple[Any, Any]:
+                if not isinstance(v, Tensor):
+                    return v, None
+                batched = next(flags)
+                return (promote(v.movedim(layout.in_dim, 0)), 0) if batched else (promote(v), None)
+
+            pairs = [arrange(v) for v in self.args]
+            kw_pairs = {k: arrange(v) for k, v in self.kwargs.items()}
+            args = tuple(p[0] for p in pairs)
+            kwargs = {k: p[0] for k, p in kw_pairs.items()}
+            in_dims = (tuple(p[1] for p in pairs), {k: p[1] for k, p in kw_pairs.items()})
+        return _BoundCall(
+            module=self.module, module_name=self.where, args=args, kwargs=kwargs, in_dims=in_dims,
+            output_grads=grads, batch=batch, names=self.tape.names,
+            layout_dims=None if layout.shared else (layout.in_dim, layout.out_dim),
+            unsqueeze=not layout.shared, main_input=main,
+        )
+
+    def contributions(self) -> list[Contribution]:
+        if all(g is None for g in self.grads):
+            return []
+        try:
+            return self.rule.contributions(self.call())
+        except ModelNotSupportedError:
+            raise
+        except Exception as error:  # a rule's failure reaches the user as dpclip's, naming the layer
+            raise ModelNotSupportedError(
+                f"{self.where} ({type(self.module).__name__}): per-example gradients failed with "
+                f"{type(error).__name__}: {error}. Register a rule for this layer (dpclip.register_layer), replace it "
+                "(dpclip.fix_model replaces recurrent layers and BatchNorm), or freeze its parameters."
+            ) from error
+
+
+@dataclass
+class _BoundCall(LayerCall):
+    main_input: Tensor | None = None
+
+    @property
+    def input(self) -> Tensor:
+        assert self.main_input is not None
+        return self.main_input
+
+
+class LayerwiseTape:
+    """Hooks on a model's layers with trainable parameters; one forward + backward → :class:`LayerwiseGradients`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.recording = False
+        self.finished = True
+        self.uses: list[_Use] = []
+        self.batch = 0
+        self.probe = False
+        self.layouts: dict[str, Layout] = {}
+        self.consume: Callable[[LayerwiseGradients], None] | None = None
+        self._queued = False
+        self._handles: list[Any] = []
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """(Re)read which parameters are trainable and which layers record them; forgets learnt layouts."""
+        for handle in self._handles:
+            handle.remove()
+        model = self.model
+        self.names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+        self.module_names = {id(m): name for name, m in model.named_modules()}
+        self.layouts = {}
+        self._replaced: list[tuple[nn.Module, LayerRule]] = []
+        self._handles = []
+        covered: set[int] = set()
+        for name, module in model.named_modules():
+            if id(module) in covered:
+                continue
+            rule = rule_for(module)
+            reason = rule.supports(module) if rule is not None else None
+            if rule is not None and reason is None and rule.recorded_forward(module, self) is not None:
+                if not self._trainable(module, recurse=True):
+                    continue
+                self._replaced.append((module, rule))
+            elif rule is not None and rule.covers_submodules:
+                if not self._trainable(module, recurse=True):
+                    continue
+                rule = rule if reason is None else VmapLayerRule(covers_submodules=True)
+                self._hook_module(name, module, rule)
+            else:
+                if not self._trainable(module, recurse=False):
+                    continue
+                self._hook_module(name, module, rule if rule is not None and reason is None else VmapLayerRule())
+                continue
+            covered.update(id(m) for m in module.modules())
+
+    def _trainable(self, module: nn.Module, recurse: bool) -> bool:
+        return any(p.requires_grad for p in module.parameters(recurse=recurse))
+
+    def _hook_module(self, name: str, module: nn.Module, rule: LayerRule) -> None:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            return self._record(name or type(mod).__name__, mod, rule, args, kwargs, output)
+
+        self._handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=True))
+
+    # -- recording ---------------------------------------------------------------------------------
+    def forward(self, module: nn.Module, args: tuple, kwargs: dict, batch: int, consume: Callable[[LayerwiseGradients], None], probe: bool = False) -> Any:
+        """Run ``module`` on a batch of ``batch`` examples, recording; ``probe``: learn (pin) the layouts."""
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        self.uses, self.batch, self.consume, self.probe = [], batch, consume, probe
+        self.finished, self.recording = False, True
+        try:
+            for p in trainable:
+                p.requires_grad_(False)
+            for layer, rule in self._replaced:  # an instance attribute shadows the class's forward for this call
+                layer.forward = rule.recorded_forward(layer, self)  # type: ignore[method-assign]
+            return module(*args, **kwargs)
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
+            for layer, _ in self._replaced:
+                layer.__dict__.pop("forward", None)
+            self.recording = False
+
+    def _layout(self, where: str, main: Tensor, output: Tensor, leaves: list[Tensor]) -> Layout:
+        batch = self.batch
+        if self.probe:
+            in_dims = [d for d, s in enumerate(main.shape) if s == batch]
+            out_dims = [d for d, s in enumerate(output.shape) if s == batch]
+            if not in_dims and not out_dims:
+                layout = Layout(shared=True)
+            elif len(in_dims) == 1 and len(out_dims) == 1:
+                d = in_dims[0]
+                layout = Layout(False, d, out_dims[0], tuple(t.dim() > d and t.shape[d] == batch for t in leaves))
+            else:
+                raise LayoutError(
+                    f"{where}: cannot tell which dim of its input {tuple(main.shape)} / output {tuple(output.shape)} "
+                    f"holds the {batch} examples"
+                )
+            pinned = self.layouts.setdefault(where, layout)
+            if pinned != layout:
+                raise LayoutError(f"{where}: called with examples laid out differently in one forward ({pinned} and {layout})")
+            return layout
+        layout = self.layouts.get(where)
+        if layout is None:  # not verified (verify="off"): the examples must be in dim 0 of everything
+            if main.dim() == 0 or main.shape[0] != batch or output.dim() == 0 or output.shape[0] != batch:
+                raise LayoutError(
+                    f"{where}: its input {tuple(main.shape)} / output {tuple(output.shape)} do not hold the {batch} "
+                    "examples in dim 0 (verification, which learns other layouts, is off)"
+                )
+            return Layout(False, 0, 0, tuple(t.dim() > 0 and t.shape[0] == batch for t in leaves))
+        if not layout.shared:
+            if main.dim() <= layout.in_dim or main.shape[layout.in_dim] != batch or output.dim() <= layout.out_dim or output.shape[layout.out_dim] != batch:
+                raise LayoutError(
+                    f"{where}: its input {tuple(main.shape)} / output {tuple(output.shape)} no longer hold the {batch} "
+                    f"examples in dims {layout.in_dim} / {layout.out_dim}, where the verified probe found them"
+                )
+            if len(layout.batched_args) != len(leaves):
+                raise LayoutError(f"{where}: called with other arguments than on the verified probe")
+        return layout
+
+    def _record(self, where: str, module: nn.Module, rule: LayerRule, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self.recording or not torch.is_grad_enabled():
+            return None
+        leaves = _tensor_leaves((args, kwargs))
+        outputs = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.is_floating_point()]
+        if not leaves or not outputs:
+            raise LayoutError(f"{where}: a layer with trainable parameters must take and return tensors")
+        main = leaves[0]
+        layout = self._layout(where, main, outputs[0], leaves)
+        detach = lambda v: v.detach() if isinstance(v, Tensor) else v  # noqa: E731
+        use = _Use(self, where, module, rule, tuple(map(detach, args)), {k: detach(v) for k, v in kwargs.items()}, layout, main.detach())
+        return use.capture(output)
+
+    def record_linear(self, where: str, x: Tensor, weight: Tensor, bias: Tensor | None, rows: slice | None) -> Tensor:
+        """F.linear on a row block of a parameter, recorded as a use (attention projections); examples in dim 0."""
+        w = weight if rows is None else weight[rows]
+        b = None if bias is None else (bias if rows is None else bias[rows])
+        out = F.linear(x, w, b)
+        if not self.recording or not torch.is_grad_enabled():
+            return out
+        if x.shape[0] != self.batch:
+            raise LayoutError(f"{where}: its input {tuple(x.shape)} does not hold the {self.batch} examples in dim 0")
+        use = _Use(self, where, _RowBlock(weight, bias, rows), _ROW_BLOCK_RULE, (x.detach(),), {}, Layout(False, 0, 0, (True,)), x.detach())
+        return use.capture(out)
+
+    # -- end of backward -----------------------------------------------------------------------------
+    def on_backward(self) -> None:
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+
+    def finish(self) -> None:
+        """Build the per-example statistics (calls that got no gradient contribute zero) and hand them over."""
+        self._queued = False
+        if self.finished:
+            return
+        self.finished = True
+        uses, self.uses = self.uses, []
+        parts: list[Contribution] = []
+        for use in uses:
+            parts.extend(use.contributions())
+        del uses
+        gradients = LayerwiseGradients(self.batch, list(self.names.values()), parts, self.model)
+        del parts  # the weighted sum releases each layer's activations and output gradients as it goes
+        consume, self.consume = self.consume, None  # (the model's hooks keep the tape alive, not the consumer)
+        if consume is not None:
+            consume(gradients)
+
+
+class _RowBlock(nn.Module):
+    """Stands for a row block of a weight (and bias) used by F.linear inside a recorded forward."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, rows: slice | None) -> None:
+        super().__init__()
+        object.__setattr__(self, "w", weight)
+        object.__setattr__(self, "b", bias)
+        self.rows = rows
+
+
+class _RowBlockRule(LayerRule):
+    def contributions(self, call: LayerCall) -> list[Contribution]:
+        block: _RowBlock = call.module  # type: ignore[assignment]
+        a = call.input.reshape(call.input.shape[0], -1, call.input.shape[-1])
+        g = call.grad.reshape(call.grad.shape[0], -1, call.grad.shape[-1])
+        parts: list[Contribution] = []
+        if (name := call.name(block.w)) is not None:
+            shape = (block.w if block.rows is None else block.w[block.rows]).shape
+            parts.append(LinearWeight(name, block.rows, a, g, shape))
+        if (name := call.name(block.b)) is not None:
+            parts.append(Summed(name, g, block.rows))
+        return parts
+
+
+_ROW_BLOCK_RULE = _RowBlockRule()
+
+
+class LayerwiseGradients:
+    """Norms and weighted sums of per-example gradients assembled from layer contributions."""
+
+    def __init__(self, batch: int, names: list[str], parts: list[Contribution], model: nn.Module) -> None:
+        self.batch = batch
+        self.names = names
+        wanted = set(names)
+        self.params = {name: p for name, p in model.named_parameters() if name in wanted}
+        self._summed = False
+        self.by_name: dict[str, list[Contribution]] = defaultdict(list)
+        for part in parts:
+            self.by_name[part.name].append(part)
+
+    @staticmethod
+    def _overlapping(parts: list[Contribution]) -> bool:
+        if len(parts) <= 1:
+            return False
+        spans = sorted((p.rows.start, p.rows.stop) if p.rows is not None else (-math.inf, math.inf) for p in parts)
+        return any(spans[i][1] > spans[i + 1][0] for i in range(len(spans) - 1))
+
+    def _param_norm(self, name: str, norm: Norm) -> Tensor:
+        parts = self.by_name.get(name, [])
+        device = self.params[name].device
+        if not parts:
+            return torch.zeros(self.batch, dtype=torch.float64, device=device)
+        if self._overlapping(parts):  # the same entries receive several contributions: add them up first
+            param = self.params[name]
+            full = param.new_zeros(self.batch, *param.shape)
+            for part in parts:
+                full[(slice(None), part.rows) if part.rows is not None else slice(None)] += part.materialize().to(full.dtype)
+            return vector_norms(full, norm).double()
+        return clip_norm(norm).combine(torch.stack([part.norm(norm).double() for part in parts], dim=1))
+
+    def norms(self, norm: Norm) -> Tensor:
+        """Per-example, per-parameter norms [batch, parameters] (float64)."""
+        if not self.names:
+            return torch.zeros(self.batch, 0, dtype=torch.float64)
+        return torch.stack([self._param_norm(name, norm) for name in self.names], dim=1)
+
+    def weighted_sum(self, factors: Tensor) -> dict[str, Tensor]:
+        """Σ_i factors[i, j] · g_i[names[j]]; single use: it frees the recorded tensors as it goes."""
+        if self._summed:
+            raise EngineUsageError("LayerwiseGradients.weighted_sum can be called once (its tensors are freed)")
+        self._summed = True
+        sums = {}
+        for j, name in enumerate(self.names):
+            param = self.params[name]
+            total = torch.zeros_like(param)
+            for part in self.by_name.pop(name, []):  # once summed, a part's tensors can be freed
+                block = part.weighted(factors[:, j]).to(param.dtype)
+                if part.rows is None:
+                    total = total + block
+                else:
+                    total[part.rows] += block
+            sums[name] = total
+        return sums

@@ -1,0 +1,348 @@
+"""Runtime verification: check, on a probe of real examples, that a per-example path computes exactly DP-SGD's
+per-example gradients for *this* model — before anything is released.
+
+The probe holds k examples of the batch (cycled when the batch is smaller), with k chosen to match no dim of
+the model's parameters or inputs, so a layer that keeps sequence positions, heads or channels in dim 0 cannot
+pass for one that keeps examples there. With the model in its training mode but dropout switched off
+(:class:`NoDropout`), the random number generators untouched and autocast off, it checks:
+
+1. outputs: the model's output on the probe is batch-first and each example's row equals the output of that
+   example run alone (catches time-major outputs and layers that mix examples);
+2. per-example gradients: for a random linear loss Σ_i <out_i, v_i>, the path's per-example norms (every
+   parameter) equal those of a brute-force loop that differentiates each example alone, and the path's
+   Σ_i g_i equals the loop's (catches layouts, missed or extra uses of a parameter, hooks, tying...);
+3. state: no parameter or buffer changed (catches layers that write batch data into the model).
+
+Its only output is accept/refuse (and which path), decided once before the first release; a refused model
+trains on nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..errors import ModelNotSupportedError
+from ..example_grads import ExampleGradients
+
+Tensor = torch.Tensor
+PathRunner = Callable[[nn.Module, tuple, dict, int], tuple[Any, Callable[[], ExampleGradients]]]
+_PROBE_SIZES = (7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47)
+
+
+_DROPOUTS = {
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout,
+}
+
+
+class NoDropout(TorchFunctionMode):
+    """Dropout as the identity (and attention dropout 0) inside the block, so a batch and each of its examples
+    run alone compute the same function; every other op runs as in training."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _DROPOUTS:
+            return args[0] if args else kwargs["input"]
+        if func is F.scaled_dot_product_attention:
+            if len(args) > 4:
+                args = (*args[:4], 0.0, *args[5:])
+            kwargs = {**kwargs, "dropout_p": 0.0} if "dropout_p" in kwargs or len(args) <= 4 else kwargs
+        if func is F.multi_head_attention_forward:  # handled whole: the dropout inside it is not seen here
+            if len(args) > 10:
+                args = (*args[:10], 0.0, *args[11:])
+            else:
+                kwargs = {**kwargs, "dropout_p": 0.0}
+        return func(*args, **kwargs)
+
+
+def _floats(output: Any) -> list[Tensor]:
+    return [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.is_floating_point()]
+
+
+def probe_size(model: nn.Module, args: tuple, kwargs: dict) -> int:
+    """The smallest probe size in a list of primes that is no dim of a parameter or of a non-batch input dim."""
+    sizes = {s for p in model.parameters() for s in p.shape}
+    sizes |= {s for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor) for s in t.shape[1:]}
+    return next((k for k in _PROBE_SIZES if k not in sizes), _PROBE_SIZES[-1])
+
+
+def _take(values: Any, batch: int, index: Tensor) -> Any:
+    return tree_map(
+        lambda t: t.index_select(0, index.to(t.device)) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch else t,
+        values,
+    )
+
+
+def _owner(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+class StateGuard:
+    """Detects (and, with a snapshot, undoes) changes to a model's parameters and buffers."""
+
+    def __init__(self, model: nn.Module, snapshot: bool) -> None:
+        self.tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        self.versions = {name: t._version for name, t in self.tensors.items()}
+        self.saved = {name: t.detach().clone() for name, t in self.tensors.items()} if snapshot else None
+
+    def changed(self) -> list[str]:
+        return [name for name, t in self.tensors.items() if t._version != self.versions[name]]
+
+    def check(self) -> None:
+        """Raise ModelNotSupportedError (restoring the snapshot, if any) when the forward wrote to the model."""
+        changed = self.changed()
+        if not changed:
+            return
+        if self.saved is not None:
+            with torch.no_grad():
+                for name in changed:
+                    self.tensors[name].copy_(self.saved[name])
+        modules = sorted({_owner(n) for n in changed})
+        raise ModelNotSupportedError(
+            f"the private forward/backward changed the model's own state ({', '.join(changed)}) in "
+            f"{', '.join(modules)}: a layer that writes data of the batch into parameters or buffers releases it "
+            "outside DP-SGD's mechanism. "
+            + ("The state was restored. " if self.saved is not None else "")
+            + "Remove the in-forward update (e.g. running statistics: dpclip.fix_model; Embedding max_norm=None)."
+        )
+
+
+def _same(a: Tensor, b: Tensor, scale: float, tol: float) -> bool:
+    """Equal within tol·scale (NaN matching NaN, an infinity matching itself)."""
+    if a.shape != b.shape:
+        return False
+    a, b = a.double(), b.double().to(a.device)
+    close = (a == b) | ((a - b).abs() <= tol * scale + 1e-30) | (a.isnan() & b.isnan())
+    return bool(close.all())
+
+
+def _scale(t: Tensor) -> float:
+    """Largest finite magnitude in ``t`` (a floor of 1e-12)."""
+    finite = t[torch.isfinite(t)] if t.numel() else t
+    return max(float(finite.abs().max()) if finite.numel() else 0.0, 1e-12)
+
+
+def verify_paths(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    batch: int,
+    candidates: Mapping[str, PathRunner],
+    names: list[str],
+) -> str:
+    """The first candidate path that passes the checks on a probe of this batch; ModelNotSupportedError if none."""
+    k = probe_size(model, args, kwargs)
+    index = torch.arange(k) % batch
+    probe_args, probe_kwargs = _take(args, batch, index), _take(kwargs, batch, index)
+    params = dict(model.named_parameters())
+    trainable = [params[n] for n in names]
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    guard = StateGuard(model, snapshot=True)
+    root = describe(model)
+    try:
+        with ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            stack.enter_context(torch.autocast("cpu", enabled=False))
+            if devices:
+                stack.enter_context(torch.autocast("cuda", enabled=False))
+            stack.enter_context(NoDropout())
+            try:
+                expected = _reference(model, probe_args, probe_kwargs, k, batch, index, args, kwargs, trainable)
+            except ModelNotSupportedError as error:
+                where = _first_layer_that_differs(model, probe_args, probe_kwargs, _take(args, batch, index[:1]),
+                                                  _take(kwargs, batch, index[:1]), k)
+                raise ModelNotSupportedError(f"{root}: {error}" + (f"; the first layer that does so: {where}" if where else "")) from None
+            except Exception as error:
+                raise ModelNotSupportedError(
+                    f"{root}: the brute-force check (each probe example run and differentiated alone) failed with "
+                    f"{type(error).__name__}: {error}" + _hint(error)
+                ) from error
+            guard.check()
+            failures = {path: _try_path(model, run, probe_args, probe_kwargs, k, expected, names, guard) for path, run in candidates.items()}
+            chosen = next((path for path, reason in failures.items() if reason is None), None)
+            if chosen is not None:
+                return chosen
+    finally:
+        guard.check()  # a forward that wrote into the model: restored, and refused (over any other reason)
+    raise ModelNotSupportedError(
+        f"dpclip could not verify exact per-example clipping for {root}, so it trains on nothing:\n  - "
+        + "\n  - ".join(f"{path} path: {reason}" for path, reason in failures.items())
+        + "\nFixes: give the model batch-first inputs and outputs (one row per example), keep examples apart "
+        "(no batch statistics), call layers through their forward, or register a layer rule "
+        "(dpclip.register_layer) for a custom layer."
+    )
+
+
+def _hint(error: Exception) -> str:
+    """What a user can do about a torch error met while running the model under a path."""
+    text = str(error)
+    if "reentrant" in text:
+        return "; use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (or no checkpointing)"
+    if "stack expects each tensor to be equal size" in text:
+        return " (shapes that depend on each example's data, e.g. pack_padded_sequence, cannot be vmapped: use grad_sample_mode='auto')"
+    if "must only return Tensors" in text:
+        return " (the model returns non-tensor outputs, e.g. a Hugging Face cache: pass use_cache=False)"
+    return ""
+
+
+def describe(model: nn.Module) -> str:
+    """The model's class, followed through wrappers with a single child (PeftModel → LoraModel → GPT2LMHeadModel)."""
+    names = [type(model).__name__]
+    while len(children := list(model.children())) == 1 and len(names) < 4:
+        model = children[0]
+        names.append(type(model).__name__)
+    return " → ".join(names)
+
+
+def _try_path(model: nn.Module, run: PathRunner, probe_args: tuple, probe_kwargs: dict, k: int,
+              expected: _Reference, names: list[str], guard: StateGuard) -> str | None:
+    """None if the path passes on the probe, else why not (a torch error inside it counts as its failure)."""
+    stack: list[str] = []  # the layers entered and not yet left: where a torch error inside a path happened
+    names_of = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
+
+    def enter(module: nn.Module, inputs: Any) -> None:
+        stack.append(f"{names_of[id(module)]} ({type(module).__name__})")
+
+    def leave(module: nn.Module, inputs: Any, output: Any) -> None:
+        if stack:
+            stack.pop()
+
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        reason = _check_path(model, run, probe_args, probe_kwargs, k, expected, names)
+    except ModelNotSupportedError as error:
+        reason = str(error)
+    except Exception as error:
+        where = stack[-1] if stack else describe(model)
+        reason = f"{type(error).__name__} in {where} under this path: {error}" + _hint(error)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if guard.changed():
+        guard.check()
+    return reason
+
+
+def _first_layer_that_differs(model: nn.Module, probe_args: tuple, probe_kwargs: dict, one_args: tuple,
+                              one_kwargs: dict, k: int) -> str | None:
+    """The first layer (in completion order) whose output does not hold the k examples in dim 0, or whose row
+    for example 0 differs from its output when example 0 runs alone; None if no layer output shows it."""
+    records: list[dict[str, Tensor]] = [{}, {}]
+    names = {id(m): name for name, m in model.named_modules()}
+    current: list[dict[str, Tensor]] = [records[0]]
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        floats = _floats(output)
+        if floats:
+            current[0].setdefault(names.get(id(module), "?") or type(module).__name__, floats[0].detach())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if m is not model]
+    try:
+        with torch.no_grad():
+            model(*probe_args, **probe_kwargs)
+            current[0] = records[1]
+            model(*one_args, **one_kwargs)
+    except Exception:
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    modules = dict(model.named_modules())
+    for name, together in records[0].items():
+        alone = records[1].get(name)
+        kind = type(modules[name]).__name__ if name in modules else "?"
+        if alone is None:
+            continue
+        if together.dim() == 0 or together.shape[0] != k or alone.shape[0] != 1 or together.shape[1:] != alone.shape[1:]:
+            return f"{name} ({kind}), whose output {tuple(together.shape)} does not hold the {k} examples in dim 0"
+        if not _same(alone, together[:1], _scale(together), _tolerance(together)):
+            return f"{name} ({kind}), whose output for an example differs alone and in a batch"
+    return None
+
+
+class _Reference:
+    def __init__(self, outputs: list[Tensor], cotangents: list[Tensor], norms: Tensor, total: list[Tensor]) -> None:
+        self.outputs, self.cotangents, self.norms, self.total = outputs, cotangents, norms, total
+
+
+def _reference(model: nn.Module, probe_args: tuple, probe_kwargs: dict, k: int, batch: int, index: Tensor,
+               args: tuple, kwargs: dict, trainable: list[Tensor]) -> _Reference:
+    """Brute force: the probe's outputs, and each example's gradient computed on that example alone."""
+    with torch.no_grad():
+        outputs = _floats(model(*probe_args, **probe_kwargs))
+    for j, out in enumerate(outputs):
+        if out.dim() == 0 or out.shape[0] != k:
+            raise ModelNotSupportedError(
+                f"the model's output {j} has shape {tuple(out.shape)} on a probe of {k} examples: dpclip needs "
+                "outputs with one row per example in dim 0 (compute the loss outside the model, from per-example "
+                "outputs; transpose time-major outputs inside the model)"
+            )
+    generator = torch.Generator().manual_seed(0)
+    cotangents = [torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out) for out in outputs]
+    norms, total = [], [torch.zeros_like(p) for p in trainable]
+    for i in range(k):
+        one = torch.tensor([int(index[i])])
+        single = _floats(model(*_take(args, batch, one), **_take(kwargs, batch, one)))
+        if len(single) != len(outputs):
+            raise ModelNotSupportedError("the model returns other outputs for one example than for a batch")
+        for j, (alone, together) in enumerate(zip(single, outputs)):
+            if not _same(alone.detach(), together[i : i + 1], _scale(together), _tolerance(together)):
+                raise ModelNotSupportedError(
+                    f"example {i}'s output {j} differs when it runs alone and inside a batch: the model mixes "
+                    "examples (batch statistics, a batch-wide reduction, or examples not in dim 0 of the inputs), "
+                    "so clipping each example's gradient would not bound its influence"
+                )
+        loss = sum((out * cot[i : i + 1]).sum() for out, cot in zip(single, cotangents))
+        grads = torch.autograd.grad(loss, trainable, allow_unused=True) if loss.requires_grad else [None] * len(trainable)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, trainable)]
+        norms.append(torch.stack([g.double().norm() for g in grads]) if grads else torch.zeros(0, dtype=torch.float64))
+        total = [t + g for t, g in zip(total, grads)]
+    return _Reference(outputs, cotangents, torch.stack(norms), total)
+
+
+def _tolerance(t: Tensor) -> float:
+    return 1e-9 if t.dtype == torch.float64 else 2e-4
+
+
+def _check_path(model: nn.Module, run: PathRunner, probe_args: tuple, probe_kwargs: dict, k: int,
+                expected: _Reference, names: list[str]) -> str | None:
+    """None if the path's per-example gradients on the probe equal the brute force; else why not."""
+    output, collect = run(model, probe_args, probe_kwargs, k)
+    outputs = _floats(output)
+    if len(outputs) != len(expected.outputs) or any(
+        not _same(o.detach(), e, _scale(e), _tolerance(e))
+        for o, e in zip(outputs, expected.outputs)
+    ):
+        return f"its forward returns other outputs than {type(model).__name__}'s own forward"
+    loss = sum((out * cot).sum() for out, cot in zip(outputs, expected.cotangents))
+    if isinstance(loss, Tensor) and loss.requires_grad:
+        loss.backward()
+    gradients = collect()
+    if list(gradients.names) != names:
+        return "it covers other parameters than the trainable ones"
+    norms = gradients.norms("l2").double()
+    tol = max(_tolerance(p) for p in expected.total) if expected.total else 2e-4
+    scale = _scale(expected.norms)
+    for j, name in enumerate(names):
+        if not _same(norms[:, j], expected.norms[:, j], scale, tol):
+            return (
+                f"per-example gradient norms of {name} (in {_owner(name)}) differ from those of each example "
+                f"computed alone (max difference {float((norms[:, j] - expected.norms[:, j]).abs().max()):.3g} "
+                f"on norms up to {scale:.3g})"
+            )
+    sums = gradients.weighted_sum(torch.ones(k, len(names), dtype=torch.float64))
+    for name, total in zip(names, expected.total):
+        if not _same(sums[name], total, max(_scale(total), scale), tol):
+            return (
+                f"Σ of the per-example gradients of {name} (in {_owner(name)}) differs from the sum of each example's "
+                "gradient computed alone: the parameter is used outside its layer's forward (e.g. tying by "
+                "h @ emb.weight.T), or a hook changes what the layer returns"
+            )
+    return None

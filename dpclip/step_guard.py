@@ -1,0 +1,114 @@
+"""The training loop as an explicit state machine: what may happen when, so that what is charged is what ran.
+
+One logical step goes through these states::
+
+    idle ──loader: begin_step──▶ open ──loader: begin_micro_batch──▶ batch ──model forward──▶ forwarded
+      ▲                                     ▲                                                   │ backward
+      │                                     └──────── optimizer.step() (not the last) ◀── delivered
+      └─────────────────────────── optimizer.step() (last micro-batch: release + charge) ◀──┘
+
+Every transition not drawn is refused with :class:`~dpclip.errors.EngineUsageError` before anything changes:
+a training forward outside the loader's batch, two forwards on one batch, a step without a forward (the
+model left in eval mode) or without a backward, a sampled batch left without its step, a checkpoint mid-batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import EngineUsageError
+from .guards import check_batch_is_yielded
+from .per_sample import batch_size_of
+
+Tensor = torch.Tensor
+
+
+class StepGuard:
+    """Tracks one logical step of the private loop and refuses what the accounting would not match."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to idle (after a release, a refusal that abandons the step, or a checkpoint load)."""
+        self.open = False  # a logical batch was sampled and not yet released
+        self.read_data = False  # the model ran on one of its micro-batches
+        self.last = True  # the current micro-batch is the logical batch's last
+        self.size: int | None = None  # examples in the current micro-batch
+        self.yielded: Any = None  # the tensors the loader yielded for it
+        self.forwarded = False
+        self.delivered = False  # per-example gradients of the current micro-batch reached the engine
+
+    # -- transitions driven by the loader ---------------------------------------------------------------
+    def begin_step(self) -> None:
+        if self.open and self.read_data:
+            raise EngineUsageError(
+                "the previous batch was used but optimizer.step() was not called: every sampled batch, even an "
+                "empty one, must be released with optimizer.step() or the accounting would not match the training"
+            )
+        self.reset()
+        self.open = True
+
+    def begin_micro_batch(self, last: bool, size: int | None, batch: Any) -> None:
+        self.last, self.size, self.yielded = last, size, batch
+        self.forwarded = self.delivered = False
+
+    # -- the model's training forward -------------------------------------------------------------------
+    def before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The forward must run once, inside a batch of the loader, on that batch, on the parameters' device."""
+        if not self.open:
+            raise EngineUsageError(
+                "the model ran in training mode outside a batch of the data loader returned by make_private. "
+                "Iterate over that loader (its Poisson sampling is what the accountant assumes); "
+                "for evaluation use model.eval() or torch.no_grad()."
+            )
+        if self.forwarded:
+            raise EngineUsageError(
+                "a second training-mode forward on the same batch: its examples would be counted twice. "
+                "Run one forward per batch (use torch.no_grad() or model.eval() for extra forwards)."
+            )
+        batch = batch_size_of(args, kwargs)
+        if self.size is not None and batch != self.size:
+            raise EngineUsageError(
+                f"{type(module).__name__} was called on a batch of {batch} examples (dim 0 of its first tensor "
+                f"argument), but the batch the private data loader just yielded has {self.size}. dpclip needs the "
+                "examples in dim 0 of the model's inputs (batch-first; transpose inside the model if its layers want "
+                "another layout). Train only on the batches of the loader returned by make_private (its Poisson "
+                "sampling is what the accountant assumes), one row per example: a batch from another loader, a slice "
+                "of the batch, or augmentation that adds rows is not accounted."
+            )
+        first = next(t for t in [*args, *kwargs.values()] if isinstance(t, Tensor) and t.dim() > 0)  # as batch_size_of
+        devices = {p.device for p in module.parameters() if p.requires_grad}
+        if first.device not in devices:
+            raise EngineUsageError(
+                f"the batch is on device {first.device} but the model's parameters are on "
+                f"{', '.join(sorted(map(str, devices)))}: move the batch first, e.g. x = x.to(device) with the "
+                "model's device (nothing was computed)"
+            )
+        check_batch_is_yielded(module, args, kwargs, self.yielded)
+
+    def forward_ran(self) -> None:
+        self.forwarded = self.read_data = True
+
+    # -- optimizer.step() ----------------------------------------------------------------------------------
+    def before_step(self, gradients_arrived: bool) -> None:
+        """A non-empty micro-batch needs a training forward and a backward that reached the model."""
+        if not self.open:
+            raise EngineUsageError("optimizer.step() was called outside a batch of the data loader returned by make_private")
+        if (self.size or 0) > 0 and not self.forwarded:
+            raise EngineUsageError(
+                "optimizer.step() on a batch the private model did not train on: the model ran in eval mode (call "
+                "model.train()), or was not called on this batch. Nothing was applied."
+            )
+        if self.forwarded and (self.size or 0) > 0 and not (self.delivered or gradients_arrived):
+            raise EngineUsageError(
+                "optimizer.step() without a backward through the model: call loss.backward() on the loss of this "
+                "batch first (a step without it would release noise only and still charge ε). Nothing was applied."
+            )
+
+    def before_checkpoint(self) -> None:
+        if self.open and self.read_data:
+            raise EngineUsageError("checkpoint after optimizer.step(), not in the middle of a batch")
