@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 from scipy.optimize import brentq
 from typing import Literal
 
@@ -104,16 +105,18 @@ def _narrow(
     bad: float,
     eps_good: float,
     eps_bad: float,
-    tolerance: Callable[[float, float], float],
+    tight: Callable[[float, float], bool],
     snap: Callable[[float, float, float], float],
+    resolution: float,
 ) -> float:
-    """Shrink a bracket with ε(good) ≤ target < ε(bad) (ε monotone between) until |log(bad/good)| ≤ tolerance.
+    """Shrink a bracket with ε(good) ≤ target < ε(bad) (ε monotone between) until ``tight(good, bad)``.
 
     Brent's method (scipy.optimize.brentq: bisection, secant and inverse quadratic steps; Brent 1973, ch. 4) on
     log ε − log target over log x, where ε is smooth and nearly linear, recording the tightest bracket seen and
-    stopping as soon as it is tight; bisection then finishes whatever brentq left. ``snap(x, good, bad)`` maps a
-    probe to an admissible point strictly inside the bracket (e.g. an integer). Returns ``good``, whose ε was
-    computed and is ≤ target.
+    stopping as soon as it is tight; bisection then finishes whatever brentq left. Brent's steps are at least
+    ``resolution`` (in log x), a bit under the width ``tight`` accepts, so that a good estimate closes the
+    bracket in one or two probes. ``snap(x, good, bad)`` maps a probe to an admissible point strictly inside the
+    bracket (e.g. an integer). Returns ``good``, whose ε was computed and is ≤ target.
     """
     log_target = math.log(target)
 
@@ -121,7 +124,7 @@ def _narrow(
         return min(max(math.log(value) if value > 0 else -1e3, -1e3), 1e3) - log_target
 
     def done() -> bool:
-        return abs(math.log(bad / good)) <= tolerance(good, bad) * (1 + 1e-9)
+        return tight(good, bad)
 
     def probe(x: float) -> float:
         nonlocal good, bad
@@ -138,10 +141,10 @@ def _narrow(
         a, b = sorted(known)
         brentq(
             lambda u: known[u] if u in known else (0.0 if done() else probe(math.exp(u))),  # 0: tight, stop
-            a, b, xtol=tolerance(good, bad) / 4, maxiter=100, disp=False,
+            a, b, xtol=resolution, rtol=4 * np.finfo(float).eps, maxiter=100, disp=False,
         )
     while not done():
-        probe(math.sqrt(good * bad))
+        probe(math.sqrt(good * bad))  # snapped strictly inside: every probe shrinks the bracket
     return good
 
 
@@ -187,7 +190,7 @@ def calibrate_noise(
         # Start below RDP's σ when it already meets the target here (it always does for "pld", which is never
         # looser than RDP): the σ returned is then never larger than RDP's.
         try:
-            hi, factor = calibrate_noise(event_for, target, delta, steps, rtol=rtol, accountant="rdp"), 2.0
+            hi, factor = calibrate_noise(event_for, target, delta, steps, rtol=rtol, accountant="rdp"), 1.25
         except PrivacyParameterError:  # unreachable by RDP: search from scratch
             pass
     eps_hi = eps(hi)
@@ -206,7 +209,9 @@ def calibrate_noise(
         if lo < _SIGMA_FLOOR:
             return hi
         eps_lo = eps(lo)
-    return _narrow(eps, target, hi, lo, eps_hi, eps_lo, lambda good, bad: math.log1p(rtol), _inside)
+    return _narrow(
+        eps, target, hi, lo, eps_hi, eps_lo, lambda good, bad: good / bad - 1.0 <= rtol, _inside, 0.45 * math.log1p(rtol)
+    )
 
 
 def noise_multiplier_for(
@@ -270,5 +275,5 @@ def steps_for(
         if epsilon(hi) > target:
             break
         lo = hi
-    return int(_narrow(epsilon, target, lo, hi, epsilon(lo), epsilon(hi), lambda good, bad: math.log1p(1 / good),
-                       _inside_integer))
+    return int(_narrow(epsilon, target, lo, hi, epsilon(lo), epsilon(hi), lambda good, bad: bad - good <= 1,
+                       _inside_integer, 0.45 * math.log1p(1 / hi)))

@@ -64,12 +64,12 @@ DISCRETIZATION_TAIL = COMPOSITION_TAIL * DISCRETIZATION_TAIL_FRACTION
 MIN_COMPOSITION_TAIL = 1e-19
 #: Finest and coarsest grid steps the automatic grid will choose (powers of two).
 MIN_STEP_EXPONENT, MAX_STEP_EXPONENT = -24, -3
-#: Longest PLD kept after a composition: longer ones are truncated further (more mass counted in δ).
-MAX_COMPOSED_POINTS = 1 << 20
+#: Longest PLD kept after a composition: longer ones (heavy tails, e.g. tiny q with small σ) get a coarser grid.
+MAX_COMPOSED_POINTS = 1 << 18
 #: Grids beyond the coarsest step keep at most this many × points_per_std points per standard deviation.
 MAX_OVERSAMPLING = 8.0
 #: Largest number of grid points of one mechanism's PLD; the grid is coarsened beyond it.
-MAX_POINTS = 1 << 22
+MAX_POINTS = 1 << 20
 #: Widest loss range (nats) of one mechanism run that is discretised; wider runs (e.g. σ ≲ 1e-3, ε ~ 1e6 per
 #: run) get the closed form :func:`revealing`, exact to double precision for every ε below ~1e5.
 MAX_LOSS_RANGE = 2.0**20
@@ -440,9 +440,8 @@ def compose(a: DiscretePLD, b: DiscretePLD, grid: Grid, tail: float | None = Non
         runs=a.runs + b.runs,
     )
     result = _trimmed(result).truncate(tail)
-    while result.pmf.size > MAX_COMPOSED_POINTS:  # heavy tails that fine truncation cannot shorten: cut more
-        tail *= 10.0
-        result = result.truncate(tail)
+    while result.pmf.size > MAX_COMPOSED_POINTS:  # heavy tails the truncation cannot shorten: a coarser grid
+        result = result.rebin(2 * result.step)
     # Independent losses: means and variances add (only used to choose later grids).
     result.__dict__["_moments"] = (mean_a + mean_b, math.sqrt(std_a**2 + std_b**2))
     return result

@@ -81,18 +81,24 @@ class LinearWeight(Contribution):
 
     def norm(self, norm: Norm) -> Tensor:
         positions, d_in, d_out = self.a.shape[1], self.a.shape[2], self.g.shape[2]
-        a, g = self.a.double(), self.g.double()
         order = 2 if norm == "l2" else 1
-        # Σ_t ‖a_t‖‖g_t‖ bounds the float32 rounding of forming Σ_t g_t a_tᵀ (the book-keeping sum does it in float32).
-        spread = (a.norm(p=order, dim=2) * g.norm(p=order, dim=2)).sum(dim=1)
-        slack = (positions + 2) * _U32 * spread
+        # Float32 norms of a_t and g_t, inflated to upper bounds (Higham 2002, §3.1: |fl(x·y) − x·y| ≤ γ_n |x|·|y|).
+        a_norms = self.a.float().norm(p=order, dim=2).double() * (1 + (d_in + 4) * _U32)
+        g_norms = self.g.float().norm(p=order, dim=2).double() * (1 + (d_out + 4) * _U32)
+        spread = (a_norms * g_norms).sum(dim=1)  # Σ_t ‖a_t‖‖g_t‖ ≥ the norm; it scales every rounding error below
+        slack = (positions + 2) * _U32 * spread  # forming Σ_t g_t a_tᵀ in float32 (the book-keeping sum does)
         if norm == "l1" or positions * positions > d_in * d_out:
-            exact = torch.einsum("bto,bti->boi", g, a).reshape(a.shape[0], -1).norm(p=order, dim=1)
-            return exact * (1 + (positions + 4) * _U64) + slack
+            return super().norm(norm).double() + 2 * slack
         if positions == 1:  # ‖g aᵀ‖ = ‖a‖‖g‖
-            return spread * (1 + (d_in + d_out + 4) * _U64) + slack
-        squared = ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum(dim=(1, 2))
-        rounding = (2 * positions + d_in + d_out + 8) * _U64 * spread.square()
+            return spread + slack
+        a, g = self.a.float(), self.g.float()
+        squared = ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).double().sum(dim=(1, 2))
+        rounding = (d_in + d_out + 4) * _U32 * spread.square()  # the float32 Gram products, summed in float64
+        loose = rounding > 1e-3 * squared.clamp_min(0)  # cancellation: redo those examples in float64
+        if bool(loose.any()):
+            a64, g64 = self.a[loose].double(), self.g[loose].double()
+            squared[loose] = ((a64 @ a64.transpose(1, 2)) * (g64 @ g64.transpose(1, 2))).sum(dim=(1, 2))
+            rounding[loose] = (2 * positions + d_in + d_out + 8) * _U64 * spread[loose].square()
         return (squared + rounding).clamp_min(0).sqrt() + slack
 
     def weighted(self, factors: Tensor) -> Tensor:
