@@ -69,10 +69,10 @@ MAX_COMPOSED_POINTS = 1 << 18
 #: Grids beyond the coarsest step keep at most this many × points_per_std points per standard deviation.
 MAX_OVERSAMPLING = 8.0
 #: Largest number of grid points of one mechanism's PLD; the grid is coarsened beyond it.
-MAX_POINTS = 1 << 20
+MAX_POINTS = 1 << 19
 #: Widest loss range (nats) of one mechanism run that is discretised; wider runs (e.g. σ ≲ 1e-3, ε ~ 1e6 per
 #: run) get the closed form :func:`revealing`, exact to double precision for every ε below ~1e5.
-MAX_LOSS_RANGE = 2.0**20
+MAX_LOSS_RANGE = 2.0**16
 _DIRECT_CONVOLUTION = 64  # arrays at most this long are convolved directly
 
 

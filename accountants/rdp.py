@@ -211,7 +211,8 @@ def subsampled_gaussian_rdp(sample_rate: float, noise_multiplier: float, orders:
     return np.logaddexp(0.0, log_a_minus_1) / (a - 1)
 
 
-QUADRATURE_MAX_POINTS = 200_000
+#: Most quadrature points for fractional orders (σ ≳ 0.03); below, they are bounded from the integer orders.
+QUADRATURE_MAX_POINTS = 50_000
 
 
 def _quadrature_window(sigma: float, orders: np.ndarray) -> tuple[float, float, float]:

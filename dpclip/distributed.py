@@ -176,7 +176,7 @@ class DistributedContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _pending_error: str | None = None
     #: The engine and loader whose position (steps released, batches drawn) tags every collective.
-    _engine: Any = field(default=None, repr=False)
+    _steps_released: Callable[[], int] | None = field(default=None, repr=False)
     _loader: Any = field(default=None, repr=False)
 
     # ---------------------------------------------------------------------------------------------------
@@ -211,21 +211,23 @@ class DistributedContext:
         return cls(torch.distributed.get_rank(), world_size, broadcast_noise=secure_mode, device=_default_device(backend))
 
     def synchronize_setup(
-        self, engine: PrivacyEngine, wrapper: nn.Module, module: nn.Module, loader: PoissonDataLoader, fingerprint: Mapping[str, Any]
-    ) -> None:
+        self, wrapper: nn.Module, module: nn.Module, loader: PoissonDataLoader, fingerprint: Mapping[str, Any],
+        noise_seed: int, steps_released: Callable[[], int],
+    ) -> int | None:
         """At make_private, after every local check: make sure every rank has the same mechanism, then give all
-        ranks rank 0's model (as DDP does), rank 0's noise and sampling seeds (outside secure mode), and this
-        rank's shard of the loader.
+        ranks rank 0's model (as DDP does), rank 0's sampling seed (outside secure mode) and this rank's shard of
+        the loader; returns rank 0's ``noise_seed`` for every rank's noise source (None in secure mode, where
+        rank 0 draws the noise and broadcasts it). ``steps_released`` tells the lock-step checks how many steps
+        this rank's engine released.
 
         ``fingerprint`` holds what must agree across ranks (settings, clipping strategy, budget, ...); the data
         set size is part of the settings. Raises :class:`PrivacyParameterError` on every rank, before changing
         anything, when a rank differs.
         """
-        self._engine, self._loader = engine, loader
+        self._steps_released, self._loader = steps_released, loader
         self.exchange_header("make_private")
         mine = {key: repr(value) for key, value in fingerprint.items()}
         mine.update(
-            secure_mode=repr(engine.secure_mode),
             world_size=repr(self.world_size),
             model=repr([(name, tuple(p.shape), p.dtype, p.requires_grad) for name, p in module.named_parameters()]),
         )
@@ -247,13 +249,11 @@ class DistributedContext:
         loader.shard = (self.rank, self.world_size)
         loader.on_epoch_end = self.end_of_epoch
         if self.broadcast_noise:  # secure mode: each rank samples from its own OS seeds; rank 0 draws the noise
-            return
-        seeds: list[Any] = [engine.noise.seed, int(loader.generator.initial_seed())] if self.rank == 0 else [None, None]
+            return None
+        seeds: list[Any] = [noise_seed, int(loader.generator.initial_seed())] if self.rank == 0 else [None, None]
         torch.distributed.broadcast_object_list(seeds, src=0, device=self.device)
-        from .noise import NoiseSource
-
-        engine.noise = NoiseSource(seed=int(seeds[0]), secure_mode=False)
         loader.generator.manual_seed(int(seeds[1]))
+        return int(seeds[0])
 
     # ---------------------------------------------------------------------------------------------------
     # The private step
@@ -266,7 +266,7 @@ class DistributedContext:
         """(logical batches this rank's loader drew, steps this rank's engine released): what every collective
         carries. Since make_private or the last load_state_dict; equal on all ranks while they are in step."""
         batches = int(getattr(self._loader, "batches_drawn", 0)) if self._loader is not None else 0
-        steps = int(getattr(self._engine, "steps", 0)) if self._engine is not None else 0
+        steps = int(self._steps_released()) if self._steps_released is not None else 0
         return batches, steps
 
     def exchange_header(self, phase: str, count: float = 0.0, flag: bool = False) -> Tensor:

@@ -143,8 +143,11 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
             seed=None if self._seed is None else self._seed + 1, secure_mode=self.secure_mode,
         )
         if dist_context is not None:  # same mechanism, model and seeds on every rank; this rank's shard
-            fingerprint = dict(settings=plan.mechanism, clipping=plan.clipping, budget=plan.budget, nonfinite=plan.nonfinite)
-            dist_context.synchronize_setup(self, wrapper, module, loader, fingerprint)
+            fingerprint = dict(settings=plan.mechanism, clipping=plan.clipping, budget=plan.budget,
+                               nonfinite=plan.nonfinite, secure_mode=self.secure_mode)
+            shared_seed = dist_context.synchronize_setup(wrapper, module, loader, fingerprint, self.noise.seed, lambda: self.steps)
+            if shared_seed is not None:
+                self.noise = NoiseSource(seed=shared_seed, secure_mode=False)
         claim_parameters(module, self)  # refuses a model that another live engine trains
         self.distributed = dist_context
         if dist_context is not None:

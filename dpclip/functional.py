@@ -16,12 +16,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from accountants import RDPAccountant
-from accountants.checks import check_positive
+from accountants import Accountant
 
-from .clipping import Norm, clip, clipped_sum, per_example_norms
+from .aggregation import ClippedSum, noisy_release, raise_nonfinite
+from .clipping import ClippingPolicy, FixedClipping, Norm, clip, clipped_sum, per_example_norms
+from .collective import LocalCollective
+from .example_grads import MaterializedGradients
 from .mechanism import DPSGDMechanism
-from .errors import NonFiniteGradientError
 from .noise import NoiseSource, add_noise
 from .per_sample import per_sample_grads, trainable_parameters
 
@@ -39,26 +40,37 @@ def private_step(
     max_grad_norm: float,
     sample_rate: float,
     dataset_size: int,
-    accountant: RDPAccountant,
+    accountant: Accountant,
     source: NoiseSource,
     norm: Norm = "l2",
     per_layer: bool = False,
     chunk_size: int | None = None,
+    clipping: ClippingPolicy | None = None,
+    nonfinite: str = "error",
 ) -> torch.Tensor:
     """One DP-SGD step on a Poisson-sampled batch (inputs, targets); returns the per-example norms.
 
     The batch must have been drawn with Poisson sampling at ``sample_rate`` from ``dataset_size`` examples
-    (e.g. by :class:`dpclip.PoissonDataLoader`): that is what the recorded event asserts.
+    (e.g. by :class:`dpclip.PoissonDataLoader`): that is what the recorded event asserts. ``clipping`` is a
+    policy (default: fixed C = ``max_grad_norm``; a :class:`~dpclip.MedianClipping` adapts C and its noisy count
+    is charged); ``nonfinite="drop"`` zeroes examples with NaN/inf gradients. The clipping, the noisy release and
+    the charged event are the engine's own (:mod:`dpclip.aggregation`, :class:`dpclip.mechanism.DPSGDMechanism`).
     """
-    mechanism = DPSGDMechanism.create(noise_multiplier, norm, "fixed", sample_rate, dataset_size, per_layer=per_layer, loss_reduction="sum")
-    bound = check_positive("max_grad_norm", max_grad_norm)
+    policy = clipping if clipping is not None else FixedClipping(max_grad_norm)
+    count_sigma = getattr(policy, "count_noise_multiplier", None) if policy.releases_count else None
+    mechanism = DPSGDMechanism.create(
+        noise_multiplier, norm, "median" if policy.releases_count else "fixed", sample_rate, dataset_size,
+        count_sigma, per_layer, "sum",
+    )
     grads = per_sample_grads(model, loss_fn, inputs, targets, chunk_size=chunk_size)
     norms = per_example_norms(grads, norm)
-    if not bool(torch.isfinite(norms).all()):
-        raise NonFiniteGradientError("some per-example gradients are NaN or infinite; nothing was applied")
-    noisy = add_noise(clipped_sum(grads, bound, norm, per_layer), mechanism.noise_multiplier, bound, norm, source)
-    for name, p in trainable_parameters(model).items():
+    total = ClippedSum(mechanism, policy, nonfinite, raise_nonfinite)
+    total.add(MaterializedGradients(grads), 1.0)
+    params = trainable_parameters(model)
+    noisy, count = noisy_release(total, params, LocalCollective(total.reset), source)
+    for name, p in params.items():
         p.grad = noisy[name] / mechanism.expected_batch_size
     optimizer.step()
     accountant.compose(mechanism.step_event())
+    policy.after_release(count, mechanism.expected_batch_size)
     return norms

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpclip
-from accountants import Gaussian, Laplace, PoissonSampled, RDPAccountant
+from accountants import Composed, Gaussian, Laplace, PoissonSampled, RDPAccountant
 from dpclip import (
     EngineUsageError,
     ModelNotSupportedError,
@@ -405,6 +405,35 @@ def test_functional_private_step_matches_the_engine():
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
     assert accountant.get_epsilon(1e-5) == engine.get_epsilon(1e-5)
+
+
+def test_functional_private_step_drops_nonfinite_examples_and_charges_median_clipping():
+    x, y = data().tensors[0][:20].clone(), data().tensors[1][:20]
+    x_nan = x.clone()
+    x_nan[3] = float("nan")
+    keep = torch.arange(20) != 3
+    updated = []
+    for inputs, targets in [(x_nan, y), (x[keep], y[keep])]:  # oracle: the same step without that example
+        model = mlp()
+        dpclip.private_step(model, torch.optim.SGD(model.parameters(), lr=0.3), nn.CrossEntropyLoss(reduction="sum"),
+                            inputs, targets, noise_multiplier=0.7, max_grad_norm=0.5, sample_rate=0.1, dataset_size=200,
+                            accountant=RDPAccountant(), source=dpclip.NoiseSource(seed=4), nonfinite="drop")
+        updated.append(list(model.parameters()))
+    for pa, pb in zip(*updated):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
+
+    model, accountant = mlp(), RDPAccountant()
+    median = dpclip.MedianClipping(0.5, count_noise_multiplier=1.0)
+    dpclip.private_step(model, torch.optim.SGD(model.parameters(), lr=0.3), nn.CrossEntropyLoss(reduction="sum"), x, y,
+                        noise_multiplier=0.7, max_grad_norm=0.5, sample_rate=0.1, dataset_size=200,
+                        accountant=accountant, source=dpclip.NoiseSource(seed=4), clipping=median)
+    sigma_grad = (0.7**-2 - 2.0**-2) ** -0.5  # Andrew et al. 2021, Thm. 1: gradient and count share σ
+    expected = RDPAccountant()
+    expected.compose(PoissonSampled(0.1, Composed([Gaussian(sigma_grad), Gaussian(2.0)])))
+    (entry,) = accountant.history
+    assert f"{sigma_grad:.6g}" in str(entry.event) and "Gaussian(σ=2)" in str(entry.event)
+    assert len(median.history) == 2 and median.max_norm != 0.5  # C moved after the released count
+    assert accountant.get_epsilon(1e-5) == pytest.approx(expected.get_epsilon(1e-5), rel=1e-12)
 
 
 def test_pld_accountant_in_the_engine_matches_dp_accounting_and_calibrates_less_noise(tmp_path):
