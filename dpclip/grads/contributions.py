@@ -92,7 +92,7 @@ class LinearWeight(Contribution):
         if positions == 1:  # ‖g aᵀ‖ = ‖a‖‖g‖
             return spread + slack
         a, g = self.a.float(), self.g.float()
-        squared = ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).double().sum(dim=(1, 2))
+        squared = ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum(dim=(1, 2), dtype=torch.float64)
         rounding = (d_in + d_out + 4) * _U32 * spread.square()  # the float32 Gram products, summed in float64
         loose = rounding > 1e-3 * squared.clamp_min(0)  # cancellation: redo those examples in float64
         if bool(loose.any()):
