@@ -177,12 +177,12 @@ LIBRARY_PLAUSIBLE = {
     "target": st.floats(0.01, 100.0),
     "delta": st.floats(1e-14, 0.5),
     "q": st.floats(1e-5, 1.0),
-    "sigma": st.floats(0.05, 50.0),
-    "steps": st.integers(1, 10**6),
+    "sigma": st.floats(0.3, 50.0),
+    "steps": st.integers(1, 10**5),
 }
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), kind=st.sampled_from(["rdp", "pld"]), mechanism=st.sampled_from(["gaussian", "laplace"]))
 def test_library_calls_raise_privacy_parameter_error_and_nothing_else(data, kind, mechanism):
     """Plausible arguments with 0 to 2 replaced by wild ones: an answer, or PrivacyParameterError."""
