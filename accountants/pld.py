@@ -70,9 +70,11 @@ MAX_COMPOSED_POINTS = 1 << 18
 MAX_OVERSAMPLING = 8.0
 #: Largest number of grid points of one mechanism's PLD; the grid is coarsened beyond it.
 MAX_POINTS = 1 << 19
-#: Widest loss range (nats) of one mechanism run that is discretised; wider runs (e.g. σ ≲ 1e-3, ε ~ 1e6 per
-#: run) get the closed form :func:`revealing`, exact to double precision for every ε below ~1e5.
+#: Widest loss range (nats) of one Poisson-sampled run that is discretised; wider runs (σ ≲ 0.003: the sampled
+#: record all but revealed, ε ≳ 3e4 per run) get the closed form :func:`revealing`, exact to double precision
+#: for every ε below ~1e4. Unsampled runs (one bell, resolved by any step relative to its spread) go to 2^40.
 MAX_LOSS_RANGE = 2.0**16
+MAX_LOSS_RANGE_UNSAMPLED = 2.0**40
 _DIRECT_CONVOLUTION = 64  # arrays at most this long are convolved directly
 
 
@@ -702,6 +704,17 @@ def _loss_range(mech: Mechanism, direction: str, tail: float) -> tuple[float, fl
     return -g(z_hi), high
 
 
+def _sampled_loss_to_z(ell: np.ndarray, q: float) -> np.ndarray:
+    """Z = log(1 + (e^L − 1)/q), the inverse of L = log(1 − q + q e^Z), without overflow for large L.
+
+    For L > 0 it is L − log q + log(1 − (1 − q)e^{−L}); for L ≤ log(1 − q) it is −∞.
+    """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        high = ell + np.log1p(-(1.0 - q) * np.exp(-np.maximum(ell, 0.0))) - math.log(q)
+        low = np.log1p(np.maximum(np.expm1(np.minimum(ell, 0.0)) / q, -1.0))
+    return np.where(ell > 0, high, low)
+
+
 def discretize(
     mech: Mechanism,
     direction: str,
@@ -725,13 +738,12 @@ def discretize(
     k_lo = math.ceil(lo / step) - 1
     k_hi = math.floor(hi / step) + 1
     ell = np.arange(k_lo, k_hi + 1) * step  # cell boundaries
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if q == 1.0:
-            z = ell
-        elif direction == "remove":  # L = log(1 − q + q e^Z)  ⇔  Z = log(1 + (e^L − 1)/q)
-            z = np.log1p(np.maximum(np.expm1(ell) / q, -1.0))
-        else:  # L = −log(1 − q + q e^Z)
-            z = np.log1p(np.maximum(np.expm1(-ell) / q, -1.0))[::-1]
+    if q == 1.0:
+        z = ell
+    elif direction == "remove":  # L = log(1 − q + q e^Z)  ⇔  Z = log(1 + (e^L − 1)/q)
+        z = _sampled_loss_to_z(ell, q)
+    else:  # L = −log(1 − q + q e^Z)
+        z = _sampled_loss_to_z(-ell, q)[::-1]
     m0, below0, above0 = _masses(law.cdf0, law.sf0, z, law.split0)
     m1, below1, above1 = _masses(law.cdf1, law.sf1, z, law.split1)
     if direction == "add":  # z was reversed to increase; cells come back in loss order
@@ -806,7 +818,7 @@ def discretize_auto(mech: Mechanism, direction: str, grid: Grid) -> DiscretePLD:
     """
     tail = grid.discretization_tail
     lo, hi = _loss_range(mech, direction if mech.q < 1 else "remove", tail)
-    if not hi - lo <= MAX_LOSS_RANGE:  # also NaN
+    if not hi - lo <= (MAX_LOSS_RANGE if mech.q < 1 else MAX_LOSS_RANGE_UNSAMPLED):  # also NaN
         return revealing(mech, direction, grid.step if grid.step is not None else 2.0**MIN_STEP_EXPONENT)
     if grid.step is not None:
         return discretize(mech, direction, grid.step, tail)

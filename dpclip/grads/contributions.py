@@ -22,6 +22,11 @@ _U32 = 2.0**-24
 _U64 = 2.0**-53
 
 
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = 2^-p for the dtype's p-bit significand (float32: 2^-24; float64: 2^-53; half types are computed in float32)."""
+    return _U64 if dtype == torch.float64 else _U32
+
+
 def vector_norms(values: Tensor, norm: Norm) -> Tensor:
     """Norm of each example's slice of ``values`` [batch, ...], in float32 or wider."""
     return clip_norm(norm).vector(values)
@@ -82,18 +87,19 @@ class LinearWeight(Contribution):
     def norm(self, norm: Norm) -> Tensor:
         positions, d_in, d_out = self.a.shape[1], self.a.shape[2], self.g.shape[2]
         order = 2 if norm == "l2" else 1
-        # Float32 norms of a_t and g_t, inflated to upper bounds (Higham 2002, §3.1: |fl(x·y) − x·y| ≤ γ_n |x|·|y|).
-        a_norms = self.a.float().norm(p=order, dim=2).double() * (1 + (d_in + 4) * _U32)
-        g_norms = self.g.float().norm(p=order, dim=2).double() * (1 + (d_out + 4) * _U32)
+        u = unit_roundoff(self.a.dtype)  # the precision the book-keeping sum is formed in
+        a, g = (self.a, self.g) if self.a.dtype == torch.float64 else (self.a.float(), self.g.float())
+        # Norms of a_t and g_t, inflated to upper bounds (Higham 2002, §3.1: |fl(x·y) − x·y| ≤ γ_n |x|·|y|).
+        a_norms = a.norm(p=order, dim=2).double() * (1 + (d_in + 4) * u)
+        g_norms = g.norm(p=order, dim=2).double() * (1 + (d_out + 4) * u)
         spread = (a_norms * g_norms).sum(dim=1)  # Σ_t ‖a_t‖‖g_t‖ ≥ the norm; it scales every rounding error below
-        slack = (positions + 2) * _U32 * spread  # forming Σ_t g_t a_tᵀ in float32 (the book-keeping sum does)
+        slack = (positions + 2) * u * spread  # forming Σ_t g_t a_tᵀ in that precision (the book-keeping sum does)
         if norm == "l1" or positions * positions > d_in * d_out:
             return super().norm(norm).double() + 2 * slack
         if positions == 1:  # ‖g aᵀ‖ = ‖a‖‖g‖
             return spread + slack
-        a, g = self.a.float(), self.g.float()
         squared = ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum(dim=(1, 2), dtype=torch.float64)
-        rounding = (d_in + d_out + 4) * _U32 * spread.square()  # the float32 Gram products, summed in float64
+        rounding = (d_in + d_out + 4) * u * spread.square()  # the Gram products' rounding, summed in float64
         loose = rounding > 1e-3 * squared.clamp_min(0)  # cancellation: redo those examples in float64
         if bool(loose.any()):
             a64, g64 = self.a[loose].double(), self.g[loose].double()
