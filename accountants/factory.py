@@ -21,7 +21,7 @@ ACCOUNTANTS: dict[str, type[Accountant]] = {"rdp": RDPAccountant, "pld": PLDAcco
 
 
 def make_accountant(name: str = "rdp", *, orders: Sequence[float] | None = None, **options: Any) -> Accountant:
-    """A fresh accountant ``ACCOUNTANTS[name](**options)``: "rdp" takes ``orders``, "pld" e.g. value_discretization_interval.
+    """A fresh accountant ``ACCOUNTANTS[name](**options)`` ("rdp": ``orders``; "pld": value_discretization_interval...).
 
     Every accountant has the :class:`~accountants.base.Accountant` interface (compose, history, steps,
     epsilon_result, get_epsilon, get_epsilon_after, get_delta, state_dict / load_state_dict, summary).

@@ -14,7 +14,13 @@ post-processing of the new one), so every δ(ε) computed is an upper bound and 
 - tail truncation: P-mass above the grid goes to loss +∞ (counted in δ), P-mass below the grid moves up to
   the lowest grid point (its surplus Q-mass goes to loss −∞, which never counts in δ);
 - composition by FFT convolution (independent losses add; Koskela et al. 2020), self-composition by
-  repeated squaring.
+  repeated squaring;
+- a run whose loss spans more than MAX_LOSS_RANGE nats is replaced by the closed form of publishing the
+  Poisson sample itself (:func:`revealing`), which dominates every noise on it.
+
+The truncated P-mass at +∞ is what limits the smallest resolvable δ (≈ runs × tail); the accountant asks for
+finer tails when δ is small (see :class:`Grid`), and composes such masses as 1 − (1−a)(1−b) without rounding
+them away.
 
 Alongside each PLD we track how far it may sit above the exact one. Coupling the discretised loss L' with
 the exact L, each split moves the loss by N ∈ [a − ℓ, b − ℓ] (a range of one grid step h) with
@@ -398,7 +404,8 @@ class Grid:
 
     def coarser(self, factor: int = 8) -> "Grid":
         """The same policy ``factor`` (a power of two) times coarser, for cheap first bounds."""
-        return replace(self, points_per_std=self.points_per_std / factor, max_exponent=self.max_exponent + _pow2_floor(factor))
+        exponent = self.max_exponent + _pow2_floor(factor)
+        return replace(self, points_per_std=self.points_per_std / factor, max_exponent=exponent)
 
     @property
     def discretization_tail(self) -> float:
@@ -787,8 +794,8 @@ def revealing(mech: Mechanism, direction: str, step: float) -> DiscretePLD:
 
     Any noise on the sample is a post-processing of the sample, so this pair dominates (Blackwell). With
     B0, B1 disjoint, "remove" (M, B0) has loss +∞ with probability q and log(1 − q) otherwise; "add" (B0, M)
-    has loss −log(1 − q) with probability 1 (the dominating pairs of Zhu, Dong & Wang 2022, Prop. 30, at
-    the extreme). Finite losses are rounded up to the grid. ``failure`` = 1: it claims no closeness to the
+    has loss −log(1 − q) with probability 1 (the Poisson-subsampling dominating pairs of Zhu, Dong & Wang
+    2022, see the module docstring, with B0 ⊥ B1). Finite losses are rounded up to the grid. ``failure`` = 1: it claims no closeness to the
     exact PLD, so :meth:`DiscretePLD.epsilon_lower_bound` certifies nothing from it.
     """
     q = mech.q

@@ -18,7 +18,7 @@ from accountants import (
     step_event,
     steps_for,
 )
-from accountants._validation import warn_if_delta_too_large
+from accountants.checks import warn_if_delta_too_large
 
 
 def _epsilon(q, sigma, steps, delta=1e-5, mechanism="gaussian"):
