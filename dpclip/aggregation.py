@@ -68,7 +68,7 @@ def noisy_release(clipped: ClippedSum, params: Mapping[str, Tensor], collective:
     noisy = collective.release(
         lambda: add_noise(summed, mechanism.gradient_noise_multiplier, bound, mechanism.norm, noise), summed  # type: ignore[arg-type]
     )
-    if not policy.releases_count:
+    if not policy.adaptive:
         return noisy, None
     total = torch.tensor(count, dtype=torch.float64)  # the adaptive-clipping count: Gaussian, charged in the step event
     return noisy, float(collective.release(lambda: noise.noisy(total, mechanism.count_noise_multiplier, "gaussian"), total))  # type: ignore[arg-type]

@@ -85,10 +85,14 @@ def check_bound(policy: ClippingPolicy | None, bound: float | None) -> None:
 class ClippingPolicy(Protocol):
     """Where the clipping bound C comes from. The engine calls ``observe`` with each batch's per-example norms
     (it returns that batch's share of the statistic the policy releases, 0 when it releases none) and, after
-    the step's release, ``after_release`` with the noisy statistic (None when ``releases_count`` is False)."""
+    the step's release, ``after_release`` with the noisy statistic (None when the policy is not ``adaptive``)."""
 
     max_norm: float
-    releases_count: bool
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether C adapts to the data, through a noisy statistic released (and charged) every step."""
+        ...
 
     @property
     def history(self) -> list[float]: ...
@@ -106,7 +110,6 @@ class FixedClipping:
 
     max_norm: float
     steps: int = 0
-    releases_count = False
 
     def __post_init__(self) -> None:
         self.max_norm = check_positive("max_grad_norm", self.max_norm)
@@ -153,8 +156,6 @@ class MedianClipping:
         self.count_noise_multiplier = check_positive("count_noise_multiplier", self.count_noise_multiplier)
         if not self.history:
             self.history = [self.max_norm]
-
-    releases_count = True
 
     @property
     def adaptive(self) -> bool:

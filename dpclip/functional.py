@@ -57,9 +57,9 @@ def private_step(
     the charged event are the engine's own (:mod:`dpclip.aggregation`, :class:`dpclip.mechanism.DPSGDMechanism`).
     """
     policy = clipping if clipping is not None else FixedClipping(max_grad_norm)
-    count_sigma = getattr(policy, "count_noise_multiplier", None) if policy.releases_count else None
+    count_sigma = getattr(policy, "count_noise_multiplier", None) if policy.adaptive else None
     mechanism = DPSGDMechanism.create(
-        noise_multiplier, norm, "median" if policy.releases_count else "fixed", sample_rate, dataset_size,
+        noise_multiplier, norm, "median" if policy.adaptive else "fixed", sample_rate, dataset_size,
         count_sigma, per_layer, "sum",
     )
     grads = per_sample_grads(model, loss_fn, inputs, targets, chunk_size=chunk_size)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten
 
 from .contributions import Contribution
 
@@ -26,6 +27,11 @@ if TYPE_CHECKING:
     from .tape import LayerwiseTape
 
 Tensor = torch.Tensor
+
+
+def float_leaves(output: Any) -> list[Tensor]:
+    """The floating-point tensors of a (possibly nested) layer or model output, in pytree order."""
+    return [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.is_floating_point()]
 
 
 @dataclass

@@ -32,7 +32,7 @@ from ..errors import EngineUsageError, ModelNotSupportedError
 from ..norms import clip_norm
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from .contributions import Contribution, LinearWeight, Summed, vector_norms
-from .registry import LayerCall, LayerRule, rule_for
+from .registry import LayerCall, LayerRule, float_leaves, rule_for
 from .rules.fallback import VmapLayerRule
 
 Tensor = torch.Tensor
@@ -50,10 +50,6 @@ class Layout:
     in_dim: int = 0
     out_dim: int = 0
     batched_args: tuple[bool, ...] = ()
-
-
-def _tensor_leaves(values: Any) -> list[Tensor]:
-    return [t for t in tree_flatten(values)[0] if isinstance(t, Tensor)]
 
 
 def _per_example(t: Tensor, batch: int) -> Tensor:
@@ -281,10 +277,10 @@ class LayerwiseTape:
     def _record(self, where: str, module: nn.Module, rule: LayerRule, args: tuple, kwargs: dict, output: Any) -> Any:
         if not self.recording or not torch.is_grad_enabled():
             return None
-        leaves = _tensor_leaves((args, kwargs))
-        outputs = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.is_floating_point()]
+        leaves = [v for v in [*args, *kwargs.values()] if isinstance(v, Tensor)]  # as _Use.call arranges them
+        outputs = float_leaves(output)
         if not leaves or not outputs:
-            raise LayoutError(f"{where}: a layer with trainable parameters must take and return tensors")
+            raise LayoutError(f"{where}: a layer with trainable parameters must take tensor arguments and return tensors")
         main = leaves[0]
         layout = self._layout(where, main, outputs[0], leaves)
         detach = lambda v: v.detach() if isinstance(v, Tensor) else v  # noqa: E731

@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import ModelNotSupportedError
 from ..example_grads import ExampleGradients
+from .registry import float_leaves
 
 Tensor = torch.Tensor
 PathRunner = Callable[[nn.Module, tuple, dict, int], tuple[Any, Callable[[], ExampleGradients]]]
@@ -60,10 +61,6 @@ class NoDropout(TorchFunctionMode):
             else:
                 kwargs = {**kwargs, "dropout_p": 0.0}
         return func(*args, **kwargs)
-
-
-def _floats(output: Any) -> list[Tensor]:
-    return [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.is_floating_point()]
 
 
 def probe_size(model: nn.Module, args: tuple, kwargs: dict) -> int:
@@ -239,7 +236,7 @@ def _first_layer_that_differs(model: nn.Module, probe_args: tuple, probe_kwargs:
     current: list[dict[str, Tensor]] = [records[0]]
 
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-        floats = _floats(output)
+        floats = float_leaves(output)
         if floats:
             current[0].setdefault(names.get(id(module), "?") or type(module).__name__, floats[0].detach())
 
@@ -276,7 +273,7 @@ def _reference(model: nn.Module, probe_args: tuple, probe_kwargs: dict, k: int, 
                args: tuple, kwargs: dict, trainable: list[Tensor]) -> _Reference:
     """Brute force: the probe's outputs, and each example's gradient computed on that example alone."""
     with torch.no_grad():
-        outputs = _floats(model(*probe_args, **probe_kwargs))
+        outputs = float_leaves(model(*probe_args, **probe_kwargs))
     for j, out in enumerate(outputs):
         if out.dim() == 0 or out.shape[0] != k:
             raise ModelNotSupportedError(
@@ -289,7 +286,7 @@ def _reference(model: nn.Module, probe_args: tuple, probe_kwargs: dict, k: int, 
     norms, total = [], [torch.zeros_like(p) for p in trainable]
     for i in range(k):
         one = torch.tensor([int(index[i])])
-        single = _floats(model(*_take(args, batch, one), **_take(kwargs, batch, one)))
+        single = float_leaves(model(*_take(args, batch, one), **_take(kwargs, batch, one)))
         if len(single) != len(outputs):
             raise ModelNotSupportedError("the model returns other outputs for one example than for a batch")
         for j, (alone, together) in enumerate(zip(single, outputs)):
@@ -315,7 +312,7 @@ def _check_path(model: nn.Module, run: PathRunner, probe_args: tuple, probe_kwar
                 expected: _Reference, names: list[str]) -> str | None:
     """None if the path's per-example gradients on the probe equal the brute force; else why not."""
     output, collect = run(model, probe_args, probe_kwargs, k)
-    outputs = _floats(output)
+    outputs = float_leaves(output)
     if len(outputs) != len(expected.outputs) or any(
         not _same(o.detach(), e, _scale(e), _tolerance(e))
         for o, e in zip(outputs, expected.outputs)

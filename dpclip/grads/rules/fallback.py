@@ -12,17 +12,13 @@ from typing import Any
 
 import torch
 from torch.func import functional_call, vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from ...errors import ModelNotSupportedError
 from ..contributions import Contribution, Materialized
-from ..registry import LayerCall, LayerRule
+from ..registry import LayerCall, LayerRule, float_leaves
 
 Tensor = torch.Tensor
-
-
-def _float_leaves(output: Any) -> list[Tensor]:
-    return [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.is_floating_point()]
 
 
 class VmapLayerRule(LayerRule):
@@ -56,7 +52,7 @@ class VmapLayerRule(LayerRule):
             shaped_kwargs = {k: _with_batch(v, kwargs_dims[k], add_batch) for k, v in kwargs.items()}
 
             def run(p: dict[str, Tensor]) -> list[Tensor]:
-                return _float_leaves(functional_call(module, p, shaped_args, shaped_kwargs))
+                return float_leaves(functional_call(module, p, shaped_args, shaped_kwargs))
 
             outs, pullback = vjp(run, params)
             tangents = [
