@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .errors import LossNotPerExampleError, ModelNotSupportedError, PrivacyParameterError
-from .per_sample import batch_size_of, batched_parameter_forward, per_sample_grads, trainable_parameters
+from .per_sample import batch_size_of, batched_parameter_forward, per_sample_grads, trainable_parameters, without_padding_rows
 from .recurrent import convert as _convert_recurrent
 from .recurrent import is_convertible as _is_convertible_recurrent
 
@@ -148,15 +148,13 @@ def check_loss(
         alone = per_sample_grads(model, loss_fn, args, targets)
         leaves = {n: p.detach().expand(batch, *p.shape).requires_grad_() for n, p in trainable_parameters(model).items()}
         loss = loss_fn(batched_parameter_forward(model, leaves, args, {}), targets)
-        together = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        together = without_padding_rows(model, {n: torch.zeros_like(leaf) if g is None else g for (n, leaf), g in zip(leaves.items(), grads)})
     finally:
         for m, mode in modes.items():
             m.training = mode
     scale = float(batch) if loss_reduction == "mean" else 1.0
-    pairs = [
-        (torch.zeros_like(leaf) if g is None else g * scale, alone[name])
-        for (name, leaf), g in zip(leaves.items(), together)
-    ]
+    pairs = [(together[name] * scale, alone[name]) for name in leaves]
 
     def matches(factor: float) -> bool:
         return all(torch.allclose(g * factor, a, rtol=rtol, atol=atol) for g, a in pairs)

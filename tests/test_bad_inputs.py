@@ -340,6 +340,11 @@ def test_check_loss_accepts_per_example_losses():
     x, y = _batch()
     dpclip.check_loss(mlp(), nn.CrossEntropyLoss(), x, y)
     dpclip.check_loss(mlp(), nn.CrossEntropyLoss(reduction="sum"), x, y, loss_reduction="sum")
+    torch.manual_seed(0)  # padding_idx: under vmap torch gives the padding row gradients; both sides must drop them
+    padded = nn.Sequential(nn.Embedding(10, 4, padding_idx=0), nn.Flatten(), nn.Linear(12, 2))
+    tokens = torch.randint(0, 10, (6, 3))
+    tokens[:, 0] = 0
+    dpclip.check_loss(padded, nn.CrossEntropyLoss(), tokens, torch.randint(0, 2, (6,)))
 
 
 @pytest.mark.parametrize("loss_fn, reduction, words", [

@@ -19,7 +19,7 @@ from ..errors import ModelNotSupportedError
 from ..example_grads import ExampleGradients, MaterializedGradients
 from ..guards import check_optimizer, refuse_nonprivate_gradients
 from ..module import ChunkCollector, per_example_forward
-from ..per_sample import batch_size_of, trainable_parameters, without_padding_rows
+from ..per_sample import batch_size_of, trainable_parameters
 from .tape import LayerwiseTape
 from .verify import PathRunner, StateGuard, verify_paths
 
@@ -53,7 +53,7 @@ def vmap_runner(module_names: list[str]) -> PathRunner:
         captured: list[ExampleGradients] = []
         out, collectors = per_example_forward(
             module, args, kwargs, batch, False,
-            lambda grads, scale, start: captured.append(MaterializedGradients(without_padding_rows(module, grads))),
+            lambda grads, scale, start: captured.append(MaterializedGradients(grads)),
         )
 
         def collect() -> ExampleGradients:
@@ -119,7 +119,7 @@ class PerExampleForward:
         self._check_vmap_arguments(args, kwargs, batch, pin=first)
         out, collectors = per_example_forward(
             module, args, kwargs, self._chunk_size(module), mean,
-            lambda grads, scale, start: consume(MaterializedGradients(without_padding_rows(module, grads)), scale),
+            lambda grads, scale, start: consume(MaterializedGradients(grads), scale),
         )
         self.collectors.extend(collectors)
         return out
