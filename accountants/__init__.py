@@ -15,7 +15,7 @@ from .calibration import (
     steps_for,
     steps_per_epoch,
 )
-from .events import Composed, Event, Gaussian, Laplace, PoissonSampled, event_from_dict
+from .events import Composed, Event, Gaussian, Laplace, NonPrivate, PoissonSampled, event_from_dict
 from .factory import ACCOUNTANTS, make_accountant
 from .pld_accountant import PLDAccountant
 from .rdp import DEFAULT_ORDERS, rdp_curve
@@ -32,6 +32,7 @@ __all__ = [
     "Gaussian",
     "HistoryEntry",
     "Laplace",
+    "NonPrivate",
     "PLDAccountant",
     "PoissonSampled",
     "PrivacyParameterError",

@@ -8,6 +8,7 @@ every event, a stricter :meth:`Accountant._check_event`.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any, ClassVar, TypeVar
 
 from .checks import MAX_STEPS, check_count, check_delta, check_nonnegative
 from .errors import PrivacyParameterError
-from .events import Event, event_from_dict
+from .events import Event, event_from_dict, releases_without_noise
 
 __all__ = ["Accountant", "EpsilonResult", "HistoryEntry"]
 
@@ -76,7 +77,10 @@ class Accountant(ABC):
 
     # -- what a subclass supplies ----------------------------------------------------------------
     def _check_event(self, event: object) -> Event:
-        """Return ``event`` if this accountant can interpret it, else raise PrivacyParameterError."""
+        """Return ``event`` if this accountant can interpret it, else raise PrivacyParameterError.
+
+        Called only for events without a :class:`~accountants.events.NonPrivate` part (those need no measurement).
+        """
         if not isinstance(event, Event):
             raise PrivacyParameterError(
                 f"event must be an accountants event such as PoissonSampled(q, Gaussian(sigma)), got {event!r}"
@@ -104,9 +108,21 @@ class Accountant(ABC):
         """Apply what :meth:`_parse_settings` returned (must not fail)."""
 
     # -- composition ---------------------------------------------------------------------------
+    def _accept(self, event: object) -> Event:
+        """``event`` if it is an event this accountant can record: one it can measure, or one with no noise."""
+        if isinstance(event, Event) and releases_without_noise(event):
+            return event
+        return self._check_event(event)
+
+    def _measure(self, history: Sequence[HistoryEntry], delta: float) -> EpsilonResult:
+        """ε of ``history`` at ``delta``: ∞ if anything was released without noise, else the subclass's bound."""
+        if any(releases_without_noise(entry.event) for entry in history):
+            return EpsilonResult(math.inf)
+        return self._epsilon_result(history, delta)
+
     def compose(self, event: Event, count: int = 1) -> None:
         """Record ``count`` runs of ``event`` (count = 0 records nothing); on any error nothing changes."""
-        event = self._check_event(event)
+        event = self._accept(event)
         count = self._check_more_steps(count)
         self._history = merged(self._history, event, count)
 
@@ -137,7 +153,7 @@ class Accountant(ABC):
     # -- privacy queries -----------------------------------------------------------------------
     def epsilon_result(self, delta: float) -> EpsilonResult:
         """Smallest certified ε with (ε, δ)-DP for the whole history, with its Rényi order or error bound."""
-        return self._epsilon_result(self._history, check_delta(delta))
+        return self._measure(self._history, check_delta(delta))
 
     def get_epsilon(self, delta: float) -> float:
         """Smallest ε such that everything composed so far is (ε, δ)-DP (an upper bound, never optimistic)."""
@@ -145,13 +161,16 @@ class Accountant(ABC):
 
     def get_epsilon_after(self, event: Event, delta: float, count: int = 1) -> float:
         """ε the history would have after ``count`` more runs of ``event``; the accountant is not changed."""
-        event = self._check_event(event)
+        event = self._accept(event)
         count = self._check_more_steps(count)
-        return self._epsilon_result(merged(self._history, event, count), check_delta(delta)).epsilon
+        return self._measure(merged(self._history, event, count), check_delta(delta)).epsilon
 
     def get_delta(self, epsilon: float) -> float:
         """Smallest δ such that everything composed so far is (ε, δ)-DP (an upper bound)."""
-        return self._delta(self._history, check_nonnegative("epsilon", epsilon))
+        epsilon = check_nonnegative("epsilon", epsilon)
+        if any(releases_without_noise(entry.event) for entry in self._history):
+            return 1.0
+        return self._delta(self._history, epsilon)
 
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -179,7 +198,7 @@ class Accountant(ABC):
             settings = self._parse_settings(state)
             history: list[HistoryEntry] = []
             for item in state["history"]:
-                event = self._check_event(event_from_dict(item["event"]))
+                event = self._accept(event_from_dict(item["event"]))
                 history = merged(history, event, check_count("count", item["count"], maximum=MAX_STEPS))
             if sum(entry.count for entry in history) > MAX_STEPS:
                 raise PrivacyParameterError(f"{name} state holds more than {MAX_STEPS:,} steps")

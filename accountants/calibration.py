@@ -169,7 +169,7 @@ def calibrate_noise(
     steps: int,
     orders: Sequence[float] | None = None,
     rtol: float = 1e-4,
-    accountant: AccountantName = "rdp",
+    accountant: AccountantName = "pld",
 ) -> float:
     """Smallest noise multiplier σ (to relative tolerance ``rtol``) with ε(event_for(σ) × steps) ≤ target.
 
@@ -222,12 +222,12 @@ def noise_multiplier_for(
     steps: int,
     mechanism: Mechanism = "gaussian",
     orders: Sequence[float] | None = None,
-    accountant: AccountantName = "rdp",
+    accountant: AccountantName = "pld",
 ) -> float:
     """Smallest σ (Gaussian: std / L2 sensitivity; Laplace: scale / L1 sensitivity) reaching ``target_epsilon``.
 
     The result is guaranteed to give ε ≤ target_epsilon, by ``accountant``'s ε ("rdp" or "pld"), for
-    ``steps`` Poisson-sampled steps at rate q. The default "rdp" matches the training engine's accountant.
+    ``steps`` Poisson-sampled steps at rate q. The default "pld" is the training engine's and the CLI's default accountant.
     """
     q = check_sample_rate(sample_rate)
     step_event(q, 1.0, mechanism)  # validate the mechanism name before searching
@@ -244,7 +244,7 @@ def steps_for(
     mechanism: Mechanism = "gaussian",
     orders: Sequence[float] | None = None,
     max_steps: int = MAX_STEPS,
-    accountant: AccountantName = "rdp",
+    accountant: AccountantName = "pld",
 ) -> int:
     """Largest number of steps T ≤ ``max_steps`` with ε(T) ≤ target_epsilon (0 if not even one step fits).
 

@@ -32,13 +32,14 @@ from .checks import (
 from .errors import PrivacyParameterError, PrivacyWarning
 from .calibration import epochs_to_steps, noise_multiplier_for, step_event, steps_for
 from .factory import make_accountant
-from .statement import format_epsilon, privacy_statement
+from .statement import accountant_label, format_epsilon, privacy_statement
 
 ACCOUNTANT_HELP = (
     "pld (default): privacy loss distributions, near-exact and never optimistic - the smallest epsilon a "
     "rigorous accountant can certify, typically 8-16%% below RDP for DP-SGD; a query takes ~0.1 s. "
     "rdp: Renyi DP, ~1 ms per query but looser. Plan with the accountant your training run will report "
-    "(dpclip's engine uses rdp unless told otherwise), or its budget guard may stop training earlier than planned."
+    "(dpclip's PrivacyEngine also uses pld unless told otherwise), or its budget guard may stop training earlier "
+    "than planned."
 )
 
 
@@ -122,7 +123,6 @@ def _report(args: argparse.Namespace, q: float, sigma: float, steps: int, delta:
     accountant.compose(step_event(q, sigma, args.mechanism), steps)
     found = accountant.epsilon_result(delta)
     eps, order, error = found.epsilon, found.order, found.error
-    name = "RDP" if error is None else f"PLD (privacy loss distributions; numerical error ≤ {error:.2g})"
     return {
         "epsilon": eps,
         "delta": delta,
@@ -138,7 +138,7 @@ def _report(args: argparse.Namespace, q: float, sigma: float, steps: int, delta:
         "batch_size": args.batch_size,
         "statement": privacy_statement(
             eps, delta, steps=steps, sample_rate=q, noise_multiplier=sigma, mechanism=args.mechanism, order=order,
-            accountant=name,
+            accountant=accountant_label(args.accountant, error),
         ),
     }
 
@@ -167,10 +167,12 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         sigma = check_noise_multiplier("--noise-multiplier", args.noise_multiplier)
         steps = steps_for(target, delta, q, sigma, args.mechanism, accountant=args.accountant)
         if steps == 0:
-            result = {"epsilon": None, "delta": delta, "order": None, "noise_multiplier": sigma, "sample_rate": q,
-                      "steps": 0, "epochs": 0.0, "mechanism": args.mechanism, "accountant": args.accountant,
-                      "target_epsilon": target, "statement": "Not even one step fits this budget."}
-            return result, f"no step fits epsilon <= {target:g} at delta = {delta:g}; raise the noise multiplier"
+            one = _report(args, q, sigma, 1, delta)["epsilon"]
+            raise PrivacyParameterError(
+                f"no step fits epsilon <= {target:g} at delta = {delta:g}: one step already spends epsilon = "
+                f"{format_epsilon(one)}. Raise --noise-multiplier (dpclip-budget noise finds the smallest that "
+                "fits a number of steps), lower --sample-rate, or raise --target-epsilon"
+            )
         result = _report(args, q, sigma, steps, delta)
         result["target_epsilon"] = target
         headline = (
@@ -192,8 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in caught:
         if issubclass(warning.category, PrivacyWarning):  # numerical RuntimeWarnings are not the user's concern
             print(f"dpclip-budget: warning: {warning.message}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result, indent=2))
+    if args.json:  # strict JSON: an infinite epsilon (no finite bound) is written as null, with a flag
+        infinite = [key for key, value in result.items() if isinstance(value, float) and math.isinf(value)]
+        result.update({key: None for key in infinite})
+        if infinite:
+            result["infinite"] = infinite
+        print(json.dumps(result, indent=2, allow_nan=False))
     else:
         print(headline)
         print(result["statement"])

@@ -8,6 +8,7 @@ Adjacency throughout is add/remove-one-record.
     Laplace(b)                   x + Laplace(0, b·Δ₁) per coordinate
     PoissonSampled(q, m)         m run on a batch holding each record independently with probability q
     Composed([m1, m2, ...], k)   m1, m2, ... on the same data, the whole list repeated k times
+    NonPrivate()                 x itself, with no noise (a debugging baseline): ε = ∞ at every δ < 1
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from .checks import MAX_STEPS, check_count, check_noise_multiplier, check_sample_rate
 from .errors import PrivacyParameterError
 
-__all__ = ["Event", "Gaussian", "Laplace", "PoissonSampled", "Composed", "event_from_dict"]
+__all__ = ["Event", "Gaussian", "Laplace", "NonPrivate", "PoissonSampled", "Composed", "event_from_dict", "releases_without_noise"]
 
 
 class Event:
@@ -59,6 +60,21 @@ class Laplace(Event):
 
     def __str__(self) -> str:
         return f"Laplace(b={self.noise_multiplier:.6g})"
+
+
+@dataclass(frozen=True)
+class NonPrivate(Event):
+    """A release without noise (e.g. DP-SGD with noise multiplier 0): no finite ε holds at any δ < 1.
+
+    Even Poisson-sampled, the exact clipped gradient of an included example is released with probability q, so
+    every accountant reports ε = ∞ for any history that contains it (conservative for δ ≥ q, exact below).
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "non_private"}
+
+    def __str__(self) -> str:
+        return "NonPrivate(no noise)"
 
 
 @dataclass(frozen=True)
@@ -122,6 +138,17 @@ def _runs(event: Event) -> int:
     return 1
 
 
+def releases_without_noise(event: Event) -> bool:
+    """Whether ``event`` contains a :class:`NonPrivate` release (then its ε is ∞)."""
+    if isinstance(event, NonPrivate):
+        return True
+    if isinstance(event, PoissonSampled):
+        return releases_without_noise(event.mechanism)
+    if isinstance(event, Composed):
+        return any(releases_without_noise(e) for e in event.events)
+    return False
+
+
 def event_from_dict(data: Mapping[str, Any]) -> Event:
     """Rebuild an event from :meth:`Event.to_dict` output (validating every field)."""
     if not isinstance(data, Mapping) or "type" not in data:
@@ -132,6 +159,8 @@ def event_from_dict(data: Mapping[str, Any]) -> Event:
             return Gaussian(data["noise_multiplier"])
         if kind == "laplace":
             return Laplace(data["noise_multiplier"])
+        if kind == "non_private":
+            return NonPrivate()
         if kind == "poisson_sampled":
             return PoissonSampled(data["sample_rate"], event_from_dict(data["mechanism"]))
         if kind == "composed":
@@ -139,5 +168,5 @@ def event_from_dict(data: Mapping[str, Any]) -> Event:
     except KeyError as missing:
         raise PrivacyParameterError(f"event of type {kind!r} lacks the field {missing}") from None
     raise PrivacyParameterError(
-        f"unknown event type {kind!r}; expected gaussian, laplace, poisson_sampled or composed"
+        f"unknown event type {kind!r}; expected gaussian, laplace, non_private, poisson_sampled or composed"
     )

@@ -20,7 +20,7 @@ AccountantName = Literal["rdp", "pld"]
 ACCOUNTANTS: dict[str, type[Accountant]] = {"rdp": RDPAccountant, "pld": PLDAccountant}
 
 
-def make_accountant(name: str = "rdp", *, orders: Sequence[float] | None = None, **options: Any) -> Accountant:
+def make_accountant(name: str = "pld", *, orders: Sequence[float] | None = None, **options: Any) -> Accountant:
     """A fresh accountant ``ACCOUNTANTS[name](**options)`` ("rdp": ``orders``; "pld": value_discretization_interval...).
 
     Every accountant has the :class:`~accountants.base.Accountant` interface (compose, history, steps,

@@ -245,9 +245,8 @@ class PLDAccountant(Accountant):
         discretisation step with the exact loss (Azuma–Hoeffding; see :mod:`accountants.pld`) and is
         conservative: the actual gap is typically ~100× smaller.
         """
-        result = self._epsilon_result(self._history, check_delta(delta))
-        assert result.error is not None
-        return result.epsilon, result.error
+        result = self._measure(self._history, check_delta(delta))
+        return result.epsilon, math.inf if result.error is None else result.error
 
     # -- settings ------------------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from functools import lru_cache
 import numpy as np
 from scipy.special import gammaln
 
-from .events import Composed, Event, Gaussian, Laplace, PoissonSampled
+from .events import Composed, Event, Gaussian, Laplace, NonPrivate, PoissonSampled
 
 __all__ = [
     "DEFAULT_ORDERS",
@@ -317,7 +317,7 @@ def pure_epsilon(event: Event) -> float:
     Laplace(b): 1/b (Dwork et al. 2006); Poisson sampling: log(1 + q(e^ε − 1)) (Li, Qardaji & Su 2012,
     Thm. 1; add/remove form in Balle, Barthe & Gaboardi 2018, Thm. 8); composition adds.
     """
-    if isinstance(event, Gaussian):
+    if isinstance(event, (Gaussian, NonPrivate)):
         return math.inf
     if isinstance(event, Laplace):
         return 1.0 / event.noise_multiplier
@@ -346,6 +346,8 @@ def _normalise(event: Event) -> Event:
 
 
 def _raw_curve(event: Event, orders: np.ndarray) -> np.ndarray:
+    if isinstance(event, NonPrivate):
+        return np.full(len(orders), math.inf)
     if isinstance(event, Gaussian):
         return gaussian_rdp(event.noise_multiplier, orders)
     if isinstance(event, Laplace):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -72,9 +74,8 @@ class RDPAccountant(Accountant):
 
     def get_epsilon_and_order(self, delta: float) -> tuple[float, float]:
         """Smallest ε with (ε, δ)-DP for the whole history, and the Rényi order that gives it (∞: pure DP)."""
-        result = self._epsilon_result(self._history, check_delta(delta))
-        assert result.order is not None
-        return result.epsilon, result.order
+        result = self._measure(self._history, check_delta(delta))
+        return result.epsilon, math.inf if result.order is None else result.order
 
     # -- settings ------------------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:

@@ -18,6 +18,14 @@ def format_epsilon(epsilon: float, digits: int = 4) -> str:
     return f"{math.ceil(epsilon * scale - 1e-9) / scale:.{digits}g}"
 
 
+def accountant_label(name: str, error: float | None = None) -> str:
+    """How a statement names the accountant: "RDP", or "PLD (...; numerical error ≤ e)" with its error bound."""
+    if name.lower() == "pld":
+        bound = "" if error is None or math.isinf(error) else f"; numerical error ≤ {error:.2g}"
+        return f"PLD (privacy loss distributions{bound})"
+    return name.upper()
+
+
 def privacy_statement(
     epsilon: float,
     delta: float,
@@ -37,8 +45,14 @@ def privacy_statement(
     where = ""
     if order is not None:
         where = " (pure-DP composition)" if math.isinf(order) else f" (best Rényi order α = {order:g})"
+    if math.isinf(epsilon):
+        why = "the updates were released without noise (noise multiplier 0)" if noise_multiplier == 0 else \
+            "no finite ε bounds this history"
+        headline = f"NO privacy guarantee: ε = ∞ at δ = {delta:.3g}, because {why}."
+    else:
+        headline = f"Privacy guarantee: (ε = {format_epsilon(epsilon)}, δ = {delta:.3g})-differential privacy for each {unit}."
     lines = [
-        f"Privacy guarantee: (ε = {format_epsilon(epsilon)}, δ = {delta:.3g})-differential privacy for each {unit}.",
+        headline,
         f"Mechanism: {steps:,} steps of {noise}{sigma}, each on a Poisson sample of the data "
         f"(every {unit} included independently with probability q = {sample_rate:.4g}).",
     ]

@@ -6,23 +6,35 @@ seed, expected batch size, (q, σ, C) and number of steps. Libraries: non-privat
 grad_sample_mode "hooks", "functorch" and "ghost". Opacus refuses nn.MultiheadAttention, so for the
 transformer it runs on ModuleValidator.fix(model) (DPMultiheadAttention); dpclip runs the stock model.
 
-    python benchmarks/compare_opacus.py                  # full sizes, CPU: JSON + markdown + plot
+Timing is made robust to the stalls of shared machines: one thread by default (several OpenMP threads on shared
+virtual cores stall for ~200 ms now and then while they spin-wait), every pair runs ``--repeats`` times,
+interleaved (each repeat runs every pair once, in a rotated order), and the reported step time is the lowest of
+the repeats' median step times; each repeat's figures (and every step time) are kept in the JSON, with the
+command line, threads, OpenMP settings, versions, CPU and date of the run.
+
+    OMP_NUM_THREADS=1 python benchmarks/compare_opacus.py   # full sizes, CPU: JSON + markdown + plot (~20 min)
     python benchmarks/compare_opacus.py --size small     # a quick look
-    python benchmarks/compare_opacus.py --device cuda    # on a GPU (adds the largest batch that fits)
+    python benchmarks/compare_opacus.py --device cuda    # on a GPU
     python benchmarks/compare_opacus.py --smoke          # tiny, checks that everything runs (used by the tests)
+    python benchmarks/render_tables.py                   # then: README's tables from the results files
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import resource
+import runpy
+import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -38,6 +50,90 @@ SIZES = {
     "small": {"batch": 64, "mlp": 256, "cnn": 28, "transformer": (2000, 64, 2, 32), "resnet": (32, 8)},
     "smoke": {"batch": 8, "mlp": 32, "cnn": 28, "transformer": (100, 16, 1, 8), "resnet": (16, 4)},
 }
+ROOT = Path(__file__).resolve().parents[1]
+# environment variables that change CPU timings: recorded with the results (and in the command line when set)
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "BENCH_THREADS")
+
+
+def describe(model: str, size: str) -> str:
+    """A short description of ``model`` at ``size`` (for the tables)."""
+    cfg = SIZES[size]
+    if model == "mlp":
+        return f"MLP 784-{cfg['mlp']}-{cfg['mlp']}-10"
+    if model == "cnn":
+        return "DP CNN (conv 16 k8 s2, conv 32 k4 s2, 2 linear) on 1×28×28"
+    if model == "transformer":
+        vocab, width, layers, seq = cfg["transformer"]
+        return f"transformer: embedding {vocab}×{width}, {layers} stock nn.TransformerEncoderLayer, sequence {seq}"
+    side, width = cfg["resnet"]
+    return f"GroupNorm ResNet (width {width}, 2 residual blocks) on 3×{side}×{side}"
+
+
+def resolve_threads(threads: int | None, environ: dict[str, str]) -> int:
+    """Threads per run: --threads, else $BENCH_THREADS, else $OMP_NUM_THREADS, else 1."""
+    if threads is not None:
+        return threads
+    for name in ("BENCH_THREADS", "OMP_NUM_THREADS"):
+        if environ.get(name, "").strip():
+            return int(environ[name])
+    return 1
+
+
+def command_line(argv: list[str], environ: dict[str, str]) -> str:
+    """The command that made a results file, as one would type it in the repository root."""
+    script = Path(argv[0]).resolve()
+    try:
+        script_text = str(script.relative_to(ROOT))
+    except ValueError:
+        script_text = argv[0]
+    assignments = [f"{name}={shlex.quote(environ[name])}" for name in THREAD_ENV if name in environ]
+    return " ".join([*assignments, "python", script_text, *map(shlex.quote, argv[1:])])
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_revision() -> str | None:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+uncommitted changes" if dirty.stdout.strip() else "")
+
+
+def environment(threads: int, worker_env: dict[str, str]) -> dict[str, Any]:
+    """What a results file records about how and where it was made."""
+    try:
+        import opacus
+
+        opacus_version = opacus.__version__
+    except ImportError:
+        opacus_version = None
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "command": command_line(sys.argv, dict(os.environ)),
+        "argv": sys.argv[1:],
+        "threads": threads,
+        "thread_env": {name: worker_env.get(name) for name in THREAD_ENV},  # as the runs saw it (None: unset)
+        "torch": torch.__version__,
+        "opacus": opacus_version,
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpus": affinity,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git": _git_revision(),
+    }
 
 
 
@@ -97,12 +193,12 @@ def build(model: str, size: str):
     raise ValueError(model)
 
 
-def run_one(model_name: str, library: str, size: str, device: str, steps: int, warmup: int) -> dict[str, Any]:
+def run_one(model_name: str, library: str, size: str, device: str, steps: int, warmup: int, threads: int = 1) -> dict[str, Any]:
     """Time ``steps`` training steps (after ``warmup``) of one library on one model, in this process."""
     from torch.utils.data import DataLoader, TensorDataset
 
     torch.manual_seed(0)
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_num_threads(threads)
     batch = SIZES[size]["batch"]
     model, make_batch = build(model_name, size)
     dataset_size = batch * 50
@@ -134,7 +230,7 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
             note = "ModuleValidator.fix"
         model = model.to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        engine = PrivacyEngine(accountant="rdp")
+        engine = PrivacyEngine(accountant="prv")  # Opacus's default and tightest, as PLD is dpclip's
         kwargs = dict(noise_multiplier=SIGMA, max_grad_norm=CLIP, grad_sample_mode=mode, poisson_sampling=True)
         if mode == "ghost":
             model, optimizer, criterion, loader = engine.make_private(
@@ -176,6 +272,8 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
         "steps_timed": len(measured),
         "first_step_ms": times[0] * 1e3,  # dpclip: includes the first-step verification
         "note": note,
+        "threads": torch.get_num_threads(),
+        "step_ms": [round(t * 1e3, 3) for t in measured],
     }
     if device == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -185,7 +283,7 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
 ACCURACY_EPSILONS = (1.0, 3.0, 8.0)
 
 
-def accuracy_run(library: str, epsilon: float, seed: int, epochs: int) -> dict[str, Any]:
+def accuracy_run(library: str, epsilon: float, seed: int, epochs: int, threads: int = 1) -> dict[str, Any]:
     """Train the main job's digits CNN privately with ``library`` at the σ dpclip calibrates for ``epsilon``.
 
     Both libraries get the same initial weights, data split, (q, σ, C, steps), optimizer and learning rate; each
@@ -198,7 +296,7 @@ def accuracy_run(library: str, epsilon: float, seed: int, epochs: int) -> dict[s
     from dpclip_examples.digits import DigitsCNN, accuracy, load_data
     from dpclip_examples.train_digits import DEFAULTS
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_num_threads(threads)
     train, test = load_data(torch.device("cpu"))
     batch, clip, lr = DEFAULTS["batch_size"], DEFAULTS["max_grad_norm"], DEFAULTS["lr"]
     loader = DataLoader(train, batch_size=batch)
@@ -220,7 +318,7 @@ def accuracy_run(library: str, epsilon: float, seed: int, epochs: int) -> dict[s
     else:
         from opacus import PrivacyEngine
 
-        engine = PrivacyEngine(accountant="rdp")
+        engine = PrivacyEngine(accountant="prv")  # Opacus's default and tightest, as PLD is dpclip's
         model, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma, max_grad_norm=clip,
             poisson_sampling=True, grad_sample_mode="hooks",
@@ -241,51 +339,45 @@ def accuracy_run(library: str, epsilon: float, seed: int, epochs: int) -> dict[s
             "test_accuracy": accuracy(module, test), "wall_s": wall}
 
 
-def accuracy_table(runs: list[dict[str, Any]]) -> str:
-    lines = ["| ε target | σ | steps | library | test accuracy (mean ± sd over seeds) | ε reported | s per run |",
-             "|---|---|---|---|---|---|---|"]
-    for eps in sorted({r["target_epsilon"] for r in runs}):
-        for lib in ("dpclip", "opacus"):
-            rs = [r for r in runs if r["target_epsilon"] == eps and r["library"] == lib]
-            if not rs:
-                continue
-            accs = [r["test_accuracy"] for r in rs]
-            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            lines.append(
-                f"| {eps:g} | {rs[0]['sigma']:.3f} | {rs[0]['steps']} | {lib} | {statistics.mean(accs):.3f} ± {sd:.3f} "
-                f"(n={len(accs)}) | {max(r['epsilon'] for r in rs):.3f} | {statistics.mean(r['wall_s'] for r in rs):.1f} |"
-            )
-    return "\n".join(lines)
-
-
-def spawn(model: str, library: str, args: argparse.Namespace) -> dict[str, Any]:
+def spawn(model: str, library: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     command = [sys.executable, __file__, "--worker", model, library, "--size", args.size, "--device", args.device,
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"model": model, "library": library, "error": f"over --timeout {args.timeout} s"}
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or ["failed"])[-1][:300]
         return {"model": model, "library": library, "error": reason}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    base = {r["model"]: r["ms_per_step"] for r in results if r["library"] == "nonprivate" and "error" not in r}
-    lines = ["| model | library | ms/step | examples/s | × non-private | peak RSS MB | ε (δ=1e-5) | note |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['library']} | — | — | — | — | — | {r['error']} |")
-            continue
-        ratio = r["ms_per_step"] / base[r["model"]] if r["model"] in base else float("nan")
-        eps = "—" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
-        lines.append(
-            f"| {r['model']} | {r['library']} | {r['ms_per_step']:.1f} | {r['examples_per_s']:.0f} | {ratio:.2f} | "
-            f"{r['peak_rss_mb']:.0f} | {eps} | {r['note']} |"
-        )
-    return "\n".join(lines)
+REPEAT_KEYS = ("ms_per_step", "first_step_ms", "peak_rss_mb", "steps_timed", "threads", "step_ms", "started_s")
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
+def combine(model: str, library: str, runs: list[dict[str, Any]], batch: int) -> dict[str, Any]:
+    """One row from a pair's repeats: the lowest of the repeats' median step times (a stall or a busy neighbour
+    only ever slows a repeat down); peak RSS is the highest of the repeats'; each repeat's figures are kept."""
+    repeats = [{k: r[k] for k in REPEAT_KEYS if k in r} if "error" not in r else {"error": r["error"]} for r in runs]
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"model": model, "library": library, "error": runs[-1]["error"], "repeats": repeats}
+    ms = min(r["ms_per_step"] for r in ok)
+    return {
+        "model": model,
+        "library": library,
+        "ms_per_step": ms,
+        "examples_per_s": batch / (ms / 1e3),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
+        "epsilon": ok[0]["epsilon"],
+        "steps_timed": ok[0]["steps_timed"],
+        "first_step_ms": statistics.median(r["first_step_ms"] for r in ok),
+        "note": ok[0]["note"],
+        "repeats": repeats,
+    }
+
+
+def plot(results: list[dict[str, Any]], path: Path, settings: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,21 +399,28 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(title)
         ax.set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.text(0.01, 0.01, f"{settings['command']}  ·  {settings['threads']} thread(s), {settings['repeats']} repeats, "
+             f"torch {settings['torch']}, {settings['cpu']} ({settings['cpus']} CPUs), {settings['date'][:10]}", fontsize=8)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
-def main() -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="full", help="smoke is what --smoke uses")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
     parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=LIBRARIES)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per configuration")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run (after warm-up); a run reports their median")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (dpclip's first step verifies its path)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each pair, interleaved; the table reports the lowest of their median step times")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch/OpenMP threads per run (default: $BENCH_THREADS, else $OMP_NUM_THREADS, else 1)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per run")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps: checks that everything runs")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps, one repeat, in this process: checks that everything runs")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "LIBRARY"), help=argparse.SUPPRESS)
     parser.add_argument(
         "--accuracy", action="store_true",
@@ -331,37 +430,72 @@ def main() -> None:
     parser.add_argument("--epsilons", nargs="+", type=float, default=list(ACCURACY_EPSILONS))
     parser.add_argument("--seeds", type=int, default=3, help="seeds per (epsilon, library) in --accuracy")
     parser.add_argument("--epochs", type=int, default=None, help="epochs in --accuracy (default: the main job's)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = make_parser().parse_args()
+    args.threads = resolve_threads(args.threads, dict(os.environ))
+    # the runs' OpenMP pool is sized before torch starts: the workers get the thread count in their environment
+    worker_env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if args.smoke:
+        args.size, args.steps, args.warmup, args.repeats = "smoke", 2, 1, 1
+    if args.worker:
+        print(json.dumps(run_one(*args.worker, args.size, args.device, args.steps, args.warmup, args.threads)))
+        return
+    render_tables = SimpleNamespace(**runpy.run_path(str(Path(__file__).resolve().parent / "render_tables.py")))
+
+    started = time.perf_counter()
+    in_process = args.accuracy or args.smoke  # else the runs are workers, with worker_env
+    settings = environment(args.threads, dict(os.environ) if in_process else worker_env)
     if args.accuracy:
         from dpclip_examples.train_digits import DEFAULTS
 
         epochs = args.epochs or (1 if args.smoke else DEFAULTS["epochs"])
         seeds = 1 if args.smoke else args.seeds
-        runs = [accuracy_run(lib, eps, seed, epochs) for eps in args.epsilons for lib in ("dpclip", "opacus") for seed in range(seeds)]
+        runs = [accuracy_run(lib, eps, seed, epochs, args.threads)
+                for eps in args.epsilons for lib in ("dpclip", "opacus") for seed in range(seeds)]
         args.out.mkdir(parents=True, exist_ok=True)
         stem = "accuracy_digits_smoke" if args.smoke else "accuracy_digits"
-        (args.out / f"{stem}.json").write_text(json.dumps({"delta": DELTA, "epochs": epochs, "runs": runs}, indent=1))
-        markdown = accuracy_table(runs)
-        (args.out / f"{stem}.md").write_text(markdown + "\n")
+        settings["duration_s"] = round(time.perf_counter() - started, 1)
+        report = {"delta": DELTA, "epochs": epochs, "settings": settings, "runs": runs}
+        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+        markdown = render_tables.accuracy_markdown(report)
+        (args.out / f"{stem}.md").write_text(markdown)
         print(markdown)
         return
-    if args.smoke:
-        args.size, args.steps, args.warmup = "smoke", 2, 1
-    if args.worker:
-        print(json.dumps(run_one(*args.worker, args.size, args.device, args.steps, args.warmup)))
-        return
-    if args.smoke:  # in this process: checks that every library runs, not what it costs
-        results = [run_one(m, lib, args.size, args.device, args.steps, args.warmup) for m in args.models for lib in args.libraries]
-    else:
-        results = [spawn(m, lib, args) for m in args.models for lib in args.libraries]
+    pairs = [(m, lib) for m in args.models for lib in args.libraries]
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {pair: [] for pair in pairs}
+    for rep in range(args.repeats):
+        # interleaved: every pair once per repeat, starting one further along each time, so that a noisy stretch
+        # of the run falls on different pairs in different repeats
+        shift = rep % len(pairs)
+        for i, (m, lib) in enumerate(pairs[shift:] + pairs[:shift]):
+            at = time.perf_counter() - started
+            if args.smoke:  # in this process: checks that every library runs, not what it costs
+                result = run_one(m, lib, args.size, args.device, args.steps, args.warmup, args.threads)
+            else:
+                result = spawn(m, lib, args, worker_env)
+            result["started_s"] = round(at, 1)
+            runs[(m, lib)].append(result)
+            figure = result.get("error") or f"{result['ms_per_step']:.1f} ms/step"
+            print(f"[repeat {rep + 1}/{args.repeats}, {i + 1}/{len(pairs)}, {at:.0f} s] {m} {lib}: {figure}",
+                  file=sys.stderr, flush=True)
+    batch = SIZES[args.size]["batch"]
+    results = [combine(m, lib, runs[(m, lib)], batch) for m, lib in pairs]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"compare_opacus_{args.size}_{args.device}"
-    meta = {"size": args.size, "device": args.device, "batch": SIZES[args.size]["batch"], "sigma": SIGMA,
-            "max_grad_norm": CLIP, "delta": DELTA, "steps": args.steps, "threads": int(os.environ.get("BENCH_THREADS", "2"))}
-    (args.out / f"{stem}.json").write_text(json.dumps({"settings": meta, "results": results}, indent=1))
-    markdown = table(results)
-    (args.out / f"{stem}.md").write_text(markdown + "\n")
-    plot(results, args.out / f"{stem}.png")
+    settings.update({
+        "size": args.size, "device": args.device, "batch": batch, "sigma": SIGMA, "max_grad_norm": CLIP,
+        "delta": DELTA, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+        "in_process": args.smoke, "models": {m: describe(m, args.size) for m in args.models},
+        "duration_s": round(time.perf_counter() - started, 1),
+    })
+    report = {"settings": settings, "results": results}
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    markdown = render_tables.compare_markdown(report)
+    (args.out / f"{stem}.md").write_text(markdown)
+    plot(results, args.out / f"{stem}.png", settings)
     print(markdown)
 
 

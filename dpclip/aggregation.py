@@ -47,7 +47,8 @@ class ClippedSum:
             return
         bound = self.clipping.max_norm
         if self.mechanism.per_layer:
-            factors = clip_factors(per_param, norm.part_bound(bound, len(example_grads.names)))
+            bounds = self.mechanism.part_bounds(example_grads.names, bound).to(per_param.device, per_param.dtype)
+            factors = clip_factors(per_param, bounds)
         else:
             factors = clip_factors(norms, bound)[:, None].expand(-1, per_param.shape[1])
         factors = torch.where(finite[:, None], factors, 0.0)  # nonfinite="drop": those examples contribute 0

@@ -40,8 +40,9 @@ def per_example_norms(grads: Mapping[str, Tensor], norm: Norm = "l2") -> Tensor:
     return clip_norm(norm).combine(layer_norms(grads, norm))
 
 
-def clip_factors(norms: Tensor, max_norm: float) -> Tensor:
-    """min(1, C / norm) per example (1 for a zero gradient), so that factor × norm ≤ C."""
+def clip_factors(norms: Tensor, max_norm: float | Tensor) -> Tensor:
+    """min(1, C / norm) per example (1 for a zero gradient), so that factor × norm ≤ C (C may be one bound per
+    column of ``norms``)."""
     return torch.clamp(max_norm * _SAFETY / norms, max=1.0)
 
 

@@ -31,9 +31,9 @@ from .noise import NoiseSource
 from .optimizer import DPOptimizer
 from .per_sample import trainable_parameters
 from .checkpoint import Checkpointing
-from .report import PrivacyReporting, check_budget
+from .report import BudgetGuard, PrivacyReporting, check_budget
 from .sampling import PoissonDataLoader
-from .setup import calibrated_noise_multiplier, plan_training
+from .setup import calibrated_noise_multiplier, check_opacus_options, plan_training
 from .step_guard import StepGuard
 
 PrivacySettings = DPSGDMechanism  # the name under which engine.settings has always been public
@@ -50,10 +50,17 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
     >>> engine.get_epsilon(delta=1e-5)
     """
 
-    def __init__(self, accountant: Literal["rdp", "pld"] = "rdp", secure_mode: bool = False, seed: int | None = None) -> None:
+    def __init__(self, accountant: Literal["pld", "rdp"] = "pld", secure_mode: bool = False, seed: int | None = None) -> None:
+        """``accountant``: "pld" (default; privacy loss distributions: the tightest certified ε, as the budget
+        calculator ``dpclip-budget`` uses by default) or "rdp" (Rényi DP: looser, cheaper to query).
+        ``secure_mode``: OS-seeded noise and sampling, float-attack-resistant noise (README § Secure noise).
+        ``seed``: reproducible noise and sampling (not with secure_mode)."""
         if accountant not in ACCOUNTANTS:
+            hint = {"prv": " ('pld' is the same kind of accountant: privacy loss distributions)",
+                    "gdp": " (Gaussian DP's CLT approximation can under-report ε; dpclip offers only certified bounds)"}
             raise PrivacyParameterError(
-                f"accountant must be 'rdp' (Rényi DP: fast) or 'pld' (privacy loss distributions: tighter ε), got {accountant!r}"
+                f"accountant must be 'pld' (privacy loss distributions: the tightest ε, the default) or 'rdp' (Rényi "
+                f"DP: faster queries, looser ε), got {accountant!r}{hint.get(accountant, '')}"
             )
         self.accountant_name = accountant
         self.accountant = make_accountant(accountant)
@@ -64,6 +71,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         self.clipping: ClippingPolicy | None = None
         self._bound: float | None = None  # the clipping bound C the engine set; any other value is refused
         self.budget: tuple[float, float] | None = None
+        self.budget_guard: BudgetGuard | None = None  # counts the steps left within the budget (report.py)
         self.steps = 0
         self._module: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -101,11 +109,16 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         target_epsilon: float | None = None, target_delta: float | None = None, sample_rate: float | None = None,
         grad_sample_mode: Literal["auto", "layerwise", "vmap"] = "auto", distributed: bool | None = None,
         verify: Literal["first-step", "every-step", "off"] = "first-step",
+        noise_generator: torch.Generator | None = None, poisson_sampling: bool = True, batch_first: bool = True,
+        criterion: Any = None,
     ) -> tuple[PrivateModule, DPOptimizer, PoissonDataLoader]:
         """Wrap ``module``, ``optimizer`` and ``data_loader`` for DP-SGD; returns their private versions.
 
         - ``norm``: "l2" clips to L2 norm ≤ C and adds Gaussian noise of std σ·C; "l1" clips to L1 norm ≤ C and adds
-          Laplace noise of scale σ·C per coordinate. ``per_layer`` splits C over the parameters.
+          Laplace noise of scale σ·C per coordinate. ``per_layer`` splits C over the parameters; a list (one per
+          trainable parameter, in ``named_parameters()`` order) or dict (name → C_k) ``max_grad_norm`` clips each
+          parameter to its own C_k, with noise for C = √Σ C_k² (L2) or Σ C_k (L1), as Opacus's per-layer clipping.
+        - ``noise_multiplier=0``: a non-private baseline (loud warning, ε = ∞ reported, no finite budget allowed).
         - ``clipping="median"`` adapts C towards the ``target_quantile`` of the per-example norms (Andrew et al.
           2021); its noisy count is accounted.
         - The loader is replaced by Poisson sampling at q = batch_size / N (``sample_rate`` overrides); the noisy sum
@@ -124,31 +137,39 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         - ``distributed`` (default None = automatic under an initialised process group with world size > 1 or a
           DDP model): every rank clips its shard of one global Poisson batch; the clipped sums are all-reduced and
           noised once (:mod:`dpclip.distributed`). Call it identically on every rank with the whole data set.
+        - Opacus names: ``noise_generator`` (a ``torch.Generator`` on the parameters' device) draws the noise;
+          ``poisson_sampling=False``, ``batch_first=False`` and ``criterion`` are refused with the reason and what to
+          use instead (README § Coming from Opacus).
         """
         check_wrappable(self._module, module, optimizer)
         dist_context = DistributedContext.resolve(distributed, module, self.secure_mode)
         wrapper, module = module, unwrap_model(module)  # DDP → ddp.module (its reducer is bypassed); FSDP refused
         check_model(module, optimizer)
+        check_opacus_options(poisson_sampling=poisson_sampling, batch_first=batch_first, criterion=criterion,
+                             clipping=clipping, grad_sample_mode=grad_sample_mode)
         # Everything is validated into locals first: a refused call leaves the engine, model and optimizer as they were.
+        noise = self.noise if noise_generator is None else NoiseSource.from_generator(
+            noise_generator, module, self.secure_mode, dist_context is not None)
         plan = plan_training(
-            data_loader, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, norm=norm, clipping=clipping,
+            data_loader, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            parameter_names=list(trainable_parameters(module)), norm=norm, clipping=clipping,
             target_quantile=target_quantile, clip_learning_rate=clip_learning_rate,
             count_noise_multiplier=count_noise_multiplier, per_layer=per_layer, loss_reduction=loss_reduction,
             chunk_size=chunk_size, nonfinite=nonfinite, target_epsilon=target_epsilon, target_delta=target_delta,
             sample_rate=sample_rate, grad_sample_mode=grad_sample_mode, verify=verify,
         )
-        loader = PoissonDataLoader(
-            data_loader.dataset, plan.mechanism.sample_rate, collate_fn=data_loader.collate_fn,
-            max_physical_batch_size=max_physical_batch_size,
+        loader = PoissonDataLoader.from_loader(  # keeps the loader's collate_fn, workers, pinning, prefetching
+            data_loader, plan.mechanism.sample_rate, max_physical_batch_size=max_physical_batch_size,
             seed=None if self._seed is None else self._seed + 1, secure_mode=self.secure_mode,
         )
         if dist_context is not None:  # same mechanism, model and seeds on every rank; this rank's shard
             fingerprint = dict(settings=plan.mechanism, clipping=plan.clipping, budget=plan.budget,
                                nonfinite=plan.nonfinite, secure_mode=self.secure_mode)
-            shared_seed = dist_context.synchronize_setup(wrapper, module, loader, fingerprint, self.noise.seed, lambda: self.steps)
+            shared_seed = dist_context.synchronize_setup(wrapper, module, loader, fingerprint, noise.seed, lambda: self.steps)
             if shared_seed is not None:
-                self.noise = NoiseSource(seed=shared_seed, secure_mode=False)
+                noise = NoiseSource(seed=shared_seed, secure_mode=False)
         claim_parameters(module, self)  # refuses a model that another live engine trains
+        self.noise = noise
         self.distributed = dist_context
         if dist_context is not None:
             self.collective = dist_context
@@ -160,7 +181,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         loader.listener = self
         self._module, self._optimizer, self._loader = module, optimizer, loader
         optimizer._dpclip_wrapped = True  # type: ignore[attr-defined]
-        return PrivateModule(module, self._forward), DPOptimizer(optimizer, self._step), loader
+        return PrivateModule(module, self._forward), DPOptimizer(optimizer, self._step, self), loader
 
     def make_private_with_epsilon(
         self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *, target_epsilon: float,

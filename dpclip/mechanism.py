@@ -9,12 +9,16 @@ their steps and their charges from it.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from accountants import Composed, Event, Gaussian, PoissonSampled
-from accountants.errors import PrivacyParameterError
-from accountants.checks import check_count, check_positive, check_sample_rate
+import torch
+
+from accountants import Composed, Event, Gaussian, NonPrivate, PoissonSampled
+from accountants.errors import PrivacyParameterError, PrivacyWarning
+from accountants.checks import check_count, check_nonnegative, check_positive, check_sample_rate
 
 from .norms import ClipNorm, clip_norm
 
@@ -34,6 +38,12 @@ class DPSGDMechanism:
     count_noise_multiplier: float | None
     per_layer: bool
     loss_reduction: str
+    #: Per-parameter clipping bounds C_k (name, C_k), or None: C split equally when ``per_layer``.
+    layer_bounds: tuple[tuple[str, float], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.layer_bounds is not None:  # a checkpoint stores pairs as lists; compare as tuples
+            object.__setattr__(self, "layer_bounds", tuple((str(n), float(c)) for n, c in self.layer_bounds))
 
     @classmethod
     def create(
@@ -46,8 +56,13 @@ class DPSGDMechanism:
         count_noise_multiplier: float | None = None,
         per_layer: bool = False,
         loss_reduction: Literal["mean", "sum"] | str = "mean",
+        layer_bounds: Mapping[str, float] | None = None,
     ) -> DPSGDMechanism:
-        """Validate every argument (a clear :class:`PrivacyParameterError` for each misuse) and build it."""
+        """Validate every argument (a clear :class:`PrivacyParameterError` for each misuse) and build it.
+
+        ``noise_multiplier=0`` is a non-private baseline: allowed with a :class:`PrivacyWarning`, charged as
+        :class:`~accountants.NonPrivate` (ε = ∞). ``layer_bounds`` (parameter name → C_k) implies ``per_layer``.
+        """
         norm = clip_norm(norm).name
         sample_rate = check_sample_rate(sample_rate)
         dataset_size = check_count("dataset_size", dataset_size)
@@ -57,6 +72,15 @@ class DPSGDMechanism:
             raise PrivacyParameterError(
                 f"loss_reduction must be 'mean' or 'sum' (how your loss combines examples), got {loss_reduction!r}"
             )
+        noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
+        if noise_multiplier == 0:
+            if clipping == "median":
+                raise PrivacyParameterError(
+                    "noise_multiplier=0 (a non-private baseline) needs clipping='fixed': median clipping splits the "
+                    "noise between the gradient and its count"
+                )
+        if layer_bounds is not None:
+            per_layer = True
         if clipping == "median":
             if per_layer:
                 raise PrivacyParameterError("per_layer=True is only available with clipping='fixed'")
@@ -67,7 +91,7 @@ class DPSGDMechanism:
         else:
             count_noise_multiplier = None
         mechanism = cls(
-            noise_multiplier=check_positive("noise_multiplier", noise_multiplier),
+            noise_multiplier=noise_multiplier,
             norm=norm,
             clipping=clipping,
             sample_rate=sample_rate,
@@ -75,6 +99,9 @@ class DPSGDMechanism:
             count_noise_multiplier=count_noise_multiplier,
             per_layer=bool(per_layer),
             loss_reduction=loss_reduction,
+            layer_bounds=None if layer_bounds is None else tuple(
+                (name, check_positive(f"the clipping bound of {name}", bound)) for name, bound in layer_bounds.items()
+            ),
         )
         if clipping == "median" and norm == "l2" and not mechanism.noise_multiplier < 2 * count_noise_multiplier:
             raise PrivacyParameterError(
@@ -82,12 +109,50 @@ class DPSGDMechanism:
                 f"({count_noise_multiplier:g}) so that the gradient keeps a positive share of the noise; raise "
                 "count_noise_multiplier (or use a larger batch: its default is expected batch size / 20)"
             )
+        if mechanism.non_private:
+            warnings.warn(
+                "noise_multiplier=0: NO NOISE is added, so this run is NOT differentially private (ε = ∞ is "
+                "reported). Use it only as a non-private baseline with the same clipping and sampling.",
+                PrivacyWarning,
+                stacklevel=3,
+            )
         return mechanism
 
     @property
     def clip_norm(self) -> ClipNorm:
         """L2 or L1: how norms combine, the per-layer split and the noise law (:mod:`dpclip.norms`)."""
         return clip_norm(self.norm)
+
+    @property
+    def layer_bounds_total(self) -> float | None:
+        """The whole-gradient bound C that the per-parameter bounds C_k imply (None without them).
+
+        √Σ C_k² (L2) or Σ C_k (L1): clipping each part to C_k bounds the example's norm by it, so noise σ·C
+        covers the sensitivity (as Opacus's per-layer clipping does).
+        """
+        if self.layer_bounds is None:
+            return None
+        bounds = torch.tensor([b for _, b in self.layer_bounds], dtype=torch.float64)
+        return float(self.clip_norm.combine(bounds[None, :])[0])
+
+    def part_bounds(self, names: Sequence[str], max_norm: float) -> torch.Tensor:
+        """Per-parameter clipping bounds [len(names)] (float64): ``layer_bounds``, or C split equally."""
+        if self.layer_bounds is None:
+            return torch.full((len(names),), self.clip_norm.part_bound(max_norm, len(names)), dtype=torch.float64)
+        bounds = dict(self.layer_bounds)
+        missing = [n for n in names if n not in bounds]
+        if missing:
+            raise PrivacyParameterError(
+                f"no clipping bound for the trainable parameter(s) {', '.join(missing)}: the per-layer "
+                "max_grad_norm names every trainable parameter at make_private; keep the same parameters trainable "
+                "or start a new PrivacyEngine"
+            )
+        return torch.tensor([bounds[n] for n in names], dtype=torch.float64)
+
+    @property
+    def non_private(self) -> bool:
+        """Whether this is the noise-free baseline (noise_multiplier = 0: ε = ∞)."""
+        return self.noise_multiplier == 0
 
     @property
     def mechanism(self) -> str:
@@ -112,6 +177,8 @@ class DPSGDMechanism:
 
     def step_event(self) -> Event:
         """The accountant's event for one logical step, including the adaptive-clipping count release."""
+        if self.non_private:
+            return PoissonSampled(self.sample_rate, NonPrivate())
         base = self.clip_norm.event(self.gradient_noise_multiplier)
         if self.clipping == "median":
             assert self.count_noise_multiplier is not None

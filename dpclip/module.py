@@ -134,6 +134,17 @@ class PrivateModule(nn.Module):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
         return self._module.load_state_dict(state_dict, strict=strict, assign=assign)
 
+    # Containers (nn.Sequential, nn.ModuleList, ...) stay indexable: model[0], len(model), iter(model) reach the
+    # wrapped model's layers. A training forward through a layer alone bypasses the engine and is refused at backward.
+    def __getitem__(self, index: Any) -> Any:
+        return self._module[index]  # type: ignore[index]
+
+    def __len__(self) -> int:
+        return len(self._module)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Any:
+        return iter(self._module)  # type: ignore[call-overload]
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)

@@ -27,6 +27,8 @@ from collections.abc import Mapping
 
 import torch
 
+from accountants.errors import PrivacyParameterError
+
 from .clipping import Norm
 from .norms import NoiseLaw, clip_norm
 
@@ -82,6 +84,34 @@ class NoiseSource:
         self.secure_mode = secure_mode
         self.seed = int.from_bytes(os.urandom(8), "little") if seed is None else int(seed)
         self._generators: dict[torch.device, torch.Generator] = {}
+
+    @classmethod
+    def from_generator(cls, generator: torch.Generator, module: torch.nn.Module, secure_mode: bool,
+                       distributed: bool) -> NoiseSource:
+        """Noise drawn from the user's ``generator`` (Opacus's ``noise_generator``), which must live on the device
+        of the trainable parameters; refused in secure mode (OS seeds only) and in distributed training (every
+        rank draws the same noise from a shared seed: use ``PrivacyEngine(seed=...)``)."""
+        if not isinstance(generator, torch.Generator):
+            raise PrivacyParameterError(f"noise_generator must be a torch.Generator, got {type(generator).__name__}")
+        if secure_mode:
+            raise PrivacyParameterError(
+                "secure_mode=True seeds every noise draw from the operating system; do not pass noise_generator"
+            )
+        if distributed:
+            raise PrivacyParameterError(
+                "noise_generator is not used in distributed training: the ranks draw one shared noise from a seed "
+                "they agree on; pass PrivacyEngine(seed=...) for reproducible noise"
+            )
+        devices = {p.device for p in module.parameters() if p.requires_grad}
+        if devices != {generator.device}:
+            raise PrivacyParameterError(
+                f"noise_generator is on {generator.device} but the trainable parameters are on "
+                f"{', '.join(sorted(map(str, devices)))}: noise is drawn where the parameters live; create the "
+                "generator there, e.g. torch.Generator(device=...)"
+            )
+        source = cls(seed=generator.initial_seed())
+        source._generators[generator.device] = generator
+        return source
 
     def generator(self, device: torch.device) -> torch.Generator:
         device = torch.device(device)
@@ -143,7 +173,10 @@ def add_noise(
     summed: Mapping[str, Tensor], noise_multiplier: float, max_norm: float, norm: Norm, source: NoiseSource
 ) -> dict[str, Tensor]:
     """Σ clip(g_i) + noise: Gaussian with std σ·C per coordinate for L2, Laplace with scale λ·C for L1
-    (snapped to a grid in secure mode, see :meth:`NoiseSource.noisy`)."""
+    (snapped to a grid in secure mode, see :meth:`NoiseSource.noisy`). ``noise_multiplier=0`` (the non-private
+    baseline, charged ε = ∞) returns the sums unchanged."""
+    if noise_multiplier == 0:
+        return dict(summed)
     scale = noise_multiplier * max_norm
     law = clip_norm(norm).noise
     return {name: source.noisy(s, scale, law) for name, s in summed.items()}

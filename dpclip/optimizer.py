@@ -17,10 +17,11 @@ class DPOptimizer(torch.optim.Optimizer):
     """Shares the wrapped optimizer's parameter groups and state (so LR schedulers work) and routes
     ``step()`` through the engine: noise is added once per logical batch, then the original optimizer steps."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, private_step: Callable[[], None]) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, private_step: Callable[[], None], engine: Any = None) -> None:
         # No super().__init__: this object is a view of ``optimizer``, not a second optimizer.
         self.original_optimizer = optimizer
         self._private_step = private_step
+        self._engine = engine  # the PrivacyEngine whose settings the read-only attributes below show
         self._optimizer_step_pre_hooks = optimizer._optimizer_step_pre_hooks
         self._optimizer_step_post_hooks = optimizer._optimizer_step_post_hooks
 
@@ -32,6 +33,33 @@ class DPOptimizer(torch.optim.Optimizer):
                 "start a new PrivacyEngine."
             )
         super().__setattr__(name, value)
+
+    def _settings(self) -> Any:
+        if self._engine is None or self._engine.settings is None:
+            raise AttributeError("this DPOptimizer is not attached to a PrivacyEngine")
+        return self._engine.settings
+
+    # Read-only views of what the engine runs and charges (Opacus users read these on the optimizer).
+    @property
+    def noise_multiplier(self) -> float:
+        """σ: noise std (L2) or scale (L1) per coordinate, in units of the clipping bound C."""
+        return float(self._settings().noise_multiplier)
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The clipping bound C now (median clipping adapts it; per-layer bounds: their combined C)."""
+        self._settings()
+        return float(self._engine.clipping.max_norm)
+
+    @property
+    def sample_rate(self) -> float:
+        """q: the probability that each example joins a step's batch."""
+        return float(self._settings().sample_rate)
+
+    @property
+    def expected_batch_size(self) -> float:
+        """q·N: the noisy sum is divided by it (whatever the sampled batch's size)."""
+        return float(self._settings().expected_batch_size)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]

@@ -1,46 +1,143 @@
-"""A tqdm progress bar that shows the privacy spent so far next to the loss."""
+"""Progress with the privacy spent so far: a tqdm bar on a terminal, periodic plain lines in logs.
+
+A tqdm bar redraws itself many times a second; written to a file, a pipe, CI output or ``nohup.out`` that is one
+line (or carriage-return fragment) per redraw. :class:`PrivacyProgress` therefore picks its form from where it
+writes: a terminal (or a Jupyter kernel) gets the bar, anything else gets at most one plain line every
+``every_seconds`` and one at the end, e.g. ``private epoch 1/30: step 120/500, eps=1.234, loss=0.51``.
+"""
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import IO, Any, Literal
 
 from tqdm.auto import tqdm
 
+Mode = Literal["auto", "bar", "lines", "off"]
+MODES = ("auto", "bar", "lines", "off")
+
+
+def _is_interactive(stream: Any) -> bool:
+    """A terminal, or the console streams of a Jupyter kernel (which render a bar although they are not TTYs)."""
+    try:
+        if stream.isatty():
+            return True
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+    return stream in (sys.stdout, sys.stderr) and "ipykernel" in sys.modules
+
 
 class PrivacyProgress:
-    """Iterate like ``iterable``; after each item the bar shows ε (recomputed only when a step was taken).
+    """Iterate like ``iterable`` and show ε spent (recomputed only when a step was taken) and the values given to ``.log``.
+
+    ``mode`` chooses the form:
+
+    - ``"auto"`` (default): a tqdm bar if the output stream (``file``, else ``sys.stderr``) is a terminal or a
+      Jupyter kernel's, else ``"lines"``; with ``disable=True`` nothing (tqdm's ``disable=None``, "off when not
+      a terminal", gives nothing in logs too).
+    - ``"bar"``: always the tqdm bar (as tqdm itself would draw it);
+    - ``"lines"``: plain lines, ``"<desc>: step n/total, eps=…, loss=…"``: the first once ``every_seconds``
+      (default 30) have passed, then at most one per ``every_seconds``, and one at the end of the iteration (or
+      at :meth:`close`, if the loop was left early). ``step`` counts the items iterated so far, like the bar.
+    - ``"off"``: nothing is printed, and ε is never computed.
+
+    ``disable=True`` means ``"off"`` whatever ``mode`` says. The other keywords (``desc``, ``total``, ``file``,
+    ``leave``, …) go to tqdm; ``clock`` (default :func:`time.monotonic`) is there for tests.
 
     Call ``.log(loss=...)`` to show more values. Note: a training loss shown here is computed without noise;
     do not publish it as if it were private.
     """
 
     def __init__(
-        self, iterable: Iterable, epsilon: Callable[[], float], steps: Callable[[], int], **tqdm_kwargs: Any
+        self,
+        iterable: Iterable,
+        epsilon: Callable[[], float],
+        steps: Callable[[], int],
+        *,
+        mode: Mode = "auto",
+        every_seconds: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        **tqdm_kwargs: Any,
     ) -> None:
-        self.bar = tqdm(iterable, **tqdm_kwargs)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, not {mode!r}")
+        if not every_seconds >= 0:
+            raise ValueError(f"every_seconds must be >= 0, not {every_seconds!r}")
+        stream: IO[str] = tqdm_kwargs.get("file") or sys.stderr
+        disable = tqdm_kwargs.pop("disable", False)
+        if disable is True:
+            mode = "off"
+        elif mode == "auto":
+            if _is_interactive(stream):
+                mode = "bar"
+            else:
+                mode = "off" if disable is None else "lines"
+        self.mode: str = mode
+        self.every_seconds = float(every_seconds)
+        # Always a tqdm object (``.bar``, with its postfix), but a disabled one that draws nothing unless mode is "bar".
+        self.bar = tqdm(iterable, disable=mode != "bar", **tqdm_kwargs)
+        self._stream = stream
+        self._desc = tqdm_kwargs.get("desc")
         self._epsilon = epsilon
         self._steps = steps
         self._values: dict[str, Any] = {}
         self._seen_steps = -1
         self._eps = 0.0
+        self._clock = clock
+        self._last_print = clock()
+        self._count = 0  # items iterated so far
+        self._printed_count = -1  # the count at the last plain line
+        self._closed = False
 
     def log(self, **values: Any) -> None:
         self._values.update({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in values.items()})
 
-    def _refresh(self) -> None:
+    @property
+    def epsilon(self) -> float:
+        """ε spent so far (recomputed only if a step was taken since the last call)."""
         if self._steps() != self._seen_steps:
             self._seen_steps = self._steps()
             self._eps = self._epsilon()
-        self.bar.set_postfix({**self._values, "eps": f"{self._eps:.3f}"}, refresh=False)
+        return self._eps
+
+    def _postfix(self) -> dict[str, Any]:
+        return {**self._values, "eps": f"{self.epsilon:.3f}"}
+
+    def _refresh(self) -> None:
+        self.bar.set_postfix(self._postfix(), refresh=False)
+
+    def _print_line(self) -> None:
+        postfix = self._postfix()
+        self.bar.set_postfix(postfix, refresh=False)
+        total = self.bar.total  # None for an iterable without a length (unless total= was given)
+        where = f"step {self._count}" + ("" if total is None else f"/{total}")
+        values = ", ".join([where, f"eps={postfix.pop('eps')}", *(f"{k}={v}" for k, v in postfix.items())])
+        print(values if not self._desc else f"{self._desc}: {values}", file=self._stream, flush=True)
+        self._printed_count = self._count
+        self._last_print = self._clock()
+
+    def _final_line(self) -> None:
+        if self.mode == "lines" and self._printed_count != self._count:
+            self._print_line()
 
     def __iter__(self) -> Iterator[Any]:
         for item in self.bar:
+            self._count += 1  # counted when handed out: a loop left with break still counts its last item
             yield item
-            self._refresh()
+            if self.mode == "bar":
+                self._refresh()
+            elif self.mode == "lines" and self._clock() - self._last_print >= self.every_seconds:
+                self._print_line()
+        self._final_line()
 
     def __len__(self) -> int:
         return len(self.bar)
 
     def close(self) -> None:
+        """Close the bar; in ``"lines"`` mode print the last line if the loop was left before its end."""
+        if not self._closed:
+            self._closed = True
+            self._final_line()
         self.bar.close()

@@ -6,7 +6,10 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from accountants import privacy_statement
+from accountants import Accountant, Event, HistoryEntry, privacy_statement
+from accountants.statement import accountant_label
+from accountants.base import merged
+from accountants.checks import MAX_STEPS
 
 from .errors import PrivacyBudgetExceeded, PrivacyParameterError
 from .progress import PrivacyProgress
@@ -28,6 +31,11 @@ def privacy_report(engine: PrivacyEngine, delta: float) -> dict[str, Any]:
             f"Adaptive clipping (median tracking) releases a noisy count each step (noise multiplier "
             f"{2 * settings.count_noise_multiplier:.4g} on sensitivity 1); it is included in ε."
         )
+    if settings.layer_bounds is not None:
+        extra = (
+            f"Per-layer clipping: each parameter's gradient is clipped to its own bound; the noise is calibrated to "
+            f"their combined bound C = {engine.clipping.max_norm:.4g}."
+        )
     return {
         "epsilon": result.epsilon,
         "delta": delta,
@@ -47,6 +55,8 @@ def privacy_report(engine: PrivacyEngine, delta: float) -> dict[str, Any]:
         "max_grad_norm": engine.clipping.max_norm,
         "clip_history": engine.clip_history,
         "per_layer_clipping": settings.per_layer,
+        "layer_bounds": None if settings.layer_bounds is None else dict(settings.layer_bounds),
+        "non_private": settings.non_private,
         "budget": None if engine.budget is None else {"epsilon": engine.budget[0], "delta": engine.budget[1]},
         "history": [str(entry) for entry in engine.accountant.history],
         "statement": privacy_statement(
@@ -57,10 +67,51 @@ def privacy_report(engine: PrivacyEngine, delta: float) -> dict[str, Any]:
             noise_multiplier=settings.noise_multiplier,
             mechanism=settings.mechanism,
             order=result.order,
-            accountant=engine.accountant_name.upper(),
+            accountant=accountant_label(engine.accountant_name, result.error),
             extra=extra,
         ),
     }
+
+
+class BudgetGuard:
+    """Refuses a step that would take ε past ``target`` at ``delta``, at the cost of a counter per step.
+
+    The number of further steps that fit, k* = max{k : ε(history + k × event) ≤ target}, is searched once
+    (doubling, then bisection: O(log k*) accountant queries) and recomputed only when the history is not the
+    one it was computed for plus the engine's own steps (e.g. after loading a checkpoint). ε is nondecreasing
+    in k for the exact privacy loss; every computed ε is an upper bound of it, so for any k ≤ k*,
+    ε_exact(k) ≤ ε_exact(k*) ≤ ε_computed(k*) ≤ target even where rounding makes the computed curve locally
+    non-monotone: every allowed step stays within the budget.
+    """
+
+    def __init__(self, target: float, delta: float) -> None:
+        self.target, self.delta = target, delta
+        self._base: tuple[HistoryEntry, ...] | None = None
+        self._room = 0
+
+    def steps_left(self, accountant: Accountant, event: Event) -> int:
+        """How many more runs of ``event`` fit the budget after the accountant's current history."""
+        history = accountant.history
+        base_steps = None if self._base is None else sum(entry.count for entry in self._base)
+        if base_steps is None or tuple(merged(self._base, event, accountant.steps - base_steps)) != history:  # type: ignore[arg-type]
+            self._base, self._room, base_steps = history, self._search(accountant, event), accountant.steps
+        return self._room - (accountant.steps - base_steps)
+
+    def _search(self, accountant: Accountant, event: Event) -> int:
+        def fits(k: int) -> bool:
+            return accountant.get_epsilon_after(event, self.delta, k) <= self.target
+
+        limit = MAX_STEPS - accountant.steps
+        if limit < 1 or not fits(1):
+            return 0
+        low, high = 1, 2  # fits(low); high: not yet known
+        while high <= limit and fits(high):
+            low, high = high, 2 * high
+        high = min(high, limit + 1)  # invariant: fits(low), not fits(high) (or high beyond the limit)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        return low
 
 
 def check_budget(engine: PrivacyEngine) -> None:
@@ -68,14 +119,21 @@ def check_budget(engine: PrivacyEngine) -> None:
     if engine.budget is None:
         return
     target, delta = engine.budget
+    if engine.budget_guard is None or (engine.budget_guard.target, engine.budget_guard.delta) != (target, delta):
+        engine.budget_guard = BudgetGuard(target, delta)
+    if engine.budget_guard.steps_left(engine.accountant, engine._step_event) >= 1:
+        return
     after = engine.accountant.get_epsilon_after(engine._step_event, delta)
-    if after > target:
-        raise PrivacyBudgetExceeded(
-            f"one more step would bring epsilon to {after:.4f} > target {target:g} (delta={delta:g}) with the "
-            f"{engine.accountant_name.upper()} accountant; {engine.steps} steps taken so far, epsilon = "
-            f"{engine.accountant.get_epsilon(delta):.4f}. Stop training here, or plan more steps with "
-            "make_private_with_epsilon(..., epochs=...)."
-        )
+    other = "rdp" if engine.accountant_name == "pld" else "pld"
+    raise PrivacyBudgetExceeded(
+        f"one more step would bring epsilon to {after:.4f} > target {target:g} (delta={delta:g}) with the "
+        f"{engine.accountant_name.upper()} accountant; {engine.steps} steps taken so far, epsilon = "
+        f"{engine.accountant.get_epsilon(delta):.4f}. Stop training here, or plan more steps with "
+        "make_private_with_epsilon(..., epochs=...), which calibrates σ with this same accountant. A plan made "
+        f"elsewhere must use it too: dpclip-budget --accountant {engine.accountant_name} (PLD is the default of both "
+        f"dpclip-budget and PrivacyEngine; PrivacyEngine(accountant={other!r}) selects {other.upper()}, "
+        f"{'looser' if other == 'rdp' else 'tighter'})."
+    )
 
 
 class PrivacyReporting:

@@ -15,18 +15,26 @@ laws are P and (1 − q')P + q'Q, and every f-divergence between them (the hocke
 (ε, δ), the Rényi moments) is convex in q' by joint convexity and vanishes at q' = 0, hence nondecreasing in
 q' (Balle, Barthe & Gaboardi 2018, "Privacy Amplification by Subsampling", §3 for the mixture form). See
 :func:`bernoulli_indices` for how U is drawn.
+
+Sampling always runs in the main process; reading and collating the items can run in worker processes with the
+user's ``DataLoader`` settings (:meth:`PoissonDataLoader.from_loader`; the class docstring's "Loading" explains
+how steps, checkpoints and empty batches stay exact although the workers read ahead).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Protocol
 
 import torch
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from torch.utils._pytree import tree_map
 
 from accountants import steps_per_epoch as _steps_per_epoch
@@ -97,6 +105,103 @@ class StepListener(Protocol):
     def begin_micro_batch(self, index: int, last: bool, size: int | None = None, batch: Any = None) -> None: ...
 
 
+class _EmptyBatch:
+    """What a worker returns for an empty Poisson (micro-)batch, where ``collate_fn([])`` would fail; the main
+    process replaces it by :meth:`PoissonDataLoader._empty_batch`. Compared by type (it crosses a pickle)."""
+
+    __slots__ = ()
+
+
+class _CollateOrEmpty:
+    """The user's ``collate_fn`` as the workers call it: an empty list of samples gives an :class:`_EmptyBatch`.
+    A module-level class holding only ``collate_fn``, so it pickles whenever that does (``spawn`` workers)."""
+
+    def __init__(self, collate_fn: Callable[[list], Any]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples: Any) -> Any:
+        if len(samples) == 0:
+            return _EmptyBatch()
+        return self.collate_fn(samples)
+
+
+@dataclass(frozen=True)
+class _MicroBatch:
+    """What the batch sampler knew of a micro-batch when it sampled it (popped as its data come back)."""
+
+    step: int  # logical step within the epoch (0-based)
+    index: int  # micro-batch index within the step
+    last: bool
+    size: int
+
+
+@dataclass(eq=False)
+class _Run:
+    """One iteration of a worker-backed loader: what has been sampled ahead of the user.
+
+    ``states[k]`` is the sampling generator's state just before the k-th sampled step that has not yet been handed
+    to the user; ``pending`` the micro-batches sampled and not yet handed out, in sampling order (= the order in
+    which the torch DataLoader returns them)."""
+
+    first_step: int
+    states: deque = field(default_factory=deque)
+    pending: deque = field(default_factory=deque)
+    batches: Iterator[Any] | None = None  # the torch DataLoader's iterator, started at the first step
+
+
+class _PoissonBatchSampler:
+    """The ``batch_sampler`` of the internal torch DataLoader: the index lists of the micro-batches, sampled in the
+    main process by the owning :class:`PoissonDataLoader`. The owner is held weakly, also by the running iteration
+    (a persistent-workers iterator keeps it), so dropping the loader frees its workers without waiting for the
+    cycle collector. It has no ``len()``: the number of micro-batches is random."""
+
+    def __init__(self, owner: PoissonDataLoader) -> None:
+        self._owner = weakref.ref(owner)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        owner = self._owner()
+        run = None if owner is None else owner._run
+        return iter(()) if run is None else _sample_run(self._owner, run)
+
+
+def _sample_run(owner_ref: weakref.ref, run: _Run) -> Iterator[list[int]]:
+    """The batch sampler's iteration for ``run``; runs in the main process, inside the torch DataLoader's
+    ``iter()``/``next()``. Each step: record the generator state, sample with :meth:`PoissonDataLoader.sample_indices`
+    (secure-mode reseeding and ``shard`` included), split into micro-batches, and queue each micro-batch's
+    (step, index, last, size) in ``run.pending`` before yielding its indices. Stops at the end of the epoch, or
+    before sampling a step once ``run`` is no longer the live iteration (abandoned, or ``load_state_dict`` moved
+    the position)."""
+    step = run.first_step
+    while True:
+        owner = owner_ref()
+        if owner is None or owner._run is not run or step >= owner.steps_per_epoch:
+            return
+        state = owner.generator.get_state()
+        parts = owner._micro_batches(owner.sample_indices())
+        run.states.append(state)
+        del owner  # not held across the yields
+        for index, part in enumerate(parts):
+            run.pending.append(_MicroBatch(step, index, index == len(parts) - 1, len(part)))
+            yield part.tolist()
+        step += 1
+
+
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def _worker_seed(seed: int | None, secure_mode: bool) -> int:
+    """Seed of the generator the torch DataLoader draws its per-iteration worker base seed from: derived from
+    ``seed`` by a hash (so its stream is unrelated to the sampling generator's), from the OS without a seed or in
+    secure mode."""
+    if seed is None or secure_mode:
+        return int.from_bytes(os.urandom(8), "little")
+    return int.from_bytes(hashlib.sha256(f"dpclip.sampling.worker-seeds:{seed}".encode()).digest()[:8], "little")
+
+
 class PoissonDataLoader:
     """Iterate over Poisson-sampled batches of ``dataset``; ``len()`` is the number of logical steps per epoch.
 
@@ -111,6 +216,37 @@ class PoissonDataLoader:
     ``index % world_size == rank``. With the same generator seed on every rank the shards' union is exactly the
     single-process Poisson batch; with independent seeds (secure mode) each example's inclusion is still decided
     once, by its own rank, with probability q. ``len()`` and the expected batch size stay global.
+
+    **Loading.** :meth:`from_loader` keeps the user's ``DataLoader`` settings (``num_workers``, ``pin_memory``,
+    ``prefetch_factor``, ``persistent_workers``, ``worker_init_fn``, ``timeout``, ``multiprocessing_context``);
+    the same keyword-only options can be given to the constructor. Without workers (and without pinning on a
+    machine with an accelerator) every micro-batch is read in the main process when it is due (a ``TensorDataset``
+    with the default collate is indexed directly). With ``num_workers > 0`` (or ``pin_memory`` with an
+    accelerator) the items are read and collated by an ordinary ``torch.utils.data.DataLoader`` whose
+    ``batch_sampler`` yields the index list of each micro-batch:
+
+    - *Sampling stays here.* The batch sampler is iterated in the main process, from this loader's generator,
+      with the same :func:`bernoulli_indices`, secure-mode reseeding, ``shard`` filter and micro-batch split as
+      without workers, so a seed gives the same batches whatever ``num_workers``. The workers only read and
+      collate the index lists they are sent (reading ahead is not a release).
+    - *Steps are attributed when handed out, not when sampled.* Workers prefetch, so the sampler runs up to
+      ``prefetch_factor · num_workers`` micro-batches ahead of the user. Each yielded index list leaves its
+      (step, index, last, size) in a FIFO, popped as its data come back (the DataLoader keeps the order:
+      ``in_order=False`` is not taken over). ``listener.begin_step()`` (the engine's budget and step guard) is
+      called before the first micro-batch of a step is requested, so a refused step hands out nothing;
+      ``listener.begin_micro_batch(...)`` right before each micro-batch is yielded; ``steps_done_in_epoch`` and
+      ``batches_drawn`` count the steps handed out, as without workers.
+    - *Checkpoints ignore the read-ahead.* The generator state before each step's sampling is recorded;
+      :meth:`state_dict` returns that of the first step not yet handed out, so a restored loader draws exactly the
+      batches the saved one would have handed out next. Leaving an iteration early (``break``, an exception, a
+      refused step) shuts the workers down (unless ``persistent_workers``) and rewinds the generator to the same
+      point, so the next iteration continues the epoch as it would without workers.
+    - *Empty batches.* A worker returns a marker for an empty index list (``collate_fn([])`` fails) and the main
+      process substitutes the usual empty batch (``collate_fn`` of one item, cut to zero rows).
+    - *Worker seeds.* The DataLoader's per-iteration worker base seed is drawn from a private generator (derived
+      from ``seed`` by a hash; from the OS without a seed or in secure mode), never from the global torch RNG, so
+      the model's own randomness does not depend on ``num_workers``. That generator is not part of checkpoints:
+      random augmentations in workers do not replay exactly after a resume (as with a plain DataLoader).
     """
 
     def __init__(
@@ -123,7 +259,18 @@ class PoissonDataLoader:
         seed: int | None = None,
         secure_mode: bool = False,
         shard: tuple[int, int] | None = None,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        persistent_workers: bool = False,
+        worker_init_fn: Callable[[int], None] | None = None,
+        timeout: float = 0,
+        multiprocessing_context: Any = None,
     ) -> None:
+        """``num_workers``, ``pin_memory``, ``prefetch_factor``, ``persistent_workers``, ``worker_init_fn``,
+        ``timeout``, ``multiprocessing_context``: as for ``torch.utils.data.DataLoader`` (and checked by it, here);
+        see the class docstring for how workers are used."""
         try:
             self.dataset_size = len(dataset)  # type: ignore[arg-type]
         except TypeError:
@@ -157,6 +304,44 @@ class PoissonDataLoader:
         #: Called when an epoch's iteration ends (distributed training: a tagged check that every rank got there).
         self.on_epoch_end: Callable[[], None] | None = None
         self._empty: Any = None
+        self._run: _Run | None = None  # the live worker-backed iteration, if any
+        #: The torch DataLoader that reads and collates the micro-batches in worker processes (None: main process).
+        self.workers_loader: DataLoader | None = None
+        if num_workers > 0 or (pin_memory and _accelerator_available()) or persistent_workers or prefetch_factor is not None:
+            # built here so that torch checks the options now (starting no process: workers start per iteration)
+            self.workers_loader = DataLoader(
+                dataset, batch_sampler=_PoissonBatchSampler(self), num_workers=num_workers,
+                collate_fn=_CollateOrEmpty(self.collate_fn), pin_memory=pin_memory, timeout=timeout,
+                worker_init_fn=worker_init_fn, multiprocessing_context=multiprocessing_context,
+                generator=torch.Generator().manual_seed(_worker_seed(seed, secure_mode)),
+                prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+            )
+
+    @classmethod
+    def from_loader(
+        cls,
+        data_loader: DataLoader,
+        sample_rate: float,
+        *,
+        max_physical_batch_size: int | None = None,
+        seed: int | None = None,
+        secure_mode: bool = False,
+    ) -> PoissonDataLoader:
+        """A Poisson loader over ``data_loader``'s data set that keeps its ``collate_fn`` and loading settings:
+        ``num_workers``, ``pin_memory``, ``prefetch_factor``, ``persistent_workers``, ``worker_init_fn``,
+        ``timeout``, ``multiprocessing_context``. Its sampler, ``batch_size``, ``shuffle``, ``drop_last`` and
+        ``generator`` are replaced by Poisson sampling at ``sample_rate``; ``in_order=False`` is not taken over
+        (micro-batches must come back in sampling order to be attributed to their step)."""
+        workers = int(data_loader.num_workers)
+        return cls(
+            data_loader.dataset, sample_rate, collate_fn=data_loader.collate_fn,
+            max_physical_batch_size=max_physical_batch_size, seed=seed, secure_mode=secure_mode,
+            num_workers=workers, pin_memory=bool(data_loader.pin_memory),
+            prefetch_factor=data_loader.prefetch_factor if workers > 0 else None,
+            persistent_workers=bool(data_loader.persistent_workers) if workers > 0 else False,
+            worker_init_fn=data_loader.worker_init_fn, timeout=data_loader.timeout,
+            multiprocessing_context=data_loader.multiprocessing_context if workers > 0 else None,
+        )
 
     @property
     def expected_batch_size(self) -> float:
@@ -195,6 +380,11 @@ class PoissonDataLoader:
         return self._empty
 
     def __iter__(self) -> Iterator[Any]:
+        if self.workers_loader is not None:
+            return self._iter_workers()
+        return self._iter_main()
+
+    def _iter_main(self) -> Iterator[Any]:
         while self.steps_done_in_epoch < self.steps_per_epoch:
             if self.listener is not None:
                 # The listener (the engine) refuses a step past the budget here, before any example is read.
@@ -211,10 +401,71 @@ class PoissonDataLoader:
         if self.on_epoch_end is not None:
             self.on_epoch_end()
 
+    # -- worker-backed iteration (see the class docstring) -------------------------------------------------
+    def _start_run(self) -> _Run:
+        self._run = _Run(first_step=self.steps_done_in_epoch)
+        return self._run
+
+    def _end_run(self, run: _Run) -> None:
+        """Stop the workers of ``run`` (kept with ``persistent_workers``) and, if it is still the live iteration,
+        rewind the generator to before the first step sampled ahead and not handed out."""
+        batches, run.batches = run.batches, None
+        if batches is not None and not (self.workers_loader is not None and self.workers_loader.persistent_workers):
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        if self._run is run:
+            if run.states:
+                self.generator.set_state(run.states[0])
+            self._run = None
+        run.states.clear()
+        run.pending.clear()
+
+    def _iter_workers(self) -> Iterator[Any]:
+        assert self.workers_loader is not None
+        run = self._start_run()
+        try:
+            while self.steps_done_in_epoch < self.steps_per_epoch:
+                if self._run is not run:  # load_state_dict() (or another iteration) moved the position: go on from it
+                    self._end_run(run)
+                    run = self._start_run()
+                if self.listener is not None:
+                    # Before the step's first micro-batch is even requested: a refused step hands out nothing.
+                    self.listener.begin_step()
+                if run.batches is None:
+                    run.batches = iter(self.workers_loader)
+                step = self.steps_done_in_epoch
+                last = False
+                while not last:
+                    batch = next(run.batches)
+                    meta = run.pending.popleft()
+                    if meta.index == 0:
+                        if meta.step != step:
+                            raise RuntimeError(f"internal error: step {meta.step} came back while step {step} was due")
+                        run.states.popleft()  # this step is handed out: a checkpoint now resumes after it
+                        self.steps_done_in_epoch += 1
+                        self.batches_drawn += 1
+                    if isinstance(batch, _EmptyBatch):
+                        batch = self._empty_batch()
+                    if self.listener is not None:
+                        self.listener.begin_micro_batch(meta.index, last=meta.last, size=meta.size, batch=batch)
+                    last = meta.last
+                    yield batch
+        finally:
+            self._end_run(run)
+        self.steps_done_in_epoch = 0
+        if self.on_epoch_end is not None:
+            self.on_epoch_end()
+
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "steps_done_in_epoch": self.steps_done_in_epoch}
+        """The sampling generator's state before the first step not yet handed out, and the steps handed out in
+        this epoch (with workers, the steps sampled ahead are not part of it)."""
+        run = self._run
+        state = run.states[0].clone() if run is not None and run.states else self.generator.get_state()
+        return {"generator": state, "steps_done_in_epoch": self.steps_done_in_epoch}
 
     def load_state_dict(self, state: dict) -> None:
+        self._run = None  # a live worker-backed iteration drops what it sampled ahead and continues from here
         self.generator.set_state(state["generator"])
         self.steps_done_in_epoch = int(state["steps_done_in_epoch"])
         self.batches_drawn = 0

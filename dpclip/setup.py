@@ -4,8 +4,9 @@ and the engine options, built from its arguments into one immutable :class:`Trai
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
+from numbers import Real
 from typing import Any
 
 from torch.utils.data import DataLoader
@@ -61,11 +62,84 @@ def sample_rate_of(data_loader: DataLoader, sample_rate: float | None) -> float:
     return min(1.0, data_loader.batch_size / dataset_size(data_loader))
 
 
+#: Opacus spellings of dpclip options, and what to pass instead.
+_OPACUS_CLIPPING = {
+    "flat": "clipping='fixed' (the default)",
+    "per_layer": "clipping='fixed' with per_layer=True, or a list/dict max_grad_norm (one bound per parameter)",
+    "adaptive": "clipping='median' (Andrew et al. 2021; its noisy count is accounted)",
+}
+_OPACUS_MODES = {
+    "hooks": "'layerwise' (per-example norms from each layer's hooks; 'auto', the default, picks it)",
+    "ghost": "'layerwise' (it computes norms the ghost-clipping way, without per-example weight gradients)",
+    "ew": "'layerwise'",
+    "functorch": "'vmap' (the whole model under torch.func.vmap)",
+}
+
+
+def check_opacus_options(*, poisson_sampling: bool, batch_first: bool, criterion: Any, clipping: str,
+                         grad_sample_mode: str) -> None:
+    """Refuse, with the reason and what to use, the Opacus options dpclip spells otherwise or does not honour."""
+    if clipping in _OPACUS_CLIPPING:
+        raise PrivacyParameterError(f"clipping={clipping!r} is Opacus's name; in dpclip pass {_OPACUS_CLIPPING[clipping]}")
+    if grad_sample_mode in _OPACUS_MODES:
+        raise PrivacyParameterError(
+            f"grad_sample_mode={grad_sample_mode!r} is Opacus's name; in dpclip pass grad_sample_mode="
+            f"{_OPACUS_MODES[grad_sample_mode]}"
+        )
+    if poisson_sampling is not True:
+        raise PrivacyParameterError(
+            "poisson_sampling=False is not offered: shuffled fixed-size batches accounted as if Poisson-sampled "
+            "under-report ε (Chua et al. 2024, \"How Private are DP-SGD Implementations?\"), and dpclip reports only "
+            "what its sampling really guarantees. Leave poisson_sampling out: the returned loader samples each example "
+            "independently with q = batch_size / N; for fixed-size micro-batches in memory use max_physical_batch_size"
+        )
+    if batch_first is not True:
+        raise PrivacyParameterError(
+            "batch_first=False is not offered: dpclip needs the examples in dim 0 of the model's inputs, as the "
+            "loader yields them. Keep the inputs batch-first and transpose inside the model (e.g. x = x.transpose(0, 1) "
+            "at the start of forward): inner layers may use any layout, which dpclip tracks and verifies per layer"
+        )
+    if criterion is not None:
+        raise PrivacyParameterError(
+            "criterion is not needed: dpclip never wraps the loss. Per-example norms come from each layer's "
+            "activations and output gradients (the ghost-clipping trick is automatic in grad_sample_mode='auto'), so "
+            "compute your loss as usual (mean or sum over the batch, see loss_reduction) and call loss.backward(); "
+            "dpclip.check_loss(model, criterion, x, y) checks once that it is a per-example loss"
+        )
+
+
+def layer_bounds_of(max_grad_norm: Any, parameter_names: Sequence[str]) -> dict[str, float] | None:
+    """Per-parameter clipping bounds from a list (one per trainable parameter, in ``model.named_parameters()``
+    order) or a dict (parameter name → C_k), as Opacus's per-layer ``max_grad_norm``; None for one number."""
+    if isinstance(max_grad_norm, Real) and not isinstance(max_grad_norm, bool):
+        return None
+    if isinstance(max_grad_norm, Mapping):
+        unknown = [str(n) for n in max_grad_norm if n not in parameter_names]
+        missing = [n for n in parameter_names if n not in max_grad_norm]
+        if unknown or missing:
+            raise PrivacyParameterError(
+                "a dict max_grad_norm needs one bound per trainable parameter, keyed by its name in "
+                f"model.named_parameters(); missing: {missing or 'none'}; not trainable parameters: {unknown or 'none'}"
+            )
+        return {name: max_grad_norm[name] for name in parameter_names}
+    if isinstance(max_grad_norm, Sequence) and not isinstance(max_grad_norm, str):
+        if len(max_grad_norm) != len(parameter_names):
+            raise PrivacyParameterError(
+                f"a list max_grad_norm needs one bound per trainable parameter ({len(parameter_names)}: "
+                f"{', '.join(parameter_names)}), got {len(max_grad_norm)}; or pass a dict keyed by parameter name"
+            )
+        return dict(zip(parameter_names, max_grad_norm))
+    raise PrivacyParameterError(
+        f"max_grad_norm must be a positive number, or per-layer bounds (a list or a dict of numbers), got {max_grad_norm!r}"
+    )
+
+
 def plan_training(
     data_loader: DataLoader,
     *,
     noise_multiplier: float,
-    max_grad_norm: float,
+    max_grad_norm: float | Sequence[float] | Mapping[str, float],
+    parameter_names: Sequence[str],
     norm: str,
     clipping: str,
     target_quantile: float,
@@ -83,14 +157,18 @@ def plan_training(
 ) -> TrainingPlan:
     """Validate every argument of ``make_private`` into a :class:`TrainingPlan`."""
     size = dataset_size(data_loader)
+    layer_bounds = layer_bounds_of(max_grad_norm, parameter_names)
+    if layer_bounds is not None and clipping == "median":
+        raise PrivacyParameterError("per-layer bounds (a list or dict max_grad_norm) are only available with clipping='fixed'")
     mechanism = DPSGDMechanism.create(
         noise_multiplier, norm, clipping, sample_rate_of(data_loader, sample_rate), size, count_noise_multiplier,
-        per_layer, loss_reduction,
+        per_layer, loss_reduction, layer_bounds,
     )
+    bound = mechanism.layer_bounds_total if layer_bounds is not None else max_grad_norm
     policy: ClippingPolicy = (
-        MedianClipping(max_grad_norm, target_quantile, clip_learning_rate, mechanism.count_noise_multiplier)  # type: ignore[arg-type]
+        MedianClipping(bound, target_quantile, clip_learning_rate, mechanism.count_noise_multiplier)  # type: ignore[arg-type]
         if clipping == "median"
-        else FixedClipping(max_grad_norm)
+        else FixedClipping(bound)  # type: ignore[arg-type]
     )
     if nonfinite not in ("error", "drop"):
         raise PrivacyParameterError(f"nonfinite must be 'error' or 'drop', got {nonfinite!r}")
@@ -103,6 +181,11 @@ def plan_training(
         delta = check_delta(target_delta, "target_delta")
         warn_if_delta_too_large(delta, size)
         budget = (check_positive("target_epsilon", target_epsilon), delta)
+        if mechanism.non_private:
+            raise PrivacyParameterError(
+                "noise_multiplier=0 gives ε = ∞, so no finite target_epsilon can be met: drop target_epsilon and "
+                "target_delta for a non-private baseline, or pass a positive noise_multiplier"
+            )
     if grad_sample_mode not in ("auto", "layerwise", "vmap"):
         raise PrivacyParameterError(f"grad_sample_mode must be 'auto', 'layerwise' or 'vmap', got {grad_sample_mode!r}")
     if verify not in ("first-step", "every-step", "off"):

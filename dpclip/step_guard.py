@@ -47,7 +47,12 @@ class StepGuard:
         if self.open and self.read_data:
             raise EngineUsageError(
                 "the previous batch was used but optimizer.step() was not called: every sampled batch, even an "
-                "empty one, must be released with optimizer.step() or the accounting would not match the training"
+                "empty one, must be released with optimizer.step() or the accounting would not match the training. "
+                "To accumulate gradients over a batch too large for memory, do not skip optimizer.step(): pass "
+                "max_physical_batch_size=<examples that fit> to make_private; the loader then cuts each Poisson batch "
+                "into micro-batches, and optimizer.step() after each one adds noise and steps only after the last "
+                "(README § Large batches and gradient accumulation). For a larger logical batch, raise the loader's "
+                "batch_size (q = batch_size / N)."
             )
         self.reset()
         self.open = True

@@ -39,22 +39,21 @@ __all__ = ["main", "parse_args", "setup"]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Private training of the digits CNN over N processes (launch with torchrun --nproc_per_node=N).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--epsilon", type=float, default=3.0, help="target privacy budget epsilon for the whole run (the noise multiplier is calibrated to it)")
-    parser.add_argument("--delta", type=float, default=1e-5, help="target delta (well below 1/N, N = 1437 training examples)")
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs, each ceil(1/q) Poisson steps of the global data set")
-    parser.add_argument("--batch-size", type=int, default=256, help="expected GLOBAL batch size B (q = B / N); each rank processes about B / world_size examples per step")
-    parser.add_argument("--lr", type=float, default=3e-2, help="learning rate")
-    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="optimizer (sgd uses momentum 0.9)")
-    parser.add_argument("--max-grad-norm", type=float, default=0.3, help="clipping bound C (initial C with --clipping median)")
-    parser.add_argument("--clipping", choices=["fixed", "median"], default="fixed", help="fixed C, or median = adapt C towards the median per-example norm (its noisy count is accounted)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the sampling and the noise (rank 0's value is used on every rank)")
+    parser.add_argument("--epsilon", type=float, default=3.0, help="target privacy budget epsilon for the whole run (the noise multiplier is calibrated to it) (default: %(default)s)")
+    parser.add_argument("--delta", type=float, default=1e-5, help="target delta, well below 1/N (N = 1437 training examples) (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs, each ceil(1/q) Poisson steps of the global data set (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256, help="expected GLOBAL batch size B (q = B / N); each rank processes about B / world_size examples per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=3e-2, help="learning rate (default: %(default)s)")
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="optimizer; sgd uses momentum 0.9 (default: %(default)s)")
+    parser.add_argument("--max-grad-norm", type=float, default=0.3, help="clipping bound C (initial C with --clipping median) (default: %(default)s)")
+    parser.add_argument("--clipping", choices=["fixed", "median"], default="fixed", help="fixed C, or median = adapt C towards the median per-example norm (its noisy count is accounted) (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the sampling and the noise (rank 0's value is used on every rank) (default: %(default)s)")
     parser.add_argument("--secure-mode", action="store_true", help="OS-seeded sampling and noise (rank 0 draws the noise and broadcasts it); --seed then only sets the initial weights")
-    parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo", help="torch.distributed backend (gloo for CPU; nccl needs one CUDA device per rank and is untested)")
+    parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo", help="torch.distributed backend (gloo for CPU; nccl needs one CUDA device per rank and is untested) (default: %(default)s)")
     parser.add_argument("--no-ddp", action="store_true", help="pass the plain model instead of a DistributedDataParallel wrapper (dpclip does the same all-reduce either way)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process (default: OMP_NUM_THREADS, else torch's default)")
-    parser.add_argument("--out", type=Path, default=None, help="if given, rank 0 writes privacy_report.json, model.pt and checkpoint.pt here")
+    parser.add_argument("--out", type=Path, default=None, help="if given, rank 0 writes privacy_report.json, model.pt and checkpoint.pt here (default: no files written)")
     parser.add_argument("--no-progress", action="store_true", help="print only the final summary, not the per-epoch lines")
     args = parser.parse_args(argv)
     for name in ("epsilon", "delta", "lr", "max_grad_norm"):

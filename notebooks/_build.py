@@ -250,8 +250,9 @@ PLANNING = [
     md("""
     ## How much noise does a target ε need?
 
-    `noise_multiplier_for(target_ε, δ, q, T)` returns the smallest σ that meets the target — guaranteed: the σ
-    it returns had its ε computed and found ≤ target (checked below). `sampling_plan(N, B, epochs)` turns a training
+    `noise_multiplier_for(target_ε, δ, q, T, accountant=...)` returns the smallest σ that meets the target for
+    that accountant — guaranteed: the σ it returns had its ε computed and found ≤ target (checked below). This
+    notebook asks the RDP accountant (`accountant="rdp"`) until its last section, which compares it with PLD. `sampling_plan(N, B, epochs)` turns a training
     plan into (q, T). Three plans: the digits job of notebook 1, and two plans on a 60,000-example data set.
     A larger data set at the same batch size means a smaller q and a much smaller σ for the same ε.
     """),
@@ -264,7 +265,7 @@ PLANNING = [
     targets = np.geomspace(0.5, 16, 4 if QUICK else 12)
     plt.figure(figsize=(7, 4.2))
     for name, plan in plans.items():
-        sigmas = [noise_multiplier_for(eps, DELTA, plan.sample_rate, plan.steps) for eps in targets]
+        sigmas = [noise_multiplier_for(eps, DELTA, plan.sample_rate, plan.steps, accountant="rdp") for eps in targets]
         for eps, sigma in zip(targets, sigmas):  # the calibration's guarantee
             check = RDPAccountant()
             check.compose(PoissonSampled(plan.sample_rate, Gaussian(sigma)), plan.steps)
@@ -293,7 +294,7 @@ PLANNING = [
     from accountants.conversion import epsilon_from_rdp
 
     plan = plans["digits (N=1,437, B=256, 30 epochs)"]
-    sigma = noise_multiplier_for(3.0, DELTA, plan.sample_rate, plan.steps)
+    sigma = noise_multiplier_for(3.0, DELTA, plan.sample_rate, plan.steps, accountant="rdp")
     event = PoissonSampled(plan.sample_rate, Gaussian(sigma))
     one, whole = RDPAccountant(), RDPAccountant()
     one.compose(event)
@@ -321,31 +322,34 @@ PLANNING = [
     ## RDP or PLD?
 
     RDP is fast and simple but slightly loose: the conversion from Rényi divergences to (ε, δ) loses a little.
-    If this version of `accountants` has the **privacy loss distribution** accountant (`PLDAccountant`), the cell
-    below compares the two on the same plan: PLD's ε is near-exact (and still an upper bound) and below RDP's,
-    most of all for short runs — the same training for a smaller ε, or less noise for the same ε.
+    The **privacy loss distribution** accountant (`accountants.PLDAccountant`, or `make_accountant("pld")`)
+    composes the distribution of the privacy loss itself: its ε is near-exact (and still an upper bound) and below
+    RDP's, most of all for short runs — the same training for a smaller ε, or less noise for the same ε. Each
+    query costs more (about 0.1 s against about 1 ms for RDP).
+
+    dpclip's engine (`PrivacyEngine()`) and the `dpclip-budget` command line both use PLD by default; pass
+    `accountant="rdp"` (`--accountant rdp` on the command line) for RDP's cheaper queries. Plan with the
+    accountant your training run will report: a σ calibrated with one accountant and reported by the other gives
+    a different ε. The cell below compares the two on the same plan.
     """),
     code("""
-    import accountants
+    from accountants import PLDAccountant
 
-    if hasattr(accountants, "PLDAccountant"):
-        q, sigma = 0.01, 1.0
-        pld_steps = np.unique(np.geomspace(10, 20_000, 5 if QUICK else 12).astype(int))
-        event = PoissonSampled(q, Gaussian(sigma))
-        pld = accountants.PLDAccountant()
-        rdp_eps = epsilons(q, sigma, pld_steps)
-        pld_eps = np.array([pld.get_epsilon_after(event, DELTA, int(t)) for t in pld_steps])
-        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-        left.loglog(pld_steps, rdp_eps, "o-", label="RDP")
-        left.loglog(pld_steps, pld_eps, "s-", label="PLD")
-        left.set(xlabel="steps T", ylabel=f"ε (δ = {DELTA:g})", title=f"q = {q}, σ = {sigma}")
-        left.legend()
-        right.semilogx(pld_steps, 100 * (1 - pld_eps / rdp_eps), "o-")
-        right.set(xlabel="steps T", ylabel="PLD's ε below RDP's (%)", title="how much tighter PLD is", ylim=(0, None))
-        plt.tight_layout()
-        plt.show()
-    else:
-        print("this version of accountants has no PLDAccountant: RDP only")
+    q, sigma = 0.01, 1.0
+    pld_steps = np.unique(np.geomspace(10, 20_000, 5 if QUICK else 12).astype(int))
+    event = PoissonSampled(q, Gaussian(sigma))
+    pld = PLDAccountant()
+    rdp_eps = epsilons(q, sigma, pld_steps)
+    pld_eps = np.array([pld.get_epsilon_after(event, DELTA, int(t)) for t in pld_steps])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    left.loglog(pld_steps, rdp_eps, "o-", label="RDP")
+    left.loglog(pld_steps, pld_eps, "s-", label="PLD")
+    left.set(xlabel="steps T", ylabel=f"ε (δ = {DELTA:g})", title=f"q = {q}, σ = {sigma}")
+    left.legend()
+    right.semilogx(pld_steps, 100 * (1 - pld_eps / rdp_eps), "o-")
+    right.set(xlabel="steps T", ylabel="PLD's ε below RDP's (%)", title="how much tighter PLD is", ylim=(0, None))
+    plt.tight_layout()
+    plt.show()
     """),
 ]
 
@@ -426,6 +430,7 @@ CLIPPING = [
     plt.show()
 
     plan = sampling_plan(len(train), DEFAULTS["batch_size"], DEFAULTS["epochs"])
+    # the PLD accountant, as the main job and the engine use by default
     sigma_l2 = noise_multiplier_for(3.0, DELTA, plan.sample_rate, plan.steps, mechanism="gaussian")
     sigma_l1 = noise_multiplier_for(3.0, DELTA, plan.sample_rate, plan.steps, mechanism="laplace")
     print(f"d = {d:,} parameters; median ‖g‖₁ / ‖g‖₂ = {(l1 / l2).median():.0f} (√d = {d ** 0.5:.0f})")
@@ -480,15 +485,21 @@ CLIPPING = [
     md("""
     ## Accuracy against ε, four ways
 
-    Each point is one private training run of `dpclip_examples.train_digits.train_private` (the main job's code,
-    same defaults; L1 starts from C = 10), at several ε. The dashed line is the non-private model with the same
-    epochs. Expect L2 to beat L1 by far on this 6k-parameter model, for the reason computed above; whether the
-    median tracking helps depends on how good the fixed C already is.
+    Each run is a private training run of `dpclip_examples.train_digits.train_private` (the main job's code,
+    same defaults; L1 starts from C = 10), at several ε. A single run says little: with a few hundred noisy steps
+    the test accuracy moves by several points from one seed to the next (the seed sets the initial weights, the
+    batches and the noise). So each ε is trained with several seeds (3; 2 in the quick test mode): the line joins
+    the means, the error bars are ± one standard deviation over the seeds, and the open circles are the single runs
+    (each variant shifted a little sideways so that they do not overlap). The dotted line is the non-private model with
+    the same epochs (mean over the same seeds). Expect L2 to beat L1 by far on this 6k-parameter model, for the
+    reason computed above; whether the median tracking helps depends on how good the fixed C already is — a
+    difference smaller than the error bars is not one.
     """),
     code("""
-    GRID_EPOCHS = 2 if QUICK else 15
+    GRID_EPOCHS = 1 if QUICK else 15
     EPSILONS = [3.0, 30.0] if QUICK else [1.0, 3.0, 8.0, 30.0]
     VARIANTS = [("l2", "fixed"), ("l2", "median"), ("l1", "fixed"), ("l1", "median")]
+    SEEDS = [0, 1] if QUICK else [0, 1, 2]
 
     def run(*flags: str) -> dict:
         args = train_digits.parse_args(["--epochs", str(GRID_EPOCHS), "--no-progress", "--device", "cpu", *flags])
@@ -497,32 +508,44 @@ CLIPPING = [
             engine, _, result = train_digits.train_private(DigitsCNN(), train, test, args)
         return {**result, "epsilon": engine.get_epsilon(args.delta)}
 
-    results = {}
+    results = {}  # (norm, clipping, ε) -> one result per seed
     for norm, clipping in VARIANTS:
         for eps in EPSILONS:
-            results[norm, clipping, eps] = run("--norm", norm, "--clipping", clipping, "--epsilon", str(eps))
-            assert results[norm, clipping, eps]["epsilon"] <= eps
-    args = train_digits.parse_args(["--epochs", str(GRID_EPOCHS), "--no-progress", "--device", "cpu"])
-    torch.manual_seed(args.seed)
-    with contextlib.redirect_stdout(io.StringIO()):
-        non_private = train_digits.train_non_private(DigitsCNN(), train, test, args)["test_accuracy"]
+            results[norm, clipping, eps] = [
+                run("--norm", norm, "--clipping", clipping, "--epsilon", str(eps), "--seed", str(seed)) for seed in SEEDS
+            ]
+            assert all(r["epsilon"] <= eps for r in results[norm, clipping, eps])
+    non_private = []
+    for seed in SEEDS:
+        args = train_digits.parse_args(["--epochs", str(GRID_EPOCHS), "--no-progress", "--device", "cpu", "--seed", str(seed)])
+        torch.manual_seed(args.seed)
+        with contextlib.redirect_stdout(io.StringIO()):
+            non_private.append(train_digits.train_non_private(DigitsCNN(), train, test, args)["test_accuracy"])
 
-    plt.figure(figsize=(7.5, 4.2))
-    for norm, clipping in VARIANTS:
-        accs = [results[norm, clipping, eps]["test_accuracy"] for eps in EPSILONS]
-        plt.plot(EPSILONS, accs, "o-" if norm == "l2" else "s--", label=f"{norm.upper()} ({'Gaussian' if norm == 'l2' else 'Laplace'}), {clipping} C")
-    plt.axhline(non_private, color="black", ls=":", label="non-private")
+    accs = {key: np.array([r["test_accuracy"] for r in runs]) for key, runs in results.items()}
+    plt.figure(figsize=(9.5, 4.2))
+    for k, (norm, clipping) in enumerate(VARIANTS):
+        x = np.array(EPSILONS) * 1.05 ** (k - 1.5)  # a small sideways shift per variant (log axis)
+        a = np.array([accs[norm, clipping, eps] for eps in EPSILONS])  # (ε, seed)
+        bars = plt.errorbar(x, a.mean(1), yerr=a.std(1, ddof=1), fmt="o-" if norm == "l2" else "s--", capsize=3,
+                            label=f"{norm.upper()} ({'Gaussian' if norm == 'l2' else 'Laplace'}), {clipping} C")
+        plt.plot(np.repeat(x, len(SEEDS)), a.ravel(), "o", ms=4, mfc="none", color=bars[0].get_color(), alpha=0.6)
+    plt.axhline(np.mean(non_private), color="black", ls=":", label="non-private")
     plt.axhline(0.1, color="gray", lw=0.8, label="chance")
     plt.xscale("log")
     plt.xticks(EPSILONS, [f"{e:g}" for e in EPSILONS])
     plt.minorticks_off()
     plt.xlabel(f"ε (δ = {DELTA:g})")
     plt.ylabel("test accuracy")
-    plt.title(f"digits CNN, {GRID_EPOCHS} epochs")
-    plt.legend(fontsize=8)
+    plt.title(f"digits CNN, {GRID_EPOCHS} epochs, {len(SEEDS)} seeds per point (mean ± std; circles: single runs)")
+    plt.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: covers no point
+    plt.tight_layout()
     plt.show()
-    for key, r in results.items():
-        print(f"{key[0]} {key[1]:6s} ε ≤ {key[2]:4g}: test accuracy {r['test_accuracy']:.3f} (ε spent {r['epsilon']:.3f})")
+    print(f"non-private: test accuracy {np.mean(non_private):.3f} ± {np.std(non_private, ddof=1):.3f}")
+    for (norm, clipping, eps), runs in results.items():
+        a = accs[norm, clipping, eps]
+        print(f"{norm} {clipping:6s} ε ≤ {eps:4g}: test accuracy {a.mean():.3f} ± {a.std(ddof=1):.3f} "
+              f"(seeds: {', '.join(f'{v:.3f}' for v in a)}; ε spent ≤ {max(r['epsilon'] for r in runs):.3f})")
     """),
 ]
 
@@ -695,7 +718,7 @@ FINETUNING = [
     code("""
     means = np.array([np.mean(head_acc[eps]) for eps in EPSILONS])
     sds = np.array([np.std(head_acc[eps]) for eps in EPSILONS])
-    plt.figure(figsize=(8, 4.5))
+    plt.figure(figsize=(10, 4.5))
     plt.errorbar(EPSILONS, means, yerr=sds, fmt="o-", capsize=3, label=f"private head ({len(train_emb)} sentences)")
     plt.axhline(head_non_private, color="C0", ls=":", label="non-private head")
     plt.plot([LORA["epsilon"]], [lora_private], "s", color="C3", ms=9, label=f"private LoRA ({len(lora_train)} sentences)")
@@ -707,7 +730,8 @@ FINETUNING = [
     plt.xlabel(f"ε (δ = {DELTA:g})")
     plt.ylabel("test accuracy")
     plt.title("Rotten Tomatoes sentiment, all-MiniLM-L6-v2")
-    plt.legend(fontsize=8)
+    plt.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: covers no line
+    plt.tight_layout()
     plt.show()
     """),
 ]
@@ -722,8 +746,9 @@ COMPARISON = [
 
     `benchmarks/compare_opacus.py` runs the same training in non-private PyTorch, dpclip (its layerwise fast path,
     and its general vmap path) and Opacus (grad_sample_mode "hooks", "functorch" and "ghost"), with the same model,
-    data, seed, expected batch size, (q, σ, C) and number of steps, and records the median step time, the peak
-    memory and the ε each library's own accountant reports. This notebook runs it and plots the results.
+    data, seed, expected batch size, (q, σ, C) and number of steps, and records the step time, the peak memory and
+    the ε each library's own accountant reports. This notebook runs it at small sizes, then plots the committed
+    full-size results: the very file the README's table is rendered from.
     """),
     code(SETUP),
     code("""
@@ -738,10 +763,16 @@ COMPARISON = [
     BENCH = ROOT / "benchmarks" / "compare_opacus.py"
     OUT = Path(tempfile.mkdtemp(prefix="compare_opacus_"))  # the repository's benchmarks/results stay untouched
 
-    def benchmark(*flags: str) -> None:
+    def benchmark(*flags: str) -> None:  # one thread per run unless --threads says otherwise
         print("$ python benchmarks/compare_opacus.py", " ".join(flags))
-        env = {**os.environ, "BENCH_THREADS": "1"} if QUICK else None  # tests: shared CPUs, one thread per run
-        subprocess.run([sys.executable, str(BENCH), *flags, "--out", str(OUT)], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+        subprocess.run([sys.executable, str(BENCH), *flags, "--out", str(OUT)], cwd=ROOT, check=True, capture_output=True, text=True)
+
+    def made_by(s: dict) -> str:  # how a results file was made, as it records it
+        if "command" not in s:
+            return "(this results file does not record the command that made it)"
+        omp = {k: v for k, v in s.get("thread_env", {}).items() if v is not None}
+        return (f"made by: {s['command']}\\n{s['threads']} thread(s) per run, {omp}, torch {s['torch']}, "
+                f"Opacus {s['opacus']}, {s['cpu']} ({s['cpus']} CPUs), {s['date']}, git {s.get('git')}")
 
     def plot_speed(report: dict, title: str) -> None:
         ok = [r for r in report["results"] if "error" not in r]
@@ -752,7 +783,11 @@ COMPARISON = [
         for i, lib in enumerate(libraries):
             for ax, key in zip(axes, ("ms_per_step", "peak_rss_mb", "epsilon")):
                 values = [next((r[key] or 0.0 for r in ok if r["model"] == m and r["library"] == lib), 0.0) for m in models]
-                ax.bar(np.arange(len(models)) + i * width, values, width, label=lib)
+                # step time: the bar is the fastest repeat's median, the whisker reaches the slowest repeat's
+                spread = [max((x["ms_per_step"] for r in ok if r["model"] == m and r["library"] == lib
+                               for x in r.get("repeats", []) if "error" not in x), default=v) - v for m, v in zip(models, values)]
+                ax.bar(np.arange(len(models)) + i * width, values, width, label=lib,
+                       yerr=[[0.0] * len(values), spread] if key == "ms_per_step" else None)
         for ax, label in zip(axes, ("ms per step (lower is better)", "peak RSS, MB", "ε reported (δ = 1e-5)")):
             ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models)
             ax.set_title(label)
@@ -760,9 +795,10 @@ COMPARISON = [
         axes[0].legend(fontsize=7)
         s = report["settings"]
         fig.suptitle(f"{title}: size {s['size']}, batch {s['batch']}, σ = {s['sigma']}, C = {s['max_grad_norm']}, "
-                     f"{s['steps']} timed steps, {s['threads']} threads")
+                     f"{s['steps']} timed steps × {s.get('repeats', 1)} repeats, {s['threads']} thread(s)")
         plt.tight_layout()
         plt.show()
+        print(made_by(s))
     """),
     md("""
     ## Step time, memory and ε
@@ -787,15 +823,19 @@ COMPARISON = [
     print("ε reported by the private libraries:", sorted(eps))
     """),
     md("""
-    If the full-size CPU benchmark has been run on this machine (`python benchmarks/compare_opacus.py`, about half an
-    hour; it writes `benchmarks/results/compare_opacus_full_cpu.json`), its results are plotted here as well.
+    ## The committed full-size results
+
+    `benchmarks/results/compare_opacus_full_cpu.json` is plotted here as it is (nothing recomputed): the README's
+    "dpclip vs Opacus" table is rendered from the same file by `benchmarks/render_tables.py`, and the command that
+    made it is printed under the plot. Each bar is the lowest of the repeats' median step times, its whisker
+    reaches the slowest repeat's. To remake the file (about 20 minutes on 2 quiet cores), run
+    `OMP_NUM_THREADS=1 python benchmarks/compare_opacus.py` and then `python benchmarks/render_tables.py`.
     """),
     code("""
     full = ROOT / "benchmarks" / "results" / "compare_opacus_full_cpu.json"
-    if full.exists():
-        plot_speed(json.loads(full.read_text()), f"{full.relative_to(ROOT)}")
-    else:
-        print(f"{full.relative_to(ROOT)} not found: run `python benchmarks/compare_opacus.py` for the full-size comparison")
+    committed = json.loads(full.read_text())
+    plot_speed(committed, str(full.relative_to(ROOT)))
+    display(Markdown(full.with_suffix(".md").read_text()))  # written from the same file
     """),
     md("""
     ## Accuracy at the same privacy

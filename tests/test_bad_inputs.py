@@ -32,6 +32,7 @@ import dpclip
 from accountants import (
     Gaussian,
     Laplace,
+    PLDAccountant,
     PoissonSampled,
     PrivacyParameterError,
     RDPAccountant,
@@ -134,8 +135,7 @@ def refused(call: Callable[[], Any], error: type[BaseException], *words: str) ->
 # make_private: arguments (σ, C, q, δ, ε, counts, modes) — refused before anything is touched
 # ------------------------------------------------------------------------------------------------------
 BAD_ARGUMENTS = [
-    ("sigma zero", dict(noise_multiplier=0.0), ["noise_multiplier", "> 0"]),
-    ("sigma negative", dict(noise_multiplier=-1.0), ["noise_multiplier", "> 0"]),
+    ("sigma negative", dict(noise_multiplier=-1.0), ["noise_multiplier", ">= 0"]),
     ("sigma nan", dict(noise_multiplier=math.nan), ["noise_multiplier", "finite"]),
     ("sigma inf", dict(noise_multiplier=math.inf), ["noise_multiplier", "finite"]),
     ("C zero", dict(max_grad_norm=0.0), ["max_grad_norm", "> 0"]),
@@ -161,7 +161,19 @@ BAD_ARGUMENTS = [
     ("quantile above one", dict(clipping="median", target_quantile=1.5), ["target_quantile", "(0, 1]"]),
     ("count noise too small", dict(clipping="median", count_noise_multiplier=0.1), ["count_noise_multiplier", "raise"]),
     ("unknown nonfinite policy", dict(nonfinite="ignore"), ["nonfinite", "'error' or 'drop'"]),
-    ("unknown grad_sample_mode", dict(grad_sample_mode="ghost"), ["grad_sample_mode", "'vmap'"]),
+    ("unknown grad_sample_mode", dict(grad_sample_mode="fast"), ["grad_sample_mode", "'vmap'"]),
+    ("Opacus grad_sample_mode", dict(grad_sample_mode="ghost"), ["Opacus's name", "grad_sample_mode='layerwise'"]),
+    ("Opacus clipping name", dict(clipping="adaptive"), ["Opacus's name", "clipping='median'"]),
+    ("shuffled batches", dict(poisson_sampling=False), ["poisson_sampling=False", "Chua et al. 2024", "max_physical_batch_size"]),
+    ("time-major inputs", dict(batch_first=False), ["batch_first=False", "transpose inside the model"]),
+    ("criterion", dict(criterion=nn.CrossEntropyLoss()), ["criterion is not needed", "check_loss"]),
+    ("noise generator not a generator", dict(noise_generator=0), ["noise_generator", "torch.Generator"]),
+    ("per-layer bounds: too few", dict(max_grad_norm=[1.0, 1.0]), ["one bound per trainable parameter", "0.weight, 0.bias, 2.weight, 2.bias"]),
+    ("per-layer bounds: unknown name", dict(max_grad_norm={"0.weight": 1.0, "nope": 1.0}), ["missing", "nope"]),
+    ("per-layer bounds: zero", dict(max_grad_norm=[1.0, 0.0, 1.0, 1.0]), ["clipping bound of 0.bias", "> 0"]),
+    ("per-layer bounds with median", dict(clipping="median", max_grad_norm=[1.0] * 4), ["per-layer", "clipping='fixed'"]),
+    ("no noise with a budget", dict(noise_multiplier=0.0, target_epsilon=3.0, target_delta=1e-5), ["ε = ∞", "target_epsilon"]),
+    ("no noise with median clipping", dict(noise_multiplier=0.0, clipping="median"), ["noise_multiplier=0", "clipping='fixed'"]),
 ]
 
 
@@ -264,8 +276,8 @@ def test_a_poisson_loader_refuses_a_non_integer_number_of_steps():
 # make_private_with_epsilon: targets, epochs, contradictory arguments
 # ------------------------------------------------------------------------------------------------------
 BAD_TARGETS = [
-    ("unreachable epsilon", dict(target_epsilon=1e-3, target_delta=1e-10, epochs=100, sample_rate=1.0),
-     ["target_epsilon=0.001 is unreachable", "raise target_epsilon or delta"]),
+    ("unreachable epsilon", dict(target_epsilon=1e-8, target_delta=1e-10, epochs=10_000, sample_rate=1.0),
+     ["target_epsilon=1e-08 is unreachable", "raise target_epsilon or delta"]),
     ("epsilon zero", dict(target_epsilon=0.0), ["target_epsilon", "> 0"]),
     ("epsilon nan", dict(target_epsilon=math.nan), ["target_epsilon", "finite"]),
     ("delta zero", dict(target_delta=0.0), ["target_delta", "(0, 1)"]),
@@ -539,7 +551,7 @@ def test_changing_sigma_mid_run_is_refused():
     assert_unchanged(before, snapshot(engine, model.module, optimizer))
     optimizer.param_groups[0]["lr"] = 0.05  # the optimizer's own hyper-parameters stay the user's
     train(model, optimizer, loader, steps=1)
-    reference = RDPAccountant()
+    reference = PLDAccountant()  # the engine's default accountant
     reference.compose(PoissonSampled(0.1, Gaussian(1.0)), 3)
     assert engine.get_epsilon(1e-5) == reference.get_epsilon(1e-5)
 
@@ -598,7 +610,7 @@ def checkpoint() -> dict[str, Any]:
 
 
 def _tampered_history(state: dict[str, Any]) -> dict[str, Any]:
-    weaker = RDPAccountant()
+    weaker = PLDAccountant()  # the engine's default accountant
     weaker.compose(PoissonSampled(0.1, Gaussian(100.0)), state["steps"])  # same count, far less ε
     return {**state, "accountant": weaker.state_dict()}
 

@@ -28,7 +28,8 @@ def reference_epsilon(report: dict) -> float:
     event = dpa.SelfComposedDpEvent(
         dpa.PoissonSampledDpEvent(report["sample_rate"], dpa.GaussianDpEvent(report["noise_multiplier"])), report["steps"]
     )
-    return dpa.rdp.RdpAccountant().compose(event).get_epsilon(report["delta"])
+    oracle = dpa.pld.PLDAccountant(value_discretization_interval=1e-4) if report["accountant"] == "pld" else dpa.rdp.RdpAccountant()
+    return oracle.compose(event).get_epsilon(report["delta"])
 
 
 @pytest.fixture(scope="module")

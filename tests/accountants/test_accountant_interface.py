@@ -238,3 +238,19 @@ def test_the_base_class_supplies_everything_but_the_measurement():
     with pytest.raises(PrivacyParameterError, match="not a PureAccountant state"):
         accountant.load_state_dict(RDPAccountant().state_dict())
     assert "PureAccountant: 4 composed events" in accountant.summary(1e-5)
+
+
+@pytest.mark.parametrize("kind", ["rdp", "pld"])
+def test_a_release_without_noise_has_no_finite_epsilon(kind):
+    """NonPrivate (DP-SGD with σ = 0): ε = ∞ and δ(ε) = 1 for every ε, whatever else was composed; persists."""
+    accountant = accountants.make_accountant(kind)
+    accountant.compose(accountants.PoissonSampled(0.01, accountants.Gaussian(1.0)), 100)
+    assert math.isfinite(accountant.get_epsilon(1e-5))
+    sampled_no_noise = accountants.PoissonSampled(0.01, accountants.NonPrivate())
+    assert accountant.get_epsilon_after(sampled_no_noise, 1e-5) == math.inf
+    accountant.compose(sampled_no_noise)
+    assert accountant.get_epsilon(1e-5) == math.inf and accountant.get_delta(1000.0) == 1.0
+    restored = accountants.make_accountant(kind)
+    restored.load_state_dict(json.loads(json.dumps(accountant.state_dict())))
+    assert restored == accountant and restored.get_epsilon(0.5) == math.inf
+    assert accountants.event_from_dict(sampled_no_noise.to_dict()) == sampled_no_noise

@@ -29,7 +29,7 @@ def _epsilon(q, sigma, steps, delta=1e-5, mechanism="gaussian"):
 
 @pytest.mark.parametrize("target, q, steps", [(1.0, 0.004, 2000), (3.0, 0.01, 10_000), (8.0, 0.05, 600), (0.5, 1.0, 10)])
 def test_noise_multiplier_is_guaranteed_and_tight(target, q, steps):
-    sigma = noise_multiplier_for(target, 1e-5, q, steps)
+    sigma = noise_multiplier_for(target, 1e-5, q, steps, accountant="rdp")
     assert _epsilon(q, sigma, steps) <= target
     assert _epsilon(q, sigma * (1 - 2e-4), steps) > target  # no much smaller σ would do
 
@@ -41,19 +41,19 @@ def test_noise_multiplier_agrees_with_opacus(target, q, steps):
     theirs = get_noise_multiplier(
         target_epsilon=target, target_delta=1e-5, sample_rate=q, steps=steps, accountant="rdp", epsilon_tolerance=0.001
     )
-    ours = noise_multiplier_for(target, 1e-5, q, steps)
+    ours = noise_multiplier_for(target, 1e-5, q, steps, accountant="rdp")
     assert ours == pytest.approx(theirs, rel=5e-3)  # Opacus stops within 0.001 in ε of the target
 
 
 def test_laplace_calibration_meets_target():
-    sigma = noise_multiplier_for(2.0, 1e-5, 0.01, 500, mechanism="laplace")
+    sigma = noise_multiplier_for(2.0, 1e-5, 0.01, 500, mechanism="laplace", accountant="rdp")
     assert _epsilon(0.01, sigma, 500, mechanism="laplace") <= 2.0
     assert _epsilon(0.01, sigma * 0.999, 500, mechanism="laplace") > 2.0
 
 
 @pytest.mark.parametrize("target, q, sigma", [(3.0, 0.01, 1.0), (1.0, 0.001, 0.8), (8.0, 0.1, 2.0)])
 def test_steps_for_is_the_largest_fitting_count(target, q, sigma):
-    steps = steps_for(target, 1e-5, q, sigma)
+    steps = steps_for(target, 1e-5, q, sigma, accountant="rdp")
     assert steps > 0
     assert _epsilon(q, sigma, steps) <= target < _epsilon(q, sigma, steps + 1)
 
@@ -143,6 +143,6 @@ def test_epsilon_falls_with_delta(q, sigma, steps, delta):
     steps=st.integers(min_value=1, max_value=20_000),
 )
 def test_calibration_round_trip(target, q, steps):
-    sigma = noise_multiplier_for(target, 1e-5, q, steps)
+    sigma = noise_multiplier_for(target, 1e-5, q, steps, accountant="rdp")
     assert _epsilon(q, sigma, steps) <= target
-    assert steps_for(target, 1e-5, q, sigma) >= steps
+    assert steps_for(target, 1e-5, q, sigma, accountant="rdp") >= steps

@@ -69,7 +69,8 @@ def test_steps_command():
     report = json.loads(result.stdout)
     assert report["epsilon"] <= 3.0 and report["steps"] > 1000
     nothing = run_cli("steps", "--sample-rate", "1", "--target-epsilon", "0.01", "--noise-multiplier", "0.5", "--delta", "1e-5")
-    assert nothing.returncode == 0 and "no step fits" in nothing.stdout
+    assert nothing.returncode == 2 and "no step fits" in nothing.stderr and "Traceback" not in nothing.stderr
+    assert "Raise --noise-multiplier" in nothing.stderr and nothing.stdout == ""
 
 
 def test_laplace_mechanism():

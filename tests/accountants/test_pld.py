@@ -351,7 +351,7 @@ def test_epsilon_after_does_not_change_the_accountant():
 def test_calibration_with_the_pld_accountant():
     q, steps, target = 0.02, 500, 2.0
     sigma = noise_multiplier_for(target, 1e-5, q, steps, accountant="pld")
-    assert sigma < noise_multiplier_for(target, 1e-5, q, steps)  # PLD needs less noise than RDP
+    assert sigma < noise_multiplier_for(target, 1e-5, q, steps, accountant="rdp")  # PLD needs less noise than RDP
     (pess,) = dp_pessimistic([(q, sigma, steps)], [1e-5])
     assert pess <= target * (1 + 2e-4)  # dp_accounting agrees that the target is met
     (below,) = dp_optimistic([(q, sigma * 0.95, steps)], [1e-5])
@@ -460,7 +460,7 @@ def test_invalid_parameters_raise_a_clear_error(make):
 def test_make_accountant_builds_either_kind():
     assert isinstance(make_accountant("rdp"), RDPAccountant)
     assert isinstance(make_accountant("pld", value_discretization_interval=1e-3), PLDAccountant)
-    assert make_accountant().__class__ is RDPAccountant  # the engine's accountant stays the default
+    assert make_accountant().__class__ is PLDAccountant  # the default of the engine, the CLI and calibration
 
 
 def test_pld_modules_never_import_torch():

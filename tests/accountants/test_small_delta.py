@@ -121,7 +121,7 @@ def test_truncated_masses_are_added_not_rounded_away():
     [(3.0, 0.01, 10_000, 1e-12), (1.0, 0.01, 1_000, 1e-12), (2.0, 0.02, 2_000, 1e-10)],
 )
 def test_pld_calibration_at_small_delta_never_needs_more_noise_than_rdp(target, q, steps, delta):
-    rdp_sigma = noise_multiplier_for(target, delta, q, steps)
+    rdp_sigma = noise_multiplier_for(target, delta, q, steps, accountant="rdp")
     pld_sigma = noise_multiplier_for(target, delta, q, steps, accountant="pld")
     assert rdp_oracle(q, rdp_sigma, steps, delta) <= target * (1 + 1e-6)  # the RDP σ is right (independent RDP)
     assert pld_sigma <= 0.99 * rdp_sigma  # strictly less noise (before: σ = 254,258 for the first case)

@@ -124,7 +124,7 @@ def test_median_clipping_converges_to_the_median_and_costs_a_gaussian():
     a = torch.exp(0.5 * torch.randn(2000, generator=g))
     dataset = TensorDataset(a, torch.zeros(2000))
     model = Scaled()
-    engine = PrivacyEngine(seed=1)
+    engine = PrivacyEngine(accountant="rdp", seed=1)  # its oracle is an RDP accountant
     model, optimizer, loader = engine.make_private(
         model, torch.optim.SGD(model.parameters(), lr=0.0), DataLoader(dataset, batch_size=200),
         noise_multiplier=1.0, max_grad_norm=0.1, clipping="median",
@@ -176,7 +176,7 @@ def test_budget_guard_stops_before_reading_data_and_leaves_the_model_untouched()
 
 def test_make_private_with_epsilon_reaches_but_does_not_exceed_the_target():
     model = mlp()
-    engine = PrivacyEngine(seed=0)
+    engine = PrivacyEngine(accountant="rdp", seed=0)  # Opacus calibrates with RDP here
     model, optimizer, loader = engine.make_private_with_epsilon(
         model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data(), batch_size=20),
         target_epsilon=3.0, target_delta=1e-5, epochs=4, max_grad_norm=1.0,
@@ -239,7 +239,7 @@ def test_nonfinite_gradients_raise_by_default_and_can_be_dropped():
 def test_resume_gives_exactly_the_same_model_and_epsilon():
     def setup():
         model = mlp(dropout=0.2, seed=5)
-        engine = PrivacyEngine(seed=11)
+        engine = PrivacyEngine(accountant="rdp", seed=11)
         optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
         m, o, l = engine.make_private(model, optimizer, DataLoader(data(), batch_size=30), noise_multiplier=1.0,
                                       max_grad_norm=0.5, clipping="median")
@@ -395,7 +395,7 @@ def test_functional_private_step_matches_the_engine():
     opt_a = torch.optim.SGD(model_a.parameters(), lr=0.3)
     dpclip.private_step(model_a, opt_a, nn.CrossEntropyLoss(), x, y, noise_multiplier=0.7, max_grad_norm=0.5,
                         sample_rate=0.1, dataset_size=200, accountant=accountant, source=dpclip.NoiseSource(seed=4))
-    engine = PrivacyEngine(seed=4)
+    engine = PrivacyEngine(accountant="rdp", seed=4)  # the functional step uses an RDPAccountant
     m, o, _ = engine.make_private(model_b, torch.optim.SGD(model_b.parameters(), lr=0.3),
                                   DataLoader(data(), batch_size=20), noise_multiplier=0.7, max_grad_norm=0.5)
     engine.begin_step()
@@ -445,7 +445,7 @@ def test_pld_accountant_in_the_engine_matches_dp_accounting_and_calibrates_less_
         model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data(), batch_size=20),
         target_epsilon=3.0, target_delta=1e-5, epochs=4, max_grad_norm=1.0,
     )
-    rdp_engine = PrivacyEngine(seed=0)
+    rdp_engine = PrivacyEngine(accountant="rdp", seed=0)
     rdp_model = mlp()
     rdp_engine.make_private_with_epsilon(
         rdp_model, torch.optim.SGD(rdp_model.parameters(), lr=0.1), DataLoader(data(), batch_size=20),
@@ -462,9 +462,12 @@ def test_pld_accountant_in_the_engine_matches_dp_accounting_and_calibrates_less_
     report = engine.privacy_report()
     assert report["accountant"] == "pld" and report["epsilon_error"] >= 0 and "Accountant: PLD" in report["statement"]
     state = engine.state_dict()
-    again, again_model, again_optimizer, _ = private(noise_multiplier=sigma)
+    again = PrivacyEngine(accountant="rdp", seed=0)
+    again_model = mlp()
+    again.make_private(again_model, torch.optim.SGD(again_model.parameters(), lr=0.1), DataLoader(data(), batch_size=20),
+                       noise_multiplier=sigma, max_grad_norm=1.0)
     with pytest.raises(dpclip.PrivacyParameterError, match="another accountant"):
         again.load_state_dict(state)  # an RDP engine refuses a PLD history; nothing changed
     assert again.steps == 0
-    with pytest.raises(dpclip.PrivacyParameterError, match="'rdp'.*'pld'"):
+    with pytest.raises(dpclip.PrivacyParameterError, match="'pld'.*'rdp'"):
         PrivacyEngine(accountant="prv")

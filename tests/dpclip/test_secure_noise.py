@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from accountants import Gaussian, PoissonSampled, RDPAccountant
+from accountants import Gaussian, PLDAccountant, PoissonSampled
 from dpclip import NoiseSource, PrivacyEngine, add_noise
 from dpclip.noise import (
     GRID_BITS,
@@ -182,7 +182,7 @@ def test_secure_mode_through_add_noise_engine_and_count():
     for name, p in model.module.named_parameters():
         released = (before[name] - p.detach()).double() * 64
         assert torch.equal(released / grid, torch.round(released / grid))
-    reference = RDPAccountant()
+    reference = PLDAccountant()  # the engine's default accountant
     reference.compose(PoissonSampled(1.0, Gaussian(1.0)))
     assert engine.get_epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12)
 

@@ -1,0 +1,284 @@
+"""The markdown tables of the committed benchmark results: written from the results files, never typed by hand.
+
+    python benchmarks/render_tables.py           # rewrite benchmarks/results/*.md and README.md's marked tables
+    python benchmarks/render_tables.py --check   # exit 1 (and show the difference) where any of them is stale
+
+Each results file ``benchmarks/results/NAME.json`` gives ``benchmarks/results/NAME.md`` (every row, each repeat's
+figure, how the file was made) and the README's summary between ``<!-- table: NAME -->`` and ``<!-- /table -->``.
+``benchmarks/compare_opacus.py`` writes its ``.md`` files with the same functions. No torch needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import statistics
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+BLOCK = re.compile(r"(<!-- table: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+LIBRARY_ORDER = ["nonprivate", "dpclip", "dpclip-vmap", "opacus-hooks", "opacus-functorch", "opacus-ghost"]
+
+
+def _prose(text: str) -> str:
+    """A paragraph wrapped like the README's source."""
+    return textwrap.fill(text, width=115, break_long_words=False, break_on_hyphens=False)
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}×" if value < 10 else f"{value:.1f}×"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _made_by(settings: dict[str, Any] | None) -> str:
+    """How and where a results file was made, in one sentence."""
+    if not settings or "command" not in settings:
+        return "Made by a command that the results file does not record."
+    env = settings.get("thread_env") or {}
+    omp = ", ".join(f"{k}={env.get(k) if env.get(k) is not None else 'unset'}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY"))
+    minutes = f", {settings['duration_s'] / 60:.0f} min" if settings.get("duration_s") else ""
+    git = f", git {settings['git']}" if settings.get("git") else ""
+    opacus = f", Opacus {settings['opacus']}" if settings.get("opacus") else ""
+    return (f"Made by `{settings['command']}` ({settings['date']}{git}{minutes}) on {settings['cpu']}, "
+            f"{_count(settings['cpus'], 'CPU')}: {_count(settings['threads'], 'thread')} per run ({omp}), torch {settings['torch']}{opacus}.")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# benchmarks/compare_opacus.py (timing mode)
+# ------------------------------------------------------------------------------------------------------------
+def _baselines(results: list[dict[str, Any]]) -> dict[str, float]:
+    return {r["model"]: r["ms_per_step"] for r in results if r["library"] == "nonprivate" and "error" not in r}
+
+
+def compare_table(results: list[dict[str, Any]]) -> str:
+    """Every (model, library) row."""
+    base = _baselines(results)
+    lines = ["| model | library | ms/step | each repeat's median | examples/s | × non-private | peak RSS MB | ε (δ=1e-5) | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['library']} | — | — | — | — | — | — | {r['error']} |")
+            continue
+        ratio = r["ms_per_step"] / base[r["model"]] if r["model"] in base else float("nan")
+        eps = "—" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
+        repeats = " / ".join("failed" if "error" in x else _ms(x["ms_per_step"]) for x in r.get("repeats", []))
+        lines.append(
+            f"| {r['model']} | {r['library']} | {_ms(r['ms_per_step'])} | {repeats or '—'} | {r['examples_per_s']:.0f} | "
+            f"{ratio:.2f} | {r['peak_rss_mb']:.0f} | {eps} | {r['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def _method(s: dict[str, Any]) -> str:
+    if s.get("in_process"):
+        return "All runs in one process (smoke mode: times and memory are not comparable)."
+    repeats = s.get("repeats", 1)
+    return (f"Batch {s['batch']} (expected; Poisson sampling), σ = {s['sigma']:g}, C = {s['max_grad_norm']:g}; each "
+            f"(model, library) in its own process, {_count(repeats, 'repeat')} interleaved; ms/step is the lowest of the repeats' "
+            f"median over {s['steps']} timed steps (after {s.get('warmup', '?')} warm-up); peak RSS is the highest.")
+
+
+def compare_markdown(report: dict[str, Any]) -> str:
+    """benchmarks/results/compare_opacus_<size>_<device>.md: the full table, then how it was made."""
+    s = report["settings"]
+    return f"{compare_table(report['results'])}\n\n{_prose(f'{_made_by(s)} {_method(s)}')}\n"
+
+
+def compare_readme(report: dict[str, Any]) -> str:
+    """README's summary: per model, non-private, dpclip (both paths), the fastest Opacus mode and Opacus hooks."""
+    s, results = report["settings"], report["results"]
+    base = _baselines(results)
+    ok = {(r["model"], r["library"]): r for r in results if "error" not in r}
+    models = list(dict.fromkeys(r["model"] for r in results))
+
+    def cell(r: dict[str, Any] | None, bold: bool = False, mode: str = "") -> str:
+        if r is None:
+            return "—"
+        ms = f"**{_ms(r['ms_per_step'])}**" if bold else _ms(r["ms_per_step"])
+        if r["library"] == "nonprivate":
+            return f"{ms} ({r['peak_rss_mb']:.0f} MB)"
+        ratio = f"{_ratio(r['ms_per_step'] / base[r['model']])}, " if r["model"] in base else ""
+        return f"{mode}{ms} ({ratio}{r['peak_rss_mb']:.0f} MB)"
+
+    lines = ["| model | non-private | dpclip | dpclip, vmap path | fastest Opacus mode | Opacus hooks |",
+             "|---|---|---|---|---|---|"]
+    for m in models:
+        private = [r for (mm, lib), r in ok.items() if mm == m and lib != "nonprivate"]
+        fastest = min(private, key=lambda r: r["ms_per_step"])["library"] if private else None
+        opacus = [r for r in private if r["library"].startswith("opacus-")]
+        best = min(opacus, key=lambda r: r["ms_per_step"]) if opacus else None
+        row = [
+            s.get("models", {}).get(m, m),
+            cell(ok.get((m, "nonprivate"))),
+            cell(ok.get((m, "dpclip")), fastest == "dpclip"),
+            cell(ok.get((m, "dpclip-vmap")), fastest == "dpclip-vmap"),
+            cell(best, best is not None and fastest == best["library"], f"{best['library'][len('opacus-'):]} " if best else ""),
+            cell(ok.get((m, "opacus-hooks")), fastest == "opacus-hooks"),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    eps = sorted({round(r["epsilon"], 3) for r in ok.values() if r.get("epsilon") is not None})
+    eps_text = f"{eps[0]:.3f}" if len(eps) == 1 else f"{eps[0]:.3f}–{eps[-1]:.3f}"
+    failed = [f"{r['model']} {r['library']}" for r in results if "error" in r]
+    intro = (f"{_made_by(s)} {_method(s)} ε = {eps_text} (δ = {s['delta']:g}) for every private library, each by its "
+             f"own tight accountant (dpclip: PLD; Opacus: PRV).")
+    legend = "ms per step (× non-private, peak RSS MB); bold: the fastest private one" + (
+        f"; failed: {', '.join(failed)}" if failed else "") + "."
+    return f"{_prose(intro)}\n\n{_prose(legend)}\n\n" + "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# benchmarks/compare_opacus.py --accuracy
+# ------------------------------------------------------------------------------------------------------------
+def _accuracy_groups(runs: list[dict[str, Any]]):
+    for eps in sorted({r["target_epsilon"] for r in runs}):
+        yield eps, {lib: [r for r in runs if r["target_epsilon"] == eps and r["library"] == lib] for lib in ("dpclip", "opacus")}
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def accuracy_table(runs: list[dict[str, Any]]) -> str:
+    lines = ["| ε target | σ | steps | library | test accuracy (mean ± sd over seeds) | ε reported | s per run |",
+             "|---|---|---|---|---|---|---|"]
+    for eps, by_lib in _accuracy_groups(runs):
+        for lib, rs in by_lib.items():
+            if rs:
+                lines.append(
+                    f"| {eps:g} | {rs[0]['sigma']:.3f} | {rs[0]['steps']} | {lib} | {_mean_sd([r['test_accuracy'] for r in rs])} "
+                    f"(n={len(rs)}) | {max(r['epsilon'] for r in rs):.3f} | {statistics.mean(r['wall_s'] for r in rs):.1f} |"
+                )
+    return "\n".join(lines)
+
+
+def accuracy_markdown(report: dict[str, Any]) -> str:
+    return f"{accuracy_table(report['runs'])}\n\n{_prose(_made_by(report.get('settings')))}\n"
+
+
+def accuracy_readme(report: dict[str, Any]) -> str:
+    runs = report["runs"]
+    seeds = len({r["seed"] for r in runs})
+    q = runs[0]["sample_rate"]
+    lines = ["| target ε | σ | dpclip: test accuracy | Opacus (hooks): test accuracy | ε reported: dpclip / Opacus |",
+             "|---|---|---|---|---|"]
+    for eps, by_lib in _accuracy_groups(runs):
+        mine, theirs = by_lib["dpclip"], by_lib["opacus"]
+        sigma = (mine or theirs)[0]["sigma"]
+        reported = " / ".join(f"{max(r['epsilon'] for r in rs):.3f}" if rs else "—" for rs in (mine, theirs))
+        lines.append(f"| {eps:g} | {sigma:.3f} | {_mean_sd([r['test_accuracy'] for r in mine]) if mine else '—'} | "
+                     f"{_mean_sd([r['test_accuracy'] for r in theirs]) if theirs else '—'} | {reported} |")
+    intro = (f"{_made_by(report.get('settings'))} Digits CNN, {report['epochs']} epochs = {runs[0]['steps']} steps at "
+             f"q = {q:.4g}, δ = {report['delta']:g}; test accuracy is the mean ± sd over {seeds} seeds.")
+    return f"{_prose(intro)}\n\n" + "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------------
+def _loader_setup(report: dict[str, Any]) -> str:
+    m, s = report["machine"], report["setup"]
+    return (f"Made by `{report['command']}`: {_count(m['cpus'], 'CPU core')}, torch {m['torch']}, main process "
+            f"{_count(m['main_threads'], 'thread')}; {s['dataset_size']} images 3×64×64 augmented to 32×32, "
+            f"~{s['item_cost_ms_main_process']:.2f} ms per item; small CNN trained privately, expected batch "
+            f"{s['expected_batch']}, {s['steps_timed']} timed steps after {s['warmup_steps']} warm-up steps (worker "
+            f"start-up included); median of {s['repeats']} interleaved repeats.")
+
+
+def _loader_verdict(report: dict[str, Any]) -> str:
+    w = report["setup"]["workers"]
+    return (f"dpclip with {w} workers vs the main-process loader: **×{report[f'dpclip_w{w}_over_w0']:.2f}**; "
+            f"dpclip / non-private torch at {w} workers: {report[f'dpclip_over_torch_w{w}']:.2f}.")
+
+
+def loader_markdown(report: dict[str, Any]) -> str:
+    """benchmarks/results/loader_workers.md: every configuration and repeat."""
+    lines = ["# Poisson loader with worker processes (augmentation-heavy `__getitem__`)", "",
+             _prose(_loader_setup(report)), "",
+             "| configuration | examples/s (median) | all repeats | CPU ms/example (all processes, median) | "
+             "1-min load average after each |", "|---|---:|---|---:|---|"]
+    for name, r in report["results"].items():
+        lines.append(f"| {name} | {r['median_examples_per_s']:.0f} | {', '.join(f'{v:.0f}' for v in r['all_examples_per_s'])} "
+                     f"| {r['median_cpu_ms_per_example']:.2f} | {', '.join(f'{v:.1f}' for v in r['load_average_1min'])} |")
+    return "\n".join(lines + ["", _prose(_loader_verdict(report)), ""])
+
+
+def loader_readme(report: dict[str, Any]) -> str:
+    """The README's summary: examples/s of dpclip and plain torch with and without workers."""
+    w = report["setup"]["workers"]
+    r = report["results"]
+    lines = ["| loader | dpclip (private) | torch (non-private) |", "|---|---:|---:|"]
+    for workers in (0, w):
+        lines.append(f"| `num_workers={workers}` | {r[f'dpclip-w{workers}']['median_examples_per_s']:.0f} examples/s "
+                     f"| {r[f'torch-w{workers}']['median_examples_per_s']:.0f} examples/s |")
+    return f"{_prose(_loader_setup(report))}\n\n" + "\n".join(lines) + f"\n\n{_prose(_loader_verdict(report))}\n"
+
+
+TABLES: dict[str, tuple[Callable[[dict], str], Callable[[dict], str]]] = {
+    # results file stem: (its .md, its README block)
+    "compare_opacus_full_cpu": (compare_markdown, compare_readme),
+    "accuracy_digits": (accuracy_markdown, accuracy_readme),
+    "loader_workers": (loader_markdown, loader_readme),
+}
+
+
+def replace_blocks(text: str, blocks: dict[str, str]) -> str:
+    """``text`` with the body of every ``<!-- table: NAME -->`` … ``<!-- /table -->`` replaced by ``blocks[NAME]``."""
+    unknown = [m["name"] for m in BLOCK.finditer(text) if m["name"] not in blocks]
+    if unknown:
+        raise SystemExit(f"README table(s) {unknown}: no such results file (benchmarks/results/NAME.json)")
+    return BLOCK.sub(lambda m: m.group(1) + blocks[m["name"]] + m.group(4), text)
+
+
+def rendered(readme: Path = README, results: Path = RESULTS) -> dict[Path, str]:
+    """What each output file must contain, from the results files."""
+    outputs: dict[Path, str] = {}
+    blocks: dict[str, str] = {}
+    for name, (markdown, summary) in TABLES.items():
+        source = results / f"{name}.json"
+        if not source.exists():
+            continue
+        report = json.loads(source.read_text())
+        outputs[results / f"{name}.md"] = markdown(report)
+        blocks[name] = summary(report)
+    outputs[readme] = replace_blocks(readme.read_text(), blocks)
+    return outputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 where a file differs from its results")
+    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the results files")
+    args = parser.parse_args(argv)
+    stale = 0
+    for path, text in rendered(args.readme, args.results).items():
+        current = path.read_text() if path.exists() else ""
+        if current == text:
+            continue
+        stale += 1
+        if args.check:
+            sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), text.splitlines(True), f"{path} (now)",
+                                                       f"{path} (from the results files)"))
+        else:
+            path.write_text(text)
+            print(f"wrote {path}")
+    if args.check and stale:
+        print(f"{stale} file(s) differ from the results files: run python benchmarks/render_tables.py", file=sys.stderr)
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
