@@ -226,11 +226,29 @@ def loader_readme(report: dict[str, Any]) -> str:
     return f"{_prose(_loader_setup(report))}\n\n" + "\n".join(lines) + f"\n\n{_prose(_loader_verdict(report))}\n"
 
 
+def main_job_markdown(report: dict[str, Any]) -> str:
+    """benchmarks/results/main_job.md: the main job's accuracies and privacy statement."""
+    return f"# The main job (`{report['command']}`)\n\n{main_job_readme(report)}\n{report['statement']}\n"
+
+
+def main_job_readme(report: dict[str, Any]) -> str:
+    """One paragraph: private vs non-private test accuracy, ε, σ, steps and wall time of the main job."""
+    h = report["hyperparameters"]
+    return _prose(
+        f"With the defaults (seed {h['seed']}, {report['torch_threads']} torch threads), `{report['command']}` gave "
+        f"test accuracy **{report['test_accuracy']:.3f}** private vs **{report['non_private_test_accuracy']:.3f}** "
+        f"non-private, at ε = {report['epsilon']:.3f} (δ = {report['delta']:g}, {report['accountant'].upper()} "
+        f"accountant; σ = {report['noise_multiplier']:.3f}, q = {report['sample_rate']:.4f}, {report['steps']} steps), "
+        f"in {report['wall_time_s']:.0f} s for both runs. Results file: `benchmarks/results/main_job.json`."
+    ) + "\n"
+
+
 TABLES: dict[str, tuple[Callable[[dict], str], Callable[[dict], str]]] = {
     # results file stem: (its .md, its README block)
     "compare_opacus_full_cpu": (compare_markdown, compare_readme),
     "accuracy_digits": (accuracy_markdown, accuracy_readme),
     "loader_workers": (loader_markdown, loader_readme),
+    "main_job": (main_job_markdown, main_job_readme),
 }
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -234,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall_time = time.perf_counter() - start
 
     report.update(
+        command=shlex.join(["python", "scripts/train_digits.py", *(sys.argv[1:] if argv is None else argv)]),
         test_accuracy=result["test_accuracy"],
         train_accuracy=result["train_accuracy"],
         non_private_test_accuracy=None if baseline is None else baseline["test_accuracy"],
