@@ -62,7 +62,7 @@ def noisy_release(clipped: ClippedSum, params: Mapping[str, Tensor], collective:
     clipping, the noisy count. Raises NonFiniteGradientError if a process flagged NaN/inf gradients."""
     mechanism, policy = clipped.mechanism, clipped.clipping
     bound = policy.max_norm
-    summed = {name: clipped.sums.get(name, torch.zeros_like(p)) for name, p in params.items()}
+    summed = {name: clipped.sums[name] if name in clipped.sums else torch.zeros_like(p) for name, p in params.items()}
     summed, count, error = collective.all_reduce(summed, clipped.count)
     if error is not None:
         raise NonFiniteGradientError(error)

@@ -260,8 +260,8 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         except NonFiniteGradientError:
             self._abandon_step()
             raise
-        for name, p in params.items():
-            p.grad = (noisy[name] / settings.expected_batch_size).to(p.dtype)
+        for name, p in params.items():  # the release is this step's own tensor: divided in place
+            p.grad = noisy[name].div_(settings.expected_batch_size).to(p.dtype)
         self._optimizer.step()
         self.accountant.compose(self._step_event)
         self.steps += 1

@@ -33,7 +33,14 @@ class ExampleGradients(Protocol):
 def masked_scale(values: Tensor, factors: Tensor) -> Tensor:
     """values[i] · factors[i] over the batch dim, with exact zeros where the factor is 0 (even if values are NaN)."""
     shaped = factors.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
+    if all_kept(factors):  # the usual case: one multiplication, no masking pass
+        return values * shaped
     return torch.where(shaped != 0, values * shaped, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def all_kept(factors: Tensor) -> bool:
+    """Whether no example has factor 0 (none was dropped as non-finite): then nothing needs masking."""
+    return bool((factors != 0).all())
 
 
 class MaterializedGradients:

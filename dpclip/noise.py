@@ -127,7 +127,7 @@ class NoiseSource:
         gen = self.generator(like.device)
         if self.secure_mode:
             return (secure_standard_gaussian(like.shape, gen, like.device) * std).to(like.dtype)
-        return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype) * std
+        return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype).mul_(std)
 
     def laplace(self, like: Tensor, scale: float) -> Tensor:
         """Laplace(0, scale) per coordinate: the difference of two Exp(1) draws times the scale (secure mode:
@@ -150,7 +150,7 @@ class NoiseSource:
             raise ValueError(f"the noise law must be 'gaussian' or 'laplace', got {law!r}")
         if not self.secure_mode:
             draw = self.gaussian if law == "gaussian" else self.laplace
-            return values + draw(values, scale)
+            return draw(values, scale).add_(values)  # in place on the fresh draw: one pass, no extra tensor
         grid, bound = snapping_grid(scale), snapping_bound(scale)
         sampler = secure_standard_gaussian if law == "gaussian" else secure_standard_laplace
         noise = sampler(values.shape, self.generator(values.device), values.device) * scale

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..clipping import Norm
-from ..example_grads import masked_scale
+from ..example_grads import all_kept, masked_scale
 from ..norms import clip_norm
 
 Tensor = torch.Tensor
@@ -108,9 +108,9 @@ class LinearWeight(Contribution):
         return (squared + rounding).clamp_min(0).sqrt() + slack
 
     def weighted(self, factors: Tensor) -> Tensor:
-        keep = (factors != 0).to(factors.dtype)
         g = masked_scale(self.g, factors).reshape(-1, self.g.shape[2])
-        a = masked_scale(self.a, keep).reshape(-1, self.a.shape[2])
+        a = self.a if all_kept(factors) else masked_scale(self.a, (factors != 0).to(factors.dtype))
+        a = a.reshape(-1, self.a.shape[2])
         if self.transposed:
             return (a.transpose(0, 1) @ g).reshape(self.shape)
         return (g.transpose(0, 1) @ a).reshape(self.shape)
@@ -122,9 +122,12 @@ class Summed(Contribution):
     def __init__(self, name: str, values: Tensor, rows: slice | None = None) -> None:
         super().__init__(name, rows)
         self.values = values
+        self._sum: Tensor | None = None
 
     def materialize(self) -> Tensor:
-        return self.values.sum(dim=1)
+        if self._sum is None:  # asked for twice: by the norm, then by the weighted sum
+            self._sum = self.values.sum(dim=1)
+        return self._sum
 
 
 class EmbeddingWeight(Contribution):
@@ -160,9 +163,11 @@ class EmbeddingWeight(Contribution):
 class ConvWeight(Contribution):
     """Per-example ConvNd weight gradients from the layer's input ``x`` and output gradient ``g``.
 
-    Each example's gradient is the convolution's own weight backward on that example alone, vmapped (torch
-    batches it as one grouped convolution), far cheaper than unfolding the input into patches. The gradients are
-    kept for the weighted sum when they fit in ``cache_bytes``; otherwise they are recomputed chunk by chunk.
+    Norms: each example's gradient is the convolution's own weight backward on that example alone, vmapped (torch
+    batches it as one grouped convolution, cheaper than unfolding the input into patches), chunk by chunk and not
+    kept. The clipped sum Σ_i c_i ∇W_i needs no per-example gradient: the weight gradient is linear in the output
+    gradient, so it is one ordinary batched weight backward with g_i scaled by c_i (Bu et al. 2023's book-keeping),
+    the cost of the non-private weight gradient.
     """
 
     cache_bytes = 256 * 2**20
@@ -170,43 +175,32 @@ class ConvWeight(Contribution):
     def __init__(self, name: str, module: nn.Module, x: Tensor, g: Tensor) -> None:
         super().__init__(name)
         self.module, self.x, self.g = module, x, g
-        self._cached: Tensor | None = None
         weight = module.weight  # type: ignore[union-attr]
         self.chunk = max(1, self.cache_bytes // (weight.numel() * weight.element_size()))
 
-    def _grads(self, start: int, stop: int) -> Tensor:
+    def _weight_backward(self, x: Tensor, g: Tensor) -> Tensor:
+        """The weight gradient of the convolution for input ``x`` and output gradient ``g`` (batched over dim 0)."""
         conv = self.module
         dims = conv.weight.dim() - 2  # type: ignore[union-attr]
         transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
         output_padding = list(conv.output_padding) if transposed else [0] * dims  # type: ignore[union-attr]
+        return torch.ops.aten.convolution_backward(
+            g, x, conv.weight, None, conv.stride, conv.padding, conv.dilation,  # type: ignore[union-attr]
+            transposed, output_padding, conv.groups, [False, True, False],  # type: ignore[union-attr]
+        )[1]
 
-        def one(xi: Tensor, gi: Tensor) -> Tensor:
-            return torch.ops.aten.convolution_backward(
-                gi[None], xi[None], conv.weight, None, conv.stride, conv.padding, conv.dilation,
-                transposed, output_padding, conv.groups, [False, True, False],
-            )[1]
-
+    def _grads(self, start: int, stop: int) -> Tensor:
         with torch.no_grad():
-            return torch.func.vmap(one)(self.x[start:stop], self.g[start:stop])
+            return torch.func.vmap(lambda xi, gi: self._weight_backward(xi[None], gi[None]))(self.x[start:stop], self.g[start:stop])
 
     def materialize(self) -> Tensor:
-        if self._cached is None:
-            grads = self._grads(0, self.x.shape[0])
-            if self.chunk >= self.x.shape[0]:
-                self._cached = grads
-            return grads
-        return self._cached
+        return self._grads(0, self.x.shape[0])
 
     def norm(self, norm: Norm) -> Tensor:
-        if self.chunk >= self.x.shape[0]:
-            return vector_norms(self.materialize(), norm)
         batch = self.x.shape[0]
         return torch.cat([vector_norms(self._grads(i, i + self.chunk), norm) for i in range(0, batch, self.chunk)])
 
     def weighted(self, factors: Tensor) -> Tensor:
-        if self.chunk >= self.x.shape[0]:
-            return masked_scale(self.materialize(), factors).sum(dim=0)
-        total = torch.zeros_like(self.module.weight)  # type: ignore[arg-type]
-        for i in range(0, self.x.shape[0], self.chunk):
-            total += masked_scale(self._grads(i, i + self.chunk), factors[i : i + self.chunk]).sum(dim=0)
-        return total
+        x = self.x if all_kept(factors) else masked_scale(self.x, (factors != 0).to(factors.dtype))
+        with torch.no_grad():
+            return self._weight_backward(x, masked_scale(self.g, factors))

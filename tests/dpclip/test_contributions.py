@@ -1,0 +1,48 @@
+"""Book-keeping contributions against materialised per-example gradients: Σ_i c_i g_i, with dropped examples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dpclip.grads.contributions import ConvWeight, LinearWeight, Summed
+
+
+def _brute_force(grads: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    return sum(f * g for f, g in zip(factors.tolist(), grads) if f != 0)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(3, 4, 3, 2, padding=1), nn.Conv1d(2, 5, 4), nn.ConvTranspose2d(3, 2, 3, 2)])
+@pytest.mark.parametrize("drop", [False, True])
+def test_conv_weighted_sum_is_one_batched_backward_and_drops_exactly(conv, drop):
+    torch.manual_seed(0)
+    shape = (6, conv.in_channels, *([9] * (conv.weight.dim() - 2)))
+    x = torch.randn(shape, dtype=torch.float64)
+    conv = conv.double()
+    g = torch.randn_like(conv(x))
+    factors = torch.rand(6, dtype=torch.float64) + 0.1
+    if drop:  # a non-finite example dropped with factor 0: its NaNs must not reach the sum
+        factors[2] = 0.0
+        x[2, 0].fill_(float("nan"))
+        g[2].fill_(float("inf"))
+    part = ConvWeight("weight", conv, x, g)
+    grads = part.materialize()
+    expected = _brute_force(grads, factors)
+    torch.testing.assert_close(part.weighted(factors), expected, rtol=1e-10, atol=1e-12)
+    kept = factors != 0
+    torch.testing.assert_close(part.norm("l2")[kept], grads[kept].flatten(1).norm(dim=1), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_linear_and_summed_weighted_sums(drop):
+    torch.manual_seed(1)
+    a, g = torch.randn(5, 3, 4, dtype=torch.float64), torch.randn(5, 3, 2, dtype=torch.float64)
+    factors = torch.rand(5, dtype=torch.float64) + 0.1
+    if drop:
+        factors[1] = 0.0
+        a[1].fill_(float("nan"))
+    linear = LinearWeight("w", None, a, g, torch.Size([2, 4]))
+    torch.testing.assert_close(linear.weighted(factors), _brute_force(linear.materialize(), factors))
+    bias = Summed("b", g)
+    torch.testing.assert_close(bias.weighted(factors), _brute_force(g.sum(dim=1), factors))
