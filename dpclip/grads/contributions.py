@@ -164,10 +164,11 @@ class ConvWeight(Contribution):
     """Per-example ConvNd weight gradients from the layer's input ``x`` and output gradient ``g``.
 
     Norms: each example's gradient is the convolution's own weight backward on that example alone, vmapped (torch
-    batches it as one grouped convolution, cheaper than unfolding the input into patches), chunk by chunk and not
-    kept. The clipped sum Σ_i c_i ∇W_i needs no per-example gradient: the weight gradient is linear in the output
-    gradient, so it is one ordinary batched weight backward with g_i scaled by c_i (Bu et al. 2023's book-keeping),
-    the cost of the non-private weight gradient.
+    batches it as one grouped convolution, cheaper than unfolding the input into patches). When all of them fit in
+    ``cache_bytes`` they are kept, and the clipped sum is one contraction Σ_i c_i ∇W_i over them (B × |W| work).
+    Otherwise they are computed chunk by chunk for the norms and dropped, and the clipped sum is one ordinary batched
+    weight backward with each g_i scaled by c_i (the weight gradient is linear in the output gradient; Bu et al.
+    2023's book-keeping), the cost of the non-private weight gradient.
     """
 
     cache_bytes = 256 * 2**20
@@ -175,6 +176,7 @@ class ConvWeight(Contribution):
     def __init__(self, name: str, module: nn.Module, x: Tensor, g: Tensor) -> None:
         super().__init__(name)
         self.module, self.x, self.g = module, x, g
+        self._cached: Tensor | None = None
         weight = module.weight  # type: ignore[union-attr]
         self.chunk = max(1, self.cache_bytes // (weight.numel() * weight.element_size()))
 
@@ -194,13 +196,25 @@ class ConvWeight(Contribution):
             return torch.func.vmap(lambda xi, gi: self._weight_backward(xi[None], gi[None]))(self.x[start:stop], self.g[start:stop])
 
     def materialize(self) -> Tensor:
-        return self._grads(0, self.x.shape[0])
+        if self._cached is not None:
+            return self._cached
+        grads = self._grads(0, self.x.shape[0])
+        if self.chunk >= self.x.shape[0]:
+            self._cached = grads
+        return grads
 
     def norm(self, norm: Norm) -> Tensor:
         batch = self.x.shape[0]
+        if self.chunk >= batch:
+            return vector_norms(self.materialize(), norm)
         return torch.cat([vector_norms(self._grads(i, i + self.chunk), norm) for i in range(0, batch, self.chunk)])
 
     def weighted(self, factors: Tensor) -> Tensor:
+        if self.chunk >= self.x.shape[0]:
+            grads = self.materialize()
+            if all_kept(factors):
+                return torch.tensordot(factors.to(grads.dtype), grads, dims=1)
+            return masked_scale(grads, factors).sum(dim=0)
         x = self.x if all_kept(factors) else masked_scale(self.x, (factors != 0).to(factors.dtype))
         with torch.no_grad():
             return self._weight_backward(x, masked_scale(self.g, factors))

@@ -15,7 +15,7 @@ def _brute_force(grads: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("conv", [nn.Conv2d(3, 4, 3, 2, padding=1), nn.Conv1d(2, 5, 4), nn.ConvTranspose2d(3, 2, 3, 2)])
 @pytest.mark.parametrize("drop", [False, True])
-def test_conv_weighted_sum_is_one_batched_backward_and_drops_exactly(conv, drop):
+def test_conv_weighted_sum_drops_exactly(conv, drop):
     torch.manual_seed(0)
     shape = (6, conv.in_channels, *([9] * (conv.weight.dim() - 2)))
     x = torch.randn(shape, dtype=torch.float64)
@@ -46,3 +46,19 @@ def test_linear_and_summed_weighted_sums(drop):
     torch.testing.assert_close(linear.weighted(factors), _brute_force(linear.materialize(), factors))
     bias = Summed("b", g)
     torch.testing.assert_close(bias.weighted(factors), _brute_force(g.sum(dim=1), factors))
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_conv_weighted_sum_from_kept_or_recomputed_gradients(cached, monkeypatch):
+    """Both ways to the clipped sum (the kept per-example gradients, or one batched backward) give the same sum."""
+    if not cached:
+        monkeypatch.setattr(ConvWeight, "cache_bytes", 1)  # nothing fits: chunks of one example, never kept
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 4, 3).double()
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+    factors = torch.rand(5, dtype=torch.float64)
+    part = ConvWeight("weight", conv, x, g)
+    assert (part.chunk >= 5) == cached
+    expected = _brute_force(part.materialize(), factors)
+    torch.testing.assert_close(part.weighted(factors), expected, rtol=1e-10, atol=1e-12)
