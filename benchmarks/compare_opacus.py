@@ -6,6 +6,10 @@ seed, expected batch size, (q, σ, C) and number of steps. Libraries: non-privat
 grad_sample_mode "hooks", "functorch" and "ghost". Opacus refuses nn.MultiheadAttention, so for the
 transformer it runs on ModuleValidator.fix(model) (DPMultiheadAttention); dpclip runs the stock model.
 
+Two suites of models: the default one (mlp, cnn, transformer, resnet: compare_opacus_<size>_<device>.json) and
+``--suite scale`` (a 6-layer d = 256 transformer on sequences of 128, and an embedding-heavy model with a
+30,000-word vocabulary: compare_opacus_scale_<device>.json at full size), which takes hours on one CPU thread.
+
 Timing is made robust to the stalls of shared machines: one thread by default (several OpenMP threads on shared
 virtual cores stall for ~200 ms now and then while they spin-wait), every pair runs ``--repeats`` times,
 interleaved (each repeat runs every pair once, in a rotated order), and the reported step time is the lowest of
@@ -16,6 +20,8 @@ command line, threads, OpenMP settings, versions, CPU and date of the run.
     python benchmarks/compare_opacus.py --size small     # a quick look
     python benchmarks/compare_opacus.py --device cuda    # on a GPU
     python benchmarks/compare_opacus.py --smoke          # tiny, checks that everything runs (used by the tests)
+    OMP_NUM_THREADS=1 python benchmarks/compare_opacus.py --suite scale   # the larger models (hours on CPU)
+    python benchmarks/compare_opacus.py --suite scale --smoke             # the same, tiny
     python benchmarks/render_tables.py                   # then: README's tables from the results files
 """
 
@@ -41,15 +47,26 @@ import torch
 import torch.nn as nn
 
 LIBRARIES = ["nonprivate", "dpclip", "dpclip-vmap", "opacus-hooks", "opacus-functorch", "opacus-ghost"]
-MODELS = ["mlp", "cnn", "transformer", "resnet"]
+MODELS = ["mlp", "cnn", "transformer", "resnet"]  # the default suite (the committed compare_opacus_full_cpu.json)
+SCALE_MODELS = ["transformer-large", "embedding"]  # --suite scale: not in the default run (hours on CPU)
+SUITES = {"default": MODELS, "scale": SCALE_MODELS}
+SUITE_TIMEOUTS = {"default": 900, "scale": 7200}  # seconds per run: a full-size transformer-large step takes ~1 min
+ALL_MODELS = MODELS + SCALE_MODELS
 SIGMA, CLIP, DELTA = 1.0, 1.0, 1e-5
 
-# (batch, {model: size parameters}) per --size
+# (batch, {model: size parameters}) per --size. transformer and transformer-large: (vocab, width, layers, sequence);
+# embedding: (vocab, width, sequence).
 SIZES = {
-    "full": {"batch": 256, "mlp": 512, "cnn": 28, "transformer": (5000, 128, 2, 64), "resnet": (32, 16)},
-    "small": {"batch": 64, "mlp": 256, "cnn": 28, "transformer": (2000, 64, 2, 32), "resnet": (32, 8)},
-    "smoke": {"batch": 8, "mlp": 32, "cnn": 28, "transformer": (100, 16, 1, 8), "resnet": (16, 4)},
+    "full": {"batch": 256, "mlp": 512, "cnn": 28, "transformer": (5000, 128, 2, 64), "resnet": (32, 16),
+             "transformer-large": (5000, 256, 6, 128), "embedding": (30000, 128, 64)},
+    "small": {"batch": 64, "mlp": 256, "cnn": 28, "transformer": (2000, 64, 2, 32), "resnet": (32, 8),
+              "transformer-large": (5000, 128, 6, 64), "embedding": (30000, 64, 32)},
+    "smoke": {"batch": 8, "mlp": 32, "cnn": 28, "transformer": (100, 16, 1, 8), "resnet": (16, 4),
+              "transformer-large": (100, 16, 2, 8), "embedding": (1000, 16, 8)},
 }
+# transformer-large: a BERT-mini-like layer (d = 256: 4 heads of 64, feed-forward 4·d), where transformer keeps
+# its 4 heads and feed-forward 2·d
+LARGE_HEADS, LARGE_FF = 4, 4
 ROOT = Path(__file__).resolve().parents[1]
 # environment variables that change CPU timings: recorded with the results (and in the command line when set)
 THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "BENCH_THREADS")
@@ -65,6 +82,13 @@ def describe(model: str, size: str) -> str:
     if model == "transformer":
         vocab, width, layers, seq = cfg["transformer"]
         return f"transformer: embedding {vocab}×{width}, {layers} stock nn.TransformerEncoderLayer, sequence {seq}"
+    if model == "transformer-large":
+        vocab, width, layers, seq = cfg["transformer-large"]
+        return (f"transformer: embedding {vocab}×{width}, {layers} stock nn.TransformerEncoderLayer ({LARGE_HEADS} heads, "
+                f"feed-forward {LARGE_FF * width}), sequence {seq}")
+    if model == "embedding":
+        vocab, width, seq = cfg["embedding"]
+        return f"embedding {vocab}×{width}, mean over sequence {seq}, linear head"
     side, width = cfg["resnet"]
     return f"GroupNorm ResNet (width {width}, 2 residual blocks) on 3×{side}×{side}"
 
@@ -140,15 +164,27 @@ def environment(threads: int, worker_env: dict[str, str]) -> dict[str, Any]:
 class TextClassifier(nn.Module):
     """Embedding + stock nn.TransformerEncoder (nn.MultiheadAttention inside) + linear head."""
 
-    def __init__(self, vocab: int, width: int, layers: int) -> None:
+    def __init__(self, vocab: int, width: int, layers: int, heads: int = 4, feedforward: int = 2) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
-        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.1, batch_first=True)
+        layer = nn.TransformerEncoderLayer(width, heads, feedforward * width, dropout=0.1, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(width, 2)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
+
+
+class MeanEmbedding(nn.Module):
+    """Embedding-heavy bag of words: an embedding table, the mean over the sequence, a linear head."""
+
+    def __init__(self, vocab: int, width: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens).mean(dim=1))
 
 
 class ResidualBlock(nn.Module):
@@ -181,6 +217,13 @@ def build(model: str, size: str):
         vocab, width, layers, seq = cfg["transformer"]
 
         return TextClassifier(vocab, width, layers), lambda n, g: (torch.randint(0, vocab, (n, seq), generator=g), torch.randint(0, 2, (n,), generator=g))
+    if model == "transformer-large":
+        vocab, width, layers, seq = cfg["transformer-large"]
+        net = TextClassifier(vocab, width, layers, LARGE_HEADS, LARGE_FF)
+        return net, lambda n, g: (torch.randint(0, vocab, (n, seq), generator=g), torch.randint(0, 2, (n,), generator=g))
+    if model == "embedding":
+        vocab, width, seq = cfg["embedding"]
+        return MeanEmbedding(vocab, width), lambda n, g: (torch.randint(0, vocab, (n, seq), generator=g), torch.randint(0, 2, (n,), generator=g))
     if model == "resnet":
         side, width = cfg["resnet"]
 
@@ -386,7 +429,7 @@ def plot(results: list[dict[str, Any]], path: Path, settings: dict[str, Any]) ->
     ok = [r for r in results if "error" not in r]
     if not ok:
         return
-    models = sorted({r["model"] for r in ok}, key=MODELS.index)
+    models = sorted({r["model"] for r in ok}, key=ALL_MODELS.index)
     libraries = [lib for lib in LIBRARIES if any(r["library"] == lib for r in ok)]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     width = 0.8 / len(libraries)
@@ -406,11 +449,26 @@ def plot(results: list[dict[str, Any]], path: Path, settings: dict[str, Any]) ->
     plt.close(fig)
 
 
+class _Parser(argparse.ArgumentParser):
+    """--models and --timeout default to those of --suite."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        if parsed.models is None:
+            parsed.models = list(SUITES[parsed.suite])
+        if parsed.timeout is None:
+            parsed.timeout = SUITE_TIMEOUTS[parsed.suite]
+        return parsed
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="full", help="smoke is what --smoke uses")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
+    parser.add_argument("--suite", choices=list(SUITES), default="default",
+                        help=f"the models run: default {' '.join(MODELS)}; scale {' '.join(SCALE_MODELS)} (hours on CPU), "
+                        "written to compare_opacus_scale_<device>.json (compare_opacus_scale_<size>_<device>.json below full size)")
+    parser.add_argument("--models", nargs="+", choices=ALL_MODELS, default=None, help="instead of the models of --suite")
     parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=LIBRARIES)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run (after warm-up); a run reports their median")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (dpclip's first step verifies its path)")
@@ -418,7 +476,8 @@ def make_parser() -> argparse.ArgumentParser:
                         help="runs of each pair, interleaved; the table reports the lowest of their median step times")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch/OpenMP threads per run (default: $BENCH_THREADS, else $OMP_NUM_THREADS, else 1)")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per run")
+    parser.add_argument("--timeout", type=int, default=None,
+                        help=f"seconds allowed per run (default: {SUITE_TIMEOUTS['default']}; {SUITE_TIMEOUTS['scale']} with --suite scale)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps, one repeat, in this process: checks that everything runs")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "LIBRARY"), help=argparse.SUPPRESS)
@@ -484,9 +543,12 @@ def main() -> None:
     batch = SIZES[args.size]["batch"]
     results = [combine(m, lib, runs[(m, lib)], batch) for m, lib in pairs]
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"compare_opacus_{args.size}_{args.device}"
+    if args.suite == "default":
+        stem = f"compare_opacus_{args.size}_{args.device}"
+    else:
+        stem = f"compare_opacus_{args.suite}_{args.device}" if args.size == "full" else f"compare_opacus_{args.suite}_{args.size}_{args.device}"
     settings.update({
-        "size": args.size, "device": args.device, "batch": batch, "sigma": SIGMA, "max_grad_norm": CLIP,
+        "suite": args.suite, "size": args.size, "device": args.device, "batch": batch, "sigma": SIGMA, "max_grad_norm": CLIP,
         "delta": DELTA, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
         "in_process": args.smoke, "models": {m: describe(m, args.size) for m in args.models},
         "duration_s": round(time.perf_counter() - started, 1),

@@ -73,16 +73,31 @@ class LinearWeight(Contribution):
     came out too small would let an example's clipped gradient exceed C.
     """
 
+    #: Per-example gradients up to this size are formed once and kept: the norm then costs what the clipped sum
+    #: would (B·T·in·out), and the clipped sum becomes a B·in·out contraction — cheaper than the ghost identity's
+    #: B·T²·(in + out) plus a B·T·in·out weighted product ("mixed" clipping, Bu et al. 2023). Larger layers use the
+    #: ghost identity (or chunks), which never holds them.
+    cache_bytes = 64 * 2**20
+
     def __init__(self, name: str, rows: slice | None, a: Tensor, g: Tensor, shape: torch.Size, transposed: bool = False) -> None:
         super().__init__(name, rows)
         self.a, self.g, self.shape, self.transposed = a, g, shape, transposed
+        self._cached: Tensor | None = None
 
     def materialize(self) -> Tensor:
+        if self._cached is not None:
+            return self._cached
         if self.transposed:
             grads = torch.einsum("bti,bto->bio", self.a, self.g)
         else:
             grads = torch.einsum("bto,bti->boi", self.g, self.a)
         return grads.reshape(grads.shape[0], *self.shape)
+
+    def _kept(self) -> bool:
+        """Whether the per-example gradients are formed and kept (several positions, and they fit in cache_bytes)."""
+        batch, positions = self.a.shape[0], self.a.shape[1]
+        size = batch * self.a.shape[2] * self.g.shape[2] * max(self.a.element_size(), 4)
+        return positions > 1 and size <= self.cache_bytes
 
     def norm(self, norm: Norm) -> Tensor:
         positions, d_in, d_out = self.a.shape[1], self.a.shape[2], self.g.shape[2]
@@ -94,7 +109,9 @@ class LinearWeight(Contribution):
         g_norms = g.norm(p=order, dim=2).double() * (1 + (d_out + 4) * u)
         spread = (a_norms * g_norms).sum(dim=1)  # Σ_t ‖a_t‖‖g_t‖ ≥ the norm; it scales every rounding error below
         slack = (positions + 2) * u * spread  # forming Σ_t g_t a_tᵀ in that precision (the book-keeping sum does)
-        if norm == "l1" or positions * positions > d_in * d_out:
+        if self._kept():
+            self._cached = self.materialize()
+        if self._cached is not None or norm == "l1" or positions * positions > d_in * d_out:
             return super().norm(norm).double() + 2 * slack
         if positions == 1:  # ‖g aᵀ‖ = ‖a‖‖g‖
             return spread + slack
@@ -108,6 +125,10 @@ class LinearWeight(Contribution):
         return (squared + rounding).clamp_min(0).sqrt() + slack
 
     def weighted(self, factors: Tensor) -> Tensor:
+        if self._cached is not None:
+            if all_kept(factors):
+                return torch.tensordot(factors.to(self._cached.dtype), self._cached, dims=1)
+            return masked_scale(self._cached, factors).sum(dim=0)
         g = masked_scale(self.g, factors).reshape(-1, self.g.shape[2])
         a = self.a if all_kept(factors) else masked_scale(self.a, (factors != 0).to(factors.dtype))
         a = a.reshape(-1, self.a.shape[2])

@@ -10,14 +10,15 @@ import pytest
 ROOT = Path(__file__).parents[2]
 
 
-def test_compare_opacus_smoke(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_opacus.py"), "--smoke", "--out", str(tmp_path)],
-                   check=True, capture_output=True, timeout=600)
-    report = json.loads((tmp_path / "compare_opacus_smoke_cpu.json").read_text())
+LIBRARIES = ["nonprivate", "dpclip", "dpclip-vmap", "opacus-hooks", "opacus-functorch", "opacus-ghost"]
+
+
+def _check_compare_smoke(tmp_path, stem, models):
+    report = json.loads((tmp_path / f"{stem}.json").read_text())
     results = report["results"]
-    expected = {(m, lib) for m in ["mlp", "cnn", "transformer", "resnet"]
-                for lib in ["nonprivate", "dpclip", "dpclip-vmap", "opacus-hooks", "opacus-functorch", "opacus-ghost"]}
+    expected = {(m, lib) for m in models for lib in LIBRARIES}
     assert {(r["model"], r["library"]) for r in results} == expected
+    assert list(report["settings"]["models"]) == models
     for r in results:
         assert "error" not in r, r
         assert r["ms_per_step"] > 0 and r["examples_per_s"] > 0 and r["peak_rss_mb"] > 0
@@ -27,8 +28,27 @@ def test_compare_opacus_smoke(tmp_path):
     eps = {r["epsilon"] for r in results if r["epsilon"] is not None}
     assert max(eps) / min(eps) < 1.02
     assert {r["note"] for r in results if r["library"] == "dpclip"} == {"layerwise"}
-    assert (tmp_path / "compare_opacus_smoke_cpu.md").read_text().startswith("| model |")
-    assert (tmp_path / "compare_opacus_smoke_cpu.png").stat().st_size > 1000
+    assert (tmp_path / f"{stem}.md").read_text().startswith("| model |")
+    assert (tmp_path / f"{stem}.png").stat().st_size > 1000
+    return report
+
+
+def test_compare_opacus_smoke(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_opacus.py"), "--smoke", "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=600)
+    report = _check_compare_smoke(tmp_path, "compare_opacus_smoke_cpu", ["mlp", "cnn", "transformer", "resnet"])
+    assert report["settings"]["suite"] == "default"
+
+
+def test_compare_opacus_scale_suite_smoke(tmp_path):
+    """--suite scale: the larger transformer and the embedding-heavy model (smoke sizes), in their own file."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_opacus.py"), "--suite", "scale", "--smoke",
+                    "--out", str(tmp_path)], check=True, capture_output=True, timeout=600)
+    assert not (tmp_path / "compare_opacus_smoke_cpu.json").exists()  # the default suite's file is not touched
+    report = _check_compare_smoke(tmp_path, "compare_opacus_scale_smoke_cpu", ["transformer-large", "embedding"])
+    assert report["settings"]["suite"] == "scale"
+    notes = {(r["model"], r["library"]): r["note"] for r in report["results"]}
+    assert notes[("transformer-large", "opacus-ghost")] == "ModuleValidator.fix"  # Opacus gets DPMultiheadAttention
 
 
 def test_accountant_speed_runs(tmp_path):

@@ -62,3 +62,20 @@ def test_conv_weighted_sum_from_kept_or_recomputed_gradients(cached, monkeypatch
     assert (part.chunk >= 5) == cached
     expected = _brute_force(part.materialize(), factors)
     torch.testing.assert_close(part.weighted(factors), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_linear_norms_and_sums_with_kept_or_ghost_gradients(kept, monkeypatch):
+    """Kept per-example gradients (small layers) and the ghost identity (large ones) give the same norms and sums."""
+    if not kept:
+        monkeypatch.setattr(LinearWeight, "cache_bytes", 0)
+    torch.manual_seed(3)
+    a, g = torch.randn(7, 4, 6), torch.randn(7, 4, 5)
+    factors = torch.rand(7)
+    linear = LinearWeight("w", None, a, g, torch.Size([5, 6]))
+    exact = torch.einsum("bto,bti->boi", g.double(), a.double())
+    norms = linear.norm("l2")
+    assert (linear._cached is not None) == kept
+    assert bool((norms >= exact.flatten(1).norm(dim=1)).all())  # an upper bound, never below the exact norm
+    torch.testing.assert_close(norms, exact.flatten(1).norm(dim=1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(linear.weighted(factors).double(), torch.tensordot(factors.double(), exact, dims=1), rtol=1e-5, atol=1e-6)
