@@ -103,14 +103,15 @@ def resolve_threads(threads: int | None, environ: dict[str, str]) -> int:
     return 1
 
 
-def command_line(argv: list[str], environ: dict[str, str]) -> str:
-    """The command that made a results file, as one would type it in the repository root."""
+def command_line(argv: list[str], environ: dict[str, str], recorded: tuple[str, ...] = THREAD_ENV) -> str:
+    """The command that made a results file, as one would type it in the repository root (with the ``recorded``
+    environment variables that were set)."""
     script = Path(argv[0]).resolve()
     try:
         script_text = str(script.relative_to(ROOT))
     except ValueError:
         script_text = argv[0]
-    assignments = [f"{name}={shlex.quote(environ[name])}" for name in THREAD_ENV if name in environ]
+    assignments = [f"{name}={shlex.quote(environ[name])}" for name in recorded if name in environ]
     return " ".join([*assignments, "python", script_text, *map(shlex.quote, argv[1:])])
 
 

@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import runpy
-import shlex
 import statistics
 import subprocess
 import sys
@@ -259,13 +258,8 @@ def profile_model(model_name: str, size: str, warmup: int, steps: int, rows: int
 
 # -- how and where ---------------------------------------------------------------------------------------------------
 def command_line(argv: list[str], environ: dict[str, str]) -> str:
-    script = Path(argv[0]).resolve()
-    try:
-        script_text = str(script.relative_to(ROOT))
-    except ValueError:
-        script_text = argv[0]
-    assignments = [f"{name}={shlex.quote(environ[name])}" for name in ENV_RECORDED if name in environ]
-    return " ".join([*assignments, "python", script_text, *map(shlex.quote, argv[1:])])
+    """The command that made a results file (compare_opacus.py's, with this script's environment variables)."""
+    return compare_opacus.command_line(argv, environ, ENV_RECORDED)
 
 
 def _git(folder: Path, *args: str) -> str | None:
