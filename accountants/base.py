@@ -114,9 +114,14 @@ class Accountant(ABC):
             return event
         return self._check_event(event)
 
+    @staticmethod
+    def _without_noise(history: Sequence[HistoryEntry]) -> bool:
+        """Whether ``history`` released anything without noise (no finite ε, δ(ε) = 1)."""
+        return any(releases_without_noise(entry.event) for entry in history)
+
     def _measure(self, history: Sequence[HistoryEntry], delta: float) -> EpsilonResult:
         """ε of ``history`` at ``delta``: ∞ if anything was released without noise, else the subclass's bound."""
-        if any(releases_without_noise(entry.event) for entry in history):
+        if self._without_noise(history):
             return EpsilonResult(math.inf)
         return self._epsilon_result(history, delta)
 
@@ -168,7 +173,7 @@ class Accountant(ABC):
     def get_delta(self, epsilon: float) -> float:
         """Smallest δ such that everything composed so far is (ε, δ)-DP (an upper bound)."""
         epsilon = check_nonnegative("epsilon", epsilon)
-        if any(releases_without_noise(entry.event) for entry in self._history):
+        if self._without_noise(self._history):
             return 1.0
         return self._delta(self._history, epsilon)
 

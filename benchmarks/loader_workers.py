@@ -38,6 +38,7 @@ import runpy
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -109,33 +110,9 @@ def dpclip_setup(dataset: Dataset, workers: int, seed: int):
     return model, optimizer, loader
 
 
-def run_dpclip(dataset: Dataset, workers: int, steps: int, seed: int) -> dict:
-    model, optimizer, loader = dpclip_setup(dataset, workers, seed)
-
-    def train(limit: int) -> int:
-        examples = done = 0
-        for x, y in loader:
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            examples += len(y)
-            done += 1  # one micro-batch per step here (no max_physical_batch_size)
-            if done == limit:
-                break
-        return examples
-
-    train(WARMUP)
-    start = time.perf_counter()
-    examples = train(steps)
-    seconds = time.perf_counter() - start
-    return {"examples": examples, "seconds": seconds}
-
-
-def run_torch(dataset: Dataset, workers: int, steps: int, seed: int) -> dict:
-    torch.manual_seed(seed)
-    model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers)
+def timed_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, steps: int) -> dict:
+    """``WARMUP`` steps, then examples and seconds of the next ``steps`` from a fresh ``iter()`` (one batch per step:
+    no ``max_physical_batch_size``, so dpclip's loader yields one micro-batch per step too)."""
 
     def train(limit: int) -> int:
         examples = 0
@@ -152,6 +129,17 @@ def run_torch(dataset: Dataset, workers: int, steps: int, seed: int) -> dict:
     start = time.perf_counter()
     examples = train(steps)
     return {"examples": examples, "seconds": time.perf_counter() - start}
+
+
+def run_dpclip(dataset: Dataset, workers: int, steps: int, seed: int) -> dict:
+    return timed_training(*dpclip_setup(dataset, workers, seed), steps)
+
+
+def run_torch(dataset: Dataset, workers: int, steps: int, seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    return timed_training(model, optimizer, DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers), steps)
 
 
 def cpu_seconds() -> float:

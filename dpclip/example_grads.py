@@ -43,6 +43,20 @@ def all_kept(factors: Tensor) -> bool:
     return bool((factors != 0).all())
 
 
+def kept_rows(values: Tensor, factors: Tensor) -> Tensor:
+    """``values`` with the rows of dropped examples (factor 0) set to exactly 0 (``values`` itself if none was)."""
+    return values if all_kept(factors) else masked_scale(values, (factors != 0).to(factors.dtype))
+
+
+def weighted_example_sum(values: Tensor, factors: Tensor) -> Tensor:
+    """Σ_i factors[i] · values[i] over the batch dim; examples with factor 0 contribute exactly 0 (even NaN ones).
+
+    Without dropped examples one contraction (no scaled copy of ``values``), else the masked product summed."""
+    if all_kept(factors):
+        return torch.tensordot(factors.to(values.dtype), values, dims=1)
+    return masked_scale(values, factors).sum(dim=0)
+
+
 class MaterializedGradients:
     """Per-example gradients held in full: {name: tensor [batch, *param.shape]}."""
 
@@ -54,4 +68,4 @@ class MaterializedGradients:
         return layer_norms(self.grads, norm)
 
     def weighted_sum(self, factors: Tensor) -> dict[str, Tensor]:
-        return {name: masked_scale(g, factors[:, j]).sum(dim=0) for j, (name, g) in enumerate(self.grads.items())}
+        return {name: weighted_example_sum(g, factors[:, j]) for j, (name, g) in enumerate(self.grads.items())}

@@ -73,12 +73,11 @@ class DPSGDMechanism:
                 f"loss_reduction must be 'mean' or 'sum' (how your loss combines examples), got {loss_reduction!r}"
             )
         noise_multiplier = check_nonnegative("noise_multiplier", noise_multiplier)
-        if noise_multiplier == 0:
-            if clipping == "median":
-                raise PrivacyParameterError(
-                    "noise_multiplier=0 (a non-private baseline) needs clipping='fixed': median clipping splits the "
-                    "noise between the gradient and its count"
-                )
+        if noise_multiplier == 0 and clipping == "median":
+            raise PrivacyParameterError(
+                "noise_multiplier=0 (a non-private baseline) needs clipping='fixed': median clipping splits the "
+                "noise between the gradient and its count"
+            )
         if layer_bounds is not None:
             per_layer = True
         if clipping == "median":

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..clipping import Norm
-from ..example_grads import all_kept, masked_scale
+from ..example_grads import kept_rows, masked_scale, weighted_example_sum
 from ..norms import clip_norm
 
 Tensor = torch.Tensor
@@ -49,7 +49,7 @@ class Contribution:
 
     def weighted(self, factors: Tensor) -> Tensor:
         """Σ_i factors[i] · g_i, shaped like the block; examples with factor 0 contribute exactly 0."""
-        return masked_scale(self.materialize(), factors).sum(dim=0)
+        return weighted_example_sum(self.materialize(), factors)
 
 
 class Materialized(Contribution):
@@ -125,13 +125,10 @@ class LinearWeight(Contribution):
         return (squared + rounding).clamp_min(0).sqrt() + slack
 
     def weighted(self, factors: Tensor) -> Tensor:
-        if self._cached is not None:
-            if all_kept(factors):
-                return torch.tensordot(factors.to(self._cached.dtype), self._cached, dims=1)
-            return masked_scale(self._cached, factors).sum(dim=0)
+        if self._cached is not None:  # the per-example gradients the norm formed
+            return super().weighted(factors)
         g = masked_scale(self.g, factors).reshape(-1, self.g.shape[2])
-        a = self.a if all_kept(factors) else masked_scale(self.a, (factors != 0).to(factors.dtype))
-        a = a.reshape(-1, self.a.shape[2])
+        a = kept_rows(self.a, factors).reshape(-1, self.a.shape[2])
         if self.transposed:
             return (a.transpose(0, 1) @ g).reshape(self.shape)
         return (g.transpose(0, 1) @ a).reshape(self.shape)
@@ -231,11 +228,7 @@ class ConvWeight(Contribution):
         return torch.cat([vector_norms(self._grads(i, i + self.chunk), norm) for i in range(0, batch, self.chunk)])
 
     def weighted(self, factors: Tensor) -> Tensor:
-        if self.chunk >= self.x.shape[0]:
-            grads = self.materialize()
-            if all_kept(factors):
-                return torch.tensordot(factors.to(grads.dtype), grads, dims=1)
-            return masked_scale(grads, factors).sum(dim=0)
-        x = self.x if all_kept(factors) else masked_scale(self.x, (factors != 0).to(factors.dtype))
+        if self.chunk >= self.x.shape[0]:  # kept: the norm formed them
+            return super().weighted(factors)
         with torch.no_grad():
-            return self._weight_backward(x, masked_scale(self.g, factors))
+            return self._weight_backward(kept_rows(self.x, factors), masked_scale(self.g, factors))
