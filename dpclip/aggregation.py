@@ -57,9 +57,11 @@ class ClippedSum:
         self.count += self.clipping.observe(norms)
 
 
-def noisy_release(clipped: ClippedSum, params: Mapping[str, Tensor], collective: Any, noise: NoiseSource) -> tuple[dict[str, Tensor], float | None]:
-    """Step 4: Σ over processes of the clipped sums, then one noise draw — the step's release — and, for adaptive
-    clipping, the noisy count. Raises NonFiniteGradientError if a process flagged NaN/inf gradients."""
+def noisy_release(clipped: ClippedSum, params: Mapping[str, Tensor], collective: Any, noise: NoiseSource,
+                  batch_size: float) -> tuple[dict[str, Tensor], float | None]:
+    """Step 4: Σ over processes of the clipped sums, then one noise draw — the step's release, divided by the
+    expected ``batch_size`` (post-processing) — and, for adaptive clipping, the noisy count. Raises
+    NonFiniteGradientError if a process flagged NaN/inf gradients."""
     mechanism, policy = clipped.mechanism, clipped.clipping
     bound = policy.max_norm
     summed = {name: clipped.sums[name] if name in clipped.sums else torch.zeros_like(p) for name, p in params.items()}
@@ -67,7 +69,8 @@ def noisy_release(clipped: ClippedSum, params: Mapping[str, Tensor], collective:
     if error is not None:
         raise NonFiniteGradientError(error)
     noisy = collective.release(
-        lambda: add_noise(summed, mechanism.gradient_noise_multiplier, bound, mechanism.norm, noise), summed  # type: ignore[arg-type]
+        lambda: add_noise(summed, mechanism.gradient_noise_multiplier, bound, mechanism.norm, noise, 1 / batch_size),  # type: ignore[arg-type]
+        summed,
     )
     if not policy.adaptive:
         return noisy, None

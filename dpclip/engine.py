@@ -256,12 +256,12 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         check_budget(self)
         params = trainable_parameters(self._module)
         try:
-            noisy, count = noisy_release(self._sum, params, self.collective, self.noise)
+            noisy, count = noisy_release(self._sum, params, self.collective, self.noise, settings.expected_batch_size)
         except NonFiniteGradientError:
             self._abandon_step()
             raise
-        for name, p in params.items():  # the release is this step's own tensor: divided in place
-            p.grad = noisy[name].div_(settings.expected_batch_size).to(p.dtype)
+        for name, p in params.items():
+            p.grad = noisy[name].to(p.dtype)
         self._optimizer.step()
         self.accountant.compose(self._step_event)
         self.steps += 1

@@ -67,9 +67,9 @@ def private_step(
     total = ClippedSum(mechanism, policy, nonfinite, raise_nonfinite)
     total.add(MaterializedGradients(grads), 1.0)
     params = trainable_parameters(model)
-    noisy, count = noisy_release(total, params, LocalCollective(total.reset), source)
+    noisy, count = noisy_release(total, params, LocalCollective(total.reset), source, mechanism.expected_batch_size)
     for name, p in params.items():
-        p.grad = noisy[name] / mechanism.expected_batch_size
+        p.grad = noisy[name]
     optimizer.step()
     accountant.compose(mechanism.step_event())
     policy.after_release(count, mechanism.expected_batch_size)

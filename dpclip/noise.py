@@ -127,7 +127,7 @@ class NoiseSource:
         gen = self.generator(like.device)
         if self.secure_mode:
             return (secure_standard_gaussian(like.shape, gen, like.device) * std).to(like.dtype)
-        return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype).mul_(std)
+        return torch.empty(like.shape, device=like.device, dtype=like.dtype).normal_(0.0, std, generator=gen)
 
     def laplace(self, like: Tensor, scale: float) -> Tensor:
         """Laplace(0, scale) per coordinate: the difference of two Exp(1) draws times the scale (secure mode:
@@ -139,8 +139,10 @@ class NoiseSource:
         second = torch.empty_like(like).exponential_(generator=gen)
         return (first - second) * scale
 
-    def noisy(self, values: Tensor, scale: float, law: NoiseLaw) -> Tensor:
-        """``values`` + Gaussian (std ``scale``) or Laplace (scale ``scale``) noise: the released tensor.
+    def noisy(self, values: Tensor, scale: float, law: NoiseLaw, factor: float = 1.0) -> Tensor:
+        """``values`` + Gaussian (std ``scale``) or Laplace (scale ``scale``) noise: the released tensor, times
+        ``factor`` (post-processing, e.g. 1/B for an average: Gaussian draws take it into their std, one pass).
+        Half-precision ``values`` (bf16, fp16) are widened to float32 first and only the release is cast back.
 
         Secure mode: clamp(values, ±B) in float64, add the secure float64 sample, round to the grid Λ
         (:func:`snapping_grid`), clamp to ±B, cast to ``values.dtype`` — snapping the *sum*, never the noise
@@ -148,14 +150,17 @@ class NoiseSource:
         """
         if law not in ("gaussian", "laplace"):
             raise ValueError(f"the noise law must be 'gaussian' or 'laplace', got {law!r}")
-        if not self.secure_mode:
+        if values.dtype in (torch.bfloat16, torch.float16):  # half-precision sums: noise drawn, added and scaled in
+            return self.noisy(values.float(), scale, law, factor).to(values.dtype)  # float32; the release cast once
+        if not self.secure_mode:  # factor·(values + noise(scale)) = noise(factor·scale) + factor·values: one pass
             draw = self.gaussian if law == "gaussian" else self.laplace
-            return draw(values, scale).add_(values)  # in place on the fresh draw: one pass, no extra tensor
+            return draw(values, scale * factor).add_(values, alpha=factor)
         grid, bound = snapping_grid(scale), snapping_bound(scale)
         sampler = secure_standard_gaussian if law == "gaussian" else secure_standard_laplace
         noise = sampler(values.shape, self.generator(values.device), values.device) * scale
         released = values.to(torch.float64).clamp(-bound, bound) + noise
-        return (torch.round(released / grid) * grid).clamp(-bound, bound).to(values.dtype)
+        snapped = (torch.round(released / grid) * grid).clamp(-bound, bound).to(values.dtype)
+        return snapped if factor == 1.0 else snapped.mul_(factor)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
@@ -170,13 +175,15 @@ class NoiseSource:
 
 
 def add_noise(
-    summed: Mapping[str, Tensor], noise_multiplier: float, max_norm: float, norm: Norm, source: NoiseSource
+    summed: Mapping[str, Tensor], noise_multiplier: float, max_norm: float, norm: Norm, source: NoiseSource,
+    factor: float = 1.0,
 ) -> dict[str, Tensor]:
     """Σ clip(g_i) + noise: Gaussian with std σ·C per coordinate for L2, Laplace with scale λ·C for L1
-    (snapped to a grid in secure mode, see :meth:`NoiseSource.noisy`). ``noise_multiplier=0`` (the non-private
-    baseline, charged ε = ∞) returns the sums unchanged."""
+    (snapped to a grid in secure mode, see :meth:`NoiseSource.noisy`), times ``factor`` (post-processing: 1/B
+    gives the averaged gradient). ``noise_multiplier=0`` (the non-private baseline, charged ε = ∞) returns the
+    sums times ``factor``."""
     if noise_multiplier == 0:
-        return dict(summed)
+        return {name: s * factor for name, s in summed.items()}
     scale = noise_multiplier * max_norm
     law = clip_norm(norm).noise
-    return {name: source.noisy(s, scale, law) for name, s in summed.items()}
+    return {name: source.noisy(s, scale, law, factor) for name, s in summed.items()}

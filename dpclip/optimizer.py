@@ -17,6 +17,11 @@ class DPOptimizer(torch.optim.Optimizer):
     """Shares the wrapped optimizer's parameter groups and state (so LR schedulers work) and routes
     ``step()`` through the engine: noise is added once per logical batch, then the original optimizer steps."""
 
+    #: torch.amp.GradScaler.step(optimizer) calls step() directly on an optimizer that declares this, after setting
+    #: ``grad_scale`` and ``found_inf`` on it, instead of unscaling ``.grad`` and perhaps skipping the step itself;
+    #: so step() sees that a scaler drives it and refuses before anything happens (:meth:`_refuse_loss_scaling`).
+    _step_supports_amp_scaling = True
+
     def __init__(self, optimizer: torch.optim.Optimizer, private_step: Callable[[], None], engine: Any = None) -> None:
         # No super().__init__: this object is a view of ``optimizer``, not a second optimizer.
         self.original_optimizer = optimizer
@@ -84,7 +89,28 @@ class DPOptimizer(torch.optim.Optimizer):
                 "optimizer.step(closure) is not supported: a closure re-runs the forward pass on the same batch, "
                 "which would count its examples more than once. Compute the loss, call backward(), then step()."
             )
+        if "found_inf" in vars(self) or "grad_scale" in vars(self):  # set by an enabled GradScaler.step(self)
+            self._refuse_loss_scaling()
         self._private_step()
+
+    def _refuse_loss_scaling(self) -> None:
+        """Refuse a step driven by an enabled ``torch.amp.GradScaler`` before anything is released, charged or
+        applied, and abandon the batch's step (its clipped sum is of scaled gradients): the loader's next batch
+        starts a new step. A disabled scaler calls step() plainly and is not refused."""
+        vars(self).pop("grad_scale", None)  # the scaler removes them only after a step() that returns
+        vars(self).pop("found_inf", None)
+        abandon = getattr(self._engine, "_abandon_step", None)
+        if abandon is not None:
+            abandon()
+        raise EngineUsageError(
+            "optimizer.step() was called by torch.amp.GradScaler: loss scaling is not supported. dpclip clips each "
+            "example's gradient inside backward, so it would clip the scaled gradients (to C times the scale), and the "
+            "scaler skips the steps in which a gradient overflowed, a decision that depends on the examples and is "
+            "not accounted. Use bf16 autocast, torch.autocast(device_type, dtype=torch.bfloat16), which needs no loss "
+            "scaling (bf16 has float32's exponent range), or float32, and call loss.backward() and optimizer.step() "
+            "without the scaler (README § Mixed precision). This batch's step was abandoned: nothing was released, "
+            "charged or applied, and the data loader's next batch starts a new step."
+        )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.original_optimizer.zero_grad(set_to_none=set_to_none)

@@ -63,7 +63,8 @@ class StepGuard:
 
     # -- the model's training forward -------------------------------------------------------------------
     def before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """The forward must run once, inside a batch of the loader, on that batch, on the parameters' device."""
+        """The forward must run once, inside a batch of the loader, on that batch, on the parameters' device, with
+        float32/float64 trainable parameters."""
         if not self.open:
             raise EngineUsageError(
                 "the model ran in training mode outside a batch of the data loader returned by make_private. "
@@ -86,7 +87,9 @@ class StepGuard:
                 "of the batch, or augmentation that adds rows is not accounted."
             )
         first = next(t for t in [*args, *kwargs.values()] if isinstance(t, Tensor) and t.dim() > 0)  # as batch_size_of
-        devices = {p.device for p in module.parameters() if p.requires_grad}
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        check_precision(trainable)
+        devices = {p.device for p in trainable}
         if first.device not in devices:
             raise EngineUsageError(
                 f"the batch is on device {first.device} but the model's parameters are on "
@@ -117,3 +120,23 @@ class StepGuard:
     def before_checkpoint(self) -> None:
         if self.open and self.read_data:
             raise EngineUsageError("checkpoint after optimizer.step(), not in the middle of a batch")
+
+
+#: The parameter precisions dpclip trains; bf16 and fp16 belong in the activations (torch.autocast), not the weights.
+TRAINABLE_DTYPES = (torch.float32, torch.float64)
+
+
+def check_precision(trainable: list[Tensor]) -> None:
+    """Refuse half-precision trainable parameters (before anything is computed): the private gradient is formed in
+    the parameters' precision, and a bf16 weight rounds away DP-SGD's small noisy updates."""
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in trainable if p.is_floating_point() and p.dtype not in TRAINABLE_DTYPES})
+    if low:
+        raise EngineUsageError(
+            f"the model's trainable parameters are {', '.join(low)}: dpclip trains float32 (or float64) parameters. "
+            "Keep the weights in float32 and run the forward under torch.autocast(device_type, dtype=torch.bfloat16): "
+            "the activations are then bf16 while the per-example norms, the clipping and the noisy sum stay in float32 "
+            "(README § Mixed precision). With half-precision weights the clipped sum and its noise would be formed in "
+            "half precision, and an update smaller than 2^-9 of a bf16 weight is rounded away, so the many small noisy "
+            "steps DP-SGD averages over would be lost. Frozen (requires_grad=False) half-precision parameters are fine. "
+            "Nothing was computed."
+        )

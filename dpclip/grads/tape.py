@@ -16,6 +16,7 @@ mistaken for one; calls that contradict a pinned layout are refused.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -57,6 +58,16 @@ def _per_example(t: Tensor, batch: int) -> Tensor:
     if t.dim() > 0 and t.shape[0] == 1:
         return t.expand(batch, *t.shape[1:])
     return t.unsqueeze(0).expand(batch, *t.shape)
+
+
+def _statistics_dtype(module: nn.Module) -> torch.dtype | None:
+    """The precision a call's statistics are formed in: the widest of float32 and the layer's floating parameters
+    (for a row block, the weight it stands for). Under autocast the activations and output gradients are bf16 or
+    fp16; promoted, the rules' per-example norms, clipping factors and clipped sums are still float32 or wider
+    (a bf16 factor alone could round above min(1, C/‖g‖) by 2^-9). None for a call without parameters."""
+    tensors = [module.w, module.b] if isinstance(module, _RowBlock) else list(module.parameters())
+    dtypes = [t.dtype for t in tensors if t is not None and t.is_floating_point()]
+    return functools.reduce(torch.promote_types, dtypes, torch.float32) if dtypes else None
 
 
 class _Use:
@@ -102,10 +113,9 @@ class _Use:
     def call(self) -> LayerCall:
         """The batch-first view of this call that rules read."""
         layout, batch = self.layout, self.tape.batch
-        params = [p for p in self.module.parameters() if p.is_floating_point()]
-        dtype = params[0].dtype if params else None
+        dtype = _statistics_dtype(self.module)
 
-        def promote(t: Tensor) -> Tensor:  # autocast: statistics in the parameters' precision
+        def promote(t: Tensor) -> Tensor:  # autocast: statistics in float32 or the parameters' wider precision
             return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
 
         if layout.shared:
@@ -397,12 +407,13 @@ class LayerwiseGradients:
         sums = {}
         for j, name in enumerate(self.names):
             param = self.params[name]
-            total = torch.zeros_like(param)
+            total: Tensor | None = None  # a whole-parameter block is the sum itself (fresh): no zeros, no copy
             for part in self.by_name.pop(name, []):  # once summed, a part's tensors can be freed
                 block = part.weighted(factors[:, j]).to(param.dtype)
                 if part.rows is None:
-                    total = total + block
+                    total = block if total is None else total.add_(block)
                 else:
+                    total = torch.zeros_like(param) if total is None else total
                     total[part.rows] += block
-            sums[name] = total
+            sums[name] = torch.zeros_like(param) if total is None else total
         return sums
