@@ -129,7 +129,8 @@ TRAINABLE_DTYPES = (torch.float32, torch.float64)
 def check_precision(trainable: list[Tensor]) -> None:
     """Refuse half-precision trainable parameters (before anything is computed): the private gradient is formed in
     the parameters' precision, and a bf16 weight rounds away DP-SGD's small noisy updates."""
-    low = sorted({str(p.dtype).removeprefix("torch.") for p in trainable if p.is_floating_point() and p.dtype not in TRAINABLE_DTYPES})
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in trainable
+                  if p.is_floating_point() and p.dtype not in TRAINABLE_DTYPES})
     if low:
         raise EngineUsageError(
             f"the model's trainable parameters are {', '.join(low)}: dpclip trains float32 (or float64) parameters. "
@@ -137,6 +138,6 @@ def check_precision(trainable: list[Tensor]) -> None:
             "the activations are then bf16 while the per-example norms, the clipping and the noisy sum stay in float32 "
             "(README § Mixed precision). With half-precision weights the clipped sum and its noise would be formed in "
             "half precision, and an update smaller than 2^-9 of a bf16 weight is rounded away, so the many small noisy "
-            "steps DP-SGD averages over would be lost. Frozen (requires_grad=False) half-precision parameters are fine. "
-            "Nothing was computed."
+            "steps DP-SGD averages over would be lost. Frozen (requires_grad=False) half-precision parameters are "
+            "fine. Nothing was computed."
         )

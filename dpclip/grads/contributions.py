@@ -82,7 +82,10 @@ class LinearWeight(Contribution):
     def __init__(self, name: str, rows: slice | None, a: Tensor, g: Tensor, shape: torch.Size, transposed: bool = False) -> None:
         super().__init__(name, rows)
         self.a, self.g, self.shape, self.transposed = a, g, shape, transposed
+        self.positions, self.d_in, self.d_out = a.shape[1], a.shape[2], g.shape[2]
+        self.u = unit_roundoff(a.dtype)  # the precision the book-keeping sum is formed in
         self._cached: Tensor | None = None
+        self._spreads: dict[int, Tensor] = {}
 
     def materialize(self) -> Tensor:
         if self._cached is not None:
@@ -93,28 +96,34 @@ class LinearWeight(Contribution):
             grads = torch.einsum("bto,bti->boi", self.g, self.a)
         return grads.reshape(grads.shape[0], *self.shape)
 
-    def _kept(self) -> bool:
+    def _keeps(self) -> bool:
         """Whether the per-example gradients are formed and kept (several positions, and they fit in cache_bytes)."""
-        batch, positions = self.a.shape[0], self.a.shape[1]
-        size = batch * self.a.shape[2] * self.g.shape[2] * max(self.a.element_size(), 4)
-        return positions > 1 and size <= self.cache_bytes
+        size = self.a.shape[0] * self.d_in * self.d_out * max(self.a.element_size(), 4)
+        return self.positions > 1 and size <= self.cache_bytes
+
+    def _spread(self, order: int) -> Tensor:
+        """Σ_t ‖a_t‖‖g_t‖ (L``order``) per example, an upper bound: ≥ the norm, and it scales every rounding error."""
+        if order not in self._spreads:
+            a, g = (self.a, self.g) if self.a.dtype == torch.float64 else (self.a.float(), self.g.float())
+            # Norms of a_t and g_t, inflated to upper bounds (Higham 2002, §3.1: |fl(x·y) − x·y| ≤ γ_n |x|·|y|).
+            a_norms = a.norm(p=order, dim=2).double() * (1 + (self.d_in + 4) * self.u)
+            g_norms = g.norm(p=order, dim=2).double() * (1 + (self.d_out + 4) * self.u)
+            self._spreads[order] = (a_norms * g_norms).sum(dim=1)
+        return self._spreads[order]
 
     def norm(self, norm: Norm) -> Tensor:
-        positions, d_in, d_out = self.a.shape[1], self.a.shape[2], self.g.shape[2]
-        order = 2 if norm == "l2" else 1
-        u = unit_roundoff(self.a.dtype)  # the precision the book-keeping sum is formed in
-        a, g = (self.a, self.g) if self.a.dtype == torch.float64 else (self.a.float(), self.g.float())
-        # Norms of a_t and g_t, inflated to upper bounds (Higham 2002, §3.1: |fl(x·y) − x·y| ≤ γ_n |x|·|y|).
-        a_norms = a.norm(p=order, dim=2).double() * (1 + (d_in + 4) * u)
-        g_norms = g.norm(p=order, dim=2).double() * (1 + (d_out + 4) * u)
-        spread = (a_norms * g_norms).sum(dim=1)  # Σ_t ‖a_t‖‖g_t‖ ≥ the norm; it scales every rounding error below
-        slack = (positions + 2) * u * spread  # forming Σ_t g_t a_tᵀ in that precision (the book-keeping sum does)
-        if self._kept():
+        positions, d_in, d_out, u = self.positions, self.d_in, self.d_out, self.u
+        if self._cached is None and self._keeps():
+            self._spread(1), self._spread(2)  # what the norms need of a and g, before they go
             self._cached = self.materialize()
+            del self.a, self.g  # the clipped sum reads the kept gradients only: let the recorded tensors go
+        spread = self._spread(2 if norm == "l2" else 1)
+        slack = (positions + 2) * u * spread  # forming Σ_t g_t a_tᵀ in that precision (the book-keeping sum does)
         if self._cached is not None or norm == "l1" or positions * positions > d_in * d_out:
             return super().norm(norm).double() + 2 * slack
         if positions == 1:  # ‖g aᵀ‖ = ‖a‖‖g‖
             return spread + slack
+        a, g = (self.a, self.g) if self.a.dtype == torch.float64 else (self.a.float(), self.g.float())
         squared = ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum(dim=(1, 2), dtype=torch.float64)
         rounding = (d_in + d_out + 4) * u * spread.square()  # the Gram products' rounding, summed in float64
         loose = rounding > 1e-3 * squared.clamp_min(0)  # cancellation: redo those examples in float64
@@ -145,6 +154,7 @@ class Summed(Contribution):
     def materialize(self) -> Tensor:
         if self._sum is None:  # asked for twice: by the norm, then by the weighted sum
             self._sum = self.values.sum(dim=1)
+            del self.values  # only the sum is read again
         return self._sum
 
 
@@ -213,22 +223,27 @@ class ConvWeight(Contribution):
         with torch.no_grad():
             return torch.func.vmap(lambda xi, gi: self._weight_backward(xi[None], gi[None]))(self.x[start:stop], self.g[start:stop])
 
+    def _kept(self) -> bool:
+        """Whether every example's gradient fits in cache_bytes: then they are formed once and kept."""
+        return self._cached is not None or self.chunk >= self.x.shape[0]
+
     def materialize(self) -> Tensor:
         if self._cached is not None:
             return self._cached
         grads = self._grads(0, self.x.shape[0])
-        if self.chunk >= self.x.shape[0]:
+        if self._kept():
             self._cached = grads
+            del self.x, self.g  # the clipped sum reads the kept gradients only: let the recorded tensors go
         return grads
 
     def norm(self, norm: Norm) -> Tensor:
-        batch = self.x.shape[0]
-        if self.chunk >= batch:
+        if self._kept():
             return vector_norms(self.materialize(), norm)
+        batch = self.x.shape[0]
         return torch.cat([vector_norms(self._grads(i, i + self.chunk), norm) for i in range(0, batch, self.chunk)])
 
     def weighted(self, factors: Tensor) -> Tensor:
-        if self.chunk >= self.x.shape[0]:  # kept: the norm formed them
+        if self._kept():  # the norm formed them
             return super().weighted(factors)
         with torch.no_grad():
             return self._weight_backward(kept_rows(self.x, factors), masked_scale(self.g, factors))
