@@ -8,6 +8,8 @@ weighted sum Σ_i c_i g_i — without necessarily forming every g_i ("book-keepi
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -32,12 +34,33 @@ def vector_norms(values: Tensor, norm: Norm) -> Tensor:
     return clip_norm(norm).vector(values)
 
 
+class CacheBudget:
+    """Bytes of per-example gradients that the contributions sharing it may form once and keep for the clipped sum.
+
+    :class:`~dpclip.grads.tape.LayerwiseGradients` gives one budget to all of a step's contributions, so the kept
+    gradients stay bounded however many layers the model has; the first layers to ask get them."""
+
+    def __init__(self, total: float) -> None:
+        self.left = total
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes if that many are left."""
+        if size > self.left:
+            return False
+        self.left -= size
+        return True
+
+
 class Contribution:
-    """The gradients one use of a layer adds to parameter ``name`` (rows ``rows`` of it, or all of it)."""
+    """The gradients one use of a layer adds to parameter ``name`` (rows ``rows`` of it, or all of it).
+
+    ``budget``: what the contributions of one step may keep between the norms and the clipped sum, shared (no
+    limit beyond each class's own ``cache_bytes`` where none was given)."""
 
     def __init__(self, name: str, rows: slice | None = None) -> None:
         self.name = name
         self.rows = rows
+        self.budget = CacheBudget(math.inf)
 
     def materialize(self) -> Tensor:
         """Every example's gradient block: [batch, *block shape]."""
@@ -97,9 +120,10 @@ class LinearWeight(Contribution):
         return grads.reshape(grads.shape[0], *self.shape)
 
     def _keeps(self) -> bool:
-        """Whether the per-example gradients are formed and kept (several positions, and they fit in cache_bytes)."""
+        """Whether the per-example gradients are formed and kept (several positions, and they fit in cache_bytes
+        and in what is left of the step's budget)."""
         size = self.a.shape[0] * self.d_in * self.d_out * max(self.a.element_size(), 4)
-        return self.positions > 1 and size <= self.cache_bytes
+        return self.positions > 1 and size <= self.cache_bytes and self.budget.take(size)
 
     def _spread(self, order: int) -> Tensor:
         """Σ_t ‖a_t‖‖g_t‖ (L``order``) per example, an upper bound: ≥ the norm, and it scales every rounding error."""
@@ -193,7 +217,7 @@ class ConvWeight(Contribution):
 
     Norms: each example's gradient is the convolution's own weight backward on that example alone, vmapped (torch
     batches it as one grouped convolution, cheaper than unfolding the input into patches). When all of them fit in
-    ``cache_bytes`` they are kept, and the clipped sum is one contraction Σ_i c_i ∇W_i over them (B × |W| work).
+    ``cache_bytes`` (and in what is left of the step's budget) they are kept, and the clipped sum is one contraction Σ_i c_i ∇W_i over them (B × |W| work).
     Otherwise they are computed chunk by chunk for the norms and dropped, and the clipped sum is one ordinary batched
     weight backward with each g_i scaled by c_i (the weight gradient is linear in the output gradient; Bu et al.
     2023's book-keeping), the cost of the non-private weight gradient.
@@ -205,6 +229,7 @@ class ConvWeight(Contribution):
         super().__init__(name)
         self.module, self.x, self.g = module, x, g
         self._cached: Tensor | None = None
+        self._keep: bool | None = None  # decided once, when first asked
         weight = module.weight  # type: ignore[union-attr]
         self.chunk = max(1, self.cache_bytes // (weight.numel() * weight.element_size()))
 
@@ -224,8 +249,13 @@ class ConvWeight(Contribution):
             return torch.func.vmap(lambda xi, gi: self._weight_backward(xi[None], gi[None]))(self.x[start:stop], self.g[start:stop])
 
     def _kept(self) -> bool:
-        """Whether every example's gradient fits in cache_bytes: then they are formed once and kept."""
-        return self._cached is not None or self.chunk >= self.x.shape[0]
+        """Whether every example's gradient fits in cache_bytes and the step's budget: then they are formed once
+        and kept."""
+        if self._keep is None:
+            weight = self.module.weight  # type: ignore[union-attr]
+            size = self.x.shape[0] * weight.numel() * weight.element_size()
+            self._keep = self.chunk >= self.x.shape[0] and self.budget.take(size)
+        return self._keep
 
     def materialize(self) -> Tensor:
         if self._cached is not None:

@@ -32,7 +32,7 @@ from ..clipping import Norm
 from ..errors import EngineUsageError, ModelNotSupportedError
 from ..norms import clip_norm
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
-from .contributions import Contribution, LinearWeight, Summed, vector_norms
+from .contributions import CacheBudget, Contribution, LinearWeight, Summed, vector_norms
 from .registry import LayerCall, LayerRule, float_leaves, rule_for
 from .rules.fallback import VmapLayerRule
 
@@ -363,6 +363,11 @@ _ROW_BLOCK_RULE = _RowBlockRule()
 class LayerwiseGradients:
     """Norms and weighted sums of per-example gradients assembled from layer contributions."""
 
+    #: Per-example gradients kept between the norms and the clipped sum, all layers together (mixed clipping,
+    #: :class:`~dpclip.grads.LinearWeight`): what keeping saves is a B·T·in·out product per layer, which matters
+    #: for small layers with few positions; on large models it is a few per cent, and the memory grows with depth.
+    cache_bytes = 64 * 2**20
+
     def __init__(self, batch: int, names: list[str], parts: list[Contribution], model: nn.Module) -> None:
         self.batch = batch
         self.names = names
@@ -370,7 +375,9 @@ class LayerwiseGradients:
         self.params = {name: p for name, p in model.named_parameters() if name in wanted}
         self._summed = False
         self.by_name: dict[str, list[Contribution]] = defaultdict(list)
+        budget = CacheBudget(self.cache_bytes)
         for part in parts:
+            part.budget = budget
             self.by_name[part.name].append(part)
 
     @staticmethod

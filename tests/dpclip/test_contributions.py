@@ -79,3 +79,28 @@ def test_linear_norms_and_sums_with_kept_or_ghost_gradients(kept, monkeypatch):
     assert bool((norms >= exact.flatten(1).norm(dim=1)).all())  # an upper bound, never below the exact norm
     torch.testing.assert_close(norms, exact.flatten(1).norm(dim=1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(linear.weighted(factors).double(), torch.tensordot(factors.double(), exact, dims=1), rtol=1e-5, atol=1e-6)
+
+
+def test_one_budget_for_all_the_layers_kept_gradients():
+    """A shared budget keeps the first layers' per-example gradients until it is spent; the rest take the ghost
+    identity and batched sums, and every norm and clipped sum still equals the materialised ones."""
+    from dpclip.grads.contributions import CacheBudget
+
+    torch.manual_seed(4)
+    batch, positions, d_in, d_out = 6, 3, 5, 4
+    size = batch * d_in * d_out * 8  # float64 bytes of one layer's per-example gradients
+    budget = CacheBudget(2 * size + size // 2)  # room for two layers of three
+    layers = []
+    for _ in range(3):
+        a, g = torch.randn(batch, positions, d_in, dtype=torch.float64), torch.randn(batch, positions, d_out, dtype=torch.float64)
+        part = LinearWeight("w", None, a, g, torch.Size([d_out, d_in]))
+        part.budget = budget
+        layers.append((part, torch.einsum("bto,bti->boi", g, a)))
+    factors = torch.rand(batch, dtype=torch.float64)
+    norms = [part.norm("l2") for part, _ in layers]
+    assert [part._cached is not None for part, _ in layers] == [True, True, False]
+    assert budget.left == size // 2
+    for (part, exact), norm in zip(layers, norms):
+        torch.testing.assert_close(norm, exact.flatten(1).norm(dim=1), rtol=1e-9, atol=0)
+        assert bool((norm >= exact.flatten(1).norm(dim=1)).all())
+        torch.testing.assert_close(part.weighted(factors), _brute_force(exact, factors), rtol=1e-10, atol=1e-12)
