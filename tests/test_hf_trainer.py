@@ -1,0 +1,259 @@
+"""DPTrainer: private training with transformers.Trainer (dpclip.integrations.transformers), on a tiny BERT on CPU."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
+
+from dpclip import CheckpointError, EngineUsageError, LossNotPerExampleError, PrivacyParameterError  # noqa: E402
+from dpclip.integrations.transformers import ENGINE_STATE_NAME, DPTrainer  # noqa: E402
+
+N, LENGTH, VOCAB = 32, 8, 100
+
+
+def tiny_bert(dropout: float = 0.0, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=2,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    config._attn_implementation = "eager"
+    return BertForSequenceClassification(config)
+
+
+def dataset(n: int = N, token_labels: bool = False) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (n, LENGTH), generator=g)
+    labels = torch.randint(0, 2, (n, LENGTH) if token_labels else (n,), generator=g)
+    return [{"input_ids": ids[i], "attention_mask": torch.ones(LENGTH, dtype=torch.long), "labels": labels[i],
+             "idx": torch.tensor(i)} for i in range(n)]
+
+
+class RecordingCollator:
+    """Stacks the features and records which examples (``idx``) each collated batch holds."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        self.batches.append([int(f["idx"]) for f in features])
+        return {k: torch.stack([f[k] for f in features]) for k in ("input_ids", "attention_mask", "labels")}
+
+
+def arguments(tmp_path, **overrides) -> TrainingArguments:
+    options = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=1, logging_steps=1,
+                   report_to=[], optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0,
+                   save_strategy="no", use_cpu=True, disable_tqdm=True, remove_unused_columns=False, seed=0)
+    options.update(overrides)
+    return TrainingArguments(**options)
+
+
+def trainer(tmp_path, model=None, data=None, collator=None, args=None, **privacy) -> DPTrainer:
+    privacy.setdefault("target_delta", 1e-5)
+    privacy.setdefault("dp_seed", 0)
+    if "target_epsilon" not in privacy:
+        privacy.setdefault("noise_multiplier", 1.0)
+    return DPTrainer(model=model if model is not None else tiny_bert(), args=args or arguments(tmp_path),
+                     train_dataset=data if data is not None else dataset(),
+                     data_collator=collator or RecordingCollator(), **privacy)
+
+
+def flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+# -- one step against a brute-force computation -------------------------------------------------------------
+@pytest.mark.parametrize("max_physical_batch_size", [None, 3])
+def test_one_step_equals_brute_force_clipped_sum(tmp_path, max_physical_batch_size):
+    model = tiny_bert()
+    initial = copy.deepcopy(model)
+    data = dataset()
+    collator = RecordingCollator()
+    clip, lr, batch = 0.858, 0.5, 8  # per-example norms here are 0.85-0.89: some clipped, some not
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # noise_multiplier=0: dpclip's PrivacyWarning (non-private baseline)
+        t = trainer(tmp_path, model, data, collator, noise_multiplier=0.0, max_grad_norm=clip,
+                    max_physical_batch_size=max_physical_batch_size)
+        collator.batches.clear()  # DPTrainer collated one example at __init__ to check the labels
+        t.train()
+    assert t.engine.steps == 1 and t.state.global_step == 1
+    sampled = [i for part in collator.batches for i in part]
+    assert len(sampled) > 0 and len(set(sampled)) == len(sampled)
+    if max_physical_batch_size is not None:
+        assert all(len(part) <= max_physical_batch_size for part in collator.batches)
+
+    # Brute force: each sampled example's gradient alone, clipped to C, summed, / expected batch q·N, SGD step.
+    initial.train()
+    total, clipped = torch.zeros_like(flat(initial)), 0
+    for i in sampled:
+        initial.zero_grad()
+        logits = initial(input_ids=data[i]["input_ids"][None], attention_mask=data[i]["attention_mask"][None]).logits
+        torch.nn.functional.cross_entropy(logits, data[i]["labels"][None]).backward()
+        g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in initial.parameters()])
+        clipped += int(g.norm() > clip)
+        total += g * min(1.0, clip / float(g.norm()))
+    assert 0 < clipped < len(sampled)  # the bound binds for some examples, not all
+    expected = flat(initial) - lr * total / batch
+    torch.testing.assert_close(flat(t.model), expected, rtol=0, atol=1e-6)
+
+
+# -- epsilon in the logs ---------------------------------------------------------------------------------------
+def _dp_accounting_epsilon(q: float, sigma: float, steps: int, delta: float, kind: str) -> float:
+    from dp_accounting import dp_event, pld, rdp
+
+    accountant = pld.PLDAccountant() if kind == "pld" else rdp.RdpAccountant()
+    accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_logged_epsilon_matches_dp_accounting(tmp_path, kind):
+    pytest.importorskip("dp_accounting")
+    t = trainer(tmp_path, args=arguments(tmp_path, max_steps=6), noise_multiplier=1.0, accountant=kind)
+    t.train()
+    logs = [entry for entry in t.state.log_history if "loss" in entry]
+    assert [entry["dp_steps"] for entry in logs] == [1, 2, 3, 4, 5, 6]
+    q = 8 / N
+    for entry in logs:
+        assert entry["delta"] == 1e-5 and entry["noise_multiplier"] == 1.0 and entry["sample_rate"] == q
+    # dp_accounting's PLD takes ~1 s per query on this CPU: steps 1, 3 and 6 (RDP: every step)
+    for entry in logs if kind == "rdp" else [logs[0], logs[2], logs[5]]:
+        reference = _dp_accounting_epsilon(q, 1.0, entry["dp_steps"], 1e-5, kind)
+        assert entry["epsilon"] == pytest.approx(reference, rel=0.01)
+    assert "grad_norm" not in logs[0]  # measured by the Trainer before the noisy gradient exists: dropped
+
+
+# -- refusals, all before training starts ------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, match", [
+    (dict(gradient_accumulation_steps=2), "max_physical_batch_size"),
+    (dict(train_sampling_strategy="group_by_length"), "Poisson sampling"),
+    (dict(train_sampling_strategy="sequential"), "Poisson sampling"),
+    (dict(auto_find_batch_size=True), "auto_find_batch_size"),
+])
+def test_refused_training_arguments(tmp_path, overrides, match):
+    model = tiny_bert()
+    before = flat(model)
+    with pytest.raises(EngineUsageError, match=match):
+        trainer(tmp_path, model, args=arguments(tmp_path, **overrides))
+    assert torch.equal(flat(model), before)
+
+
+def test_refuses_several_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    with pytest.raises(EngineUsageError, match="one process on one device"):
+        trainer(tmp_path)
+
+
+def test_refuses_custom_sampler(tmp_path):
+    class Sorted(DPTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+
+    with pytest.raises(EngineUsageError, match="custom sampler"):
+        Sorted(model=tiny_bert(), args=arguments(tmp_path), train_dataset=dataset(), data_collator=RecordingCollator(),
+               noise_multiplier=1.0, target_delta=1e-5)
+
+
+def test_refuses_token_level_loss(tmp_path):
+    with pytest.raises(LossNotPerExampleError, match="token-level"):
+        trainer(tmp_path, data=dataset(token_labels=True))
+
+
+def test_refuses_missing_privacy_arguments(tmp_path):
+    with pytest.raises(PrivacyParameterError, match="target_delta"):
+        DPTrainer(model=tiny_bert(), args=arguments(tmp_path), train_dataset=dataset(), noise_multiplier=1.0)
+    with pytest.raises(PrivacyParameterError, match="noise_multiplier"):
+        DPTrainer(model=tiny_bert(), args=arguments(tmp_path), train_dataset=dataset(), target_delta=1e-5)
+
+
+def test_trainer_clipping_is_switched_off_with_a_note(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="dpclip.integrations.transformers"):
+        t = trainer(tmp_path, args=arguments(tmp_path, max_grad_norm=1.0))
+    assert t.args.max_grad_norm == 0.0
+    assert "switched off" in caplog.text
+
+
+# -- checkpoints: resume = uninterrupted ---------------------------------------------------------------------------
+def test_resume_gives_the_uninterrupted_run(tmp_path):
+    def run(folder, resume=None):
+        args = arguments(tmp_path / folder, max_steps=6, save_strategy="steps", save_steps=1)
+        t = trainer(tmp_path, model=tiny_bert(dropout=0.1, seed=0 if resume is None else 7), args=args)
+        t.train(resume_from_checkpoint=resume)
+        return t
+
+    whole = run("whole")  # q = 1/4: 4 steps per epoch
+    for step in (3, 4):  # within the first epoch, and at the epoch boundary
+        checkpoint = tmp_path / "whole" / "out" / f"checkpoint-{step}"
+        assert (checkpoint / ENGINE_STATE_NAME).is_file()
+        resumed = run(f"resumed-{step}", resume=str(checkpoint))
+        assert resumed.engine.steps == whole.engine.steps == 6
+        torch.testing.assert_close(flat(resumed.model), flat(whole.model), rtol=0, atol=0)
+        assert resumed.engine.get_epsilon(1e-5) == whole.engine.get_epsilon(1e-5)
+        # the resumed log history (restored from the checkpoint, then continued) is the uninterrupted one
+        logged = [(entry["loss"], entry["epsilon"]) for entry in resumed.state.log_history if "loss" in entry]
+        assert logged == [(entry["loss"], entry["epsilon"]) for entry in whole.state.log_history if "loss" in entry]
+
+
+def test_resume_from_a_checkpoint_without_engine_state_is_refused(tmp_path):
+    args = arguments(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer(tmp_path, args=args).train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    os.remove(checkpoint / ENGINE_STATE_NAME)
+    with pytest.raises(CheckpointError, match="not written by DPTrainer"):
+        trainer(tmp_path, args=arguments(tmp_path, max_steps=4)).train(resume_from_checkpoint=str(checkpoint))
+
+
+# -- the budget guard ----------------------------------------------------------------------------------------------
+def test_budget_guard_stops_at_the_planned_step_count(tmp_path, caplog):
+    args = arguments(tmp_path, max_steps=-1, num_train_epochs=5, logging_steps=1)
+    t = trainer(tmp_path, args=args, target_epsilon=3.0, epochs=2)  # σ calibrated for 2 epochs = 8 steps
+    with caplog.at_level(logging.WARNING, logger="dpclip.integrations.transformers"):
+        t.train()
+    assert t.engine.steps == t.state.global_step == 8
+    assert t.budget_exhausted is not None and "one more step" in t.budget_exhausted
+    assert "privacy budget reached" in caplog.text
+    assert t.engine.get_epsilon() <= 3.0
+    assert t.engine.accountant.get_epsilon_after(t.engine._step_event, 1e-5) > 3.0
+    assert max(entry["epsilon"] for entry in t.state.log_history if "epsilon" in entry) <= 3.0
+
+
+# -- the user's model object stays untouched -----------------------------------------------------------------------
+def test_model_object_is_untouched(tmp_path):
+    model = tiny_bert()
+    t = trainer(tmp_path, model, args=arguments(tmp_path, max_steps=2))
+    t.train()
+    assert isinstance(t, Trainer) and t.model is model and type(t.model) is BertForSequenceClassification
+    t.save_model(str(tmp_path / "saved"))
+    reloaded = BertForSequenceClassification.from_pretrained(str(tmp_path / "saved"))
+    torch.testing.assert_close(flat(reloaded), flat(model))
+    assert "eval_loss" in t.evaluate(dataset(8))
+
+
+def test_peft_model(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, target_modules=["query", "value"],
+                                                              task_type="SEQ_CLS"))
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    t = trainer(tmp_path, model, args=arguments(tmp_path, max_steps=2))
+    t.train()
+    assert t.model is model and isinstance(t.model, peft.PeftModel) and t.engine.steps == 2
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
+    assert changed
+
+
+# -- dpclip does not need transformers -----------------------------------------------------------------------------
+def test_dpclip_imports_without_transformers():
+    code = ("import sys; sys.modules['transformers'] = None; import dpclip\n"
+            "try:\n    import dpclip.integrations.transformers\nexcept ImportError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "ERR" in out and "pip install" in out
