@@ -162,10 +162,12 @@ def verify_paths(
                     f"{type(error).__name__}: {error}" + _hint(error)
                 ) from error
             guard.check()
-            failures = {path: _try_path(model, run, probe_args, probe_kwargs, k, expected, names, guard) for path, run in candidates.items()}
-            chosen = next((path for path, reason in failures.items() if reason is None), None)
-            if chosen is not None:
-                return chosen
+            failures: dict[str, str] = {}
+            for path, run in candidates.items():  # in order of preference: the first that passes is taken
+                reason = _try_path(model, run, probe_args, probe_kwargs, k, expected, names, guard)
+                if reason is None:
+                    return path
+                failures[path] = reason
     finally:
         guard.check()  # a forward that wrote into the model: restored, and refused (over any other reason)
     raise ModelNotSupportedError(

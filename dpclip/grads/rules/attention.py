@@ -58,22 +58,30 @@ def _recorded_forward(module: nn.MultiheadAttention, tape: LayerwiseTape, where:
         q = q.reshape(batch, tgt, heads, head_dim).transpose(1, 2)
         k = k.reshape(batch, src, heads, head_dim).transpose(1, 2)
         v = v.reshape(batch, src, heads, head_dim).transpose(1, 2)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)
         if is_causal and attn_mask is None:
             attn_mask = torch.ones(tgt, src, dtype=torch.bool, device=q.device).triu(1)
-        if attn_mask is not None:
-            mask = attn_mask.reshape(-1, heads, tgt, src) if attn_mask.dim() == 3 else attn_mask
-            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        if key_padding_mask is not None:
-            pad = key_padding_mask[:, None, None, :]
-            scores = scores.masked_fill(pad, float("-inf")) if pad.dtype == torch.bool else scores + pad
-        attn = F.dropout(torch.softmax(scores, dim=-1), p=module.dropout, training=module.training)
-        out = (attn @ v).transpose(1, 2).reshape(batch, tgt, embed)
+        masks = [attn_mask.reshape(-1, heads, tgt, src) if attn_mask is not None and attn_mask.dim() == 3 else attn_mask,
+                 None if key_padding_mask is None else key_padding_mask[:, None, None, :]]
+        dropout = module.dropout if module.training else 0.0
+        if not need_weights:  # as torch's own path: fused attention, no [B, heads, T, T] tensors kept for backward
+            additive = [m.new_zeros(m.shape, dtype=q.dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool
+                        else m.to(q.dtype) for m in masks if m is not None]
+            bias = None if not additive else additive[0] if len(additive) == 1 else additive[0] + additive[1]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+            out = out.transpose(1, 2).reshape(batch, tgt, embed)
+            attn = None
+        else:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)
+            for mask in masks:
+                if mask is not None:
+                    scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            attn = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=module.training)
+            out = (attn @ v).transpose(1, 2).reshape(batch, tgt, embed)
         proj = module.out_proj
         out = tape.record_linear(f"{where}.out_proj", out, proj.weight, proj.bias, None)
         if not module.batch_first:
             out = out.transpose(0, 1)
-        weights = (attn.mean(dim=1) if average_attn_weights else attn) if need_weights else None
+        weights = None if attn is None else attn.mean(dim=1) if average_attn_weights else attn
         return out, weights
 
     return forward
