@@ -28,6 +28,8 @@ command line, threads, OpenMP settings, versions, CPU and date of the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime
 import json
 import os
@@ -38,6 +40,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -237,6 +240,58 @@ def build(model: str, size: str):
     raise ValueError(model)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_in_use() -> Any:
+    """A function giving the bytes malloc has handed out and not taken back (glibc's mallinfo2: heap chunks in use
+    plus mmapped blocks), or None where there is no glibc ≥ 2.33."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
+class HeapPeak:
+    """The most heap memory in use while the block runs, sampled every 0.5 ms by a thread (MB; None without glibc).
+
+    Peak RSS also counts what the allocator keeps after a free and never returns to the system, so it depends on
+    the order of allocations as much as on what a step needs; the heap in use does not. Sampling misses peaks
+    shorter than 0.5 ms, and the thread costs time, so it only runs around untimed steps."""
+
+    def __init__(self) -> None:
+        self.in_use = _heap_in_use()
+        self.peak_mb: float | None = None
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        assert self.in_use is not None
+        peak = self.in_use()
+        while not self._stop.wait(0.0005):
+            peak = max(peak, self.in_use())
+        self.peak_mb = max(peak, self.in_use()) / 2**20
+
+    def __enter__(self) -> HeapPeak:
+        if self.in_use is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.in_use is not None:
+            self._stop.set()
+            self._thread.join()
+
+
 def run_one(model_name: str, library: str, size: str, device: str, steps: int, warmup: int, threads: int = 1) -> dict[str, Any]:
     """Time ``steps`` training steps (after ``warmup``) of one library on one model, in this process."""
     from torch.utils.data import DataLoader, TensorDataset
@@ -285,21 +340,27 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times: list[float] = []
+    heap: list[float | None] = []
     seen = 0
-    while len(times) < warmup + steps:
+    while len(times) < warmup + steps + 1:  # the first and the last step (untimed) run under HeapPeak
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            start = time.perf_counter()
-            optimizer.zero_grad()
-            loss = criterion(model(x), y)
-            loss.backward()
-            optimizer.step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+            untimed = len(times) in (0, warmup + steps)
+            with HeapPeak() if untimed and device == "cpu" else contextlib.nullcontext() as sampler:
+                start = time.perf_counter()
+                optimizer.zero_grad()
+                loss = criterion(model(x), y)
+                loss.backward()
+                optimizer.step()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            if sampler is not None:
+                heap.append(sampler.peak_mb)
             seen += len(x)
-            if len(times) == warmup + steps:
+            if len(times) == warmup + steps + 1:
                 break
+    times.pop()  # the last step only measured the heap
     if library != "nonprivate":
         epsilon = engine.get_epsilon(DELTA)
     if library.startswith("dpclip"):
@@ -312,6 +373,7 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
         "ms_per_step": ms,
         "examples_per_s": batch / (ms / 1e3),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_heap_mb": None if not heap or None in heap else max(heap),  # type: ignore[type-var]
         "epsilon": epsilon,
         "steps_timed": len(measured),
         "first_step_ms": times[0] * 1e3,  # dpclip: includes the first-step verification
@@ -396,12 +458,13 @@ def spawn(model: str, library: str, args: argparse.Namespace, env: dict[str, str
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-REPEAT_KEYS = ("ms_per_step", "first_step_ms", "peak_rss_mb", "steps_timed", "threads", "step_ms", "started_s")
+REPEAT_KEYS = ("ms_per_step", "first_step_ms", "peak_rss_mb", "peak_heap_mb", "steps_timed", "threads", "step_ms", "started_s")
 
 
 def combine(model: str, library: str, runs: list[dict[str, Any]], batch: int) -> dict[str, Any]:
     """One row from a pair's repeats: the lowest of the repeats' median step times (a stall or a busy neighbour
-    only ever slows a repeat down); peak RSS is the highest of the repeats'; each repeat's figures are kept."""
+    only ever slows a repeat down); peak RSS and peak heap are the highest of the repeats'; each repeat's figures
+    are kept."""
     repeats = [{k: r[k] for k in REPEAT_KEYS if k in r} if "error" not in r else {"error": r["error"]} for r in runs]
     ok = [r for r in runs if "error" not in r]
     if not ok:
@@ -413,6 +476,7 @@ def combine(model: str, library: str, runs: list[dict[str, Any]], batch: int) ->
         "ms_per_step": ms,
         "examples_per_s": batch / (ms / 1e3),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
+        "peak_heap_mb": max(r["peak_heap_mb"] for r in ok) if all(r.get("peak_heap_mb") for r in ok) else None,
         "epsilon": ok[0]["epsilon"],
         "steps_timed": ok[0]["steps_timed"],
         "first_step_ms": statistics.median(r["first_step_ms"] for r in ok),
@@ -552,6 +616,7 @@ def main() -> None:
         "suite": args.suite, "size": args.size, "device": args.device, "batch": batch, "sigma": SIGMA, "max_grad_norm": CLIP,
         "delta": DELTA, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
         "in_process": args.smoke, "models": {m: describe(m, args.size) for m in args.models},
+        "heap": any(r.get("peak_heap_mb") for r in results),
         "duration_s": round(time.perf_counter() - started, 1),
     })
     report = {"settings": settings, "results": results}

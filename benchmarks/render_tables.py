@@ -67,20 +67,30 @@ def _baselines(results: list[dict[str, Any]]) -> dict[str, float]:
 def compare_table(results: list[dict[str, Any]]) -> str:
     """Every (model, library) row."""
     base = _baselines(results)
-    lines = ["| model | library | ms/step | each repeat's median | examples/s | × non-private | peak RSS MB | ε (δ=1e-5) | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | library | ms/step | each repeat's median | examples/s | × non-private | peak RSS MB | peak heap MB | ε (δ=1e-5) | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['library']} | — | — | — | — | — | — | {r['error']} |")
+            lines.append(f"| {r['model']} | {r['library']} | — | — | — | — | — | — | — | {r['error']} |")
             continue
         ratio = r["ms_per_step"] / base[r["model"]] if r["model"] in base else float("nan")
         eps = "—" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
         repeats = " / ".join("failed" if "error" in x else _ms(x["ms_per_step"]) for x in r.get("repeats", []))
         lines.append(
             f"| {r['model']} | {r['library']} | {_ms(r['ms_per_step'])} | {repeats or '—'} | {r['examples_per_s']:.0f} | "
-            f"{ratio:.2f} | {r['peak_rss_mb']:.0f} | {eps} | {r['note']} |"
+            f"{ratio:.2f} | {r['peak_rss_mb']:.0f} | {_heap(r) or '—'} | {eps} | {r['note']} |"
         )
     return "\n".join(lines)
+
+
+def _heap(r: dict[str, Any]) -> str:
+    """The peak heap in use (MB), or "" for results files made before it was measured."""
+    return f"{r['peak_heap_mb']:.0f}" if r.get("peak_heap_mb") else ""
+
+
+def _memory(r: dict[str, Any]) -> str:
+    """Peak RSS / peak heap, in MB (RSS alone for older results files)."""
+    return f"{r['peak_rss_mb']:.0f} / {_heap(r)} MB" if _heap(r) else f"{r['peak_rss_mb']:.0f} MB"
 
 
 def _method(s: dict[str, Any]) -> str:
@@ -89,7 +99,10 @@ def _method(s: dict[str, Any]) -> str:
     repeats = s.get("repeats", 1)
     return (f"Batch {s['batch']} (expected; Poisson sampling), σ = {s['sigma']:g}, C = {s['max_grad_norm']:g}; each "
             f"(model, library) in its own process, {_count(repeats, 'repeat')} interleaved; ms/step is the lowest of the repeats' "
-            f"median over {s['steps']} timed steps (after {s.get('warmup', '?')} warm-up); peak RSS is the highest.")
+            f"median over {s['steps']} timed steps (after {s.get('warmup', '?')} warm-up); peak RSS is the highest"
+            + ("; peak heap is the most memory malloc had handed out during the first step (dpclip's verification "
+               "included) or one more untimed step, sampled every 0.5 ms, the highest of the repeats (RSS also keeps "
+               "what the allocator holds after frees, and the libraries' code)." if s.get("heap") else "."))
 
 
 def compare_markdown(report: dict[str, Any]) -> str:
@@ -110,9 +123,9 @@ def compare_readme(report: dict[str, Any]) -> str:
             return "—"
         ms = f"**{_ms(r['ms_per_step'])}**" if bold else _ms(r["ms_per_step"])
         if r["library"] == "nonprivate":
-            return f"{ms} ({r['peak_rss_mb']:.0f} MB)"
+            return f"{ms} ({_memory(r)})"
         ratio = f"{_ratio(r['ms_per_step'] / base[r['model']])}, " if r["model"] in base else ""
-        return f"{mode}{ms} ({ratio}{r['peak_rss_mb']:.0f} MB)"
+        return f"{mode}{ms} ({ratio}{_memory(r)})"
 
     lines = ["| model | non-private | dpclip | dpclip, vmap path | fastest Opacus mode | Opacus hooks |",
              "|---|---|---|---|---|---|"]
@@ -135,7 +148,8 @@ def compare_readme(report: dict[str, Any]) -> str:
     failed = [f"{r['model']} {r['library']}" for r in results if "error" in r]
     intro = (f"{_made_by(s)} {_method(s)} ε = {eps_text} (δ = {s['delta']:g}) for every private library, each by its "
              f"own tight accountant (dpclip: PLD; Opacus: PRV).")
-    legend = "ms per step (× non-private, peak RSS MB); bold: the fastest private one" + (
+    memory = "peak RSS / peak heap MB" if s.get("heap") else "peak RSS MB"
+    legend = f"ms per step (× non-private, {memory}); bold: the fastest private one" + (
         f"; failed: {', '.join(failed)}" if failed else "") + "."
     return f"{_prose(intro)}\n\n{_prose(legend)}\n\n" + "\n".join(lines) + "\n"
 
