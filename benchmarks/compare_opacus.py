@@ -159,6 +159,7 @@ def environment(threads: int, worker_env: dict[str, str]) -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu": _cpu_model(),
         "cpus": affinity,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git": _git_revision(),
     }
@@ -292,8 +293,10 @@ class HeapPeak:
             self._thread.join()
 
 
-def run_one(model_name: str, library: str, size: str, device: str, steps: int, warmup: int, threads: int = 1) -> dict[str, Any]:
-    """Time ``steps`` training steps (after ``warmup``) of one library on one model, in this process."""
+def run_one(model_name: str, library: str, size: str, device: str, steps: int, warmup: int, threads: int = 1,
+            autocast: str = "off") -> dict[str, Any]:
+    """Time ``steps`` training steps (after ``warmup``) of one library on one model, in this process; ``autocast``
+    "bf16" runs each forward and loss under torch.autocast(device, bfloat16) (float32 weights)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     torch.manual_seed(0)
@@ -349,7 +352,8 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
             with HeapPeak() if untimed and device == "cpu" else contextlib.nullcontext() as sampler:
                 start = time.perf_counter()
                 optimizer.zero_grad()
-                loss = criterion(model(x), y)
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+                    loss = criterion(model(x), y)
                 loss.backward()
                 optimizer.step()
                 if device == "cuda":
@@ -447,7 +451,8 @@ def accuracy_run(library: str, epsilon: float, seed: int, epochs: int, threads: 
 
 def spawn(model: str, library: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     command = [sys.executable, __file__, "--worker", model, library, "--size", args.size, "--device", args.device,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+               "--autocast", args.autocast]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -544,6 +549,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=int, default=None,
                         help=f"seconds allowed per run (default: {SUITE_TIMEOUTS['default']}; {SUITE_TIMEOUTS['scale']} with --suite scale)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
+    parser.add_argument("--autocast", choices=["off", "bf16"], default="off",
+                        help="bf16: forward and loss under torch.autocast(device, bfloat16), float32 weights (results: *_bf16)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps, one repeat, in this process: checks that everything runs")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "LIBRARY"), help=argparse.SUPPRESS)
     parser.add_argument(
@@ -565,7 +572,7 @@ def main() -> None:
     if args.smoke:
         args.size, args.steps, args.warmup, args.repeats = "smoke", 2, 1, 1
     if args.worker:
-        print(json.dumps(run_one(*args.worker, args.size, args.device, args.steps, args.warmup, args.threads)))
+        print(json.dumps(run_one(*args.worker, args.size, args.device, args.steps, args.warmup, args.threads, args.autocast)))
         return
     render_tables = SimpleNamespace(**runpy.run_path(str(Path(__file__).resolve().parent / "render_tables.py")))
 
@@ -597,7 +604,7 @@ def main() -> None:
         for i, (m, lib) in enumerate(pairs[shift:] + pairs[:shift]):
             at = time.perf_counter() - started
             if args.smoke:  # in this process: checks that every library runs, not what it costs
-                result = run_one(m, lib, args.size, args.device, args.steps, args.warmup, args.threads)
+                result = run_one(m, lib, args.size, args.device, args.steps, args.warmup, args.threads, args.autocast)
             else:
                 result = spawn(m, lib, args, worker_env)
             result["started_s"] = round(at, 1)
@@ -612,9 +619,11 @@ def main() -> None:
         stem = f"compare_opacus_{args.size}_{args.device}"
     else:
         stem = f"compare_opacus_{args.suite}_{args.device}" if args.size == "full" else f"compare_opacus_{args.suite}_{args.size}_{args.device}"
+    if args.autocast != "off":
+        stem += f"_{args.autocast}"
     settings.update({
         "suite": args.suite, "size": args.size, "device": args.device, "batch": batch, "sigma": SIGMA, "max_grad_norm": CLIP,
-        "delta": DELTA, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+        "delta": DELTA, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "autocast": args.autocast,
         "in_process": args.smoke, "models": {m: describe(m, args.size) for m in args.models},
         "heap": any(r.get("peak_heap_mb") for r in results),
         "duration_s": round(time.perf_counter() - started, 1),

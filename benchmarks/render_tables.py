@@ -53,8 +53,9 @@ def _made_by(settings: dict[str, Any] | None) -> str:
     minutes = f", {settings['duration_s'] / 60:.0f} min" if settings.get("duration_s") else ""
     git = f", git {settings['git']}" if settings.get("git") else ""
     opacus = f", Opacus {settings['opacus']}" if settings.get("opacus") else ""
+    gpu = f" and {settings['gpu']}" if settings.get("device") == "cuda" and settings.get("gpu") else ""
     return (f"Made by `{settings['command']}` ({settings['date']}{git}{minutes}) on {settings['cpu']}, "
-            f"{_count(settings['cpus'], 'CPU')}: {_count(settings['threads'], 'thread')} per run ({omp}), torch {settings['torch']}{opacus}.")
+            f"{_count(settings['cpus'], 'CPU')}{gpu}: {_count(settings['threads'], 'thread')} per run ({omp}), torch {settings['torch']}{opacus}.")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -94,10 +95,11 @@ def _memory(r: dict[str, Any]) -> str:
 
 
 def _method(s: dict[str, Any]) -> str:
+    precision = "forward under bf16 autocast (float32 weights), " if s.get("autocast") == "bf16" else ""
     if s.get("in_process"):
-        return "All runs in one process (smoke mode: times and memory are not comparable)."
+        return f"All runs in one process ({precision}smoke mode: times and memory are not comparable)."
     repeats = s.get("repeats", 1)
-    return (f"Batch {s['batch']} (expected; Poisson sampling), σ = {s['sigma']:g}, C = {s['max_grad_norm']:g}; each "
+    return (f"Batch {s['batch']} (expected; Poisson sampling), {precision}σ = {s['sigma']:g}, C = {s['max_grad_norm']:g}; each "
             f"(model, library) in its own process, {_count(repeats, 'repeat')} interleaved; ms/step is the lowest of the repeats' "
             f"median over {s['steps']} timed steps (after {s.get('warmup', '?')} warm-up); peak RSS is the highest"
             + ("; peak heap is the most memory malloc had handed out during the first step (dpclip's verification "

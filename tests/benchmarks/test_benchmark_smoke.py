@@ -22,6 +22,7 @@ def _check_compare_smoke(tmp_path, stem, models):
     for r in results:
         assert "error" not in r, r
         assert r["ms_per_step"] > 0 and r["examples_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert 0 < r["peak_heap_mb"] < r["peak_rss_mb"]  # glibc's heap in use: part of the resident memory
         if r["library"] != "nonprivate":
             assert r["epsilon"] > 0
     # Same (q, σ, steps) → the same ε, each library by its own tight accountant (dpclip PLD, Opacus PRV).
@@ -81,3 +82,14 @@ def test_loader_workers_smoke():
     report = json.loads(done.stdout[done.stdout.index("{"):done.stdout.rindex("}") + 1])
     assert set(report["results"]) == {"dpclip-w0", "dpclip-w2", "torch-w0", "torch-w2"}
     assert all(r["median_examples_per_s"] > 0 for r in report["results"].values())
+
+
+def test_compare_opacus_bf16_autocast_smoke(tmp_path):
+    """--autocast bf16: the forward under bf16 autocast, results in *_bf16 files, recorded in the settings."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_opacus.py"), "--smoke", "--autocast", "bf16",
+                    "--models", "transformer", "--libraries", "nonprivate", "dpclip", "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=600)
+    report = json.loads((tmp_path / "compare_opacus_smoke_cpu_bf16.json").read_text())
+    assert report["settings"]["autocast"] == "bf16"
+    assert [(r["library"], "error" in r) for r in report["results"]] == [("nonprivate", False), ("dpclip", False)]
+    assert "bf16 autocast" in (tmp_path / "compare_opacus_smoke_cpu_bf16.md").read_text()
