@@ -9,6 +9,8 @@ their steps and their charges from it.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +24,15 @@ from accountants.checks import check_count, check_nonnegative, check_positive, c
 
 from .norms import ClipNorm, clip_norm
 
+
+
+def _caller_outside_dpclip() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside the dpclip package (the user's line)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 @dataclass(frozen=True)
 class DPSGDMechanism:
@@ -113,7 +124,7 @@ class DPSGDMechanism:
                 "noise_multiplier=0: NO NOISE is added, so this run is NOT differentially private (ε = ∞ is "
                 "reported). Use it only as a non-private baseline with the same clipping and sampling.",
                 PrivacyWarning,
-                stacklevel=3,
+                stacklevel=_caller_outside_dpclip(),
             )
         return mechanism
 

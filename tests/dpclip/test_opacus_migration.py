@@ -225,8 +225,9 @@ def test_per_layer_noise_is_calibrated_to_the_combined_bound():
 
 # -- the non-private baseline -----------------------------------------------------------------------------
 def test_noise_multiplier_zero_is_a_loud_non_private_baseline():
-    with pytest.warns(PrivacyWarning, match="NOT differentially private"):
+    with pytest.warns(PrivacyWarning, match="NOT differentially private") as record:
         engine, model, optimizer, loader = private(noise_multiplier=0.0)
+    assert record[0].filename == __file__  # the warning points at the caller's line, not into dpclip
     train(model, optimizer, loader, steps=3)
     assert engine.accountant.history[0].event == PoissonSampled(0.05, NonPrivate())
     assert engine.get_epsilon(1e-5) == math.inf
