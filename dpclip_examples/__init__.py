@@ -11,6 +11,8 @@ imported lazily, inside the functions that use them).
   non-private and private training runs, the report;
 - :mod:`dpclip_examples.text`: Rotten Tomatoes / user data, the pretrained encoder + head, sentence embeddings;
 - :mod:`dpclip_examples.finetune_text`: private fine-tuning of the encoder (``python scripts/finetune_text.py``);
+- :mod:`dpclip_examples.finetune_lm`: a tiny GPT-2 pretrained on BBC News, fine-tuned privately on Rotten
+  Tomatoes with LoRA or in full (``python scripts/finetune_lm.py``);
 - :mod:`dpclip_examples.train_distributed`: the digits CNN over several processes
   (``torchrun scripts/train_distributed.py``).
 

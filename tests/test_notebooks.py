@@ -39,6 +39,7 @@ def test_every_tutorial_is_collected() -> None:
         "03_clipping.ipynb",
         "04_private_finetuning.ipynb",
         "05_dpclip_vs_opacus.ipynb",
+        "06_private_lm_finetuning.ipynb",
     ]
 
 
