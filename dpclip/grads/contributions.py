@@ -138,9 +138,7 @@ class LinearWeight(Contribution):
     def norm(self, norm: Norm) -> Tensor:
         positions, d_in, d_out, u = self.positions, self.d_in, self.d_out, self.u
         if self._cached is None and self._keeps():
-            self._spread(1), self._spread(2)  # what the norms need of a and g, before they go
             self._cached = self.materialize()
-            del self.a, self.g  # the clipped sum reads the kept gradients only: let the recorded tensors go
         spread = self._spread(2 if norm == "l2" else 1)
         slack = (positions + 2) * u * spread  # forming Σ_t g_t a_tᵀ in that precision (the book-keeping sum does)
         if self._cached is not None or norm == "l1" or positions * positions > d_in * d_out:
