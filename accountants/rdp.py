@@ -325,8 +325,10 @@ def pure_epsilon(event: Event) -> float:
         inner = pure_epsilon(event.mechanism)
         if math.isinf(inner):
             return math.inf
-        # log(1 − q + q e^ε) in log space: e^ε overflows for ε > 709 (e.g. Laplace with a tiny b).
         q = event.sample_rate
+        if inner < 700:  # log1p(q·expm1(ε)): accurate (and ≥ 0) down to the tiniest ε, rounded up by one ulp
+            return math.nextafter(math.log1p(q * math.expm1(inner)), math.inf)
+        # log(1 − q + q e^ε) in log space: e^ε overflows for ε > 709 (e.g. Laplace with a tiny b).
         return float(np.logaddexp(math.log1p(-q) if q < 1 else -math.inf, math.log(q) + inner))
     if isinstance(event, Composed):
         return event.count * sum(pure_epsilon(e) for e in event.events)
