@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test install
+.PHONY: run test install benchmark
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,4 +47,14 @@ test: $(VENV)/.installed-test
 main-job-results: $(VENV)/.installed-run
 	$(PY) scripts/train_digits.py --no-progress
 	cp runs/digits/privacy_report.json benchmarks/results/main_job.json
+	$(PY) benchmarks/render_tables.py
+
+# Fashion-MNIST accuracy at fixed ε (benchmarks/utility.py, dpclip and Opacus; 3–4 hours on one CPU thread, mostly the CNN): the data
+# come from Debian's dataset-fashion-mnist, installed here when missing; then the README's tables are re-rendered.
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
+benchmark: $(VENV)/.installed-test
+	@test -d $(FASHION_MNIST) || { command -v apt-get >/dev/null && \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y dataset-fashion-mnist; } || \
+		{ echo "Fashion-MNIST is missing: sudo apt-get install dataset-fashion-mnist, or put the four IDX files in a folder and run benchmarks/utility.py --data-dir FOLDER"; exit 1; }
+	OMP_NUM_THREADS=1 $(PY) benchmarks/utility.py
 	$(PY) benchmarks/render_tables.py

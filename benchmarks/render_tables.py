@@ -259,12 +259,59 @@ def main_job_readme(report: dict[str, Any]) -> str:
     ) + "\n"
 
 
+# ------------------------------------------------------------------------------------------------------------
+# benchmarks/utility.py (Fashion-MNIST accuracy at fixed ε)
+# ------------------------------------------------------------------------------------------------------------
+FASHION_ANCHORS = ROOT / "benchmarks" / "fashion_mnist_anchors.json"
+UTILITY_MODELS = {"scatternet": "ScatterNet features + linear", "cnn": "end-to-end CNN (tanh)"}
+
+
+def _percent_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f} %"
+
+
+def utility_markdown(report: dict[str, Any]) -> str:
+    """benchmarks/results/utility_fashion_mnist.md: utility.py's own table (it imports torch, so it is run here
+    only when that file is rendered)."""
+    import runpy
+
+    return runpy.run_path(str(ROOT / "benchmarks" / "utility.py"))["render_markdown"](report)
+
+
+def utility_readme(report: dict[str, Any]) -> str:
+    """README's opening table: per model and ε, dpclip and Opacus test accuracy (mean ± sd over seeds), the
+    published anchor at that ε, and the wall time of one run."""
+    runs = report["runs"]
+    anchors = json.loads(FASHION_ANCHORS.read_text())
+    lines = ["| model | ε | dpclip | Opacus (same q, σ, C, steps) | published | wall time per run: dpclip / Opacus | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for model, label in UTILITY_MODELS.items():
+        for eps in sorted({r["target_epsilon"] for r in runs if r["model"] == model}):
+            group = {lib: [r for r in runs if (r["model"], r["target_epsilon"], r["library"]) == (model, eps, lib)]
+                     for lib in ("dpclip", "opacus")}
+            acc = {lib: _percent_sd([r["test_accuracy"] for r in rs]) if rs else "—" for lib, rs in group.items()}
+            wall = " / ".join(f"{statistics.mean(r['wall_s'] for r in rs):.0f} s" if rs else "—" for rs in group.values())
+            published = "; ".join(f"{a['accuracy']:.1f} % ({a['source']}, {a['what']}"
+                                  + (f", ε = {a['epsilon']:g}" if a["epsilon"] != eps else "") + ")"
+                                  for a in anchors if a["model"] == model and abs(a["epsilon"] - eps) < 0.1) or "—"
+            seeds = len({r["seed"] for rs in group.values() for r in rs})
+            lines.append(f"| {label} | {eps:g} | {acc['dpclip']} | {acc['opacus']} | {published} | {wall} | {seeds} |")
+    s = report["settings"]
+    intro = (f"Fashion-MNIST (60,000 training / 10,000 test images), δ = {report['delta']:g}, test accuracy mean ± sd "
+             f"over seeds, each run on {_count(s['threads'], 'CPU thread')}; made by `benchmarks/utility.py` "
+             "(hyper-parameters tuned on a validation split carved from the training set, never on the test set; "
+             "every run's privacy report is in the results file `benchmarks/results/utility_fashion_mnist.json`).")
+    return f"{_prose(intro)}\n\n" + "\n".join(lines) + "\n"
+
+
 TABLES: dict[str, tuple[Callable[[dict], str], Callable[[dict], str]]] = {
     # results file stem: (its .md, its README block)
     "compare_opacus_full_cpu": (compare_markdown, compare_readme),
     "accuracy_digits": (accuracy_markdown, accuracy_readme),
     "loader_workers": (loader_markdown, loader_readme),
     "main_job": (main_job_markdown, main_job_readme),
+    "utility_fashion_mnist": (utility_markdown, utility_readme),
 }
 
 

@@ -1,0 +1,698 @@
+"""Accuracy at fixed ε on Fashion-MNIST (60,000 training / 10,000 test images, δ = 1e-5): dpclip and Opacus.
+
+Two models, after Tramèr & Boneh (2021, "Differentially Private Learning Needs Better Features (or Much More
+Data)"):
+
+- ``scatternet``: ScatterNet features (2-D scattering, J = 2, L = 8: 81 channels of 7×7,
+  :mod:`dpclip_examples.scattering`, computed once and cached under ``--cache-dir``, keyed by the data files'
+  contents), normalised, then a linear classifier trained with DP-SGD. Two normalisations:
+  ``groupnorm`` (GroupNorm without affine parameters over groups of channels, per example: a fixed function of
+  each example alone, so it costs no privacy — Tramèr & Boneh's choice on Fashion-MNIST) or ``data`` (per-channel
+  mean and variance of the features released with the Gaussian mechanism, as their "data normalisation": that
+  release is charged to the run's accounting, see :func:`private_normalisation`).
+- ``cnn``: an end-to-end CNN of tanh units (Tramèr & Boneh's MNIST/Fashion-MNIST CNN; optional GroupNorm and
+  width) trained with DP-SGD on the pixels.
+
+Every run trains with Poisson sampling at q = 1 / ⌈N / batch⌉ (as Opacus samples), σ calibrated by dpclip's PLD
+accountant so that *everything* the run releases — the normalisation statistics where there are any, then the T
+steps — meets (ε, δ); the same configuration (q, σ, C, T, optimiser, initial weights, released statistics) is
+then trained under Opacus (``--libraries dpclip opacus``; ghost clipping for the ScatterNet's 39,700-weight linear
+layer, hooks for the CNN), whose own accountant (PRV) reports its ε of the same history, the normalisation
+release included. Hyper-parameters were tuned on a validation split carved from the training set (``--tune``; the sweeps
+are in ``benchmarks/results/utility_tuning.json``), never on the test set; the final runs report test accuracy
+once, at the end.
+
+    OMP_NUM_THREADS=1 python benchmarks/utility.py                      # all: JSON + markdown + plot
+    python benchmarks/utility.py --models scatternet --epsilons 3 --seeds 1
+    python benchmarks/utility.py --smoke                                # tiny (a few hundred examples), seconds
+    python benchmarks/utility.py --tune --models scatternet --grid lr=2,4,8   # validation sweep (appends to the tuning file)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import itertools
+import json
+import math
+import os
+import runpy
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MODELS = ("scatternet", "cnn")
+LIBRARIES = ("dpclip", "opacus")
+EPSILONS = (1.0, 2.0, 3.0)
+DELTA = 1e-5
+SEEDS = 3
+VALIDATION_SIZE = 10_000  # carved from the 60,000 training images by --tune
+SPLIT_SEED = 0
+RESULTS = HERE / "results"
+REPORT_STEM = "utility_fashion_mnist"
+TUNING_FILE = RESULTS / "utility_tuning.json"
+
+# Final configurations (tuned at ε = 3 on the validation split: benchmarks/results/utility_tuning.json holds every
+# sweep with its command line). The same hyper-parameters serve every ε; only σ changes with ε.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "scatternet": {
+        "batch": 8192, "epochs": 40, "lr": 16.0, "momentum": 0.9, "max_grad_norm": 0.1, "ema": 0.0, "schedule": "constant",
+        "normalization": "groupnorm", "groups": 27, "flip": False,
+        "norm_noise": 8.0, "norm_clip_mean": 1.0, "norm_clip_square": 1.0,  # used by normalization="data"
+    },
+    "cnn": {
+        "batch": 2048, "epochs": 40, "lr": 4.0, "momentum": 0.9, "max_grad_norm": 0.1, "ema": 0.0, "schedule": "constant",
+        "width": 16, "groupnorm": False,
+    },
+}
+# dpclip options per model. ScatterNet's linear layer has 3,969 inputs: dpclip's layerwise norm for a one-position
+# Linear is ‖a‖·‖g‖ inflated by (1 + (d_in + 4)·u)(1 + (d_out + 4)·u) to bound its float32 rounding (u = 2⁻²⁴),
+# i.e. by 2.4e-4 relative at d_in = 3969, over the 2e-4 relative tolerance of the first-step verification, which
+# then refuses the layerwise path and "auto" falls back to vmap (~1.5 s per step instead of ~0.1 s here). The
+# layerwise path's norms are valid upper bounds (the inflation makes clipping very slightly stricter), so the
+# layerwise path is chosen and the verification, which can only reject it, is skipped for this one model.
+ENGINE_OPTIONS: dict[str, dict[str, Any]] = {
+    "scatternet": {"grad_sample_mode": "layerwise", "verify": "off"},
+    "cnn": {},
+}
+# Opacus's per-example gradient mode per model: the ScatterNet's linear layer has 39,700 weights, so "hooks" forms
+# 8,192 × 39,700 per-example gradients (1.3 GB) every step (~1.7 s); ghost clipping computes their norms without
+# forming them (the same clipped sum).
+OPACUS_MODE = {"scatternet": "ghost", "cnn": "hooks"}
+SMOKE_OVERRIDES = {"batch": 64, "epochs": 2}
+TRACKED_EMA = (0.9, 0.99, 0.999)  # --tune also reports these weight averages' validation accuracy
+SMOKE_SIZES = (384, 128)  # training, test examples in --smoke
+
+# Published anchors (test accuracy, %) for the table and the plot.
+# Published test accuracies on Fashion-MNIST at δ = 1e-5 (one file, also read by render_tables.py for README).
+ANCHORS = json.loads((HERE / "fashion_mnist_anchors.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data and features
+# ---------------------------------------------------------------------------------------------------------------
+def _files_digest(files: dict[str, Path]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(files):
+        digest.update(key.encode())
+        digest.update(hashlib.sha256(Path(files[key]).read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+SCATTER = {"J": 2, "L": 8, "max_order": 2}
+SCATTER_VERSION = "kymatio-0.3.0-exact-1"  # bump when the transform's numbers change: old caches are then ignored
+
+
+def scatter_features(data: Any, cache_dir: Path | None, *, progress: bool = True, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """ScatterNet features of the training and test images (mirrored left–right with ``flip``), float32
+    [N, 81, 7, 7] each.
+
+    Cached in ``cache_dir`` (None: not cached) under a name keyed by the four data files' contents and the
+    transform (so another copy of the data, or another transform, never reads a stale cache).
+    """
+    from dpclip_examples.scattering import Scattering2D
+
+    if flip:
+        data = SimpleNamespace(train_images=np.ascontiguousarray(data.train_images[:, :, ::-1]),
+                               test_images=np.ascontiguousarray(data.test_images[:, :, ::-1]), files=data.files)
+    path = None
+    if cache_dir is not None:
+        key = hashlib.sha256(f"{_files_digest(data.files)}|{SCATTER}|{SCATTER_VERSION}".encode()).hexdigest()[:16]
+        path = Path(cache_dir) / f"fashion_mnist_scatter_J{SCATTER['J']}_L{SCATTER['L']}{'_flipped' if flip else ''}_{key}.pt"
+        if path.exists():
+            cached = torch.load(path, weights_only=True)  # tensors and strings only
+            return cached["train"], cached["test"]
+    transform = Scattering2D(J=SCATTER["J"], shape=tuple(data.train_images.shape[1:]), L=SCATTER["L"], max_order=SCATTER["max_order"])
+    start = time.perf_counter()
+    train = transform.features(data.train_images, progress=progress)
+    test = transform.features(data.test_images, progress=progress)
+    if progress:
+        print(f"scattering: {len(train) + len(test)} images in {time.perf_counter() - start:.1f} s "
+              f"({torch.get_num_threads()} thread(s))", file=sys.stderr, flush=True)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"train": train, "test": test, "files": {k: str(v) for k, v in data.files.items()}}, tmp)
+        os.replace(tmp, path)
+    return train, test
+
+
+def pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, 28, 28] → float32 [N, 1, 28, 28] in [-1, 1] (a fixed, data-independent scaling)."""
+    return (torch.from_numpy(images).to(torch.float32)[:, None] / 127.5) - 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Normalisation of the ScatterNet features
+# ---------------------------------------------------------------------------------------------------------------
+def group_normalise(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """GroupNorm without affine parameters: each example's channels, in ``groups`` groups, to mean 0 and variance 1
+    over (channels of the group × positions). Per example, no parameters: no privacy cost."""
+    return F.group_norm(x, groups, eps=1e-5)
+
+
+def _clip_rows(v: torch.Tensor, bound: float) -> torch.Tensor:
+    norms = v.norm(dim=1, keepdim=True)
+    return v * (bound / norms.clamp_min(1e-12)).clamp(max=1.0)
+
+
+def private_normalisation(x: torch.Tensor, noise: float, clip_mean: float, clip_square: float,
+                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Per-channel mean and variance of the features ``x`` [N, C, H, W], released with the Gaussian mechanism.
+
+    Each example contributes its per-channel spatial means m_i ∈ R^C, clipped to L2 norm ≤ ``clip_mean``, and its
+    per-channel spatial means of squares s_i, clipped to ≤ ``clip_square``; the two sums get Gaussian noise of std
+    ``noise`` × bound and are divided by N (the data-set size, public as in DP-SGD's division by q·N). Variance =
+    max(mean of squares − mean², 0). Two Gaussian mechanisms of noise multiplier ``noise`` on the whole data set
+    (add/remove adjacency, sensitivity = the bound): the returned ``event`` is what the accountant must charge.
+    The bounds are fixed constants (tuned on the validation split like any hyper-parameter), not quantiles of
+    the data (Tramèr & Boneh's code took them from the data's median norm, a small unaccounted release).
+    """
+    from accountants import Composed, Gaussian
+
+    n = len(x)
+    flat = x.reshape(n, x.shape[1], -1).to(torch.float64)
+    means = _clip_rows(flat.mean(-1), clip_mean)
+    squares = _clip_rows((flat * flat).mean(-1), clip_square)
+    mean = (means.sum(0) + noise * clip_mean * torch.randn(x.shape[1], generator=generator, dtype=torch.float64)) / n
+    square = (squares.sum(0) + noise * clip_square * torch.randn(x.shape[1], generator=generator, dtype=torch.float64)) / n
+    var = (square - mean * mean).clamp_min(0.0)
+    event = Composed([Gaussian(noise)], count=2)
+    info = {"event": event.to_dict(), "noise_multiplier": noise, "clip_mean": clip_mean, "clip_square": clip_square,
+            "released_mean": mean.tolist(), "released_variance": var.tolist()}
+    return mean.to(torch.float32), var.to(torch.float32), info
+
+
+def standardise(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """(x − mean) / sqrt(var + 1e-5) per channel; channels whose released variance is 0 are set to 0 (as
+    Tramèr & Boneh's ``standardize``)."""
+    view = (1, -1, 1, 1)
+    out = (x - mean.view(view)) / torch.sqrt(var.view(view) + 1e-5)
+    return out * (var.view(view) != 0).to(out.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+class ScatterLinear(nn.Module):
+    """A linear classifier on (normalised) ScatterNet features [N, 81, 7, 7]; on [N, V, 81, 7, 7] (V views of each
+    image: the image and its mirror image with ``flip``) it returns the mean of the V views' logits — a function
+    of each example alone, so DP-SGD still clips one gradient per example."""
+
+    def __init__(self, features: int, classes: int = 10) -> None:
+        super().__init__()
+        self.fc = nn.Linear(features, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 5:
+            return self.fc(x.flatten(2)).mean(1)
+        return self.fc(x.flatten(1))
+
+
+class FashionCNN(nn.Module):
+    """Tramèr & Boneh's MNIST / Fashion-MNIST CNN (after Papernot et al. 2021): conv(width, 8×8, stride 2,
+    pad 2) → tanh → maxpool(2, stride 1) → conv(2·width, 4×4, stride 2) → tanh → maxpool(2, stride 1) →
+    linear(32) → tanh → linear(10); 26k parameters at width 16. ``groupnorm``: GroupNorm after each conv."""
+
+    def __init__(self, width: int = 16, groupnorm: bool = False) -> None:
+        super().__init__()
+
+        def norm(channels: int) -> nn.Module:
+            return nn.GroupNorm(min(4, channels), channels) if groupnorm else nn.Identity()
+
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 8, stride=2, padding=2), norm(width), nn.Tanh(), nn.MaxPool2d(2, 1),  # 28 → 13 → 12
+            nn.Conv2d(width, 2 * width, 4, stride=2), norm(2 * width), nn.Tanh(), nn.MaxPool2d(2, 1),  # 12 → 5 → 4
+        )
+        self.classifier = nn.Sequential(nn.Linear(2 * width * 16, 32), nn.Tanh(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+def build_model(model: str, config: dict[str, Any], input_shape: tuple[int, ...]) -> nn.Module:
+    if model == "scatternet":
+        return ScatterLinear(int(np.prod(input_shape[-3:])))
+    return FashionCNN(width=int(config["width"]), groupnorm=bool(config["groupnorm"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------------------------------
+class _Batches(TensorDataset):
+    """A TensorDataset that a DataLoader reads a whole batch at once (``__getitems__``, one index per tensor),
+    collated by :func:`_as_batch`: for Opacus, whose loader otherwise reads and stacks one example at a time
+    (dpclip's Poisson loader indexes a TensorDataset directly)."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t[index] for t in self.tensors)
+
+
+def _as_batch(batch: Any) -> Any:
+    return batch
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> float:
+    was = model.training
+    model.eval()
+    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+    model.train(was)
+    return correct / len(y)
+
+
+class _EMA:
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for mine, theirs in zip(self.model.parameters(), model.parameters()):
+            mine.lerp_(theirs, 1.0 - self.decay)
+
+
+def plan(epsilon: float, n: int, config: dict[str, Any], prior: Any | None) -> dict[str, Any]:
+    """q = 1/⌈n/batch⌉, T = epochs/q steps, and the smallest σ (PLD) with ε(prior, then T steps) ≤ ``epsilon``."""
+    from accountants import Composed, PoissonSampled, Gaussian, calibrate_noise, noise_multiplier_for
+
+    batches = math.ceil(n / int(config["batch"]))
+    q = 1.0 / batches
+    steps = int(config["epochs"]) * batches
+    if prior is None:
+        sigma = noise_multiplier_for(epsilon, DELTA, q, steps)
+    else:
+        sigma = calibrate_noise(lambda s: Composed([prior, Composed([PoissonSampled(q, Gaussian(s))], steps)]),
+                                epsilon, DELTA, 1)
+    return {"sample_rate": q, "steps": steps, "steps_per_epoch": batches, "sigma": sigma,
+            "expected_batch": q * n}
+
+
+def train_one(model_name: str, library: str, epsilon: float, seed: int, config: dict[str, Any],
+              train: tuple[torch.Tensor, torch.Tensor], evaluate: tuple[torch.Tensor, torch.Tensor],
+              prior: Any | None, planned: dict[str, Any], track_ema: tuple[float, ...] = ()) -> dict[str, Any]:
+    """Train ``model_name`` privately with ``library`` at ``planned`` (q, σ, T); ``prior``: an accountants event
+    already released about the training data (the normalisation statistics), charged before the first step.
+    ``track_ema``: decays of weight averages also evaluated at the end (post-processing; for --tune)."""
+    x, y = train
+    q, sigma, steps = planned["sample_rate"], planned["sigma"], planned["steps"]
+    C, lr, momentum = float(config["max_grad_norm"]), float(config["lr"]), float(config["momentum"])
+    torch.manual_seed(seed)  # the same initial weights for both libraries
+    model = build_model(model_name, config, tuple(x.shape[1:]))
+    if model_name == "scatternet":
+        nn.init.zeros_(model.fc.weight)  # a linear model: start at 0 (Tramèr & Boneh do)
+        nn.init.zeros_(model.fc.bias)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    criterion: Any = nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    if library == "dpclip":
+        import dpclip
+
+        engine = dpclip.PrivacyEngine(seed=seed)  # PLD, the default
+        if prior is not None:
+            engine.accountant.compose(prior)  # the normalisation release, charged before any step
+        loader = DataLoader(TensorDataset(x, y), batch_size=int(config["batch"]))
+        model, optimizer, loader = engine.make_private(
+            model, optimizer, loader, noise_multiplier=sigma, max_grad_norm=C, sample_rate=q,
+            target_epsilon=epsilon, target_delta=DELTA,  # the budget guard: a step past ε would raise
+            **ENGINE_OPTIONS[model_name],
+        )
+        module = model.module
+    else:
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant="prv")  # Opacus's default and tightest, as PLD is dpclip's
+        if prior is not None:
+            for noise, rate, count in _opacus_history(prior):
+                engine.accountant.history.append((noise, rate, count))
+        loader = DataLoader(_Batches(x, y), batch_size=int(config["batch"]), collate_fn=_as_batch)
+        torch.manual_seed(seed + 1_000_003)  # Opacus draws its noise and batches from the global generator
+        mode = OPACUS_MODE[model_name]
+        kwargs = dict(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma, max_grad_norm=C,
+                      poisson_sampling=True, grad_sample_mode=mode)
+        if mode == "ghost":
+            model, optimizer, criterion, loader = engine.make_private(criterion=criterion, **kwargs)
+        else:
+            model, optimizer, loader = engine.make_private(**kwargs)
+        if abs(loader.sample_rate - q) > 1e-12:
+            raise RuntimeError(f"Opacus samples at q = {loader.sample_rate}, the plan at {q}")
+        module = model._module
+    ema = _EMA(module, float(config["ema"])) if float(config["ema"]) > 0 else None
+    tracked = {decay: _EMA(module, decay) for decay in track_ema}
+    # a data-independent learning-rate schedule (no privacy cost), stepped once per step; the optimizer shares
+    # its param_groups with the library's wrapper
+    base = optimizer.original_optimizer if hasattr(optimizer, "original_optimizer") else optimizer
+    if config["schedule"] == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=steps)
+    elif config["schedule"] == "constant":
+        scheduler = None
+    else:
+        raise ValueError(f"unknown schedule {config['schedule']!r}")
+    taken = 0
+    model.train()
+    while taken < steps:
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            criterion(model(xb), yb).backward()
+            optimizer.step()
+            taken += 1
+            if scheduler is not None:
+                scheduler.step()
+            if ema is not None:
+                ema.update(module)
+            for average in tracked.values():
+                average.update(module)
+            if taken == steps:
+                break
+    wall = time.perf_counter() - start
+    final = module if ema is None else ema.model
+    if library == "dpclip":
+        report = engine.privacy_report(DELTA)
+        reported, accountant = report["epsilon"], "pld"
+    else:
+        reported, accountant = engine.get_epsilon(DELTA), "prv"
+        report = {"epsilon": reported, "delta": DELTA, "accountant": "prv (Opacus)",
+                  "history": [list(entry) for entry in engine.accountant.history],
+                  "noise_multiplier": sigma, "sample_rate": q, "steps": taken, "max_grad_norm": C}
+    return {
+        "model": model_name, "library": library, "target_epsilon": epsilon, "seed": seed,
+        "q": q, "sigma": sigma, "steps": taken, "planned_steps": steps, "C": C, "lr": lr, "momentum": momentum,
+        "batch": int(config["batch"]), "expected_batch": q * len(x), "epochs": int(config["epochs"]),
+        "ema": float(config["ema"]), "schedule": config["schedule"], "accountant": accountant, "epsilon": reported,
+        "path": engine.grad_sample_path if library == "dpclip" else OPACUS_MODE[model_name],
+        "accuracy": accuracy(final, *evaluate), "wall_s": round(wall, 2), "privacy_report": report,
+        **({"ema_accuracy": {str(d): accuracy(a.model, *evaluate) for d, a in tracked.items()}} if tracked else {}),
+    }
+
+
+def _opacus_history(event: Any) -> list[tuple[float, float, int]]:
+    """An accountants event of Gaussian releases on the whole data set as Opacus history entries
+    (noise multiplier, sample rate 1, count)."""
+    from accountants import Composed, Gaussian
+
+    if isinstance(event, Gaussian):
+        return [(event.noise_multiplier, 1.0, 1)]
+    if isinstance(event, Composed):
+        inner = [entry for e in event.events for entry in _opacus_history(e)]
+        return [(noise, rate, count * event.count) for noise, rate, count in inner]
+    raise ValueError(f"no Opacus history for {event}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data for a model: features or pixels, normalised, on the training / evaluation split
+# ---------------------------------------------------------------------------------------------------------------
+def prepare(model: str, config: dict[str, Any], split: dict[str, Any], seed: int) -> tuple[tuple, tuple, Any, dict | None]:
+    """(train x, y), (evaluation x, y), the prior release event (or None) and its record, for one seed."""
+    xt, yt, xe, ye = split[model]
+    if model != "scatternet":
+        return (xt, yt), (xe, ye), None, None
+    if config["flip"]:  # each example: [image, mirror image], normalised view by view
+        ft, _, fe, _ = split["scatternet-flipped"]
+        views = {"groupnorm": lambda v: group_normalise(v, int(config["groups"]))}.get(config["normalization"])
+        if views is None:
+            raise ValueError("flip is implemented with normalization=groupnorm")
+        return (torch.stack([views(xt), views(ft)], 1), yt), (torch.stack([views(xe), views(fe)], 1), ye), None, None
+    if config["normalization"] == "groupnorm":
+        return (group_normalise(xt, int(config["groups"])), yt), (group_normalise(xe, int(config["groups"])), ye), None, None
+    if config["normalization"] == "data":
+        from accountants import event_from_dict
+
+        generator = torch.Generator().manual_seed(10_007 * seed + 17)
+        mean, var, info = private_normalisation(xt, float(config["norm_noise"]), float(config["norm_clip_mean"]),
+                                                float(config["norm_clip_square"]), generator)
+        return (standardise(xt, mean, var), yt), (standardise(xe, mean, var), ye), event_from_dict(info["event"]), info
+    if config["normalization"] == "none":
+        return (xt, yt), (xe, ye), None, None
+    raise ValueError(f"unknown normalization {config['normalization']!r}")
+
+
+def load_split(models: list[str], args: argparse.Namespace, flip: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per model: (train x, train y, evaluation x, evaluation y) — test set, or the validation split with --tune."""
+    from dpclip_examples.fashion_mnist import load_fashion_mnist, validation_split
+
+    data = load_fashion_mnist(args.data_dir)
+    info: dict[str, Any] = {"files": {k: str(v) for k, v in data.files.items()}, "train_size": len(data.train_labels),
+                            "test_size": len(data.test_labels)}
+    if args.smoke:
+        n_train, n_test = SMOKE_SIZES
+        rng = np.random.Generator(np.random.PCG64(SPLIT_SEED))
+        tr = np.sort(rng.permutation(len(data.train_labels))[:n_train])
+        te = np.sort(rng.permutation(len(data.test_labels))[:n_test])
+        data = SimpleNamespace(train_images=data.train_images[tr], train_labels=data.train_labels[tr],
+                               test_images=data.test_images[te], test_labels=data.test_labels[te], files=data.files)
+        info["smoke_subset"] = {"train": n_train, "test": n_test}
+    split: dict[str, Any] = {}
+    if "scatternet" in models:
+        ftrain, ftest = scatter_features(data, None if args.smoke else args.cache_dir, progress=not args.smoke)
+        split["scatternet"] = (ftrain, ftest)
+        if flip:
+            split["scatternet-flipped"] = scatter_features(data, None if args.smoke else args.cache_dir,
+                                                           progress=not args.smoke, flip=True)
+    if "cnn" in models:
+        split["cnn"] = (pixels(data.train_images), pixels(data.test_images))
+    ytrain, ytest = torch.from_numpy(data.train_labels), torch.from_numpy(data.test_labels)
+    out: dict[str, Any] = {}
+    if args.tune:
+        size = min(VALIDATION_SIZE, len(ytrain) // 5) if args.smoke else VALIDATION_SIZE
+        keep, held = (torch.from_numpy(i) for i in validation_split(len(ytrain), size, SPLIT_SEED))
+        info["validation"] = {"size": size, "seed": SPLIT_SEED, "train_size": len(keep)}
+        for m, (xtr, _) in split.items():
+            out[m] = (xtr[keep], ytrain[keep], xtr[held], ytrain[held])
+    else:
+        for m, (xtr, xte) in split.items():
+            out[m] = (xtr, ytrain, xte, ytest)
+    return out, info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables and plot
+# ---------------------------------------------------------------------------------------------------------------
+def _mean_sd(values: list[float]) -> str:
+    pct = [100 * v for v in values]
+    if len(pct) == 1:
+        return f"{pct[0]:.2f} %"
+    return f"{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f} %"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The table: per model and ε, test accuracy mean ± sd over seeds for each library, with (q, σ, T), the ε each
+    library's accountant reports, wall time, and the published anchors."""
+    runs = report["runs"]
+    s = report["settings"]
+    made = [f"`{i['command']}` on {i['date'][:10]} (git {i.get('git')}, {i['duration_s']:.0f} s)"
+            for i in report.get("invocations", [s])]
+    lines = [f"# Fashion-MNIST: test accuracy at fixed ε (δ = {report['delta']:g})", "",
+             f"Made by {'; then '.join(made)}; torch {s['torch']}, Opacus {s['opacus']}, {s['threads']} thread(s), "
+             f"{s['cpu']}, {s['cpus']} CPUs. Runs: {len(runs)}.", "",
+             "| model | ε | dpclip: test accuracy | Opacus: test accuracy | q | σ | steps | C | lr | batch | epochs | "
+             "ε reported: dpclip (PLD) / Opacus (PRV) | wall s / run: dpclip / Opacus | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    models = [m for m in MODELS if any(r["model"] == m for r in runs)]
+    for m in models:
+        for eps in sorted({r["target_epsilon"] for r in runs if r["model"] == m}):
+            group = {lib: [r for r in runs if r["model"] == m and r["target_epsilon"] == eps and r["library"] == lib]
+                     for lib in LIBRARIES}
+            first = (group["dpclip"] or group["opacus"])[0]
+            acc = {lib: _mean_sd([r["test_accuracy"] for r in rs]) if rs else "—" for lib, rs in group.items()}
+            reported = " / ".join(f"{max(r['epsilon'] for r in rs):.3f}" if rs else "—" for rs in group.values())
+            walls = " / ".join(f"{statistics.mean(r['wall_s'] for r in rs):.0f}" if rs else "—" for rs in group.values())
+            seeds = len({r["seed"] for rs in group.values() for r in rs})
+            lines.append(f"| {m} | {eps:g} | {acc['dpclip']} | {acc['opacus']} | {first['q']:.4g} | {first['sigma']:.3f} | "
+                         f"{first['steps']} | {first['C']:g} | {first['lr']:g} | {first['batch']} | {first['epochs']} | "
+                         f"{reported} | {walls} | {seeds} |")
+    lines += ["", "Published anchors (test accuracy):", ""]
+    lines += [f"- {a['source']}: {a['what']}, ε = {a['epsilon']:g}: {a['accuracy']:.1f} %" for a in ANCHORS]
+    configs = report.get("configs", {})
+    if configs:
+        lines += ["", "Configurations (same for every ε; σ calibrated per ε, the normalisation release included):", ""]
+        lines += [f"- `{m}`: " + ", ".join(f"{k} = {v}" for k, v in configs[m].items()) for m in models if m in configs]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = {"scatternet": "tab:blue", "cnn": "tab:orange"}
+    for m in MODELS:
+        for lib, style in (("dpclip", "-o"), ("opacus", "--s")):
+            rs = [r for r in runs if r["model"] == m and r["library"] == lib]
+            if not rs:
+                continue
+            eps = sorted({r["target_epsilon"] for r in rs})
+            means = [100 * statistics.mean(r["test_accuracy"] for r in rs if r["target_epsilon"] == e) for e in eps]
+            sds = [100 * statistics.stdev(vals) if len(vals := [r["test_accuracy"] for r in rs if r["target_epsilon"] == e]) > 1
+                   else 0.0 for e in eps]
+            ax.errorbar(eps, means, yerr=sds, fmt=style, color=colours[m], capsize=3, label=f"{m} ({lib})")
+    for a in ANCHORS:
+        ax.plot([a["epsilon"]], [a["accuracy"]], marker="*", markersize=11, linestyle="none", color=colours[a["model"]],
+                markeredgecolor="black")
+        ax.annotate(f"{a['source']}: {a['accuracy']:.1f}", (a["epsilon"], a["accuracy"]), textcoords="offset points",
+                    xytext=(-140, -4 if a["model"] == "cnn" and a["epsilon"] < 3 else 6), fontsize=7)
+    ax.set_xlabel(f"ε (δ = {report['delta']:g})")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Fashion-MNIST, DP-SGD: mean ± sd over seeds (stars: published)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    s = report["settings"]
+    fig.text(0.01, 0.01, f"{s['command']}  ·  torch {s['torch']}, {s['threads']} thread(s), {s['date'][:10]}", fontsize=6)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+def _value(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _assignments(items: list[str], what: str) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"{what} takes key=value, got {item!r}")
+        key, values = item.split("=", 1)
+        out[key] = [_value(v) for v in values.split(",")]
+    return out
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(range(SEEDS)), help="seed list (default: 0 1 2)")
+    parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder holding the four Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "cache", help="where the ScatterNet features are cached")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: $BENCH_THREADS, else $OMP_NUM_THREADS, else 1)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"tiny: {SMOKE_SIZES[0]} training / {SMOKE_SIZES[1]} test examples, {SMOKE_OVERRIDES}, one seed; "
+                        "writes utility_fashion_mnist_smoke.*")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override configuration entries of the models run (e.g. lr=2 normalization=data)")
+    parser.add_argument("--tune", action="store_true",
+                        help=f"validation sweep instead: hold out {VALIDATION_SIZE} training images (seed {SPLIT_SEED}), train on "
+                        "the rest for every combination of --grid, report validation accuracy (the test set is not read); "
+                        "appends to benchmarks/results/utility_tuning.json")
+    parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2", help="with --tune: values to sweep")
+    parser.add_argument("--tuning-file", type=Path, default=TUNING_FILE)
+    parser.add_argument("--append", action="store_true",
+                        help="add these runs to the results file already in --out (replacing runs of the same model, "
+                        "library, ε and seed); each command's settings are kept under 'invocations'")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = make_parser().parse_args(argv)
+    compare = SimpleNamespace(**runpy.run_path(str(HERE / "compare_opacus.py")))  # command line, versions, git
+    args.threads = compare.resolve_threads(args.threads, dict(os.environ))
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    settings = compare.environment(args.threads, dict(os.environ))
+    if argv is not None:  # called in-process: record these arguments, not the caller's
+        settings["command"] = compare.command_line([str(Path(__file__)), *argv], dict(os.environ))
+        settings["argv"] = list(argv)
+    overrides = {k: v[0] for k, v in _assignments(args.set, "--set").items()}
+    grid = _assignments(args.grid, "--grid")
+    seeds = args.seeds[:1] if args.smoke else args.seeds
+    configs = {}
+    for m in args.models:
+        config = dict(CONFIGS[m])
+        if args.smoke:
+            config.update(SMOKE_OVERRIDES)
+        config.update({k: v for k, v in overrides.items() if k in config})
+        unknown = [k for k in [*overrides, *grid] if not any(k in CONFIGS[x] for x in args.models)]
+        if unknown:
+            raise SystemExit(f"unknown configuration keys {unknown}; known: {sorted(set().union(*(CONFIGS[x] for x in args.models)))}")
+        configs[m] = config
+    flip = "scatternet" in configs and (bool(configs["scatternet"]["flip"]) or True in grid.get("flip", []))
+    split, data_info = load_split(args.models, args, flip=flip)
+
+    runs: list[dict[str, Any]] = []
+    for m in args.models:
+        keys = [k for k in grid if k in configs[m]]
+        for values in itertools.product(*(grid[k] for k in keys)):
+            config = {**configs[m], **dict(zip(keys, values))}
+            for eps in args.epsilons:
+                for seed in seeds:
+                    train, evaluate, prior, norm_info = prepare(m, config, split, seed)
+                    planned = plan(eps, len(train[1]), config, prior)
+                    for lib in args.libraries:
+                        result = train_one(m, lib, eps, seed, config, train, evaluate, prior, planned,
+                                           track_ema=TRACKED_EMA if args.tune else ())
+                        result["normalization_release"] = norm_info
+                        result["validation_accuracy" if args.tune else "test_accuracy"] = result.pop("accuracy")
+                        if args.tune:
+                            result["config"] = config
+                        runs.append(result)
+                        figure = result.get("validation_accuracy", result.get("test_accuracy"))
+                        print(f"[{time.perf_counter() - started:.0f} s] {m} {lib} ε={eps:g} seed {seed} "
+                              f"{dict(zip(keys, values)) or ''}: {'validation' if args.tune else 'test'} accuracy "
+                              f"{figure:.4f} {result.get('ema_accuracy', '')}, ε reported {result['epsilon']:.4f}, σ {planned['sigma']:.4f}, "
+                              f"{result['steps']} steps, {result['wall_s']:.0f} s", file=sys.stderr, flush=True)
+    settings["duration_s"] = round(time.perf_counter() - started, 1)
+    report = {"delta": DELTA, "settings": settings, "data": data_info, "configs": configs, "runs": runs}
+    if args.tune:
+        path = args.tuning_file
+        existing = json.loads(path.read_text()) if path.exists() else {"sweeps": []}
+        existing["sweeps"].append({"settings": settings, "data": data_info, "grid": grid, "set": overrides,
+                                   "runs": [{k: v for k, v in r.items() if k != "privacy_report"} for r in runs]})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(existing, indent=1) + "\n")
+        return report
+    stem = f"{REPORT_STEM}_smoke" if args.smoke else REPORT_STEM
+    args.out.mkdir(parents=True, exist_ok=True)
+    for r in runs:
+        r["invocation"] = 0
+    report["invocations"] = [settings]
+    previous = args.out / f"{stem}.json"
+    if args.append and previous.exists():
+        old = json.loads(previous.read_text())
+        invocations = old.get("invocations", [old["settings"]])
+        new = {(r["model"], r["library"], r["target_epsilon"], r["seed"]) for r in runs}
+        for r in runs:
+            r["invocation"] = len(invocations)
+        kept = [r for r in old["runs"] if (r["model"], r["library"], r["target_epsilon"], r["seed"]) not in new]
+        report["runs"] = kept + runs
+        report["invocations"] = invocations + [settings]
+        report["configs"] = {**old.get("configs", {}), **configs}
+        report["data"] = old.get("data", data_info)
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    markdown = render_markdown(report)
+    (args.out / f"{stem}.md").write_text(markdown)
+    plot(report, args.out / f"{stem}.png")
+    print(markdown)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Fashion-MNIST for the utility benchmark: the IDX reader, the ScatterNet features, and benchmarks/utility.py.
+
+Independent references: IDX files written byte by byte here (hand-written pixel and label values); kymatio 0.3.0's
+Scattering2D for the scattering transform; dp_accounting's PLD accountant for the ε of the benchmark's runs
+(including the release of the normalisation statistics); hand-computed step counts and sample rates.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpclip_examples.fashion_mnist import (
+    DEFAULT_DATA_DIR,
+    FashionMNISTNotFoundError,
+    IDXFormatError,
+    load_fashion_mnist,
+    read_idx,
+    read_idx_images,
+    read_idx_labels,
+    validation_split,
+)
+from dpclip_examples.scattering import Scattering2D
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+# -- IDX fixtures, written byte by byte ---------------------------------------------------------------------------
+def _idx_bytes(magic: int, dims: tuple[int, ...], payload: bytes) -> bytes:
+    return magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims) + payload
+
+
+def _write(path: Path, data: bytes, gz: bool) -> Path:
+    path = path.with_name(path.name + ".gz") if gz else path
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def _images(values: list[int]) -> bytes:
+    """One 28×28 image per value: every pixel = value, except pixel (row 3, column 5) = 255 − value."""
+    out = bytearray()
+    for v in values:
+        image = bytearray([v] * 784)
+        image[3 * 28 + 5] = 255 - v
+        out += image
+    return bytes(out)
+
+
+TRAIN_VALUES, TRAIN_LABELS = [0, 17, 200, 255, 42], [9, 0, 3, 3, 7]
+TEST_VALUES, TEST_LABELS = [1, 128, 99], [2, 5, 8]
+
+
+def _fixture(folder: Path, gz: bool, train_labels: list[int] = TRAIN_LABELS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    _write(folder / NAMES[0], _idx_bytes(2051, (5, 28, 28), _images(TRAIN_VALUES)), gz)
+    _write(folder / NAMES[1], _idx_bytes(2049, (len(train_labels),), bytes(train_labels)), gz)
+    _write(folder / NAMES[2], _idx_bytes(2051, (3, 28, 28), _images(TEST_VALUES)), gz)
+    _write(folder / NAMES[3], _idx_bytes(2049, (3,), bytes(TEST_LABELS)), gz)
+    return folder
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzipped", "plain"])
+def test_loader_reads_the_fixture_values(tmp_path: Path, gz: bool) -> None:
+    data = load_fashion_mnist(_fixture(tmp_path, gz))
+    assert data.train_images.dtype == np.uint8 and data.train_images.shape == (5, 28, 28)
+    assert data.test_images.shape == (3, 28, 28)
+    assert data.train_labels.dtype == np.int64 and data.train_labels.tolist() == TRAIN_LABELS
+    assert data.test_labels.tolist() == TEST_LABELS
+    for images, values in ((data.train_images, TRAIN_VALUES), (data.test_images, TEST_VALUES)):
+        for image, v in zip(images, values):
+            assert image[3, 5] == 255 - v
+            assert image[0, 0] == v and image[27, 27] == v and image[3, 4] == v and image[4, 5] == v
+            assert int(image.astype(np.int64).sum()) == 783 * v + (255 - v)
+    assert all(p.name.endswith(".gz") == gz for p in data.files.values())
+
+
+def test_read_idx_small_array_row_major(tmp_path: Path) -> None:
+    path = _write(tmp_path / "small", _idx_bytes(2051, (2, 2, 3), bytes(range(10, 22))), gz=False)
+    assert read_idx_images(path).tolist() == [[[10, 11, 12], [13, 14, 15]], [[16, 17, 18], [19, 20, 21]]]
+    labels = _write(tmp_path / "labels", _idx_bytes(2049, (4,), bytes([0, 9, 4, 255])), gz=True)
+    assert read_idx_labels(labels).tolist() == [0, 9, 4, 255]
+
+
+def test_bad_magic_numbers_are_refused(tmp_path: Path) -> None:
+    images_as_labels = _write(tmp_path / "a", _idx_bytes(2049, (3,), bytes(3)), gz=False)
+    with pytest.raises(IDXFormatError, match="magic number 2049, expected 2051"):
+        read_idx_images(images_as_labels)
+    labels_as_images = _write(tmp_path / "b", _idx_bytes(2051, (1, 1, 1), bytes(1)), gz=True)
+    with pytest.raises(IDXFormatError, match="magic number 2051, expected 2049"):
+        read_idx_labels(labels_as_images)
+    floats = _write(tmp_path / "c", _idx_bytes(0x00000D01, (1,), bytes(4)), gz=False)  # type 0x0D: float32
+    with pytest.raises(IDXFormatError, match="not an IDX file of unsigned bytes"):
+        read_idx(floats)
+    with pytest.raises(IDXFormatError):
+        read_idx(_write(tmp_path / "d", b"\x00\x00", gz=False))
+
+
+def test_lengths_and_counts_must_match(tmp_path: Path) -> None:
+    truncated = _write(tmp_path / "t", _idx_bytes(2051, (2, 28, 28), bytes(784 + 10)), gz=True)
+    with pytest.raises(IDXFormatError, match=r"\(1568 bytes of data\).*794 bytes"):
+        read_idx_images(truncated)
+    with pytest.raises(IDXFormatError, match="holds 5 images but .* holds 4 labels"):
+        load_fashion_mnist(_fixture(tmp_path / "mismatch", gz=True, train_labels=[1, 2, 3, 4]))
+    with pytest.raises(IDXFormatError, match="labels must be in 0..9"):
+        load_fashion_mnist(_fixture(tmp_path / "label12", gz=False, train_labels=[1, 2, 12, 4, 5]))
+
+
+def test_missing_folder_says_what_was_looked_for_and_how_to_get_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as info:
+        load_fashion_mnist(missing)
+    assert isinstance(info.value, FashionMNISTNotFoundError)
+    message = str(info.value)
+    assert str(missing) in message and "does not exist" in message
+    for name in NAMES:
+        assert f"{name}.gz" in message
+    assert "sudo apt-get install dataset-fashion-mnist" in message and "--data-dir" in message
+    # one file missing: named
+    folder = _fixture(tmp_path / "three", gz=True)
+    (folder / f"{NAMES[3]}.gz").unlink()
+    with pytest.raises(FashionMNISTNotFoundError, match=f"lacks {NAMES[3]}.gz"):
+        load_fashion_mnist(folder)
+
+
+def test_validation_split_is_deterministic_disjoint_and_complete() -> None:
+    train, held = validation_split(1000, 150, seed=3)
+    assert len(train) == 850 and len(held) == 150
+    assert np.intersect1d(train, held).size == 0 and np.union1d(train, held).tolist() == list(range(1000))
+    again_train, again_held = validation_split(1000, 150, seed=3)
+    assert np.array_equal(train, again_train) and np.array_equal(held, again_held)
+    assert not np.array_equal(held, validation_split(1000, 150, seed=4)[1])
+    with pytest.raises(ValueError):
+        validation_split(10, 10)
+
+
+@pytest.mark.skipif(not DEFAULT_DATA_DIR.is_dir(), reason=f"Fashion-MNIST is not installed in {DEFAULT_DATA_DIR}")
+def test_installed_fashion_mnist_has_the_published_sizes() -> None:
+    data = load_fashion_mnist()
+    assert data.train_images.shape == (60000, 28, 28) and data.test_images.shape == (10000, 28, 28)
+    # Fashion-MNIST is balanced: 6,000 training and 1,000 test images per class (Xiao et al. 2017, Table 1)
+    assert np.bincount(data.train_labels).tolist() == [6000] * 10
+    assert np.bincount(data.test_labels).tolist() == [1000] * 10
+
+
+# -- the scattering transform against kymatio -----------------------------------------------------------------------
+def _kymatio():
+    """kymatio 0.3.0's torch frontend. Its package imports its 3-D module, which imports scipy.special.sph_harm,
+    removed in scipy 1.17: a shim from sph_harm_y (only the 3-D transform would call it) lets the import through."""
+    import scipy.special
+
+    if not hasattr(scipy.special, "sph_harm"):
+        scipy.special.sph_harm = lambda m, n, theta, phi: scipy.special.sph_harm_y(n, m, phi, theta)
+    try:
+        from kymatio.torch import Scattering2D as Kymatio
+    except ImportError as error:
+        pytest.skip(f"kymatio is not importable ({error}); install the test extra: pip install -e '.[test]'")
+    return Kymatio
+
+
+@pytest.mark.parametrize(
+    ("J", "shape", "L", "max_order"),
+    [(2, (28, 28), 8, 2), (3, (32, 32), 4, 2), (1, (16, 24), 6, 1)],
+    ids=["fashion-mnist", "J3", "J1-order1"],
+)
+def test_scattering_matches_kymatio(J: int, shape: tuple[int, int], L: int, max_order: int) -> None:
+    Kymatio = _kymatio()
+    x = torch.rand(7, *shape, generator=torch.Generator().manual_seed(J))
+    reference = Kymatio(J=J, shape=shape, L=L, max_order=max_order)(x)
+    mine = Scattering2D(J=J, shape=shape, L=L, max_order=max_order, chunk_size=3)(x)  # chunks: 3 + 3 + 1
+    assert mine.shape == reference.shape
+    assert float((mine - reference).abs().max()) <= 1e-6 * float(reference.abs().max())
+
+
+def test_scattering_features_of_uint8_images_match_kymatio() -> None:
+    Kymatio = _kymatio()
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    reference = Kymatio(J=2, shape=(28, 28), L=8)(torch.from_numpy(images).float() / 255.0)
+    features = Scattering2D(J=2, shape=(28, 28), L=8).features(images)
+    assert features.shape == (5, 81, 7, 7) and features.dtype == torch.float32
+    assert float((features - reference).abs().max()) <= 1e-6
+    # leading batch dimensions are kept
+    batched = Scattering2D(J=2, shape=(28, 28), L=8)(torch.from_numpy(images[:4]).float().reshape(2, 2, 28, 28) / 255.0)
+    assert batched.shape == (2, 2, 81, 7, 7)
+    assert float((batched.reshape(4, 81, 7, 7) - reference[:4]).abs().max()) <= 1e-6
+
+
+# -- benchmarks/utility.py --smoke -------------------------------------------------------------------------------
+def _random_fashion(folder: Path, n_train: int, n_test: int) -> Path:
+    """A stand-in data set (the real one need not be installed): class k's images are bright in row band k."""
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for (images_name, labels_name), n in (((NAMES[0], NAMES[1]), n_train), ((NAMES[2], NAMES[3]), n_test)):
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+        for i, k in enumerate(labels):
+            images[i, 2 + 2 * k: 4 + 2 * k, 4:24] = 230
+        _write(folder / images_name, _idx_bytes(2051, (n, 28, 28), images.tobytes()), gz=True)
+        _write(folder / labels_name, _idx_bytes(2049, (n,), labels.tobytes()), gz=True)
+    return folder
+
+
+def _oracle_epsilon(run: dict, prior_noise: float | None) -> float:
+    """dp_accounting's PLD ε of the run's history: the normalisation release (two Gaussian mechanisms on the whole
+    data set), then ``steps`` Poisson-sampled Gaussian steps."""
+    dpa = pytest.importorskip("dp_accounting")
+    steps = dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(run["q"], dpa.GaussianDpEvent(run["sigma"])), run["steps"])
+    events = [steps] if prior_noise is None else [dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(prior_noise), 2), steps]
+    oracle = dpa.pld.PLDAccountant(value_discretization_interval=1e-4)
+    return oracle.compose(dpa.ComposedDpEvent(events)).get_epsilon(1e-5)
+
+
+def test_utility_smoke_run(tmp_path: Path) -> None:
+    data = _random_fashion(tmp_path / "data", 400, 150)
+    out = tmp_path / "out"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "utility.py"), "--smoke", "--data-dir", str(data), "--out", str(out),
+         "--epsilons", "3", "--set", "normalization=data", "norm_noise=8"],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    report = json.loads((out / "utility_fashion_mnist_smoke.json").read_text())
+    runs = {(r["model"], r["library"]): r for r in report["runs"]}
+    assert set(runs) == {(m, lib) for m in ("scatternet", "cnn") for lib in ("dpclip", "opacus")}
+    assert report["data"]["smoke_subset"] == {"train": 384, "test": 128}
+    for r in runs.values():
+        # 384 training examples, batch 64: 6 batches per epoch, q = 1/6, 2 epochs = 12 steps
+        assert r["q"] == pytest.approx(1 / 6) and r["steps"] == r["planned_steps"] == 12
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["wall_s"] >= 0
+        assert r["accountant"] == ("pld" if r["library"] == "dpclip" else "prv")
+        assert r["privacy_report"]["epsilon"] == r["epsilon"]
+    for m, prior in (("scatternet", 8.0), ("cnn", None)):
+        mine, theirs = runs[(m, "dpclip")], runs[(m, "opacus")]
+        assert mine["sigma"] == theirs["sigma"]  # the same configuration under both libraries
+        oracle = _oracle_epsilon(mine, prior)
+        assert mine["epsilon"] <= 3.0 and oracle == pytest.approx(3.0, abs=0.02)
+        assert mine["epsilon"] == pytest.approx(oracle, rel=0.01)
+        assert theirs["epsilon"] == pytest.approx(oracle, rel=0.02)  # Opacus's PRV, with the release in its history
+    # the normalisation release is charged: without it, the same σ and steps would spend clearly less than ε = 3
+    scatter = runs[("scatternet", "dpclip")]
+    assert scatter["sigma"] > runs[("cnn", "dpclip")]["sigma"]
+    assert _oracle_epsilon(scatter, None) < 2.95
+    release = scatter["normalization_release"]
+    assert release["event"] == {"type": "composed", "events": [{"type": "gaussian", "noise_multiplier": 8.0}], "count": 2}
+    assert len(release["released_mean"]) == 81 and min(release["released_variance"]) >= 0.0
+    assert any("Gaussian(σ=8)" in entry for entry in scatter["privacy_report"]["history"])
+    assert (out / "utility_fashion_mnist_smoke.md").read_text().startswith("# Fashion-MNIST")
+    assert (out / "utility_fashion_mnist_smoke.png").stat().st_size > 1000
+    assert math.isfinite(report["settings"]["duration_s"])
