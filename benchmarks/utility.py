@@ -274,19 +274,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 20
     return correct / len(y)
 
 
-class _EMA:
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for mine, theirs in zip(self.model.parameters(), model.parameters()):
-            mine.lerp_(theirs, 1.0 - self.decay)
-
-
 def plan(epsilon: float, n: int, config: dict[str, Any], prior: Any | None) -> dict[str, Any]:
     """q = 1/⌈n/batch⌉, T = epochs/q steps, and the smallest σ (PLD) with ε(prior, then T steps) ≤ ``epsilon``."""
     from accountants import Composed, PoissonSampled, Gaussian, calibrate_noise, noise_multiplier_for
@@ -309,6 +296,7 @@ def train_one(model_name: str, library: str, epsilon: float, seed: int, config: 
     """Train ``model_name`` privately with ``library`` at ``planned`` (q, σ, T); ``prior``: an accountants event
     already released about the training data (the normalisation statistics), charged before the first step.
     ``track_ema``: decays of weight averages also evaluated at the end (post-processing; for --tune)."""
+    from dpclip_examples.digits import EMA  # weight averaging: post-processing, no privacy cost
     x, y = train
     q, sigma, steps = planned["sample_rate"], planned["sigma"], planned["steps"]
     C, lr, momentum = float(config["max_grad_norm"]), float(config["lr"]), float(config["momentum"])
@@ -352,8 +340,8 @@ def train_one(model_name: str, library: str, epsilon: float, seed: int, config: 
         if abs(loader.sample_rate - q) > 1e-12:
             raise RuntimeError(f"Opacus samples at q = {loader.sample_rate}, the plan at {q}")
         module = model._module
-    ema = _EMA(module, float(config["ema"])) if float(config["ema"]) > 0 else None
-    tracked = {decay: _EMA(module, decay) for decay in track_ema}
+    ema = EMA(module, float(config["ema"])) if float(config["ema"]) > 0 else None
+    tracked = {decay: EMA(module, decay) for decay in track_ema}
     # a data-independent learning-rate schedule (no privacy cost), stepped once per step; the optimizer shares
     # its param_groups with the library's wrapper
     base = optimizer.original_optimizer if hasattr(optimizer, "original_optimizer") else optimizer
