@@ -238,7 +238,7 @@ class Scattering2D:
         step = max(self.chunk_size, 1)
         for start in range(0, total, step):
             parts.append(self(x[start:start + step].to(torch.float32).contiguous()))
-            if progress and (start // step) % 20 == 0:
+            if progress and (start + step) // 10_000 != start // 10_000:  # every 10,000 images
                 print(f"  scattering: {min(start + step, total)}/{total} images", flush=True)
         return torch.cat(parts) if parts else torch.zeros((0, *self.output_shape))
 
