@@ -61,6 +61,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import dpclip  # noqa: E402
 
+from .text import add_run_flags  # noqa: E402
+
 __all__ = [
     "ByteTokenizer",
     "DEFAULTS",
@@ -277,12 +279,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=3, help="generated samples to print per model (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the weights, batches and noise (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("runs/lm"), help="output directory (default: %(default)s)")
-    parser.add_argument("--resume", action="store_true", help="continue the private run from --out/checkpoint.pt (same flags)")
-    parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCH", help="stop the private run after this epoch, to continue later with --resume")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu", help="device (default: cuda if available, else cpu)")
+    add_run_flags(parser)
     parser.add_argument("--no-baseline", action="store_true", help="lora / full: skip the non-private run of the same parameters")
     parser.add_argument("--quick", action="store_true", help="tiny run (seconds): a 2-layer width-64 model, 30 pretraining steps, 256 reviews of 64 bytes, 1 epoch")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     given = {a.split("=")[0] for a in (argv if argv is not None else __import__("sys").argv[1:]) if a.startswith("--")}
     if args.quick:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import dpclip
 
 from .text import (
+    add_run_flags,
     accuracy,
     build_model,
     load_embeddings,
@@ -75,12 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-size", type=int, default=None, help="use only this many training sentences (default: all; 384 with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the head's initial weights, batches and noise (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("runs/text"), help="output directory (default: %(default)s)")
-    parser.add_argument("--resume", action="store_true", help="continue the private run from --out/checkpoint.pt (same flags)")
-    parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCH", help="stop the private run after this epoch, to continue later with --resume (default: run all --epochs)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu", help="device (default: cuda if available, else cpu)")
+    add_run_flags(parser)
     parser.add_argument("--no-baseline", action="store_true", help="skip the non-private reference run")
     parser.add_argument("--quick", action="store_true", help="tiny run: 384 training sentences and 1 epoch (unless --train-size / --epochs are given), at most 24 tokens and batch size 128")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     if args.quick:
         args.train_size = args.train_size or 384

