@@ -108,7 +108,6 @@ class LinearWeight(Contribution):
         self.positions, self.d_in, self.d_out = a.shape[1], a.shape[2], g.shape[2]
         self.u = unit_roundoff(a.dtype)  # the precision the book-keeping sum is formed in
         self._cached: Tensor | None = None
-        self._spreads: dict[int, Tensor] = {}
 
     def materialize(self) -> Tensor:
         if self._cached is not None:
@@ -127,13 +126,11 @@ class LinearWeight(Contribution):
 
     def _spread(self, order: int) -> Tensor:
         """Σ_t ‖a_t‖‖g_t‖ (L``order``) per example, an upper bound: ≥ the norm, and it scales every rounding error."""
-        if order not in self._spreads:
-            a, g = (self.a, self.g) if self.a.dtype == torch.float64 else (self.a.float(), self.g.float())
-            # Norms of a_t and g_t, inflated to upper bounds (Higham 2002, §3.1: |fl(x·y) − x·y| ≤ γ_n |x|·|y|).
-            a_norms = a.norm(p=order, dim=2).double() * (1 + (self.d_in + 4) * self.u)
-            g_norms = g.norm(p=order, dim=2).double() * (1 + (self.d_out + 4) * self.u)
-            self._spreads[order] = (a_norms * g_norms).sum(dim=1)
-        return self._spreads[order]
+        a, g = (self.a, self.g) if self.a.dtype == torch.float64 else (self.a.float(), self.g.float())
+        # Norms of a_t and g_t, inflated to upper bounds (Higham 2002, §3.1: |fl(x·y) − x·y| ≤ γ_n |x|·|y|).
+        a_norms = a.norm(p=order, dim=2).double() * (1 + (self.d_in + 4) * self.u)
+        g_norms = g.norm(p=order, dim=2).double() * (1 + (self.d_out + 4) * self.u)
+        return (a_norms * g_norms).sum(dim=1)
 
     def norm(self, norm: Norm) -> Tensor:
         positions, d_in, d_out, u = self.positions, self.d_in, self.d_out, self.u
