@@ -68,9 +68,9 @@ def noisy_release(clipped: ClippedSum, params: Mapping[str, Tensor], collective:
     summed, count, error = collective.all_reduce(summed, clipped.count)
     if error is not None:
         raise NonFiniteGradientError(error)
-    noisy = collective.release(
-        lambda: add_noise(summed, mechanism.gradient_noise_multiplier, bound, mechanism.norm, noise, 1 / batch_size),  # type: ignore[arg-type]
-        summed,
+    noisy = collective.release_sums(
+        lambda source: add_noise(summed, mechanism.gradient_noise_multiplier, bound, mechanism.norm, source, 1 / batch_size),  # type: ignore[arg-type]
+        summed, noise,
     )
     if not policy.adaptive:
         return noisy, None

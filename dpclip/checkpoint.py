@@ -41,6 +41,9 @@ import torch.nn as nn
 from accountants.errors import PrivacyParameterError
 from accountants.checks import check_count, check_delta, check_positive
 
+from .noise import NoiseSource
+from .sharded import ShardedContext, local, local_tree
+
 
 if TYPE_CHECKING:  # engine.py imports this module lazily; no import cycle at run time
     from .engine import PrivacyEngine
@@ -198,7 +201,7 @@ def state_digest(state: Mapping[str, Any], key: Key | None = None) -> str:
 # ------------------------------------------------------------------------------------------------------------
 def model_signature(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every entry of ``module.state_dict()``: what a checkpoint's model must match."""
-    return [(name, tuple(t.shape)) for name, t in module.state_dict().items()]
+    return [(name, tuple(local(t).shape)) for name, t in module.state_dict().items()]  # FSDP2: this rank's shard
 
 
 def _optimizer_class(optimizer: torch.optim.Optimizer) -> str:
@@ -230,9 +233,9 @@ def engine_state(engine: PrivacyEngine, *, key: Key | None = None, extra: Mappin
         "version": VERSION,
         "settings": asdict(settings),
         "signature": model_signature(engine._module),
-        "model": engine._module.state_dict(),
+        "model": local_tree(engine._module.state_dict()),  # FSDP2 (DTensors): this rank's shards
         "optimizer_class": _optimizer_class(engine._optimizer),
-        "optimizer": engine._optimizer.state_dict(),
+        "optimizer": local_tree(engine._optimizer.state_dict()),
         "accountant": engine.accountant.state_dict(),
         "clipping": {"max_norm": engine.clipping.max_norm, "history": [float(c) for c in engine.clip_history]},
         "budget": engine.budget,
@@ -243,6 +246,10 @@ def engine_state(engine: PrivacyEngine, *, key: Key | None = None, extra: Mappin
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "extra": extra,
     }
+    if engine._sharded is not None:  # FSDP2: which shard this file holds, and that rank's noise generator
+        assert isinstance(engine.distributed, ShardedContext)
+        state["shard"] = {"rank": engine._sharded.rank, "world_size": engine._sharded.world_size,
+                          "noise": engine.distributed.shard_noise.state_dict()}
     state["integrity"] = {
         "algorithm": "sha256" if key is None else "hmac-sha256",
         "digest": state_digest(state, key),
@@ -331,8 +338,6 @@ def _check_format(state: Any) -> None:
 
 def _parse(engine: PrivacyEngine, state: Mapping[str, Any]) -> _Parsed:
     """Every part of the checkpoint parsed and validated on its own; CheckpointError for anything damaged."""
-    from .noise import NoiseSource
-
     try:
         accountant = type(engine.accountant).from_state_dict(state["accountant"])
     except PrivacyParameterError as error:  # another accountant ('rdp' vs 'pld'), or a damaged history
@@ -395,6 +400,7 @@ def _check_against_engine(engine: PrivacyEngine, parsed: _Parsed, state: Mapping
             f"the checkpoint was made with different privacy settings:\n  saved:   {parsed.saved}\n  current: "
             f"{engine.settings}\ncall make_private with the same arguments as the run you resume"
         )
+    _check_shard(engine, state)  # before the shapes: another rank's shard has other shapes
     if parsed.signature != model_signature(engine._module):
         raise CheckpointError(
             "the checkpoint belongs to a different model (parameter names or shapes differ); build the model as in "
@@ -411,6 +417,27 @@ def _check_against_engine(engine: PrivacyEngine, parsed: _Parsed, state: Mapping
         )
     if not isinstance(parsed.extra, dict) or not all(type(k) is str for k in parsed.extra):
         raise CheckpointError("corrupt checkpoint: its extra entries are not a dict with str names")
+
+
+def _check_shard(engine: PrivacyEngine, state: Mapping[str, Any]) -> None:
+    """An FSDP2 rank resumes from its own shard's file, of a run with as many ranks; other engines from unsharded state."""
+    saved = state.get("shard")
+    if engine._sharded is None:
+        if saved is not None:
+            raise CheckpointError("this checkpoint holds one rank's shard of an FSDP2 model; load it into the same "
+                                  "fully_shard model on the same rank of as many processes")
+        return
+    mine = (engine._sharded.rank, engine._sharded.world_size)
+    if not isinstance(saved, Mapping) or (saved.get("rank"), saved.get("world_size")) != mine:
+        where = "no shard" if not isinstance(saved, Mapping) else f"rank {saved.get('rank')} of {saved.get('world_size')}"
+        raise CheckpointError(
+            f"this rank is rank {mine[0]} of {mine[1]} of an FSDP2 model, but the checkpoint holds {where}: every rank "
+            "loads the file it saved itself (e.g. checkpoint-rank{rank}.pt), with the same number of processes"
+        )
+    try:
+        NoiseSource(secure_mode=engine.secure_mode).load_state_dict(saved["noise"])
+    except Exception as error:
+        raise CheckpointError(f"corrupt checkpoint: the shard's noise generator: {error!r}") from None
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer, parsed: _Parsed) -> None:
@@ -476,8 +503,11 @@ def _apply(engine: PrivacyEngine, parsed: _Parsed, state: Mapping[str, Any]) -> 
     """Change the engine, model, optimizer, RNGs and loader to the (fully checked) checkpoint."""
     assert engine._module is not None and engine._optimizer is not None and engine._loader is not None
     assert engine.clipping is not None
-    engine._module.load_state_dict(state["model"])
-    engine._optimizer.load_state_dict(parsed.optimizer_state)
+    if engine._sharded is None:
+        engine._module.load_state_dict(state["model"])
+        engine._optimizer.load_state_dict(parsed.optimizer_state)
+    else:
+        _apply_shard(engine, parsed, state)
     engine.accountant = parsed.accountant
     engine.clipping.max_norm = engine._bound = parsed.max_norm
     engine.clipping.restore(parsed.max_norm, parsed.clip_history)
@@ -491,6 +521,26 @@ def _apply(engine: PrivacyEngine, parsed: _Parsed, state: Mapping[str, Any]) -> 
     engine._abandon_step()
 
 
+def _apply_shard(engine: PrivacyEngine, parsed: _Parsed, state: Mapping[str, Any]) -> None:
+    """FSDP2: this rank's saved rows into its shards (resharded first), its optimizer state as DTensors placed
+    like the parameters, its noise generator."""
+    sharded, module, optimizer = engine._sharded, engine._module, engine._optimizer
+    assert sharded is not None and module is not None and optimizer is not None
+    assert isinstance(engine.distributed, ShardedContext)
+    sharded.reshard()
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            local(t).copy_(state["model"][name])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in parsed.optimizer_state["param_groups"] for i in group["params"]]
+    by_id = dict(zip(ids, params))
+    placed = {index: {key: sharded.distributed_like(value, by_id[index])
+                      if isinstance(value, Tensor) and value.dim() > 0 else value for key, value in entry.items()}
+              for index, entry in parsed.optimizer_state["state"].items()}
+    optimizer.load_state_dict({**parsed.optimizer_state, "state": placed})
+    engine.distributed.shard_noise.load_state_dict(state["shard"]["noise"])
+
+
 def _check_optimizer_state(optimizer: torch.optim.Optimizer, saved_groups: Any, saved_state: Any) -> None:
     """Each saved per-parameter state tensor (momentum, moments) must have its parameter's shape."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -502,10 +552,10 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer, saved_groups: Any, 
         if index not in by_id or not isinstance(entry, Mapping):
             raise CheckpointError(f"corrupt checkpoint: optimizer state for an unknown parameter {index!r}")
         for name, value in entry.items():
-            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != by_id[index].shape:
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != local(by_id[index]).shape:
                 raise CheckpointError(
                     f"corrupt checkpoint: optimizer state {name!r} of parameter {index} has shape "
-                    f"{tuple(value.shape)}, the parameter {tuple(by_id[index].shape)}"
+                    f"{tuple(value.shape)}, the parameter {tuple(local(by_id[index]).shape)}"
                 )
 
 

@@ -50,9 +50,9 @@ and DDP's ``prepare_for_backward`` is never called), and does its own all-reduce
 training-mode call of the DDP wrapper itself raises :class:`EngineUsageError`. DDP's buffer broadcast is
 bypassed too, which is harmless because models with running statistics (BatchNorm) are refused anyway.
 
-FullyShardedDataParallel (FSDP1 and ``fully_shard``/FSDP2) and DTensor parameters are refused: they shard
-parameters and reduce-scatter gradients, while per-example clipping needs each example's whole gradient
-norm on one rank.
+FSDP2 (``fully_shard``) models run through :class:`dpclip.sharded.ShardedContext`, a subclass of this context:
+the same sampling, header and count, with the clipped sums reduce-scattered to the parameter shards and noise
+drawn per shard. FSDP1 and other DTensor parameters (tensor parallelism) are refused.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ import torch
 import torch.nn as nn
 
 from .errors import EngineUsageError, ModelNotSupportedError, PrivacyParameterError
+from .collective import assign_gradients
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import PrivacyEngine
@@ -82,51 +83,19 @@ def _is_ddp(module: nn.Module) -> bool:
     return torch.distributed.is_available() and isinstance(module, nn.parallel.DistributedDataParallel)
 
 
-def _sharded_reason(module: nn.Module) -> str | None:
-    """Why ``module`` cannot be trained privately across ranks (FSDP, DTensor parameters), or None."""
-    if not torch.distributed.is_available():
-        return None
-    sharded: tuple[type, ...] = ()
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        sharded += (FullyShardedDataParallel,)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from torch.distributed.fsdp import FSDPModule  # fully_shard (FSDP2)
-
-        sharded += (FSDPModule,)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(module, sharded):
-        return f"the model is wrapped by FSDP ({type(module).__name__})"
-    for name, sub in module.named_modules():
-        if isinstance(sub, sharded):
-            return f"submodule {name} is wrapped by FSDP ({type(sub).__name__})"
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return None
-    for name, p in module.named_parameters():
-        if isinstance(p, DTensor):
-            return f"parameter {name} is a DTensor (sharded or tensor-parallel)"
-    return None
-
-
 def unwrap_model(module: nn.Module) -> nn.Module:
-    """The module the engine trains: ``ddp.module`` for a DistributedDataParallel wrapper, else ``module``.
+    """The module the engine trains: ``ddp.module`` for a DistributedDataParallel wrapper, else ``module``
+    (an FSDP2 model is trained as it is, :mod:`dpclip.sharded`).
 
-    Refuses FSDP-wrapped models and DTensor parameters (:class:`ModelNotSupportedError`). Changes nothing.
+    Refuses FSDP1, DTensor parameters outside ``fully_shard`` and FSDP2 set-ups dpclip cannot run
+    (:class:`ModelNotSupportedError`, with the reason and the fix). Changes nothing.
     """
-    reason = _sharded_reason(module)
+    from .sharded import sharding_refusal
+
+    world = torch.distributed.get_world_size() if _dist_ready() else 1
+    reason = sharding_refusal(module.module if _is_ddp(module) else module, world)
     if reason is not None:
-        raise ModelNotSupportedError(
-            f"{reason}: fully sharded data parallelism is not supported. FSDP shards each parameter across ranks "
-            "and reduce-scatters gradients, but per-example clipping needs the norm of each example's whole "
-            "gradient on one rank. Pass the plain model (or a DistributedDataParallel wrapper) to make_private; "
-            "dpclip then clips on each rank and all-reduces the clipped sums."
-        )
+        raise ModelNotSupportedError(f"this sharded model cannot be trained privately: {reason}")
     return module.module if _is_ddp(module) else module
 
 
@@ -192,23 +161,29 @@ class DistributedContext:
         """
         if distributed is not None and not isinstance(distributed, bool):
             raise PrivacyParameterError(f"distributed must be True, False or None (automatic), got {distributed!r}")
-        ddp = _is_ddp(module)
+        from .sharded import ShardedContext, is_fsdp2
+
+        ddp, fsdp2 = _is_ddp(module), is_fsdp2(module)
         if distributed is False:
             if ddp:
                 raise EngineUsageError("distributed=False with a DistributedDataParallel model: pass model.module, or distributed=True")
+            if fsdp2:
+                raise EngineUsageError("distributed=False with an FSDP2 (fully_shard) model: its parameters are sharded "
+                                       "across the ranks, which train it together; leave distributed out (or True)")
             return None
         if not _dist_ready():
-            if distributed or ddp:
+            if distributed or ddp or fsdp2:
                 raise EngineUsageError(
                     "distributed training needs an initialised process group: call "
                     "torch.distributed.init_process_group(...) (e.g. under torchrun) before make_private"
                 )
             return None
         world_size = torch.distributed.get_world_size()
-        if distributed is None and world_size == 1 and not ddp:
+        if distributed is None and world_size == 1 and not ddp and not fsdp2:
             return None
         backend = str(torch.distributed.get_backend())
-        return cls(torch.distributed.get_rank(), world_size, broadcast_noise=secure_mode, device=_default_device(backend))
+        kind = ShardedContext if fsdp2 else cls
+        return kind(torch.distributed.get_rank(), world_size, broadcast_noise=secure_mode, device=_default_device(backend))
 
     def synchronize_setup(
         self, wrapper: nn.Module, module: nn.Module, loader: PoissonDataLoader, fingerprint: Mapping[str, Any],
@@ -322,11 +297,15 @@ class DistributedContext:
             here = f" (here: {local_error})" if local_error else ""
             return {}, 0.0, f"examples with NaN/inf gradients on rank(s) {bad}{here}; the step was abandoned on every rank"
         total = sum(float(header[rank, _COUNT].item()) for rank in range(self.world_size))  # same order everywhere
+        return self._reduce_sums(summed), total, None
+
+    def _reduce_sums(self, summed: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The payload of the step: Σ over ranks of every clipped sum (one all-reduce per dtype and device)."""
         buckets = self._buckets(summed)
         works = [torch.distributed.all_reduce(flat, async_op=True) for flat, _ in buckets]
         for work in works:
             work.wait()
-        return self._unflatten(summed, buckets), total, None
+        return self._unflatten(summed, buckets)
 
     def release(self, compute: Callable[[], Any], like: Tensor | Mapping[str, Tensor]) -> Any:
         """The noisy release: drawn on every rank from the shared generator, or (secure mode) drawn by rank 0
@@ -346,6 +325,13 @@ class DistributedContext:
         for tensor in [released] if isinstance(released, Tensor) else released.values():
             self._broadcast_(tensor)
         return released
+
+    def release_sums(self, add: Callable[[Any], dict[str, Tensor]], like: Mapping[str, Tensor], noise: Any) -> dict[str, Tensor]:
+        """The noisy sums: ``add(noise)`` on every rank from the shared generator (or by rank 0, broadcast)."""
+        return self.release(lambda: add(noise), like)
+
+    def assign_gradients(self, params: Mapping[str, Tensor], noisy: Mapping[str, Tensor]) -> None:
+        assign_gradients(params, noisy)
 
     # ---------------------------------------------------------------------------------------------------
     # Checks
@@ -381,12 +367,17 @@ class DistributedContext:
         tensor.copy_(moved)
 
     @staticmethod
-    def _buckets(summed: Mapping[str, Tensor]) -> list[tuple[Tensor, list[str]]]:
-        """One flat buffer per (dtype, device), so each rank issues the same few all-reduces in the same order."""
+    def _groups(summed: Mapping[str, Tensor]) -> list[list[str]]:
+        """The names of the sums by (dtype, device), in order: each rank issues the same collectives in the same order."""
         groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
         for name, t in summed.items():
             groups.setdefault((t.dtype, t.device), []).append(name)
-        return [(torch.cat([summed[n].reshape(-1) for n in names]), names) for names in groups.values()]
+        return list(groups.values())
+
+    @classmethod
+    def _buckets(cls, summed: Mapping[str, Tensor]) -> list[tuple[Tensor, list[str]]]:
+        """One flat buffer per (dtype, device), so each rank issues the same few all-reduces in the same order."""
+        return [(torch.cat([summed[n].reshape(-1) for n in names]), names) for names in cls._groups(summed)]
 
     @staticmethod
     def _unflatten(summed: Mapping[str, Tensor], buckets: list[tuple[Tensor, list[str]]]) -> dict[str, Tensor]:

@@ -33,6 +33,7 @@ from .per_sample import trainable_parameters
 from .checkpoint import Checkpointing
 from .report import BudgetGuard, PrivacyReporting, check_budget
 from .sampling import PoissonDataLoader
+from .sharded import ShardedContext, ShardedModel
 from .setup import calibrated_noise_multiplier, check_opacus_options, plan_training
 from .step_guard import StepGuard
 
@@ -77,6 +78,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         self._optimizer: torch.optim.Optimizer | None = None
         self._loader: PoissonDataLoader | None = None
         self._forwarder: PerExampleForward | None = None
+        self._sharded: ShardedModel | None = None  # FSDP2 models (dpclip.sharded)
         self.distributed: DistributedContext | None = None  # set by make_private under torch.distributed
         self.collective: Collective = LocalCollective(self._abandon_step)
         self.guard = StepGuard()
@@ -137,13 +139,16 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         - ``distributed`` (default None = automatic under an initialised process group with world size > 1 or a
           DDP model): every rank clips its shard of one global Poisson batch; the clipped sums are all-reduced and
           noised once (:mod:`dpclip.distributed`). Call it identically on every rank with the whole data set.
+          An FSDP2 (``fully_shard``) model trains as it is: sums reduce-scattered to the shards, noise drawn per
+          shard, per-rank checkpoints (:mod:`dpclip.sharded`).
         - Opacus names: ``noise_generator`` (a ``torch.Generator`` on the parameters' device) draws the noise;
           ``poisson_sampling=False``, ``batch_first=False`` and ``criterion`` are refused with the reason and what to
           use instead (README § Coming from Opacus).
         """
         check_wrappable(self._module, module, optimizer)
         dist_context = DistributedContext.resolve(distributed, module, self.secure_mode)
-        wrapper, module = module, unwrap_model(module)  # DDP → ddp.module (its reducer is bypassed); FSDP refused
+        wrapper, module = module, unwrap_model(module)  # DDP → ddp.module (its reducer is bypassed); FSDP1 refused
+        sharded = dist_context.attach(module) if isinstance(dist_context, ShardedContext) else None  # FSDP2
         check_model(module, optimizer)
         check_opacus_options(poisson_sampling=poisson_sampling, batch_first=batch_first, criterion=criterion,
                              clipping=clipping, grad_sample_mode=grad_sample_mode)
@@ -158,6 +163,11 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
             chunk_size=chunk_size, nonfinite=nonfinite, target_epsilon=target_epsilon, target_delta=target_delta,
             sample_rate=sample_rate, grad_sample_mode=grad_sample_mode, verify=verify,
         )
+        if sharded is not None and plan.grad_sample_mode == "vmap":
+            raise PrivacyParameterError(
+                "grad_sample_mode='vmap' is not available for FSDP2 (fully_shard) models: sharded training runs on the "
+                "layerwise path, which needs no per-example weight gradients. Pass grad_sample_mode='auto' or 'layerwise'"
+            )
         loader = PoissonDataLoader.from_loader(  # keeps the loader's collate_fn, workers, pinning, prefetching
             data_loader, plan.mechanism.sample_rate, max_physical_batch_size=max_physical_batch_size,
             seed=None if self._seed is None else self._seed + 1, secure_mode=self.secure_mode,
@@ -173,7 +183,11 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         self.distributed = dist_context
         if dist_context is not None:
             self.collective = dist_context
-        self._forwarder = PerExampleForward(module, plan.grad_sample_mode, plan.verify, plan.chunk_size)
+        if sharded is not None:  # the tape and verification see the gathered parameters (FSDP2 keeps them)
+            sharded.gather()
+        mode = "layerwise" if sharded is not None else plan.grad_sample_mode
+        self._sharded = sharded
+        self._forwarder = PerExampleForward(module, mode, plan.verify, plan.chunk_size)
         self._settings, self.clipping, self.budget = plan.mechanism, plan.clipping, plan.budget
         self._bound = plan.clipping.max_norm
         self._step_event = plan.mechanism.step_event()
@@ -232,7 +246,9 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         self.guard.before_forward(module, args, kwargs)
         check_bound(self.clipping, self._bound)
         assert self._forwarder is not None and self._optimizer is not None
-        self._forwarder.follow_trainable(module, self._optimizer)
+        if self._sharded is not None:
+            self._sharded.gather()
+        self._forwarder.follow_trainable(module, self._optimizer, None if self._sharded is None else self._sharded.sharded)
         out = self._forwarder.forward(module, args, kwargs, settings.loss_reduction == "mean", self._add)
         self.guard.forward_ran()
         return out
@@ -260,8 +276,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         except NonFiniteGradientError:
             self._abandon_step()
             raise
-        for name, p in params.items():
-            p.grad = noisy[name].to(p.dtype)
+        self.collective.assign_gradients(params, noisy)
         self._optimizer.step()
         self.accountant.compose(self._step_event)
         self.steps += 1

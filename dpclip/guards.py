@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -59,13 +60,15 @@ def check_model(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     check_optimizer(module, optimizer)
 
 
-def check_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """The optimizer must hold every trainable parameter of the model and nothing outside the model."""
-    model_ids = {id(p) for p in module.parameters()}
+def check_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer, parameters: Mapping[str, Tensor] | None = None) -> None:
+    """The optimizer must hold every trainable parameter of the model and nothing outside the model.
+    ``parameters``: the model's parameters by name, if not ``module.named_parameters()`` (FSDP2: its shards)."""
+    named = dict(module.named_parameters()) if parameters is None else dict(parameters)
+    model_ids = {id(p) for p in named.values()}
     held = [p for group in optimizer.param_groups for p in group["params"]]
     held_ids = {id(p) for p in held}
     outside = [p for p in held if id(p) not in model_ids]
-    missing = [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in held_ids]
+    missing = [name for name, p in named.items() if p.requires_grad and id(p) not in held_ids]
     if outside and missing:
         raise PrivacyParameterError(
             f"the optimizer was built for another version of the model: it misses the trainable parameter(s) "

@@ -9,6 +9,11 @@ the same update, so ε is exactly that of single-process DP-SGD with the same (q
 test accuracy, ε and the privacy statement, and (with --out) writes privacy_report.json, model.pt and
 checkpoint.pt (identical on every rank; load it on every rank to resume).
 
+``--fsdp`` shards the CNN with FSDP2 instead of DDP (``fully_shard`` on each layer, then on the model): each rank
+holds its rows of every parameter and of the optimizer state; dpclip gathers the parameters for the step,
+reduce-scatters the clipped sums to the shards and draws each shard's noise on the rank that owns it
+(:mod:`dpclip.sharded`). With --out every rank then writes its own ``checkpoint-rank<r>.pt``.
+
 Run without torchrun it trains in one process (world size 1), which is the reference for the throughput
 comparison printed at the end (examples/s of the private training loop, summed over ranks).
 """
@@ -51,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the sampling and the noise (rank 0's value is used on every rank) (default: %(default)s)")
     parser.add_argument("--secure-mode", action="store_true", help="OS-seeded sampling and noise (rank 0 draws the noise and broadcasts it); --seed then only sets the initial weights")
     parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo", help="torch.distributed backend (gloo for CPU; nccl needs one CUDA device per rank and is untested) (default: %(default)s)")
+    parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (fully_shard per layer and on the model) instead of wrapping it in DDP")
     parser.add_argument("--no-ddp", action="store_true", help="pass the plain model instead of a DistributedDataParallel wrapper (dpclip does the same all-reduce either way)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process (default: OMP_NUM_THREADS, else torch's default)")
     parser.add_argument("--out", type=Path, default=None, help="if given, rank 0 writes privacy_report.json, model.pt and checkpoint.pt here (default: no files written)")
@@ -80,6 +86,18 @@ def setup(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def shard(model: nn.Module, device: torch.device) -> None:
+    """FSDP2: ``fully_shard`` each layer with parameters, then the whole model (its root)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in model.modules():
+        if layer is not model and any(True for _ in layer.parameters(recurse=False)):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     rank, world_size, device = setup(args)
@@ -87,7 +105,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     train, test = load_data(device)  # every rank holds the whole data set; the loader picks this rank's shard
     torch.manual_seed(args.seed)
     model: nn.Module = DigitsCNN().to(device)
-    if world_size > 1 and not args.no_ddp:
+    if world_size > 1 and args.fsdp:
+        shard(model, device)
+    elif world_size > 1 and not args.no_ddp:
         model = nn.parallel.DistributedDataParallel(model)  # its reducer is bypassed by dpclip (see dpclip.distributed)
     engine = dpclip.PrivacyEngine(seed=None if args.secure_mode else args.seed, secure_mode=args.secure_mode)
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr)
@@ -145,7 +165,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     say(f"throughput {report['examples_per_second']:.0f} examples/s ({examples} examples in {elapsed:.2f} s, {world_size} process(es))")
     say()
     say(report["statement"])
-    if args.out is not None:
+    if args.out is not None and args.fsdp and world_size > 1:  # each rank its own shard's checkpoint
+        full = {name: t.full_tensor() if hasattr(t, "full_tensor") else t for name, t in private_model.state_dict().items()}
+        dist.barrier()
+        if rank == 0:
+            args.out.mkdir(parents=True, exist_ok=True)
+            with open(args.out / "privacy_report.json", "w") as f:
+                json.dump(report, f, indent=2)
+                f.write("\n")
+            dpclip.atomic_save(full, args.out / "model.pt")
+        dist.barrier()
+        dpclip.save_checkpoint(args.out / f"checkpoint-rank{rank}.pt", engine)
+        say(f"wrote {args.out / 'privacy_report.json'}, model.pt (whole), checkpoint-rank<r>.pt (one per rank)")
+    elif args.out is not None:
         if rank == 0:  # the engine state is identical on every rank; rank 0 writes it
             args.out.mkdir(parents=True, exist_ok=True)
             with open(args.out / "privacy_report.json", "w") as f:

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -90,12 +90,14 @@ class PerExampleForward:
         self.state: StateGuard | None = None
         self._gradient_guards = refuse_nonprivate_gradients(module)
 
-    def follow_trainable(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Follow ``requires_grad`` changes made after make_private: re-read the trainable set and re-verify."""
+    def follow_trainable(self, module: nn.Module, optimizer: torch.optim.Optimizer,
+                         held: Mapping[str, Tensor] | None = None) -> None:
+        """Follow ``requires_grad`` changes made after make_private: re-read the trainable set and re-verify.
+        ``held``: the parameters the optimizer must hold, if not the module's own (FSDP2: the shards)."""
         names = list(trainable_parameters(module))
         if names == self.trainable:
             return
-        check_optimizer(module, optimizer)
+        check_optimizer(module, optimizer, held)
         for handle in self._gradient_guards:
             handle.remove()
         self._gradient_guards = refuse_nonprivate_gradients(module)

@@ -124,9 +124,19 @@ def register_layer(*layer_types: type[nn.Module] | str) -> Callable[[R], R]:
     return register
 
 
+def layer_class(module: nn.Module) -> type:
+    """``module``'s class; for a module that FSDP2's ``fully_shard`` wrapped (its class becomes a subclass
+    ``FSDP<Name>(FSDPModule, <Name>)``), the original class, whose rule still applies."""
+    cls = type(module)
+    bases = cls.__bases__
+    if len(bases) == 2 and bases[0].__name__ == "FSDPModule" and cls.__name__ == f"FSDP{bases[1].__name__}":
+        return bases[1]
+    return cls
+
+
 def rule_for(module: nn.Module) -> LayerRule | None:
     """The rule registered for ``module``'s exact type (or its qualified name), or None."""
-    layer_type = type(module)
+    layer_type = layer_class(module)
     return _BY_TYPE.get(layer_type) or _BY_NAME.get(_qualified(layer_type))
 
 

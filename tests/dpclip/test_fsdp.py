@@ -1,0 +1,279 @@
+"""DP training of an FSDP2 (``fully_shard``) model on two real processes (gloo, CPU), against independent references.
+
+One ``torch.multiprocessing.spawn`` of two ranks runs every scenario; each test checks one against
+
+- the same model trained in a single process with the same seed (no sharding at all): same global batches,
+  same model to 1e-6 with negligible noise, same ε;
+- the closed form of the noise: with zero gradients the update is −lr·noise/(qN), N(0, (lr·σ·C/(qN))²) per
+  coordinate (chi-square over every coordinate of the gathered model), and the two ranks' shards of one
+  parameter are uncorrelated (a stream shared by the shards would make them equal);
+- the PLD accountant composed by hand; the uninterrupted run, for checkpoint/resume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from accountants import Gaussian, PLDAccountant, PoissonSampled
+from dpclip import ModelNotSupportedError, PrivacyEngine
+from dpclip.checkpoint import CheckpointError
+from dpclip.errors import PrivacyParameterError
+
+pytest.importorskip("torch.distributed.fsdp")
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+WORLD = 2
+N, T, V, K = 96, 6, 40, 5  # examples, tokens per example, vocabulary, classes (5: shards of 3 and 2 rows)
+BATCH = 24  # q = 0.25
+STEPS = 6
+
+
+class TokenClassifier(nn.Module):
+    """Embedding → (LayerNorm → Linear → Tanh) → mean over tokens → Linear: rows split unevenly across 2 ranks."""
+
+    def __init__(self, width: int = 24) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, 16)
+        self.body = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, width), nn.Tanh())
+        self.head = nn.Linear(width, K)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.embed(tokens)).mean(dim=1))
+
+
+def dataset() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randint(0, V, (N, T), generator=g), torch.randint(0, K, (N,), generator=g))
+
+
+def build(init_seed: int = 0, width: int = 24, mesh: Any = None, root: bool = True, **fsdp: Any) -> nn.Module:
+    torch.manual_seed(init_seed)
+    net = TokenClassifier(width)
+    if mesh is not None:
+        fully_shard(net.body, mesh=mesh, **fsdp)
+        fully_shard(net.head, mesh=mesh, **fsdp)  # a Linear itself wrapped: its class becomes FSDPLinear
+        if root:
+            fully_shard(net, mesh=mesh, **fsdp)
+    return net
+
+
+def full_params(net: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter whole (a collective for DTensors: all ranks call it together)."""
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for name, p in net.named_parameters()}
+
+
+def run(steps: int, *, mesh: Any = None, seed: int | None = 0, init_seed: int = 0, width: int = 24, lr: float = 0.5,
+        momentum: float = 0.9, zero_loss: bool = False, secure_mode: bool = False, load: str | None = None,
+        save_after: dict[int, str] | None = None, **private: Any) -> dict[str, Any]:
+    """Train ``steps`` steps with the ordinary loop (sharded when ``mesh`` is given); parameters, updates, ε, C."""
+    net = build(init_seed, width, mesh)
+    engine = PrivacyEngine(seed=None if secure_mode else seed, secure_mode=secure_mode)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    private.setdefault("noise_multiplier", 1.0)
+    private.setdefault("max_grad_norm", 1.0)
+    pm, po, loader = engine.make_private(net, optimizer, DataLoader(dataset(), batch_size=BATCH),
+                                         distributed=mesh is not None, **private)
+    if load is not None:
+        engine.load_state_dict(torch.load(load, weights_only=True))
+    criterion = nn.CrossEntropyLoss()
+    result: dict[str, Any] = {"updates": [], "batch_sizes": []}
+    while engine.steps < steps:
+        for x, y in loader:
+            before = full_params(pm.module)
+            out = pm(x)
+            loss = out.sum() * 0.0 if zero_loss else criterion(out, y)
+            po.zero_grad()
+            loss.backward()
+            po.step()
+            after = full_params(pm.module)
+            result["updates"].append({k: after[k] - before[k] for k in after})
+            result["batch_sizes"].append(len(x))
+            if save_after and engine.steps in save_after:
+                torch.save(engine.state_dict(), save_after[engine.steps])
+            if engine.steps == steps:
+                break
+    result.update(params=full_params(pm.module), epsilon=engine.get_epsilon(1e-5) if private["noise_multiplier"] >= 0.5 else None,
+                  clip_history=list(engine.clip_history), steps=engine.steps, path=engine.grad_sample_path)
+    if mesh is not None:  # this rank's own rows of the head's weight (the shards of one parameter)
+        result["head_rows"] = pm.module.head.weight.to_local().detach().clone()
+        result["grads_are_dtensors"] = all(isinstance(p.grad, DTensor) for p in pm.module.parameters())
+    return result
+
+
+def _expect(error: type[BaseException], fn: Any) -> str:
+    try:
+        fn()
+    except error as caught:
+        return f"{type(caught).__name__}: {caught}"
+    return "no error"
+
+
+def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out: dict[str, Any] = {}
+    # (1) negligible noise: the model of one process, step by step
+    out["noiseless"] = run(STEPS, mesh=mesh, noise_multiplier=1e-12)
+    # (2) noise on; rank 1 passes another seed (rank 0's is used everywhere)
+    out["noisy"] = run(STEPS, mesh=mesh, seed=0 if rank == 0 else 100)
+    # (3) zero gradients: the update is the noise alone; a wide body for many coordinates
+    r = run(3, mesh=mesh, zero_loss=True, width=600, lr=1.0, momentum=0.0, noise_multiplier=2.0, max_grad_norm=1.5, seed=7)
+    out["variance"] = {"updates": r["updates"], "head_rows": r["head_rows"]}
+    # (4) median clipping: one shared noisy count
+    r = run(8, mesh=mesh, clipping="median", noise_multiplier=1.0, max_grad_norm=0.05)
+    out["median"] = {"params": r["params"], "clip_history": r["clip_history"]}
+    # (5) checkpoint / resume: each rank saves and loads its own file; a fresh model and engine (other seed)
+    files = {3: str(tmp / f"step3_rank{rank}.pt")}
+    straight = run(6, mesh=mesh, save_after=files)
+    dist.barrier()
+    resumed = run(6, mesh=mesh, load=files[3], seed=123, init_seed=9)  # steps 4-6 after the 3 loaded
+    out["resume"] = {"straight": straight["params"], "resumed": resumed["params"], "steps": resumed["steps"],
+                     "straight_eps": straight["epsilon"], "resumed_eps": resumed["epsilon"]}
+    swapped = str(tmp / f"step3_rank{1 - rank}.pt")  # both ranks load the other's file: both refuse alone
+    out["resume_swapped"] = _expect(CheckpointError, lambda: run(0, mesh=mesh, load=swapped))
+    # (6) secure mode: each rank's OS-seeded generator for its rows
+    r = run(3, mesh=mesh, secure_mode=True, zero_loss=True, width=600, lr=1.0, momentum=0.0)
+    out["secure"] = {"updates": r["updates"], "epsilon": r["epsilon"]}
+    # (7) refusals, on both ranks alike, before any collective
+    out["vmap"] = _expect(PrivacyParameterError, lambda: run(1, mesh=mesh, grad_sample_mode="vmap"))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    out["mixed"] = _expect(ModelNotSupportedError, lambda: PrivacyEngine().make_private(
+        build(mesh=mesh, mp_policy=policy), torch.optim.SGD([torch.zeros(1)], lr=1), DataLoader(dataset(), batch_size=8),
+        noise_multiplier=1.0, max_grad_norm=1.0))
+    out["no_root"] = _expect(ModelNotSupportedError, lambda: PrivacyEngine().make_private(
+        build(mesh=mesh, root=False), torch.optim.SGD([torch.zeros(1)], lr=1), DataLoader(dataset(), batch_size=8),
+        noise_multiplier=1.0, max_grad_norm=1.0))
+    return out
+
+
+def _worker(rank: int, port: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    try:
+        results = _scenarios(rank, Path(tmp))
+    except BaseException:
+        torch.save({"error": traceback.format_exc()}, Path(tmp) / f"rank{rank}.pt")
+        raise
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, Path(tmp) / f"rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
+
+
+def composed_epsilon(q: float, sigma: float, steps: int, delta: float = 1e-5) -> float:
+    reference = PLDAccountant()
+    reference.compose(PoissonSampled(q, Gaussian(sigma)), steps)
+    return reference.get_epsilon(delta)
+
+
+def test_noiseless_fsdp2_run_equals_single_process(ranks: list[dict[str, Any]]) -> None:
+    ref = run(STEPS, noise_multiplier=1e-12)
+    for r in ranks:
+        assert r["noiseless"]["path"] == "layerwise" and r["noiseless"]["grads_are_dtensors"]
+        assert_same_params(r["noiseless"]["params"], ref["params"], atol=1e-6)
+        for mine, theirs in zip(r["noiseless"]["updates"], ref["updates"]):
+            assert_same_params(mine, theirs, atol=1e-6)
+    shards = [r["noiseless"]["batch_sizes"] for r in ranks]  # the two shards make up the one-process batch
+    assert [a + b for a, b in zip(*shards)] == ref["batch_sizes"]
+    assert max(float(u.abs().max()) for u in ref["updates"][0].values()) > 1e-3  # the model moved
+
+
+def test_noisy_fsdp2_run_has_the_single_process_epsilon(ranks: list[dict[str, Any]]) -> None:
+    expected = composed_epsilon(BATCH / N, 1.0, STEPS)
+    ref = run(STEPS)
+    for r in ranks:
+        assert r["noisy"]["epsilon"] == pytest.approx(expected, rel=1e-9)
+        assert r["noisy"]["epsilon"] == pytest.approx(ref["epsilon"], rel=1e-12)
+        assert all(torch.isfinite(t).all() for t in r["noisy"]["params"].values())
+    assert_same_params(ranks[0]["noisy"]["params"], ranks[1]["noisy"]["params"], atol=0)  # one model on both ranks
+
+
+def _pure_noise(updates: list[dict[str, torch.Tensor]], std: float) -> tuple[float, int]:
+    values = torch.cat([u.reshape(-1) for step in updates for u in step.values()]).double() / std
+    return float((values**2).sum()), values.numel()
+
+
+def test_update_noise_has_the_calibrated_variance(ranks: list[dict[str, Any]]) -> None:
+    std = 1.0 * 2.0 * 1.5 / (BATCH / N * N)  # lr·σ·C/(qN)
+    for r in ranks:
+        chi2, n = _pure_noise(r["variance"]["updates"], std)
+        # chi-square with n degrees of freedom: mean n, sd √(2n); 5 sd either side (two draws: 2n; none: 0)
+        assert abs(chi2 - n) < 5 * math.sqrt(2 * n), (chi2, n)
+    assert_same_params(ranks[0]["variance"]["updates"][0], ranks[1]["variance"]["updates"][0], atol=0)
+
+
+def test_the_shards_noise_is_independent(ranks: list[dict[str, Any]]) -> None:
+    """The head's weight (5 × 600) is split 3 + 2 rows: the ranks' rows of the pure-noise update are
+    uncorrelated (a stream shared by both ranks would repeat rank 0's first rows on rank 1)."""
+    update = ranks[0]["variance"]["updates"][0]["head.weight"]
+    first, second = update[:2].reshape(-1).double(), update[3:5].reshape(-1).double()
+    r = float(torch.corrcoef(torch.stack([first, second]))[0, 1])
+    assert abs(r) < 5 / math.sqrt(first.numel()), r
+    assert ranks[0]["variance"]["head_rows"].shape[0] == 3 and ranks[1]["variance"]["head_rows"].shape[0] == 2
+
+
+def test_median_clipping_count_is_one_shared_draw(ranks: list[dict[str, Any]]) -> None:
+    """Both ranks follow one trajectory of C (the global count, noised once from the shared generator) and
+    hold one model. (It is not the single-process trajectory: there the same generator also drew the gradient
+    noise before the count's, here each shard's generator draws its own.)"""
+    first, second = (r["median"] for r in ranks)
+    assert first["clip_history"] == second["clip_history"] and len(first["clip_history"]) == 9
+    assert first["clip_history"][-1] > 0.05 * 1.3  # C moved towards the median norm (all norms are > 0.05)
+    assert_same_params(first["params"], second["params"], atol=0)
+
+
+def test_resume_from_each_ranks_checkpoint_equals_uninterrupted(ranks: list[dict[str, Any]]) -> None:
+    for r in ranks:
+        assert r["resume"]["steps"] == 6
+        assert_same_params(r["resume"]["resumed"], r["resume"]["straight"], atol=0)
+        assert r["resume"]["resumed_eps"] == pytest.approx(r["resume"]["straight_eps"], rel=1e-12)
+        assert "rank" in r["resume_swapped"] and "holds rank" in r["resume_swapped"]
+
+
+def test_secure_mode_noise_has_the_calibrated_variance(ranks: list[dict[str, Any]]) -> None:
+    std = 1.0 * 1.0 * 1.0 / BATCH
+    chi2, n = _pure_noise(ranks[0]["secure"]["updates"], std)
+    assert abs(chi2 - n) < 5 * math.sqrt(2 * n), (chi2, n)
+    assert ranks[0]["secure"]["epsilon"] == pytest.approx(composed_epsilon(BATCH / N, 1.0, 3), rel=1e-9)
+    assert_same_params(ranks[0]["secure"]["updates"][-1], ranks[1]["secure"]["updates"][-1], atol=0)
+
+
+def test_unsupported_fsdp2_setups_are_refused_with_the_fix(ranks: list[dict[str, Any]]) -> None:
+    for r in ranks:
+        assert "grad_sample_mode='vmap' is not available for FSDP2" in r["vmap"]
+        assert "MixedPrecisionPolicy" in r["mixed"] and "torch.autocast" in r["mixed"]
+        assert "fully_shard(model) on the root" in r["no_root"]
