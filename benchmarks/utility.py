@@ -31,7 +31,6 @@ once, at the end.
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import itertools
 import json
@@ -76,16 +75,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "batch": 2048, "epochs": 40, "lr": 4.0, "momentum": 0.9, "max_grad_norm": 0.1, "ema": 0.0, "schedule": "constant",
         "width": 16, "groupnorm": False,
     },
-}
-# dpclip options per model. ScatterNet's linear layer has 3,969 inputs: dpclip's layerwise norm for a one-position
-# Linear is ‖a‖·‖g‖ inflated by (1 + (d_in + 4)·u)(1 + (d_out + 4)·u) to bound its float32 rounding (u = 2⁻²⁴),
-# i.e. by 2.4e-4 relative at d_in = 3969, over the 2e-4 relative tolerance of the first-step verification, which
-# then refuses the layerwise path and "auto" falls back to vmap (~1.5 s per step instead of ~0.1 s here). The
-# layerwise path's norms are valid upper bounds (the inflation makes clipping very slightly stricter), so the
-# layerwise path is chosen and the verification, which can only reject it, is skipped for this one model.
-ENGINE_OPTIONS: dict[str, dict[str, Any]] = {
-    "scatternet": {"grad_sample_mode": "layerwise", "verify": "off"},
-    "cnn": {},
 }
 # Opacus's per-example gradient mode per model: the ScatterNet's linear layer has 39,700 weights, so "hooks" forms
 # 8,192 × 39,700 per-example gradients (1.3 GB) every step (~1.7 s); ghost clipping computes their norms without
@@ -318,7 +307,6 @@ def train_one(model_name: str, library: str, epsilon: float, seed: int, config: 
         model, optimizer, loader = engine.make_private(
             model, optimizer, loader, noise_multiplier=sigma, max_grad_norm=C, sample_rate=q,
             target_epsilon=epsilon, target_delta=DELTA,  # the budget guard: a step past ε would raise
-            **ENGINE_OPTIONS[model_name],
         )
         module = model.module
     else:

@@ -277,3 +277,43 @@ def test_unsupported_fsdp2_setups_are_refused_with_the_fix(ranks: list[dict[str,
         assert "grad_sample_mode='vmap' is not available for FSDP2" in r["vmap"]
         assert "MixedPrecisionPolicy" in r["mixed"] and "torch.autocast" in r["mixed"]
         assert "fully_shard(model) on the root" in r["no_root"]
+
+
+def test_train_distributed_script_with_fsdp_under_torchrun(tmp_path: Path) -> None:
+    """scripts/train_distributed.py --fsdp on 2 ranks: the ε and steps of the one-process run, a whole model
+    gathered from the shards with the one-process model's names and shapes, and one checkpoint per rank holding
+    that rank's rows."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    script = str(root / "scripts" / "train_distributed.py")
+    flags = ["--epochs", "1", "--no-progress", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={_free_port()}", script, *flags, "--fsdp", "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=240,
+    )
+    assert two.returncode == 0, two.stdout + two.stderr
+    spec = importlib.util.spec_from_file_location("train_distributed", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        module.main([*flags, "--out", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
+    sharded, single = (json.loads((tmp_path / name / "privacy_report.json").read_text()) for name in ("two", "one"))
+    assert sharded["world_size"] == 2 and sharded["epsilon"] == single["epsilon"] <= 3.0
+    assert sharded["steps"] == single["steps"] == 6
+    whole, reference = (torch.load(tmp_path / name / "model.pt") for name in ("two", "one"))
+    assert {k: tuple(v.shape) for k, v in whole.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+    for rank in range(2):
+        state = torch.load(tmp_path / "two" / f"checkpoint-rank{rank}.pt", weights_only=True)
+        assert state["shard"]["rank"] == rank and state["shard"]["world_size"] == 2
+        for name, rows in state["model"].items():  # each rank's rows of the whole model (torch.chunk split)
+            torch.testing.assert_close(rows, whole[name].chunk(2)[rank], atol=0, rtol=0)
+    assert "Privacy guarantee" in two.stdout
