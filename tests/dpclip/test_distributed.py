@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from accountants import Gaussian, PLDAccountant, PoissonSampled
 from dpclip import EngineUsageError, ModelNotSupportedError, NonFiniteGradientError, PoissonDataLoader, PrivacyEngine
 from dpclip.errors import PrivacyParameterError
+
+from .ranks import free_port, join_group, on_ranks
 
 WORLD = 2
 N, D, K = 96, 12, 4
@@ -198,31 +198,9 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     return out
 
 
-def _worker(rank: int, port: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
-    try:
-        results = _scenarios(rank, Path(tmp))
-    except BaseException:
-        torch.save({"error": traceback.format_exc()}, Path(tmp) / f"rank{rank}.pt")
-        raise
-    finally:
-        dist.destroy_process_group()
-    torch.save(results, Path(tmp) / f"rank{rank}.pt")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return on_ranks(_scenarios, tmp_path_factory.mktemp("dist"), WORLD)
 
 
 def single(steps: int, **kwargs: Any) -> dict[str, Any]:
@@ -433,7 +411,7 @@ def test_train_distributed_script_under_torchrun_matches_one_process(tmp_path: P
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={_free_port()}", script, *flags, "--out", str(tmp_path / "two")],
+         f"--master_port={free_port()}", script, *flags, "--out", str(tmp_path / "two")],
         capture_output=True, text=True, env=env, timeout=240,
     )
     assert two.returncode == 0, two.stdout + two.stderr
@@ -489,9 +467,7 @@ def _train_skipping(rank: int, skip_on_rank1: int, epochs: int) -> tuple[str, fl
 
 
 def _skip_worker(rank: int, port: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=PG_TIMEOUT_S))
+    join_group(rank, port, WORLD, timeout_s=PG_TIMEOUT_S)
     out: dict[str, Any] = {}
     try:
         out["middle"] = _train_skipping(rank, skip_on_rank1=1, epochs=2)  # mismatch at the next step
@@ -508,7 +484,7 @@ def test_a_rank_skipping_a_batch_fails_fast_on_every_rank(tmp_path: Path) -> Non
     """Rank 1 skips a batch: before the lock-step check, rank 0's step t was silently all-reduced with rank 1's
     step t+1, and rank 0 then hung in its last all-reduce until the process-group timeout. Now both ranks raise
     EngineUsageError at the next collective (well within the timeout), naming both ranks' positions."""
-    mp.spawn(_skip_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_skip_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"skip{r}.pt", weights_only=True) for r in range(WORLD)]
     for r in ranks:
         assert "error" not in r, r.get("error")

@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,6 +27,8 @@ from accountants import Gaussian, PLDAccountant, PoissonSampled
 from dpclip import ModelNotSupportedError, PrivacyEngine
 from dpclip.checkpoint import CheckpointError
 from dpclip.errors import PrivacyParameterError
+
+from .ranks import free_port, on_ranks
 
 pytest.importorskip("torch.distributed.fsdp")
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
@@ -161,31 +159,9 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     return out
 
 
-def _worker(rank: int, port: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
-    try:
-        results = _scenarios(rank, Path(tmp))
-    except BaseException:
-        torch.save({"error": traceback.format_exc()}, Path(tmp) / f"rank{rank}.pt")
-        raise
-    finally:
-        dist.destroy_process_group()
-    torch.save(results, Path(tmp) / f"rank{rank}.pt")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return on_ranks(_scenarios, tmp_path_factory.mktemp("fsdp"), WORLD)
 
 
 def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
@@ -294,7 +270,7 @@ def test_train_distributed_script_with_fsdp_under_torchrun(tmp_path: Path) -> No
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={_free_port()}", script, *flags, "--fsdp", "--out", str(tmp_path / "two")],
+         f"--master_port={free_port()}", script, *flags, "--fsdp", "--out", str(tmp_path / "two")],
         capture_output=True, text=True, env=env, timeout=240,
     )
     assert two.returncode == 0, two.stdout + two.stderr
