@@ -27,11 +27,13 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from accountants import Gaussian, PLDAccountant, PoissonSampled
 from dpclip import EngineUsageError, ModelNotSupportedError, NonFiniteGradientError, PoissonDataLoader, PrivacyEngine
 from dpclip.errors import PrivacyParameterError
 
-from .ranks import free_port, join_group, on_ranks
+from .ranks import (
+    assert_same_params, composed_epsilon, expect, free_port, join_group, on_ranks, train_distributed_in_this_process,
+    train_distributed_on_two_ranks,
+)
 
 WORLD = 2
 N, D, K = 96, 12, 4
@@ -128,12 +130,6 @@ def run(
 # ---------------------------------------------------------------------------------------------------------------
 # The two ranks
 # ---------------------------------------------------------------------------------------------------------------
-def _expect(error: type[BaseException], fn: Any) -> str:
-    try:
-        fn()
-    except error as caught:
-        return f"{type(caught).__name__}: {caught}"
-    return "no error"
 
 
 def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
@@ -143,7 +139,7 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     r = run(STEPS, distributed=True, ddp=True, noise_multiplier=1e-12, max_physical_batch_size=5)
     wrapper = r.pop("ddp_wrapper")
     x, _ = dataset().tensors
-    out["ddp_wrapper_training_call"] = _expect(EngineUsageError, lambda: wrapper(x[:3]))
+    out["ddp_wrapper_training_call"] = expect(EngineUsageError, lambda: wrapper(x[:3]))
     wrapper.eval()
     private_model = r.pop("model").eval()
     with torch.no_grad():  # evaluation through the wrapper is allowed and sees the trained weights
@@ -180,21 +176,21 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     }
     # ranks resuming from different checkpoints (step 3 on rank 0, step 1 on rank 1) must be refused everywhere
     mismatched = ckpt[3] if rank == 0 else ckpt[1]
-    out["resume_mismatch"] = _expect(EngineUsageError, lambda: run(1, load=mismatched, **common))
+    out["resume_mismatch"] = expect(EngineUsageError, lambda: run(1, load=mismatched, **common))
 
     # (6) secure mode: OS-seeded sampling per rank, rank 0 draws the noise and broadcasts it
     r = run(3, distributed=True, secure_mode=True, noise_multiplier=1.0)
     out["secure"] = {"params": r["params"], "epsilon": r["epsilon"], "batch_sizes": r["batch_sizes"]}
 
     # (7) NaN gradients on rank 1's example 1 (q = 1: always sampled): both ranks must raise at the step
-    out["nonfinite"] = _expect(NonFiniteGradientError, lambda: run(1, distributed=True, nan_index=1, batch_size=N))
+    out["nonfinite"] = expect(NonFiniteGradientError, lambda: run(1, distributed=True, nan_index=1, batch_size=N))
 
     # (9) a tiny q: some steps leave a rank's shard (or the whole batch) empty; still one noisy step each
     r = run(8, distributed=True, sample_rate=0.03, noise_multiplier=1.0)
     out["sparse"] = {"params": r["params"], "batch_sizes": r["batch_sizes"], "steps": r["steps"]}
 
     # (8) ranks disagreeing on the mechanism are refused on every rank
-    out["mismatch"] = _expect(PrivacyParameterError, lambda: run(1, distributed=True, max_grad_norm=1.0 + rank))
+    out["mismatch"] = expect(PrivacyParameterError, lambda: run(1, distributed=True, max_grad_norm=1.0 + rank))
     return out
 
 
@@ -205,18 +201,6 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 def single(steps: int, **kwargs: Any) -> dict[str, Any]:
     return run(steps, distributed=False, **kwargs)
-
-
-def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
-
-
-def composed_epsilon(q: float, sigma: float, steps: int, delta: float = 1e-5) -> float:
-    reference = PLDAccountant()  # the engine's default accountant, composed by hand
-    reference.compose(PoissonSampled(q, Gaussian(sigma)), steps)
-    return reference.get_epsilon(delta)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,30 +384,10 @@ def test_fsdp_is_refused_and_distributed_needs_a_process_group() -> None:
 def test_train_distributed_script_under_torchrun_matches_one_process(tmp_path: Path) -> None:
     """scripts/train_distributed.py: 2 ranks under torchrun and 1 plain process give the same model (same global
     batches and noise), the same ε ≤ target, and the privacy statement."""
-    import importlib.util
     import json
-    import subprocess
-    import sys
 
-    root = Path(__file__).resolve().parents[2]
-    script = str(root / "scripts" / "train_distributed.py")
-    flags = ["--epochs", "1", "--no-progress", "--threads", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", script, *flags, "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, timeout=240,
-    )
-    assert two.returncode == 0, two.stdout + two.stderr
-    # the one-process reference runs in this process (no RANK in the environment: world size 1)
-    spec = importlib.util.spec_from_file_location("train_distributed", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    try:
-        module.main([*flags, "--out", str(tmp_path / "one")])
-    finally:
-        torch.set_num_threads(threads)
+    two = train_distributed_on_two_ranks(tmp_path / "two")
+    train_distributed_in_this_process(tmp_path / "one")
     reports = [json.loads((tmp_path / name / "privacy_report.json").read_text()) for name in ("two", "one")]
     assert [r["world_size"] for r in reports] == [2, 1]
     assert reports[0]["epsilon"] == reports[1]["epsilon"] <= 3.0

@@ -13,7 +13,6 @@ One ``torch.multiprocessing.spawn`` of two ranks runs every scenario; each test 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +22,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from accountants import Gaussian, PLDAccountant, PoissonSampled
 from dpclip import ModelNotSupportedError, PrivacyEngine
 from dpclip.checkpoint import CheckpointError
 from dpclip.errors import PrivacyParameterError
 
-from .ranks import free_port, on_ranks
+from .ranks import (
+    assert_same_params, composed_epsilon, expect, on_ranks, train_distributed_in_this_process, train_distributed_on_two_ranks,
+)
 
 pytest.importorskip("torch.distributed.fsdp")
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
@@ -112,14 +112,6 @@ def run(steps: int, *, mesh: Any = None, seed: int | None = 0, init_seed: int = 
     return result
 
 
-def _expect(error: type[BaseException], fn: Any) -> str:
-    try:
-        fn()
-    except error as caught:
-        return f"{type(caught).__name__}: {caught}"
-    return "no error"
-
-
 def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -143,17 +135,17 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     out["resume"] = {"straight": straight["params"], "resumed": resumed["params"], "steps": resumed["steps"],
                      "straight_eps": straight["epsilon"], "resumed_eps": resumed["epsilon"]}
     swapped = str(tmp / f"step3_rank{1 - rank}.pt")  # both ranks load the other's file: both refuse alone
-    out["resume_swapped"] = _expect(CheckpointError, lambda: run(0, mesh=mesh, load=swapped))
+    out["resume_swapped"] = expect(CheckpointError, lambda: run(0, mesh=mesh, load=swapped))
     # (6) secure mode: each rank's OS-seeded generator for its rows
     r = run(3, mesh=mesh, secure_mode=True, zero_loss=True, width=600, lr=1.0, momentum=0.0)
     out["secure"] = {"updates": r["updates"], "epsilon": r["epsilon"]}
     # (7) refusals, on both ranks alike, before any collective
-    out["vmap"] = _expect(PrivacyParameterError, lambda: run(1, mesh=mesh, grad_sample_mode="vmap"))
+    out["vmap"] = expect(PrivacyParameterError, lambda: run(1, mesh=mesh, grad_sample_mode="vmap"))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
-    out["mixed"] = _expect(ModelNotSupportedError, lambda: PrivacyEngine().make_private(
+    out["mixed"] = expect(ModelNotSupportedError, lambda: PrivacyEngine().make_private(
         build(mesh=mesh, mp_policy=policy), torch.optim.SGD([torch.zeros(1)], lr=1), DataLoader(dataset(), batch_size=8),
         noise_multiplier=1.0, max_grad_norm=1.0))
-    out["no_root"] = _expect(ModelNotSupportedError, lambda: PrivacyEngine().make_private(
+    out["no_root"] = expect(ModelNotSupportedError, lambda: PrivacyEngine().make_private(
         build(mesh=mesh, root=False), torch.optim.SGD([torch.zeros(1)], lr=1), DataLoader(dataset(), batch_size=8),
         noise_multiplier=1.0, max_grad_norm=1.0))
     return out
@@ -162,18 +154,6 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return on_ranks(_scenarios, tmp_path_factory.mktemp("fsdp"), WORLD)
-
-
-def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
-
-
-def composed_epsilon(q: float, sigma: float, steps: int, delta: float = 1e-5) -> float:
-    reference = PLDAccountant()
-    reference.compose(PoissonSampled(q, Gaussian(sigma)), steps)
-    return reference.get_epsilon(delta)
 
 
 def test_noiseless_fsdp2_run_equals_single_process(ranks: list[dict[str, Any]]) -> None:
@@ -259,29 +239,10 @@ def test_train_distributed_script_with_fsdp_under_torchrun(tmp_path: Path) -> No
     """scripts/train_distributed.py --fsdp on 2 ranks: the ε and steps of the one-process run, a whole model
     gathered from the shards with the one-process model's names and shapes, and one checkpoint per rank holding
     that rank's rows."""
-    import importlib.util
     import json
-    import subprocess
-    import sys
 
-    root = Path(__file__).resolve().parents[2]
-    script = str(root / "scripts" / "train_distributed.py")
-    flags = ["--epochs", "1", "--no-progress", "--threads", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", script, *flags, "--fsdp", "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, timeout=240,
-    )
-    assert two.returncode == 0, two.stdout + two.stderr
-    spec = importlib.util.spec_from_file_location("train_distributed", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    try:
-        module.main([*flags, "--out", str(tmp_path / "one")])
-    finally:
-        torch.set_num_threads(threads)
+    two = train_distributed_on_two_ranks(tmp_path / "two", "--fsdp")
+    train_distributed_in_this_process(tmp_path / "one")
     sharded, single = (json.loads((tmp_path / name / "privacy_report.json").read_text()) for name in ("two", "one"))
     assert sharded["world_size"] == 2 and sharded["epsilon"] == single["epsilon"] <= 3.0
     assert sharded["steps"] == single["steps"] == 6
