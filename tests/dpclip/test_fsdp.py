@@ -112,6 +112,40 @@ def run(steps: int, *, mesh: Any = None, seed: int | None = 0, init_seed: int = 
     return result
 
 
+def causal_lm_run(mode: str, mesh: Any = None, steps: int = 3) -> dict[str, dict[str, torch.Tensor]]:
+    """The causal-LM job's tiny GPT-2 (tied input/output embeddings; ``mode`` "full" or "lora" via peft), each
+    block and the model ``fully_shard``-ed when ``mesh`` is given, trained ``steps`` steps with negligible noise on
+    random byte sequences; the whole parameters before and after."""
+    import warnings
+
+    fl = pytest.importorskip("dpclip_examples.finetune_lm")
+    args = fl.parse_args(["--quick", "--n-layer", "2", "--n-embd", "32", "--context", "16", "--max-length", "16"])
+    model = fl.build_model(fl.new_model(args), args, mode)
+    if mesh is not None:
+        for block in (model.base_model.model if mode == "lora" else model).transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    gen = torch.Generator().manual_seed(1)
+    texts = ["".join(chr(97 + int(c)) for c in torch.randint(0, 8, (int(n),), generator=gen))
+             for n in torch.randint(3, 20, (48,), generator=gen)]
+    data = TensorDataset(*fl.ByteTokenizer().batch(texts, 16))
+    engine = PrivacyEngine(seed=0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    before = full_params(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # σ = 1e-12 (the test compares models, not ε)
+        pm, po, loader = engine.make_private(model, optimizer, DataLoader(data, batch_size=16), noise_multiplier=1e-12,
+                                             max_grad_norm=0.5, distributed=mesh is not None)
+    while engine.steps < steps:
+        for ids, mask in loader:
+            po.zero_grad()
+            fl.sequence_losses(fl.lm_logits(pm, ids), ids, mask).mean().backward()
+            po.step()
+            if engine.steps == steps:
+                break
+    return {"before": before, "after": full_params(pm.module)}
+
+
 def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -139,6 +173,8 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     # (6) secure mode: each rank's OS-seeded generator for its rows
     r = run(3, mesh=mesh, secure_mode=True, zero_loss=True, width=600, lr=1.0, momentum=0.0)
     out["secure"] = {"updates": r["updates"], "epsilon": r["epsilon"]}
+    # (8) the causal-LM job's GPT-2 (tied embeddings, Hugging Face blocks sharded), full and LoRA
+    out["causal_lm"] = {mode: causal_lm_run(mode, mesh) for mode in ("full", "lora")}
     # (7) refusals, on both ranks alike, before any collective
     out["vmap"] = expect(PrivacyParameterError, lambda: run(1, mesh=mesh, grad_sample_mode="vmap"))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
@@ -181,6 +217,18 @@ def test_noisy_fsdp2_run_has_the_single_process_epsilon(ranks: list[dict[str, An
 def _pure_noise(updates: list[dict[str, torch.Tensor]], std: float) -> tuple[float, int]:
     values = torch.cat([u.reshape(-1) for step in updates for u in step.values()]).double() / std
     return float((values**2).sum()), values.numel()
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_sharded_causal_lm_equals_single_process(ranks: list[dict[str, Any]], mode: str) -> None:
+    """A GPT-2 with tied input/output embeddings (one parameter, two uses, both sharded), its blocks and the model
+    fully_shard-ed, trains like the unsharded model in one process (noise negligible), in full and with LoRA."""
+    ref = causal_lm_run(mode)
+    for r in ranks:
+        assert_same_params(r["causal_lm"][mode]["before"], ref["before"], atol=0)
+        assert_same_params(r["causal_lm"][mode]["after"], ref["after"], atol=1e-6)
+    moved = max(float((ref["after"][k] - ref["before"][k]).abs().max()) for k in ref["after"])
+    assert moved > 1e-2
 
 
 def test_update_noise_has_the_calibrated_variance(ranks: list[dict[str, Any]]) -> None:
