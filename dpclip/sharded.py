@@ -171,10 +171,6 @@ class ShardedModel:
                     f"{expected.stop - expected.start} of fully_shard's even split; dpclip supports the default sharding"
                 )
 
-    def trainable(self) -> dict[str, Tensor]:
-        """The sharded parameters that train (``requires_grad``), by name: the optimizer's parameters."""
-        return {name: p for name, p in self.sharded.items() if p.requires_grad}
-
     def take_over(self) -> None:
         """Keep parameters gathered from the training forward to the step, and never reduce-scatter ``.grad``."""
         for sub in self.fsdp_modules:
@@ -193,6 +189,7 @@ class ShardedModel:
             sub.reshard()  # type: ignore[operator]
 
     def rows(self, name: str) -> slice:
+        """The rows of parameter ``name`` that this rank holds."""
         return rows_of(self.sharded[name].shape[0], self.rank, self.world_size)
 
     def as_gradient(self, name: str, rows: Tensor) -> Tensor:
