@@ -110,7 +110,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         chunk_size: int | None = None, nonfinite: Literal["error", "drop"] = "error",
         target_epsilon: float | None = None, target_delta: float | None = None, sample_rate: float | None = None,
         grad_sample_mode: Literal["auto", "layerwise", "vmap"] = "auto", distributed: bool | None = None,
-        verify: Literal["first-step", "every-step", "off"] = "first-step",
+        verify: Literal["first-step", "every-step", "off"] = "first-step", memory: Literal["fast", "low"] = "fast",
         noise_generator: torch.Generator | None = None, poisson_sampling: bool = True, batch_first: bool = True,
         criterion: Any = None,
     ) -> tuple[PrivateModule, DPOptimizer, PoissonDataLoader]:
@@ -136,6 +136,9 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
           the batch that the path's per-example gradients equal those of each example computed alone, that the model
           keeps examples apart and writes nothing into its own state (:mod:`dpclip.grads.verify`); else
           :class:`ModelNotSupportedError` naming the layer.
+        - ``memory`` ("fast", default; "low"): on the layerwise path, "fast" keeps the per-example gradients that fit
+          a 256 MiB budget per step between the norms and the clipped sum (a linear layer's then cost no ghost
+          Grams); "low" keeps none: peak memory about the non-private step's, some speed lost on sequence models.
         - ``distributed`` (default None = automatic under an initialised process group with world size > 1 or a
           DDP model): every rank clips its shard of one global Poisson batch; the clipped sums are all-reduced and
           noised once (:mod:`dpclip.distributed`). Call it identically on every rank with the whole data set.
@@ -161,7 +164,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
             target_quantile=target_quantile, clip_learning_rate=clip_learning_rate,
             count_noise_multiplier=count_noise_multiplier, per_layer=per_layer, loss_reduction=loss_reduction,
             chunk_size=chunk_size, nonfinite=nonfinite, target_epsilon=target_epsilon, target_delta=target_delta,
-            sample_rate=sample_rate, grad_sample_mode=grad_sample_mode, verify=verify,
+            sample_rate=sample_rate, grad_sample_mode=grad_sample_mode, verify=verify, memory=memory,
         )
         if sharded is not None and plan.grad_sample_mode == "vmap":
             raise PrivacyParameterError(
@@ -187,7 +190,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
             sharded.gather()
         mode = "layerwise" if sharded is not None else plan.grad_sample_mode
         self._sharded = sharded
-        self._forwarder = PerExampleForward(module, mode, plan.verify, plan.chunk_size)
+        self._forwarder = PerExampleForward(module, mode, plan.verify, plan.chunk_size, plan.kept_bytes)
         self._settings, self.clipping, self.budget = plan.mechanism, plan.clipping, plan.budget
         self._bound = plan.clipping.max_norm
         self._step_event = plan.mechanism.step_event()

@@ -37,6 +37,12 @@ class TrainingPlan:
     chunk_size: int | None
     grad_sample_mode: str
     verify: str
+    memory: str = "fast"
+
+    @property
+    def kept_bytes(self) -> int | None:
+        """The layerwise path's budget for kept per-example gradients: its default ("fast"), or none ("low")."""
+        return 0 if self.memory == "low" else None
 
 
 def dataset_size(data_loader: DataLoader) -> int:
@@ -154,6 +160,7 @@ def plan_training(
     sample_rate: float | None,
     grad_sample_mode: str,
     verify: str,
+    memory: str = "fast",
 ) -> TrainingPlan:
     """Validate every argument of ``make_private`` into a :class:`TrainingPlan`."""
     size = dataset_size(data_loader)
@@ -190,7 +197,12 @@ def plan_training(
         raise PrivacyParameterError(f"grad_sample_mode must be 'auto', 'layerwise' or 'vmap', got {grad_sample_mode!r}")
     if verify not in ("first-step", "every-step", "off"):
         raise PrivacyParameterError(f"verify must be 'first-step', 'every-step' or 'off', got {verify!r}")
-    return TrainingPlan(mechanism, policy, budget, nonfinite, chunk_size, grad_sample_mode, verify)
+    if memory not in ("fast", "low"):
+        raise PrivacyParameterError(
+            f"memory must be 'fast' (keep per-example gradients that fit a 256 MiB budget: faster) or 'low' (keep "
+            f"none: about the non-private step's peak memory), got {memory!r}"
+        )
+    return TrainingPlan(mechanism, policy, budget, nonfinite, chunk_size, grad_sample_mode, verify, memory)
 
 
 def calibrated_noise_multiplier(data_loader: DataLoader, target_epsilon: float, target_delta: float, epochs: float,

@@ -75,11 +75,12 @@ class PerExampleForward:
     per-example gradients for this model, then run the forward on it; backward hands the per-example
     gradients of each batch (or chunk) to the consumer.
 
-    ``mode``: "auto" (layerwise, else vmap), "layerwise" or "vmap"; ``verify``: "first-step", "every-step", "off".
+    ``mode``: "auto" (layerwise, else vmap), "layerwise" or "vmap"; ``verify``: "first-step", "every-step", "off";
+    ``kept_bytes``: the layerwise path's budget for kept per-example gradients (None: its default; 0: none).
     """
 
-    def __init__(self, module: nn.Module, mode: str, verify: str, chunk_size: int | None) -> None:
-        self.tape = LayerwiseTape(module) if mode != "vmap" else None
+    def __init__(self, module: nn.Module, mode: str, verify: str, chunk_size: int | None, kept_bytes: int | None = None) -> None:
+        self.tape = LayerwiseTape(module, kept_bytes) if mode != "vmap" else None
         self.paths = ["layerwise", "vmap"] if mode == "auto" else [mode]
         self.verify = verify
         self.path: str | None = None if verify != "off" else self.paths[0]

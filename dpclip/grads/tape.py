@@ -174,8 +174,11 @@ class _BoundCall(LayerCall):
 class LayerwiseTape:
     """Hooks on a model's layers with trainable parameters; one forward + backward → :class:`LayerwiseGradients`."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, kept_bytes: int | None = None) -> None:
+        """``kept_bytes``: the step's budget for per-example gradients kept between the norms and the clipped sum
+        (None: :attr:`LayerwiseGradients.cache_bytes`; 0 keeps none, the least memory)."""
         self.model = model
+        self.kept_bytes = kept_bytes
         self.recording = False
         self.finished = True
         self.uses: list[_Use] = []
@@ -326,7 +329,7 @@ class LayerwiseTape:
         for use in uses:
             parts.extend(use.contributions())
         del uses
-        gradients = LayerwiseGradients(self.batch, list(self.names.values()), parts, self.model)
+        gradients = LayerwiseGradients(self.batch, list(self.names.values()), parts, self.model, self.kept_bytes)
         del parts  # the weighted sum releases each layer's activations and output gradients as it goes
         consume, self.consume = self.consume, None  # (the model's hooks keep the tape alive, not the consumer)
         if consume is not None:
@@ -367,17 +370,18 @@ class LayerwiseGradients:
     #: :class:`~dpclip.grads.LinearWeight`): keeping a layer's saves its ghost Grams (B·T²·(in + out)) and a
     #: B·T·in·out product — 10 % of the 2-layer benchmark transformer's step — at B·in·out·4 bytes. One budget
     #: for the step bounds that memory whatever the depth (a 6-layer d = 256 transformer would keep 1.5 GB);
-    #: lower it (a class attribute) to trade that speed for memory.
+    #: ``make_private(memory="low")`` sets it to 0 for one engine: that speed traded for memory.
     cache_bytes = 256 * 2**20
 
-    def __init__(self, batch: int, names: list[str], parts: list[Contribution], model: nn.Module) -> None:
+    def __init__(self, batch: int, names: list[str], parts: list[Contribution], model: nn.Module,
+                 kept_bytes: int | None = None) -> None:
         self.batch = batch
         self.names = names
         wanted = set(names)
         self.params = {name: p for name, p in model.named_parameters() if name in wanted}
         self._summed = False
         self.by_name: dict[str, list[Contribution]] = defaultdict(list)
-        budget = CacheBudget(self.cache_bytes)
+        budget = CacheBudget(self.cache_bytes if kept_bytes is None else kept_bytes)
         for part in parts:
             part.budget = budget
             self.by_name[part.name].append(part)

@@ -74,10 +74,10 @@ MORE = {
 }
 
 
-def _both(model, inputs, y):
+def _both(model, inputs, y, kept_bytes=None):
     batch = len(y)
     reference = MaterializedGradients(per_sample_grads(model, nn.CrossEntropyLoss(reduction="sum"), inputs, y))
-    tape = LayerwiseTape(model)
+    tape = LayerwiseTape(model, kept_bytes)
     captured = []
     out = tape.forward(model, inputs if isinstance(inputs, tuple) else (inputs,), {}, batch, captured.append)
     nn.functional.cross_entropy(out, y, reduction="sum").backward()
@@ -207,3 +207,39 @@ def test_a_wide_linear_layer_keeps_the_layerwise_path():
         exact = model.weight.grad.double().norm()
         bound = fast.norms("l2")[i, 0]
         assert exact <= bound <= exact * (1 + 4e-4)
+
+
+@pytest.mark.parametrize("case", ["causal_encoder", "sequence_ghost", "grouped_dilated_conv"])
+def test_memory_low_keeps_no_per_example_gradient_and_equals_vmap(case, monkeypatch):
+    """memory="low" (a kept-gradient budget of 0): nothing is kept between the norms and the clipped sum (by
+    default these models keep some), and norms and sums still equal the vmap path's per-example gradients."""
+    from dpclip.grads.contributions import CacheBudget
+
+    granted = []
+    take = CacheBudget.take
+    monkeypatch.setattr(CacheBudget, "take", lambda self, size: granted.append(take(self, size)) or granted[-1])
+    torch.manual_seed(0)
+    make_model, make_input = MORE[case]
+    model, x, y = make_model(), make_input(7), torch.randint(0, 3, (7,))
+    _compare(*_both(model, x, y))
+    assert any(granted)  # the default keeps some
+    granted.clear()
+    _compare(*_both(model, x, y, kept_bytes=0))
+    assert granted and not any(granted)
+
+
+def test_make_private_memory_option_reaches_the_tape_and_is_validated():
+    model = CausalEncoder()
+    data = DataLoader(TensorDataset(torch.randint(0, 20, (32, 6)), torch.randint(0, 3, (32,))), batch_size=8)
+    engine = dpclip.PrivacyEngine(seed=0)
+    with pytest.raises(dpclip.PrivacyParameterError, match="memory must be 'fast'"):
+        engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), data, noise_multiplier=1.0,
+                            max_grad_norm=1.0, memory="tiny")
+    assert engine.settings is None
+    private, optimizer, loader = engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), data,
+                                                     noise_multiplier=1.0, max_grad_norm=1.0, memory="low")
+    assert engine._forwarder.tape.kept_bytes == 0
+    x, y = next(iter(loader))
+    nn.functional.cross_entropy(private(x), y).backward()
+    optimizer.step()
+    assert engine.steps == 1 and engine.grad_sample_path == "layerwise"
