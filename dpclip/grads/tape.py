@@ -77,6 +77,7 @@ class _Use:
         self.tape, self.where, self.module, self.rule = tape, where, module, rule
         self.args, self.kwargs, self.layout, self.main = call_args, call_kwargs, layout, main
         self.grads: list[Tensor | None] = []
+        self.released = False
 
     def capture(self, output: Any) -> Any:
         """The output with a gradient hook on each floating tensor (expanded per example for a shared call)."""
@@ -100,7 +101,7 @@ class _Use:
 
     def _hook(self, index: int) -> Callable[[Tensor], None]:
         def on_grad(grad: Tensor) -> None:
-            if self.grads[index] is not None or self.tape.finished:
+            if self.released or self.grads[index] is not None or self.tape.finished:
                 raise EngineUsageError(
                     "backward ran twice through the same forward: each example's gradient would count twice. "
                     "Run one forward per batch and call backward on it once."
@@ -145,6 +146,13 @@ class _Use:
             layout_dims=None if layout.shared else (layout.in_dim, layout.out_dim),
             unsqueeze=not layout.shared, main_input=main,
         )
+
+    def release(self) -> None:
+        """Drop the recorded inputs and output gradients (the contributions hold what they need). The gradient
+        hooks on the graph's tensors keep this object alive as long as the user keeps the loss, often into the
+        next step: holding them here would keep a whole step's activations and output gradients alive too."""
+        self.released = True
+        self.args, self.kwargs, self.main, self.grads = (), {}, None, [None] * len(self.grads)  # type: ignore[assignment]
 
     def contributions(self) -> list[Contribution]:
         if all(g is None for g in self.grads):
@@ -328,6 +336,7 @@ class LayerwiseTape:
         parts: list[Contribution] = []
         for use in uses:
             parts.extend(use.contributions())
+            use.release()
         del uses
         gradients = LayerwiseGradients(self.batch, list(self.names.values()), parts, self.model, self.kept_bytes)
         del parts  # the weighted sum releases each layer's activations and output gradients as it goes
