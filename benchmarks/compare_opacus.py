@@ -2,7 +2,9 @@
 
 Every (model, library) pair runs in a fresh subprocess (so peak RSS is its own), with the same model, data,
 seed, expected batch size, (q, σ, C) and number of steps. Libraries: non-private PyTorch; dpclip (default
-"auto" mode: the layerwise fast path where every layer has one) and dpclip's general vmap path; Opacus
+"auto" mode: the layerwise fast path where every layer has one), dpclip's general vmap path, and (only when named
+in ``--libraries``) dpclip-lowmem, dpclip with ``memory="low"`` (no per-example gradients kept between the norms
+and the clipped sum); Opacus
 grad_sample_mode "hooks", "functorch" and "ghost". Opacus refuses nn.MultiheadAttention, so for the
 transformer it runs on ModuleValidator.fix(model) (DPMultiheadAttention); dpclip runs the stock model.
 
@@ -49,7 +51,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-LIBRARIES = ["nonprivate", "dpclip", "dpclip-vmap", "opacus-hooks", "opacus-functorch", "opacus-ghost"]
+LIBRARIES = ["nonprivate", "dpclip", "dpclip-vmap", "opacus-hooks", "opacus-functorch", "opacus-ghost"]  # the default run
+OPTIONAL_LIBRARIES = ["dpclip-lowmem"]  # only when named in --libraries: dpclip with memory="low"
 MODELS = ["mlp", "cnn", "transformer", "resnet"]  # the default suite (the committed compare_opacus_full_cpu.json)
 SCALE_MODELS = ["transformer-large", "embedding"]  # --suite scale: not in the default run (hours on CPU)
 SUITES = {"default": MODELS, "scale": SCALE_MODELS}
@@ -321,6 +324,7 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
         model, optimizer, loader = engine.make_private(
             model, optimizer, loader, noise_multiplier=SIGMA, max_grad_norm=CLIP,
             grad_sample_mode="vmap" if library == "dpclip-vmap" else "auto",
+            memory="low" if library == "dpclip-lowmem" else "fast",
         )
     else:
         from opacus import PrivacyEngine
@@ -500,7 +504,7 @@ def plot(results: list[dict[str, Any]], path: Path, settings: dict[str, Any]) ->
     if not ok:
         return
     models = sorted({r["model"] for r in ok}, key=ALL_MODELS.index)
-    libraries = [lib for lib in LIBRARIES if any(r["library"] == lib for r in ok)]
+    libraries = [lib for lib in LIBRARIES + OPTIONAL_LIBRARIES if any(r["library"] == lib for r in ok)]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     width = 0.8 / len(libraries)
     for i, lib in enumerate(libraries):
@@ -539,7 +543,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help=f"the models run: default {' '.join(MODELS)}; scale {' '.join(SCALE_MODELS)} (hours on CPU), "
                         "written to compare_opacus_scale_<device>.json (compare_opacus_scale_<size>_<device>.json below full size)")
     parser.add_argument("--models", nargs="+", choices=ALL_MODELS, default=None, help="instead of the models of --suite")
-    parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=LIBRARIES)
+    parser.add_argument("--libraries", nargs="+", choices=LIBRARIES + OPTIONAL_LIBRARIES, default=LIBRARIES)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run (after warm-up); a run reports their median")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (dpclip's first step verifies its path)")
     parser.add_argument("--repeats", type=int, default=3,

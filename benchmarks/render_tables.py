@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
-LIBRARY_ORDER = ["nonprivate", "dpclip", "dpclip-vmap", "opacus-hooks", "opacus-functorch", "opacus-ghost"]
+LIBRARY_ORDER = ["nonprivate", "dpclip", "dpclip-lowmem", "dpclip-vmap", "opacus-hooks", "opacus-functorch", "opacus-ghost"]
 
 
 def _prose(text: str) -> str:
