@@ -194,11 +194,7 @@ class ShardedModel:
 
     def as_gradient(self, name: str, rows: Tensor) -> Tensor:
         """This rank's rows of a release as the ``.grad`` of the sharded parameter ``name`` (same placement)."""
-        from torch.distributed.tensor import DTensor
-
-        p = self.sharded[name]
-        return DTensor.from_local(rows.to(p.dtype), p.device_mesh, p.placements, run_check=False,
-                                  shape=p.shape, stride=p.stride())
+        return self.distributed_like(rows, self.sharded[name])
 
     def copy_gathered_into_shards(self) -> None:
         """Write each gathered parameter's rows into this rank's shard (after the gathered copies were changed)."""
