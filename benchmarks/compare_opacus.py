@@ -2,9 +2,8 @@
 
 Every (model, library) pair runs in a fresh subprocess (so peak RSS is its own), with the same model, data,
 seed, expected batch size, (q, σ, C) and number of steps. Libraries: non-private PyTorch; dpclip (default
-"auto" mode: the layerwise fast path where every layer has one), dpclip's general vmap path, and (only when named
-in ``--libraries``) dpclip-lowmem, dpclip with ``memory="low"`` (no per-example gradients kept between the norms
-and the clipped sum); Opacus
+"auto" mode: the layerwise fast path where every layer has one), dpclip-lowmem (the same with ``memory="low"``: no
+per-example gradients kept between the norms and the clipped sum), dpclip's general vmap path; Opacus
 grad_sample_mode "hooks", "functorch" and "ghost". Opacus refuses nn.MultiheadAttention, so for the
 transformer it runs on ModuleValidator.fix(model) (DPMultiheadAttention); dpclip runs the stock model.
 
@@ -51,8 +50,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-LIBRARIES = ["nonprivate", "dpclip", "dpclip-vmap", "opacus-hooks", "opacus-functorch", "opacus-ghost"]  # the default run
-OPTIONAL_LIBRARIES = ["dpclip-lowmem"]  # only when named in --libraries: dpclip with memory="low"
+LIBRARIES = ["nonprivate", "dpclip", "dpclip-lowmem", "dpclip-vmap", "opacus-hooks", "opacus-functorch", "opacus-ghost"]
 MODELS = ["mlp", "cnn", "transformer", "resnet"]  # the default suite (the committed compare_opacus_full_cpu.json)
 SCALE_MODELS = ["transformer-large", "embedding"]  # --suite scale: not in the default run (hours on CPU)
 SUITES = {"default": MODELS, "scale": SCALE_MODELS}
@@ -504,7 +502,7 @@ def plot(results: list[dict[str, Any]], path: Path, settings: dict[str, Any]) ->
     if not ok:
         return
     models = sorted({r["model"] for r in ok}, key=ALL_MODELS.index)
-    libraries = [lib for lib in LIBRARIES + OPTIONAL_LIBRARIES if any(r["library"] == lib for r in ok)]
+    libraries = [lib for lib in LIBRARIES if any(r["library"] == lib for r in ok)]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     width = 0.8 / len(libraries)
     for i, lib in enumerate(libraries):
@@ -543,7 +541,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help=f"the models run: default {' '.join(MODELS)}; scale {' '.join(SCALE_MODELS)} (hours on CPU), "
                         "written to compare_opacus_scale_<device>.json (compare_opacus_scale_<size>_<device>.json below full size)")
     parser.add_argument("--models", nargs="+", choices=ALL_MODELS, default=None, help="instead of the models of --suite")
-    parser.add_argument("--libraries", nargs="+", choices=LIBRARIES + OPTIONAL_LIBRARIES, default=LIBRARIES)
+    parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=LIBRARIES)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run (after warm-up); a run reports their median")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (dpclip's first step verifies its path)")
     parser.add_argument("--repeats", type=int, default=3,

@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).parents[2]
 
 
-LIBRARIES = ["nonprivate", "dpclip", "dpclip-vmap", "opacus-hooks", "opacus-functorch", "opacus-ghost"]
+LIBRARIES = ["nonprivate", "dpclip", "dpclip-lowmem", "dpclip-vmap", "opacus-hooks", "opacus-functorch", "opacus-ghost"]
 
 
 def _check_compare_smoke(tmp_path, stem, models):
