@@ -37,6 +37,7 @@ from .registry import float_leaves
 Tensor = torch.Tensor
 PathRunner = Callable[[nn.Module, tuple, dict, int], tuple[Any, Callable[[], ExampleGradients]]]
 _PROBE_SIZES = (7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47)
+_RUNTIME_TRIES = 4  # probe sizes tried against the shapes the layers see at run time
 
 
 _DROPOUTS = {
@@ -64,11 +65,40 @@ class NoDropout(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def probe_size(model: nn.Module, args: tuple, kwargs: dict) -> int:
-    """The smallest probe size in a list of primes that is no dim of a parameter or of a non-batch input dim."""
+def probe_size(model: nn.Module, args: tuple, kwargs: dict, batch: int) -> int:
+    """The smallest probe size in a list of primes that is no dim of a parameter, of a non-batch input dim, or of
+    a non-leading dim of what the model's layers take and return when it runs on that probe (shapes that depend on
+    the data, e.g. a batch trimmed to its longest sentence, are only seen there). If every size tried shows up
+    (a layer keeps the examples in another dim), the first one: the checks then judge that layout."""
     sizes = {s for p in model.parameters() for s in p.shape}
     sizes |= {s for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor) for s in t.shape[1:]}
-    return next((k for k in _PROBE_SIZES if k not in sizes), _PROBE_SIZES[-1])
+    candidates = [k for k in _PROBE_SIZES if k not in sizes] or [_PROBE_SIZES[-1]]
+    for k in candidates[:_RUNTIME_TRIES]:
+        index = torch.arange(k) % batch
+        seen = _layer_dims(model, _take(args, batch, index), _take(kwargs, batch, index))
+        if seen is None or k not in seen:
+            return k
+    return candidates[0]
+
+
+def _layer_dims(model: nn.Module, args: tuple, kwargs: dict) -> set[int] | None:
+    """Every non-leading dim of the tensors the model's modules take and return on this input (no gradients);
+    None if the forward fails (the checks then report it)."""
+    dims: set[int] = set()
+
+    def record(module: nn.Module, inputs: Any, output: Any) -> None:
+        dims.update(s for t in tree_flatten((inputs, output))[0] if isinstance(t, Tensor) for s in t.shape[1:])
+
+    handles = [m.register_forward_hook(record) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception:
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return dims
 
 
 def _take(values: Any, batch: int, index: Tensor) -> Any:
@@ -136,9 +166,6 @@ def verify_paths(
     names: list[str],
 ) -> str:
     """The first candidate path that passes the checks on a probe of this batch; ModelNotSupportedError if none."""
-    k = probe_size(model, args, kwargs)
-    index = torch.arange(k) % batch
-    probe_args, probe_kwargs = _take(args, batch, index), _take(kwargs, batch, index)
     params = dict(model.named_parameters())
     trainable = [params[n] for n in names]
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
@@ -151,6 +178,9 @@ def verify_paths(
             if devices:
                 stack.enter_context(torch.autocast("cuda", enabled=False))
             stack.enter_context(NoDropout())
+            k = probe_size(model, args, kwargs, batch)
+            index = torch.arange(k) % batch
+            probe_args, probe_kwargs = _take(args, batch, index), _take(kwargs, batch, index)
             try:
                 expected = _reference(model, probe_args, probe_kwargs, k, batch, index, args, kwargs, trainable)
             except ModelNotSupportedError as error:

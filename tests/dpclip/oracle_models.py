@@ -493,6 +493,30 @@ def build_last_token(red: str = "mean") -> Setup:
     return Setup(LastTokenGather(), (randn(N, 5, 4), lengths, labels(N)), ce_loss(red))
 
 
+class TrimmedTokens(nn.Module):
+    """Drops the trailing padding positions of the batch before its layers (a shape that depends on the data):
+    every example here has 7 real tokens, so each probe is trimmed to 7 positions, the first probe size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.tok = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        length = int(mask.sum(dim=1).max())
+        ids, weights = ids[:, :length], mask[:, :length, None].to(torch.float32)
+        h = torch.tanh(self.tok(self.emb(ids)))
+        return self.head((h * weights).sum(1) / weights.sum(1))
+
+
+@seeded
+def build_trimmed_tokens(red: str = "mean") -> Setup:
+    mask = torch.zeros(N, 16, dtype=torch.bool)
+    mask[:, :7] = True
+    return Setup(TrimmedTokens(), (randint(20, N, 16), mask, labels(N)), ce_loss(red))
+
+
 class FlattenedTokens(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -1114,6 +1138,9 @@ def _cases() -> list[Case]:
              "a Linear applied to the rows x[chosen] only (routing); per-example function, batch-dependent layer input"),
         Case("cls_pooling", "B", build_cls_pooling, EXACT, (), "head(h[:, 0])"),
         Case("last_token_gather", "B", build_last_token, EXACT, (), "h[torch.arange(B), lengths - 1]"),
+        Case("trimmed_to_probe_size", "B", build_trimmed_tokens, {"vmap": EXACT_OR_REFUSED}, ("TrimmedTokens",),
+             "trims the padded batch to its longest sequence, 7 tokens, the first probe size (vmap cannot batch "
+             "the data-dependent length; the probe size avoids the shapes the layers see)"),
         Case("linear_on_reshape_BT", "B", build_reshape_bt, EXACT_OR_REFUSED, ("flat_fc", "FlattenedTokens"),
              "Linear on x.reshape(B*T, d), reshaped back"),
         Case("batch_mean_mixing", "B", build_batch_mixing, REFUSED, ("batch_centre", "BatchCentre", "MixesBatch"),
