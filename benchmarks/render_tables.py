@@ -114,7 +114,8 @@ def compare_markdown(report: dict[str, Any]) -> str:
 
 
 def compare_readme(report: dict[str, Any]) -> str:
-    """README's summary: per model, non-private, dpclip (both paths), the fastest Opacus mode and Opacus hooks."""
+    """README's summary: per model, non-private, dpclip (both memory settings and the vmap path), the fastest Opacus
+    mode and Opacus hooks."""
     s, results = report["settings"], report["results"]
     base = _baselines(results)
     ok = {(r["model"], r["library"]): r for r in results if "error" not in r}
@@ -129,8 +130,8 @@ def compare_readme(report: dict[str, Any]) -> str:
         ratio = f"{_ratio(r['ms_per_step'] / base[r['model']])}, " if r["model"] in base else ""
         return f"{mode}{ms} ({ratio}{_memory(r)})"
 
-    lines = ["| model | non-private | dpclip | dpclip, vmap path | fastest Opacus mode | Opacus hooks |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | non-private | dpclip | dpclip, `memory=\"low\"` | dpclip, vmap path | fastest Opacus mode | Opacus hooks |",
+             "|---|---|---|---|---|---|---|"]
     for m in models:
         private = [r for (mm, lib), r in ok.items() if mm == m and lib != "nonprivate"]
         fastest = min(private, key=lambda r: r["ms_per_step"])["library"] if private else None
@@ -140,6 +141,7 @@ def compare_readme(report: dict[str, Any]) -> str:
             s.get("models", {}).get(m, m),
             cell(ok.get((m, "nonprivate"))),
             cell(ok.get((m, "dpclip")), fastest == "dpclip"),
+            cell(ok.get((m, "dpclip-lowmem")), fastest == "dpclip-lowmem"),
             cell(ok.get((m, "dpclip-vmap")), fastest == "dpclip-vmap"),
             cell(best, best is not None and fastest == best["library"], f"{best['library'][len('opacus-'):]} " if best else ""),
             cell(ok.get((m, "opacus-hooks")), fastest == "opacus-hooks"),
@@ -308,6 +310,7 @@ def utility_readme(report: dict[str, Any]) -> str:
 TABLES: dict[str, tuple[Callable[[dict], str], Callable[[dict], str]]] = {
     # results file stem: (its .md, its README block)
     "compare_opacus_full_cpu": (compare_markdown, compare_readme),
+    "compare_opacus_scale_cpu": (compare_markdown, compare_readme),
     "accuracy_digits": (accuracy_markdown, accuracy_readme),
     "loader_workers": (loader_markdown, loader_readme),
     "main_job": (main_job_markdown, main_job_readme),
