@@ -599,6 +599,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     settings = compare.environment(args.threads, dict(os.environ))
+    settings["started"] = f"{settings['date']} pid {os.getpid()}"  # tells this invocation's entry apart in --append
     if argv is not None:  # called in-process: record these arguments, not the caller's
         settings["command"] = compare.command_line([str(Path(__file__)), *argv], dict(os.environ))
         settings["argv"] = list(argv)
@@ -640,8 +641,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               f"{dict(zip(keys, values)) or ''}: {'validation' if args.tune else 'test'} accuracy "
                               f"{figure:.4f} {result.get('ema_accuracy', '')}, ε reported {result['epsilon']:.4f}, σ {planned['sigma']:.4f}, "
                               f"{result['steps']} steps, {result['wall_s']:.0f} s", file=sys.stderr, flush=True)
+                        if not args.tune:  # after every run: a stopped sweep keeps what it finished
+                            settings["duration_s"] = round(time.perf_counter() - started, 1)
+                            write_results(args, settings, data_info, configs, runs, final=False)
     settings["duration_s"] = round(time.perf_counter() - started, 1)
-    report = {"delta": DELTA, "settings": settings, "data": data_info, "configs": configs, "runs": runs}
     if args.tune:
         path = args.tuning_file
         existing = json.loads(path.read_text()) if path.exists() else {"sweeps": []}
@@ -649,29 +652,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    "runs": [{k: v for k, v in r.items() if k != "privacy_report"} for r in runs]})
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(existing, indent=1) + "\n")
-        return report
+        return {"delta": DELTA, "settings": settings, "data": data_info, "configs": configs, "runs": runs}
+    report = write_results(args, settings, data_info, configs, runs, final=True)
+    print(render_markdown(report))
+    return report
+
+
+def write_results(args: argparse.Namespace, settings: dict[str, Any], data_info: dict[str, Any],
+                  configs: dict[str, Any], runs: list[dict[str, Any]], *, final: bool) -> dict[str, Any]:
+    """Write this invocation's ``runs`` so far (JSON, markdown, plot) into ``args.out``.
+
+    With ``--append`` the file on disk is read again at every write: its runs of the same model, library, ε and
+    seed are replaced, and this invocation's entry under ``invocations`` (told apart by ``settings["started"]``) is
+    updated in place, so writing after every run leaves one entry per invocation. ``final``: the invocation ended
+    (a stopped one stays marked ``"finished": false``)."""
     stem = f"{REPORT_STEM}_smoke" if args.smoke else REPORT_STEM
-    args.out.mkdir(parents=True, exist_ok=True)
-    for r in runs:
-        r["invocation"] = 0
-    report["invocations"] = [settings]
-    previous = args.out / f"{stem}.json"
-    if args.append and previous.exists():
-        old = json.loads(previous.read_text())
+    path = args.out / f"{stem}.json"
+    settings["finished"] = final
+    report: dict[str, Any] = {"delta": DELTA, "settings": settings, "data": data_info, "configs": configs,
+                              "runs": list(runs), "invocations": [settings]}
+    mine = 0
+    if args.append and path.exists():
+        old = json.loads(path.read_text())
         invocations = old.get("invocations", [old["settings"]])
+        mine = next((n for n, i in enumerate(invocations) if i.get("started") == settings["started"]), len(invocations))
         new = {(r["model"], r["library"], r["target_epsilon"], r["seed"]) for r in runs}
-        for r in runs:
-            r["invocation"] = len(invocations)
         kept = [r for r in old["runs"] if (r["model"], r["library"], r["target_epsilon"], r["seed"]) not in new]
-        report["runs"] = kept + runs
-        report["invocations"] = invocations + [settings]
+        report["runs"] = kept + list(runs)
+        report["invocations"] = invocations[:mine] + [settings] + invocations[mine + 1:]
         report["configs"] = {**old.get("configs", {}), **configs}
         report["data"] = old.get("data", data_info)
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    markdown = render_markdown(report)
-    (args.out / f"{stem}.md").write_text(markdown)
+    for r in runs:
+        r["invocation"] = mine
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, path)
+    (args.out / f"{stem}.md").write_text(render_markdown(report))
     plot(report, args.out / f"{stem}.png")
-    print(markdown)
     return report
 
 

@@ -254,3 +254,37 @@ def test_utility_smoke_run(tmp_path: Path) -> None:
     assert (out / "utility_fashion_mnist_smoke.md").read_text().startswith("# Fashion-MNIST")
     assert (out / "utility_fashion_mnist_smoke.png").stat().st_size > 1000
     assert math.isfinite(report["settings"]["duration_s"])
+
+
+def test_a_stopped_sweep_keeps_the_runs_it_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("utility_under_test", ROOT / "benchmarks" / "utility.py")
+    utility = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utility)
+    data = _random_fashion(tmp_path / "data", 400, 150)
+    out = tmp_path / "out"
+    common = ["--smoke", "--data-dir", str(data), "--out", str(out), "--models", "cnn", "--libraries", "dpclip"]
+    real_train_one, calls = utility.train_one, []
+
+    def stopped_at_second_run(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the sweep is stopped during its second run
+        return real_train_one(*args, **kwargs)
+
+    monkeypatch.setattr(utility, "train_one", stopped_at_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        utility.main([*common, "--epsilons", "3", "2"])
+    report = json.loads((out / "utility_fashion_mnist_smoke.json").read_text())
+    assert [(r["target_epsilon"], r["invocation"]) for r in report["runs"]] == [(3.0, 0)]
+    assert [i["finished"] for i in report["invocations"]] == [False]
+    assert "| cnn | 3 |" in (out / "utility_fashion_mnist_smoke.md").read_text()
+
+    # a later --append run adds its own invocation entry (one, though it writes after every run) and keeps the first
+    monkeypatch.setattr(utility, "train_one", real_train_one)
+    utility.main([*common, "--epsilons", "2", "1", "--append"])
+    report = json.loads((out / "utility_fashion_mnist_smoke.json").read_text())
+    assert sorted((r["target_epsilon"], r["invocation"]) for r in report["runs"]) == [(1.0, 1), (2.0, 1), (3.0, 0)]
+    assert [i["finished"] for i in report["invocations"]] == [False, True]
+    assert len({i["started"] for i in report["invocations"]}) == 2
