@@ -269,8 +269,9 @@ UTILITY_MODELS = {"scatternet": "ScatterNet features + linear", "cnn": "end-to-e
 
 
 def _percent_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f} %"
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f} % (1 seed)"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f} %"
 
 
 def utility_markdown(report: dict[str, Any]) -> str:
@@ -307,8 +308,105 @@ def utility_readme(report: dict[str, Any]) -> str:
     return f"{_prose(intro)}\n\n" + "\n".join(lines) + "\n"
 
 
-TABLES: dict[str, tuple[Callable[[dict], str], Callable[[dict], str]]] = {
-    # results file stem: (its .md, its README block)
+# ------------------------------------------------------------------------------------------------------------
+# benchmarks/accountant_speed.py (ε and query time: dpclip vs dp_accounting vs Opacus)
+# ------------------------------------------------------------------------------------------------------------
+def _query_ms(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:.2g}" if value < 1 else f"{value:.1f}"
+
+
+def _rdp_speed(report: dict[str, Any]) -> str:
+    u = report["setup"]
+    lines = [_prose(f"ε for {u['steps']:,} steps at q = {u['q']:g}, σ = {u['sigma']:g}, δ = {u['delta']:g}, median "
+                    f"of {u['repeats']} calls. {_made_by(report['settings'])}"), "",
+             "| library | ε | ms per call |", "|---|---|---|"]
+    lines += [f"| {name} | {row['epsilon']:.4f} | {_query_ms(row['ms_median'])} |" for name, row in report["rdp_speed"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _pld_speed(report: dict[str, Any]) -> str:
+    tables = report["pld_speed"]
+    labels = list(tables)
+    names = list(dict.fromkeys(name for table in tables.values() for name in table))
+    lines = [_prose(f"Median ms per ε query (δ = {report['setup']['delta']:g}), same run as the RDP table; the "
+                    f"3-phase history is (q, σ, steps) = {', '.join(str(tuple(p)) for p in report['setup']['phases'])}."), "",
+             "| ms per ε query | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for name in names:
+        cells = []
+        for label in labels:
+            row = tables[label].get(name)
+            cells.append("—" if row is None else _query_ms(row["ms_median"])
+                         + (f" (ε = {row['epsilon']:.4f})" if name.startswith("Opacus") else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _agreement(report: dict[str, Any]) -> str:
+    lines = [f"ε at δ = {report['setup']['delta']:g} (PLD column: ε and its error bound; dp_accounting: its PLD "
+             "accountant, pessimistic, grid 1e-4; from `benchmarks/results/accountant_speed.json`):", "",
+             "| setting | RDP | PLD | dp_accounting PLD |", "|---|---|---|---|"]
+    lines += [f"| {name} | {row['rdp']:.4f} | {row['pld']:.4f} (−{row['pld_error']:.2g}) | {row['dp_accounting_pld']:.4f} |"
+              for name, row in report["agreement"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _small_delta(report: dict[str, Any]) -> str:
+    d = report["small_delta"]
+    return _prose(
+        "**Small δ.** The mass the PLD truncates (∞ privacy loss) is counted in δ exactly and the tail is refined when "
+        "it would exceed δ/1000; PLD's ε and δ are the minimum of the PLD and RDP bounds (both valid), and calibration "
+        f"starts from RDP's σ, so PLD is never looser than RDP: at δ = {d['delta']:g}, q = {d['q']:g}, σ = {d['sigma']:g}, "
+        f"{d['steps']:,} steps ε = {d['pld']:.2f} (RDP {d['rdp']:.2f}; dp_accounting's PLD {d['dp_accounting_pld']:.2f}; "
+        f"the prv_accountant package's bounds [{d['prv_accountant_lower']:.2f}, {d['prv_accountant_upper']:.2f}]; "
+        f"Opacus's PRVAccountant reports {d['opacus_prv']:.2f} at its defaults); calibrating ε = {d['target_epsilon']:g} there gives "
+        f"σ = {d['sigma_pld']:.3f} (RDP {d['sigma_rdp']:.3f}). From `benchmarks/results/accountant_speed.json`.") + "\n"
+
+
+def accountant_markdown(report: dict[str, Any]) -> str:
+    """benchmarks/results/accountant_speed.md: all four parts."""
+    parts = [_rdp_speed(report), _pld_speed(report), _agreement(report), _small_delta(report)]
+    return "# Accountants: ε and query time (dpclip, dp_accounting, Opacus)\n\n" + "\n".join(parts)
+
+
+def accountant_readme(report: dict[str, Any]) -> dict[str, str]:
+    """Four README blocks: accountant_speed (RDP speed), .pld (PLD speed), .agreement (ε table), .small_delta."""
+    return {"accountant_speed": _rdp_speed(report), "accountant_speed.pld": _pld_speed(report),
+            "accountant_speed.agreement": _agreement(report), "accountant_speed.small_delta": _small_delta(report)}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# benchmarks/audit_tightness.py (the audit's lower bound against the claimed and the exact ε)
+# ------------------------------------------------------------------------------------------------------------
+def audit_readme(report: dict[str, Any]) -> str:
+    """One paragraph: the bound as a share of the claim, per mechanism, with the claim and the exact ε."""
+    u, g, l = report["setup"], report["summary"]["gaussian"], report["summary"]["laplace"]
+
+    def share(row: dict[str, float]) -> str:
+        return f"{100 * row['min_ratio']:.0f}–{100 * row['max_ratio']:.0f} % (median {100 * row['median_ratio']:.0f} %)"
+
+    return _prose(
+        f"On the easiest case (one step, q = {u['sample_rate']:g}, σ = {u['noise_multiplier']:g}, {u['trials']:,} "
+        f"trials, {_count(g['seeds'], 'seed')}, δ = {u['delta']:g}) the bound reaches {share(g)} of the claim for the "
+        f"Gaussian mechanism (claim {g['claimed_epsilon']:.3f} from the engine's PLD accountant; exact ε "
+        f"{g['exact_epsilon']:.3f}, Balle & Wang 2018) and {share(l)} for the Laplace mechanism (claim = exact ε = "
+        f"{l['exact_epsilon']:.3f}); {l['violations'] + g['violations']} of the {g['seeds'] + l['seeds']} audits "
+        "exceeded their claim. Made by `python benchmarks/audit_tightness.py` (results file "
+        "`benchmarks/results/audit_tightness.json`).") + "\n"
+
+
+def audit_markdown(report: dict[str, Any]) -> str:
+    """benchmarks/results/audit_tightness.md: the summary paragraph and every audit."""
+    lines = ["# The audit's lower bound against the claimed ε", "", audit_readme(report), _made_by(report["settings"]), "",
+             "| mechanism | seed | lower bound | claimed ε | exact ε | score |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['mechanism']} | {r['seed']} | {r['lower_bound']:.3f} | {r['claimed_epsilon']:.3f} | "
+              f"{r['exact_epsilon']:.3f} | {r['score']} |" for r in report["runs"]]
+    return "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, tuple[Callable[[dict], str], Callable[[dict], str | dict[str, str]]]] = {
+    # results file stem: (its .md, its README block, or several blocks by name)
+    "accountant_speed": (accountant_markdown, accountant_readme),
+    "audit_tightness": (audit_markdown, audit_readme),
     "compare_opacus_full_cpu": (compare_markdown, compare_readme),
     "compare_opacus_scale_cpu": (compare_markdown, compare_readme),
     "accuracy_digits": (accuracy_markdown, accuracy_readme),
@@ -336,7 +434,8 @@ def rendered(readme: Path = README, results: Path = RESULTS) -> dict[Path, str]:
             continue
         report = json.loads(source.read_text())
         outputs[results / f"{name}.md"] = markdown(report)
-        blocks[name] = summary(report)
+        readme_blocks = summary(report)
+        blocks.update(readme_blocks if isinstance(readme_blocks, dict) else {name: readme_blocks})
     outputs[readme] = replace_blocks(readme.read_text(), blocks)
     return outputs
 

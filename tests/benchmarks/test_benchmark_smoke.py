@@ -53,12 +53,42 @@ def test_compare_opacus_scale_suite_smoke(tmp_path):
 
 
 def test_accountant_speed_runs(tmp_path):
-    out = tmp_path / "speed.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accountant_speed.py"), "--repeats", "2", "--json", str(out)],
-                   check=True, capture_output=True, timeout=300)
-    rows = json.loads(out.read_text())
-    values = [row["epsilon"] for row in rows.values()]
-    assert len(rows) == 5 and max(values) - min(values) < 1e-3  # all libraries agree on ε ≈ 6.71
+    """The results file the README's accountant tables are rendered from: every library's ε of the same history
+    agrees, dpclip's PLD is never below dp_accounting's pessimistic PLD by more than its own error bound."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accountant_speed.py"), "--repeats", "2", "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=600)
+    report = json.loads((tmp_path / "accountant_speed.json").read_text())
+    values = [row["epsilon"] for row in report["rdp_speed"].values()]
+    assert len(values) == 5 and max(values) - min(values) < 1e-3  # all RDP accountants agree on ε ≈ 6.71
+    for table in report["pld_speed"].values():
+        values = [row["epsilon"] for row in table.values()]
+        assert max(values) - min(values) < 0.02  # PLDs and Opacus's PRV (eps_error 0.01)
+    assert len(report["agreement"]) == 4
+    for row in report["agreement"].values():
+        assert row["pld"] <= row["rdp"]
+        assert abs(row["pld"] - row["dp_accounting_pld"]) < 1e-3 <= row["pld_error"]
+    small = report["small_delta"]
+    assert small["dp_accounting_pld"] - 1e-3 <= small["pld"] <= small["rdp"]
+    assert small["prv_accountant_lower"] <= small["pld"] <= small["prv_accountant_upper"] + 0.01
+    assert small["sigma_pld"] < small["sigma_rdp"]
+    assert (tmp_path / "accountant_speed.md").read_text().startswith("# Accountants")
+
+
+def test_audit_tightness_smoke(tmp_path):
+    """The results file README § Auditing is rendered from: the exact Gaussian ε against dp_accounting's PLD of one
+    Gaussian mechanism, the Laplace mechanism's pure ε = 1/b, every bound below its claim."""
+    dpa = pytest.importorskip("dp_accounting")
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "audit_tightness.py"), "--seeds", "2", "--trials", "20000",
+                    "--out", str(tmp_path)], check=True, capture_output=True, timeout=300)
+    report = json.loads((tmp_path / "audit_tightness.json").read_text())
+    oracle = dpa.pld.PLDAccountant(value_discretization_interval=1e-5).compose(dpa.GaussianDpEvent(1.2)).get_epsilon(1e-5)
+    gaussian, laplace = report["summary"]["gaussian"], report["summary"]["laplace"]
+    assert gaussian["exact_epsilon"] == pytest.approx(oracle, abs=2e-3)
+    assert gaussian["claimed_epsilon"] >= gaussian["exact_epsilon"] - 1e-9  # the engine's claim is an upper bound
+    assert laplace["exact_epsilon"] == pytest.approx(1 / 1.2) and laplace["claimed_epsilon"] == pytest.approx(1 / 1.2)
+    assert len(report["runs"]) == 4 and gaussian["violations"] == laplace["violations"] == 0
+    assert all(0 < r["lower_bound"] < r["claimed_epsilon"] for r in report["runs"])
+    assert (tmp_path / "audit_tightness.md").read_text().startswith("# The audit's lower bound")
 
 
 def test_accuracy_comparison_smoke(tmp_path):
