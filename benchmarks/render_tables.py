@@ -290,7 +290,7 @@ def utility_readme(report: dict[str, Any]) -> str:
     lines = ["| model | ε | dpclip | Opacus (same q, σ, C, steps) | published | wall time per run: dpclip / Opacus | seeds |",
              "|---|---|---|---|---|---|---|"]
     for model, label in UTILITY_MODELS.items():
-        for eps in sorted({r["target_epsilon"] for r in runs if r["model"] == model}):
+        for eps in sorted({r["target_epsilon"] for r in runs if r["model"] == model and r["library"] != "nonprivate"}):
             group = {lib: [r for r in runs if (r["model"], r["target_epsilon"], r["library"]) == (model, eps, lib)]
                      for lib in ("dpclip", "opacus")}
             acc = {lib: _percent_sd([r["test_accuracy"] for r in rs]) if rs else "—" for lib, rs in group.items()}
@@ -300,6 +300,12 @@ def utility_readme(report: dict[str, Any]) -> str:
                                   for a in anchors if a["model"] == model and abs(a["epsilon"] - eps) < 0.1) or "—"
             seeds = len({r["seed"] for rs in group.values() for r in rs})
             lines.append(f"| {label} | {eps:g} | {acc['dpclip']} | {acc['opacus']} | {published} | {wall} | {seeds} |")
+        reference = [r for r in runs if (r["model"], r["library"]) == (model, "nonprivate")]
+        if reference:
+            wall = statistics.mean(r["wall_s"] for r in reference)
+            lines.append(f"| {label} | ∞ (non-private, same model: {reference[0]['optimizer']}, {reference[0]['epochs']} "
+                         f"epochs) | {_percent_sd([r['test_accuracy'] for r in reference])} | — | — | {wall:.0f} s | "
+                         f"{len(reference)} |")
     s = report["settings"]
     intro = (f"Fashion-MNIST (60,000 training / 10,000 test images), δ = {report['delta']:g}, test accuracy mean ± sd "
              f"over seeds, each run on {_count(s['threads'], 'CPU thread')}; made by `benchmarks/utility.py` "

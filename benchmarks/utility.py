@@ -18,7 +18,8 @@ accountant so that *everything* the run releases — the normalisation statistic
 steps — meets (ε, δ); the same configuration (q, σ, C, T, optimiser, initial weights, released statistics) is
 then trained under Opacus (``--libraries dpclip opacus``; ghost clipping for the ScatterNet's 39,700-weight linear
 layer, hooks for the CNN), whose own accountant (PRV) reports its ε of the same history, the normalisation
-release included. Hyper-parameters were tuned on a validation split carved from the training set (``--tune``; the sweeps
+release included. ``nonprivate`` trains the same model on the same inputs without privacy (Adam, cosine learning
+rate, :data:`NONPRIVATE`), once per seed: the reference that shows what privacy costs. Hyper-parameters were tuned on a validation split carved from the training set (``--tune``; the sweeps
 are in ``benchmarks/results/utility_tuning.json``), never on the test set; the final runs report test accuracy
 once, at the end.
 
@@ -53,7 +54,8 @@ from torch.utils.data import DataLoader, TensorDataset
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MODELS = ("scatternet", "cnn")
-LIBRARIES = ("dpclip", "opacus")
+LIBRARIES = ("dpclip", "opacus", "nonprivate")
+PRIVATE_LIBRARIES = ("dpclip", "opacus")
 EPSILONS = (1.0, 2.0, 3.0)
 DELTA = 1e-5
 SEEDS = 3
@@ -80,6 +82,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
 # 8,192 × 39,700 per-example gradients (1.3 GB) every step (~1.7 s); ghost clipping computes their norms without
 # forming them (the same clipped sum).
 OPACUS_MODE = {"scatternet": "ghost", "cnn": "hooks"}
+# The non-private reference of the same model on the same inputs (what privacy costs): Adam, learning rate decayed
+# by a cosine over the run, shuffled batches; checked on the validation split (utility_tuning.json) like the rest.
+NONPRIVATE = {"lr": 1e-3, "batch": 256, "epochs": {"scatternet": 15, "cnn": 20}}
 SMOKE_OVERRIDES = {"batch": 64, "epochs": 2}
 TRACKED_EMA = (0.9, 0.99, 0.999)  # --tune also reports these weight averages' validation accuracy
 SMOKE_SIZES = (384, 128)  # training, test examples in --smoke
@@ -376,6 +381,33 @@ def train_one(model_name: str, library: str, epsilon: float, seed: int, config: 
     }
 
 
+def train_nonprivate(model_name: str, seed: int, config: dict[str, Any], train: tuple[torch.Tensor, torch.Tensor],
+                     evaluate: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """Train ``model_name`` without privacy (:data:`NONPRIVATE`): the reference a private run is compared with.
+    Same model, initial weights (``seed``) and inputs as the private runs; no clipping, no noise, no accountant."""
+    x, y = train
+    epochs, batch, lr = int(NONPRIVATE["epochs"][model_name]), int(NONPRIVATE["batch"]), float(NONPRIVATE["lr"])
+    torch.manual_seed(seed)
+    model = build_model(model_name, config, tuple(x.shape[1:]))
+    steps = epochs * math.ceil(len(x) / batch)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    loader = DataLoader(_Batches(x, y), batch_size=batch, shuffle=True, collate_fn=_as_batch,
+                        generator=torch.Generator().manual_seed(seed))
+    start = time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            optimizer.step()
+            scheduler.step()
+    return {"model": model_name, "library": "nonprivate", "target_epsilon": None, "seed": seed, "steps": steps,
+            "lr": lr, "batch": batch, "epochs": epochs, "optimizer": "adam, cosine learning rate", "epsilon": None,
+            "accountant": None, "accuracy": accuracy(model, *evaluate), "wall_s": round(time.perf_counter() - start, 2),
+            "privacy_report": None}
+
+
 def _opacus_history(event: Any) -> list[tuple[float, float, int]]:
     """An accountants event of Gaussian releases on the whole data set as Opacus history entries
     (noise multiplier, sample rate 1, count)."""
@@ -480,9 +512,9 @@ def render_markdown(report: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     models = [m for m in MODELS if any(r["model"] == m for r in runs)]
     for m in models:
-        for eps in sorted({r["target_epsilon"] for r in runs if r["model"] == m}):
+        for eps in sorted({r["target_epsilon"] for r in runs if r["model"] == m and r["library"] != "nonprivate"}):
             group = {lib: [r for r in runs if r["model"] == m and r["target_epsilon"] == eps and r["library"] == lib]
-                     for lib in LIBRARIES}
+                     for lib in PRIVATE_LIBRARIES}
             first = (group["dpclip"] or group["opacus"])[0]
             acc = {lib: _mean_sd([r["test_accuracy"] for r in rs]) if rs else "—" for lib, rs in group.items()}
             reported = " / ".join(f"{max(r['epsilon'] for r in rs):.3f}" if rs else "—" for rs in group.values())
@@ -491,6 +523,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {m} | {eps:g} | {acc['dpclip']} | {acc['opacus']} | {first['q']:.4g} | {first['sigma']:.3f} | "
                          f"{first['steps']} | {first['C']:g} | {first['lr']:g} | {first['batch']} | {first['epochs']} | "
                          f"{reported} | {walls} | {seeds} |")
+        reference = [r for r in runs if r["model"] == m and r["library"] == "nonprivate"]
+        if reference:
+            r = reference[0]
+            lines.append(f"| {m} | non-private ({r['optimizer']}) | {_mean_sd([r['test_accuracy'] for r in reference])} | — | — | — | "
+                         f"{r['steps']} | — | {r['lr']:g} | {r['batch']} | {r['epochs']} | ∞ | "
+                         f"{statistics.mean(r['wall_s'] for r in reference):.0f} / — | {len(reference)} |")
     lines += ["", "Published anchors (test accuracy):", ""]
     lines += [f"- {a['source']}: {a['what']}, ε = {a['epsilon']:g}: {a['accuracy']:.1f} %" for a in ANCHORS]
     configs = report.get("configs", {})
@@ -501,7 +539,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Test accuracy against ε: mean ± sd over seeds per model and library, the published anchors as stars."""
+    """Test accuracy against ε: mean ± sd over seeds per model and library, the published anchors as stars, each
+    model's non-private reference (where run) as a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -520,6 +559,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
             sds = [100 * statistics.stdev(vals) if len(vals := [r["test_accuracy"] for r in rs if r["target_epsilon"] == e]) > 1
                    else 0.0 for e in eps]
             ax.errorbar(eps, means, yerr=sds, fmt=style, color=colours[m], capsize=3, label=f"{m} ({lib})")
+        reference = [100 * r["test_accuracy"] for r in runs if r["model"] == m and r["library"] == "nonprivate"]
+        if reference:
+            ax.axhline(statistics.mean(reference), color=colours[m], linestyle=":", linewidth=1.2,
+                       label=f"{m} (non-private, same model)")
     offsets = {("scatternet", 3.0): (-10, 6), ("cnn", 3.0): (-10, -12), ("cnn", 2.93): (-10, 5)}
     for a in ANCHORS:
         ax.plot([a["epsilon"]], [a["accuracy"]], marker="*", markersize=12, linestyle="none", color=colours[a["model"]],
@@ -624,26 +667,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         keys = [k for k in grid if k in configs[m]]
         for values in itertools.product(*(grid[k] for k in keys)):
             config = {**configs[m], **dict(zip(keys, values))}
-            for eps in args.epsilons:
-                for seed in seeds:
-                    train, evaluate, prior, norm_info = prepare(m, config, split, seed)
+            jobs = [(eps, seed, lib) for eps in args.epsilons for seed in seeds for lib in args.libraries if lib != "nonprivate"]
+            jobs += [(None, seed, "nonprivate") for seed in seeds if "nonprivate" in args.libraries]  # once per seed
+            for eps, seed, lib in jobs:
+                train, evaluate, prior, norm_info = prepare(m, config, split, seed)
+                if lib == "nonprivate":
+                    result = train_nonprivate(m, seed, config, train, evaluate)
+                    privacy = "non-private"
+                else:
                     planned = plan(eps, len(train[1]), config, prior)
-                    for lib in args.libraries:
-                        result = train_one(m, lib, eps, seed, config, train, evaluate, prior, planned,
-                                           track_ema=TRACKED_EMA if args.tune else ())
-                        result["normalization_release"] = norm_info
-                        result["validation_accuracy" if args.tune else "test_accuracy"] = result.pop("accuracy")
-                        if args.tune:
-                            result["config"] = config
-                        runs.append(result)
-                        figure = result.get("validation_accuracy", result.get("test_accuracy"))
-                        print(f"[{time.perf_counter() - started:.0f} s] {m} {lib} ε={eps:g} seed {seed} "
-                              f"{dict(zip(keys, values)) or ''}: {'validation' if args.tune else 'test'} accuracy "
-                              f"{figure:.4f} {result.get('ema_accuracy', '')}, ε reported {result['epsilon']:.4f}, σ {planned['sigma']:.4f}, "
-                              f"{result['steps']} steps, {result['wall_s']:.0f} s", file=sys.stderr, flush=True)
-                        if not args.tune:  # after every run: a stopped sweep keeps what it finished
-                            settings["duration_s"] = round(time.perf_counter() - started, 1)
-                            write_results(args, settings, data_info, configs, runs, final=False)
+                    result = train_one(m, lib, eps, seed, config, train, evaluate, prior, planned,
+                                       track_ema=TRACKED_EMA if args.tune else ())
+                    privacy = f"ε={eps:g}"
+                result["normalization_release"] = norm_info
+                result["validation_accuracy" if args.tune else "test_accuracy"] = result.pop("accuracy")
+                if args.tune:
+                    result["config"] = config
+                runs.append(result)
+                figure = result.get("validation_accuracy", result.get("test_accuracy"))
+                spent = "" if lib == "nonprivate" else f", ε reported {result['epsilon']:.4f}, σ {planned['sigma']:.4f}"
+                print(f"[{time.perf_counter() - started:.0f} s] {m} {lib} {privacy} seed {seed} "
+                      f"{dict(zip(keys, values)) or ''}: {'validation' if args.tune else 'test'} accuracy "
+                      f"{figure:.4f} {result.get('ema_accuracy', '')}{spent}, "
+                      f"{result['steps']} steps, {result['wall_s']:.0f} s", file=sys.stderr, flush=True)
+                if not args.tune:  # after every run: a stopped sweep keeps what it finished
+                    settings["duration_s"] = round(time.perf_counter() - started, 1)
+                    write_results(args, settings, data_info, configs, runs, final=False)
     settings["duration_s"] = round(time.perf_counter() - started, 1)
     if args.tune:
         path = args.tuning_file

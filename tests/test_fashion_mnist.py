@@ -228,8 +228,14 @@ def test_utility_smoke_run(tmp_path: Path) -> None:
     )
     report = json.loads((out / "utility_fashion_mnist_smoke.json").read_text())
     runs = {(r["model"], r["library"]): r for r in report["runs"]}
-    assert set(runs) == {(m, lib) for m in ("scatternet", "cnn") for lib in ("dpclip", "opacus")}
+    assert set(runs) == {(m, lib) for m in ("scatternet", "cnn") for lib in ("dpclip", "opacus", "nonprivate")}
     assert report["data"]["smoke_subset"] == {"train": 384, "test": 128}
+    for m in ("scatternet", "cnn"):  # the non-private reference: once per seed, no ε, no accountant, its own recipe
+        reference = runs.pop((m, "nonprivate"))
+        assert reference["target_epsilon"] is None and reference["epsilon"] is None and reference["privacy_report"] is None
+        # 384 training examples in shuffled batches of 256: 2 per epoch
+        assert reference["steps"] == 2 * reference["epochs"] and reference["batch"] == 256
+        assert 0.0 <= reference["test_accuracy"] <= 1.0
     for r in runs.values():
         # 384 training examples, batch 64: 6 batches per epoch, q = 1/6, 2 epochs = 12 steps
         assert r["q"] == pytest.approx(1 / 6) and r["steps"] == r["planned_steps"] == 12
@@ -251,7 +257,8 @@ def test_utility_smoke_run(tmp_path: Path) -> None:
     assert release["event"] == {"type": "composed", "events": [{"type": "gaussian", "noise_multiplier": 8.0}], "count": 2}
     assert len(release["released_mean"]) == 81 and min(release["released_variance"]) >= 0.0
     assert any("Gaussian(σ=8)" in entry for entry in scatter["privacy_report"]["history"])
-    assert (out / "utility_fashion_mnist_smoke.md").read_text().startswith("# Fashion-MNIST")
+    table = (out / "utility_fashion_mnist_smoke.md").read_text()
+    assert table.startswith("# Fashion-MNIST") and "| cnn | non-private (adam, cosine learning rate) |" in table
     assert (out / "utility_fashion_mnist_smoke.png").stat().st_size > 1000
     assert math.isfinite(report["settings"]["duration_s"])
 
