@@ -502,7 +502,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     library's accountant reports, wall time, and the published anchors."""
     runs = report["runs"]
     s = report["settings"]
-    made = [f"`{i['command']}` on {i['date'][:10]} (git {i.get('git')}, {i['duration_s']:.0f} s)"
+    made = [f"`{i['command']}` on {i['date'][:10]} (git {i.get('git')}, {i['duration_s']:.0f} s"
+            + (", unfinished: the runs it completed are kept)" if i.get("finished") is False else ")")
             for i in report.get("invocations", [s])]
     lines = [f"# Fashion-MNIST: test accuracy at fixed ε (δ = {report['delta']:g})", "",
              f"Made by {'; then '.join(made)}; torch {s['torch']}, Opacus {s['opacus']}, {s['threads']} thread(s), "

@@ -286,7 +286,8 @@ def test_a_stopped_sweep_keeps_the_runs_it_finished(tmp_path: Path, monkeypatch:
     report = json.loads((out / "utility_fashion_mnist_smoke.json").read_text())
     assert [(r["target_epsilon"], r["invocation"]) for r in report["runs"]] == [(3.0, 0)]
     assert [i["finished"] for i in report["invocations"]] == [False]
-    assert "| cnn | 3 |" in (out / "utility_fashion_mnist_smoke.md").read_text()
+    table = (out / "utility_fashion_mnist_smoke.md").read_text()
+    assert "| cnn | 3 |" in table and "unfinished: the runs it completed are kept" in table
 
     # a later --append run adds its own invocation entry (one, though it writes after every run) and keeps the first
     monkeypatch.setattr(utility, "train_one", real_train_one)
@@ -295,3 +296,4 @@ def test_a_stopped_sweep_keeps_the_runs_it_finished(tmp_path: Path, monkeypatch:
     assert sorted((r["target_epsilon"], r["invocation"]) for r in report["runs"]) == [(1.0, 1), (2.0, 1), (3.0, 0)]
     assert [i["finished"] for i in report["invocations"]] == [False, True]
     assert len({i["started"] for i in report["invocations"]}) == 2
+    assert (out / "utility_fashion_mnist_smoke.md").read_text().count("unfinished") == 1
