@@ -19,9 +19,10 @@ steps — meets (ε, δ); the same configuration (q, σ, C, T, optimiser, initia
 then trained under Opacus (``--libraries dpclip opacus``; ghost clipping for the ScatterNet's 39,700-weight linear
 layer, hooks for the CNN), whose own accountant (PRV) reports its ε of the same history, the normalisation
 release included. ``nonprivate`` trains the same model on the same inputs without privacy (Adam, cosine learning
-rate, :data:`NONPRIVATE`), once per seed: the reference that shows what privacy costs. Hyper-parameters were tuned on a validation split carved from the training set (``--tune``; the sweeps
-are in ``benchmarks/results/utility_tuning.json``), never on the test set; the final runs report test accuracy
-once, at the end.
+rate, :data:`NONPRIVATE`), once per seed: the reference that shows what privacy costs. Hyper-parameters were tuned
+on a validation split carved from the training set (``--tune``; the sweeps are in
+``benchmarks/results/utility_tuning.json``), never on the test set; the final runs report test accuracy once, at
+the end.
 
     OMP_NUM_THREADS=1 python benchmarks/utility.py                      # all: JSON + markdown + plot
     python benchmarks/utility.py --models scatternet --epsilons 3 --seeds 1
@@ -735,7 +736,7 @@ def write_results(args: argparse.Namespace, settings: dict[str, Any], data_info:
     for r in runs:
         r["invocation"] = mine
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # this process's own: another --append run may write beside it
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, path)
     (args.out / f"{stem}.md").write_text(render_markdown(report))
