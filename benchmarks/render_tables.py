@@ -318,7 +318,7 @@ def utility_readme(report: dict[str, Any]) -> str:
 # benchmarks/accountant_speed.py (ε and query time: dpclip vs dp_accounting vs Opacus)
 # ------------------------------------------------------------------------------------------------------------
 def _query_ms(value: float) -> str:
-    return f"{value:,.0f}" if value >= 10 else f"{value:.2g}" if value < 1 else f"{value:.1f}"
+    return f"{value:,.0f}" if value >= 10 else f"{value:.2f}" if value < 1 else f"{value:.1f}"
 
 
 def _rdp_speed(report: dict[str, Any]) -> str:
