@@ -549,7 +549,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = report["runs"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
     colours = {"scatternet": "tab:blue", "cnn": "tab:orange"}
     for m in MODELS:
         for lib, style in (("dpclip", "-o"), ("opacus", "--s")):
@@ -576,7 +576,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Fashion-MNIST, DP-SGD: mean ± sd over seeds (stars: published)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: no point hidden
     s = report["settings"]
     commands = [i["command"] for i in report.get("invocations", [s])]
     footer = "\n".join(commands + [f"torch {s['torch']}, {s['threads']} thread(s), {s['date'][:10]}"])
