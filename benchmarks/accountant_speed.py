@@ -6,7 +6,8 @@
   accountant (eps_error 0.01), on the same 10,000 steps and on a 3-phase history (σ and q change between phases).
 - Agreement: ε at δ = 1e-5 of four DP-SGD histories by dpclip's RDP and PLD (with its error bound) and by
   dp_accounting's PLD.
-- Small δ: ε at δ = 1e-12 by dpclip's PLD and RDP and Opacus PRV's bounds, and σ calibrated for ε = 3 there.
+- Small δ: ε at δ = 1e-12 by dpclip's PLD and RDP, dp_accounting's PLD, the prv_accountant package's bounds and
+  Opacus's PRVAccountant, and σ calibrated for ε = 3 there.
 
 All libraries run in this one process, interleaved; medians over --repeats calls. dpclip is timed three ways:
 "cold" (nothing memoised: RDP curves / PLDs computed from scratch), "warm" (memoised, as when an engine queries ε
@@ -131,6 +132,7 @@ HISTORIES = {  # name: (q, σ, steps) phases, for the agreement table at δ = 1e
     "3 phases: (q, σ, steps) = (0.01, 1, 3000), (0.02, 0.8, 2000), (0.005, 1.5, 5000)": PHASES,
 }
 SMALL_DELTA, SMALL_DELTA_TARGET = 1e-12, 3.0
+PLD_SINGLE, PLD_PHASES = f"{STEPS:,} steps (q = {Q:g}, σ = {SIGMA:g})", "3-phase history"  # the PLD speed tables
 
 
 def _dpclip_accountant(kind: str, phases):
@@ -217,9 +219,6 @@ def speed(repeats: int, pld_repeats: int) -> tuple[dict[str, dict[str, float]], 
     ms, eps = _first_calls("PLDAccountant", 3)
     pld_tables[PLD_SINGLE]["dpclip PLD (first call in a fresh process)"] = {"epsilon": eps, "ms_median": ms}
     return rdp_rows, pld_tables
-
-
-PLD_SINGLE, PLD_PHASES = f"{STEPS:,} steps (q = {Q:g}, σ = {SIGMA:g})", "3-phase history"
 
 
 def main(argv: list[str] | None = None) -> dict:
