@@ -669,32 +669,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         keys = [k for k in grid if k in configs[m]]
         for values in itertools.product(*(grid[k] for k in keys)):
             config = {**configs[m], **dict(zip(keys, values))}
-            jobs = [(eps, seed, lib) for eps in args.epsilons for seed in seeds for lib in args.libraries if lib != "nonprivate"]
-            jobs += [(None, seed, "nonprivate") for seed in seeds if "nonprivate" in args.libraries]  # once per seed
-            for eps, seed, lib in jobs:
+            private = [lib for lib in args.libraries if lib != "nonprivate"]
+            # one data preparation and one plan per (ε, seed), shared by the libraries run on it: the same released
+            # normalisation statistics and σ for dpclip and Opacus; the non-private reference once per seed (ε None)
+            cases = [(eps, seed, private) for eps in args.epsilons for seed in seeds if private]
+            cases += [(None, seed, ["nonprivate"]) for seed in seeds if "nonprivate" in args.libraries]
+            for eps, seed, libraries in cases:
                 train, evaluate, prior, norm_info = prepare(m, config, split, seed)
-                if lib == "nonprivate":
-                    result = train_nonprivate(m, seed, config, train, evaluate)
-                    privacy = "non-private"
-                else:
-                    planned = plan(eps, len(train[1]), config, prior)
-                    result = train_one(m, lib, eps, seed, config, train, evaluate, prior, planned,
-                                       track_ema=TRACKED_EMA if args.tune else ())
-                    privacy = f"ε={eps:g}"
-                result["normalization_release"] = norm_info
-                result["validation_accuracy" if args.tune else "test_accuracy"] = result.pop("accuracy")
-                if args.tune:
-                    result["config"] = config
-                runs.append(result)
-                figure = result.get("validation_accuracy", result.get("test_accuracy"))
-                spent = "" if lib == "nonprivate" else f", ε reported {result['epsilon']:.4f}, σ {planned['sigma']:.4f}"
-                print(f"[{time.perf_counter() - started:.0f} s] {m} {lib} {privacy} seed {seed} "
-                      f"{dict(zip(keys, values)) or ''}: {'validation' if args.tune else 'test'} accuracy "
-                      f"{figure:.4f} {result.get('ema_accuracy', '')}{spent}, "
-                      f"{result['steps']} steps, {result['wall_s']:.0f} s", file=sys.stderr, flush=True)
-                if not args.tune:  # after every run: a stopped sweep keeps what it finished
-                    settings["duration_s"] = round(time.perf_counter() - started, 1)
-                    write_results(args, settings, data_info, configs, runs, final=False)
+                planned = None if eps is None else plan(eps, len(train[1]), config, prior)
+                for lib in libraries:
+                    if planned is None:
+                        result = train_nonprivate(m, seed, config, train, evaluate)
+                        spent = ""
+                    else:
+                        result = train_one(m, lib, eps, seed, config, train, evaluate, prior, planned,
+                                           track_ema=TRACKED_EMA if args.tune else ())
+                        spent = f", ε reported {result['epsilon']:.4f}, σ {planned['sigma']:.4f}"
+                    result["normalization_release"] = norm_info
+                    result["validation_accuracy" if args.tune else "test_accuracy"] = result.pop("accuracy")
+                    if args.tune:
+                        result["config"] = config
+                    runs.append(result)
+                    figure = result.get("validation_accuracy", result.get("test_accuracy"))
+                    print(f"[{time.perf_counter() - started:.0f} s] {m} {lib} {'non-private' if eps is None else f'ε={eps:g}'} "
+                          f"seed {seed} {dict(zip(keys, values)) or ''}: {'validation' if args.tune else 'test'} accuracy "
+                          f"{figure:.4f} {result.get('ema_accuracy', '')}{spent}, "
+                          f"{result['steps']} steps, {result['wall_s']:.0f} s", file=sys.stderr, flush=True)
+                    if not args.tune:  # after every run: a stopped sweep keeps what it finished
+                        settings["duration_s"] = round(time.perf_counter() - started, 1)
+                        write_results(args, settings, data_info, configs, runs, final=False)
     settings["duration_s"] = round(time.perf_counter() - started, 1)
     if args.tune:
         path = args.tuning_file
