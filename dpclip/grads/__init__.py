@@ -6,12 +6,13 @@
 - :mod:`.tape`: :class:`LayerwiseTape` records one forward/backward and hands over :class:`LayerwiseGradients`.
 """
 
-from .contributions import Contribution, ConvWeight, EmbeddingWeight, LinearWeight, Materialized, Summed
+from .contributions import Contribution, ConvPatches, ConvWeight, EmbeddingWeight, LinearWeight, Materialized, Summed
 from .registry import LayerCall, LayerRule, refusals, register_layer, rule_for
 from .tape import LayerwiseGradients, LayerwiseTape, LayoutError
 
 __all__ = [
     "Contribution",
+    "ConvPatches",
     "ConvWeight",
     "EmbeddingWeight",
     "LayerCall",

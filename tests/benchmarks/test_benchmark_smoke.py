@@ -91,6 +91,17 @@ def test_audit_tightness_smoke(tmp_path):
     assert (tmp_path / "audit_tightness.md").read_text().startswith("# The audit's lower bound")
 
 
+def test_conv_routes_smoke(tmp_path):
+    """The benchmark behind the conv rule's threshold: both routes give the same gradients, the pick is recorded."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "conv_routes.py"), "--smoke", "--repeats", "1", "--calls", "2",
+                    "--out", str(tmp_path)], check=True, capture_output=True, timeout=300)
+    report = json.loads((tmp_path / "conv_routes.json").read_text())
+    picks = {r["label"]: r["picked"] for r in report["shapes"]}
+    assert picks == {"DP CNN conv 1": "weight_backward", "DP CNN conv 2": "patches"}  # T = 196 > 16; T = 25 ≤ 32
+    assert all(r["same_gradients"] and min(r["ms"].values()) > 0 for r in report["shapes"])
+    assert (tmp_path / "conv_routes.md").read_text().startswith("# A convolution's per-example weight gradients")
+
+
 def test_accuracy_comparison_smoke(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_opacus.py"), "--accuracy", "--smoke",
                     "--epsilons", "3", "--out", str(tmp_path)], check=True, capture_output=True, timeout=600)

@@ -1221,6 +1221,9 @@ def _cases() -> list[Case]:
         Case("conv2d_grouped", "L", P(build_conv, lambda: nn.Conv2d(4, 6, 3, groups=2), (4, 5, 5)), EXACT),
         Case("conv2d_dilated_strided", "L",
              P(build_conv, lambda: nn.Conv2d(2, 4, 3, stride=2, dilation=2, padding=2), (2, 7, 7)), EXACT),
+        Case("conv_on_patches", "L",  # T ≤ C_out: the weight gradient on the input's patches (ConvPatches)
+             P(build_conv, lambda: nn.Sequential(nn.Conv2d(2, 10, 3, stride=2), nn.Tanh(),
+                                                 nn.Conv2d(10, 12, 2, padding=1, dilation=2)), (2, 7, 7)), EXACT),
         Case("conv2d_reflect", "L",
              P(build_conv, lambda: nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), (2, 5, 5)), EXACT),
         Case("conv2d_padding_same", "L", P(build_conv, lambda: nn.Conv2d(2, 4, 3, padding="same"), (2, 5, 5)), EXACT),

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dpclip.grads.contributions import ConvWeight, LinearWeight, Summed
+from dpclip.grads.contributions import ConvPatches, ConvWeight, LinearWeight, Summed
 
 
 def _brute_force(grads: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -104,3 +104,37 @@ def test_one_budget_for_all_the_layers_kept_gradients():
         torch.testing.assert_close(norm, exact.flatten(1).norm(dim=1), rtol=1e-9, atol=0)
         assert bool((norm >= exact.flatten(1).norm(dim=1)).all())
         torch.testing.assert_close(part.weighted(factors), _brute_force(exact, factors), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 4, 3, 2, padding=1), nn.Conv2d(2, 5, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1)),
+    nn.Conv1d(2, 5, 4, padding=3), nn.Conv3d(2, 3, 2, stride=2, padding=1), nn.Conv2d(3, 2, 4, bias=False),
+    nn.Conv2d(4, 6, 3, stride=3), nn.Conv1d(3, 4, 5, stride=4, padding=1),  # T² ≤ |W|: the ghost identity
+])
+@pytest.mark.parametrize("route", ["kept", "ghost", "formed per norm"])
+def test_conv_patches_against_the_per_example_weight_backward(conv, route, monkeypatch):
+    """The patch route's per-example gradients, norms and clipped sums against vmapped per-example weight
+    backwards, with a dropped (non-finite) example, whichever way LinearWeight takes to the norm."""
+    monkeypatch.setattr(LinearWeight, "cache_bytes", 2**40 if route == "kept" else 0)
+    torch.manual_seed(4)
+    conv = conv.double()
+    x = torch.randn(6, conv.in_channels, *([7] * (conv.weight.dim() - 2)), dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+    positions, size = g[0, 0].numel(), conv.weight[0].numel() * conv.out_channels
+    if route == "ghost" and positions**2 > size or route == "formed per norm" and positions**2 <= size:
+        pytest.skip("this layer's shape takes the other route")
+    factors = torch.rand(6, dtype=torch.float64) + 0.1
+    factors[2] = 0.0
+    x[2, 0].fill_(float("nan"))
+    g[2].fill_(float("inf"))
+    exact = ConvWeight("weight", conv, x, g).materialize()
+    part = ConvPatches("weight", conv, x, g)
+    kept = factors != 0
+    torch.testing.assert_close(part.materialize()[kept], exact[kept], rtol=1e-12, atol=1e-12)
+    norms = part.norm("l2")[kept]
+    true = exact[kept].flatten(1).norm(dim=1)
+    assert bool((norms >= true).all())  # never below the exact norm
+    torch.testing.assert_close(norms, true, rtol=1e-9, atol=0)
+    assert (part._cached is not None) == (route == "kept")
+    torch.testing.assert_close(part.weighted(factors), _brute_force(exact, factors), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(part.norm("l1")[kept], exact[kept].flatten(1).abs().sum(dim=1), rtol=1e-9, atol=0)

@@ -66,8 +66,23 @@ class GroupedConv(nn.Module):
         return self.head(torch.tanh(self.conv2(torch.tanh(self.conv1(x)))).flatten(1))
 
 
+class SmallResolutionConv(nn.Module):
+    """Convolutions with no more output positions than output channels: weight gradients on the input's patches
+    (ConvPatches), one of them padded and dilated."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 10, 3, stride=2)  # 7×7 → 3×3: T = 9 ≤ 10
+        self.conv2 = nn.Conv2d(10, 12, 2, padding=1, dilation=2)  # 3×3 → 3×3: T = 9 ≤ 12
+        self.head = nn.Linear(12 * 9, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv2(torch.tanh(self.conv1(x)))).flatten(1))
+
+
 MORE = {
     "grouped_dilated_conv": (GroupedConv, lambda b: torch.randn(b, 2, 7, 7)),
+    "small_resolution_conv": (SmallResolutionConv, lambda b: torch.randn(b, 2, 7, 7)),
     "sequence_ghost": (lambda: SeqModel(6), lambda b: torch.randint(0, 12, (b, 5))),
     "sequence_materialized": (lambda: SeqModel(2), lambda b: torch.randint(0, 3, (b, 5))),  # many repeated ids
     "causal_encoder": (CausalEncoder, lambda b: torch.randint(0, 20, (b, 6))),
@@ -102,6 +117,18 @@ def test_layerwise_equals_vmap(case):
     make_model, make_input = {**CASES, **MORE}[case]
     model, x = make_model(), make_input(7)
     _compare(*_both(model, x, torch.randint(0, 3, (7,))))
+
+
+@pytest.mark.parametrize("kept_bytes", [None, 0])
+def test_conv_on_patches_kept_or_by_the_ghost_identity(kept_bytes, monkeypatch):
+    """The patch route, with the per-example gradients kept or (no budget) their norms by the ghost identity."""
+    from dpclip.grads import ConvPatches
+
+    made = []
+    monkeypatch.setattr(ConvPatches, "weighted", lambda self, f, _w=ConvPatches.weighted: made.append(self) or _w(self, f))
+    torch.manual_seed(3)
+    _compare(*_both(SmallResolutionConv(), torch.randn(7, 2, 7, 7), torch.randint(0, 3, (7,)), kept_bytes=kept_bytes))
+    assert len(made) == 2 and all((part._cached is None) == (kept_bytes == 0) for part in made)
 
 
 def test_layerwise_attention_with_padding_mask_and_sequence_first_layout():
