@@ -268,7 +268,8 @@ FASHION_ANCHORS = ROOT / "benchmarks" / "fashion_mnist_anchors.json"
 UTILITY_MODELS = {"scatternet": "ScatterNet features + linear", "cnn": "end-to-end CNN (tanh)"}
 
 
-def _percent_sd(values: list[float]) -> str:
+def percent_sd(values: list[float]) -> str:
+    """Accuracies (fractions) as "mean ± sd %" over seeds (ddof = 1); one value is marked as one seed."""
     if len(values) == 1:
         return f"{100 * values[0]:.2f} % (1 seed)"
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f} %"
@@ -293,7 +294,7 @@ def utility_readme(report: dict[str, Any]) -> str:
         for eps in sorted({r["target_epsilon"] for r in runs if r["model"] == model and r["library"] != "nonprivate"}):
             group = {lib: [r for r in runs if (r["model"], r["target_epsilon"], r["library"]) == (model, eps, lib)]
                      for lib in ("dpclip", "opacus")}
-            acc = {lib: _percent_sd([r["test_accuracy"] for r in rs]) if rs else "—" for lib, rs in group.items()}
+            acc = {lib: percent_sd([r["test_accuracy"] for r in rs]) if rs else "—" for lib, rs in group.items()}
             wall = " / ".join(f"{statistics.mean(r['wall_s'] for r in rs):.0f} s" if rs else "—" for rs in group.values())
             published = "; ".join(f"{a['accuracy']:.1f} % ({a['source']}, {a['what']}"
                                   + (f", ε = {a['epsilon']:g}" if a["epsilon"] != eps else "") + ")"
@@ -304,7 +305,7 @@ def utility_readme(report: dict[str, Any]) -> str:
         if reference:
             wall = statistics.mean(r["wall_s"] for r in reference)
             lines.append(f"| {label} | ∞ (non-private, same model: {reference[0]['optimizer']}, {reference[0]['epochs']} "
-                         f"epochs) | {_percent_sd([r['test_accuracy'] for r in reference])} | — | — | {wall:.0f} s | "
+                         f"epochs) | {percent_sd([r['test_accuracy'] for r in reference])} | — | — | {wall:.0f} s | "
                          f"{len(reference)} |")
     s = report["settings"]
     intro = (f"Fashion-MNIST (60,000 training / 10,000 test images), δ = {report['delta']:g}, test accuracy mean ± sd "

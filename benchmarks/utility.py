@@ -33,6 +33,7 @@ the end.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -491,11 +492,13 @@ def load_split(models: list[str], args: argparse.Namespace, flip: bool = False) 
 # ---------------------------------------------------------------------------------------------------------------
 # Tables and plot
 # ---------------------------------------------------------------------------------------------------------------
-def _mean_sd(values: list[float]) -> str:
-    pct = [100 * v for v in values]
-    if len(pct) == 1:
-        return f"{pct[0]:.2f} %"
-    return f"{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f} %"
+@functools.cache
+def _render_tables() -> dict[str, Any]:
+    return runpy.run_path(str(HERE / "render_tables.py"))  # torch-free: the README's formats live there
+
+
+def _percent_sd(values: list[float]) -> str:
+    return _render_tables()["percent_sd"](values)  # one format for every accuracy table
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -518,7 +521,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             group = {lib: [r for r in runs if r["model"] == m and r["target_epsilon"] == eps and r["library"] == lib]
                      for lib in PRIVATE_LIBRARIES}
             first = (group["dpclip"] or group["opacus"])[0]
-            acc = {lib: _mean_sd([r["test_accuracy"] for r in rs]) if rs else "—" for lib, rs in group.items()}
+            acc = {lib: _percent_sd([r["test_accuracy"] for r in rs]) if rs else "—" for lib, rs in group.items()}
             reported = " / ".join(f"{max(r['epsilon'] for r in rs):.3f}" if rs else "—" for rs in group.values())
             walls = " / ".join(f"{statistics.mean(r['wall_s'] for r in rs):.0f}" if rs else "—" for rs in group.values())
             seeds = len({r["seed"] for rs in group.values() for r in rs})
@@ -528,7 +531,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         reference = [r for r in runs if r["model"] == m and r["library"] == "nonprivate"]
         if reference:
             r = reference[0]
-            lines.append(f"| {m} | non-private ({r['optimizer']}) | {_mean_sd([r['test_accuracy'] for r in reference])} | — | — | — | "
+            lines.append(f"| {m} | non-private ({r['optimizer']}) | {_percent_sd([r['test_accuracy'] for r in reference])} | — | — | — | "
                          f"{r['steps']} | — | {r['lr']:g} | {r['batch']} | {r['epochs']} | ∞ | "
                          f"{statistics.mean(r['wall_s'] for r in reference):.0f} / — | {len(reference)} |")
     lines += ["", "Published anchors (test accuracy):", ""]
