@@ -397,8 +397,20 @@ def audit_readme(report: dict[str, Any]) -> str:
         f"Gaussian mechanism (claim {g['claimed_epsilon']:.3f} from the engine's PLD accountant; exact ε "
         f"{g['exact_epsilon']:.3f}, Balle & Wang 2018) and {share(l)} for the Laplace mechanism (claim = exact ε = "
         f"{l['exact_epsilon']:.3f}); {l['violations'] + g['violations']} of the {g['seeds'] + l['seeds']} audits "
-        "exceeded their claim. Made by `python benchmarks/audit_tightness.py` (results file "
-        "`benchmarks/results/audit_tightness.json`).") + "\n"
+        f"exceeded their claim. {_planted_sentence(report['planted'])} Made by `python benchmarks/audit_tightness.py` "
+        "(results file `benchmarks/results/audit_tightness.json`).") + "\n"
+
+
+def _planted_sentence(planted: dict[str, Any]) -> str:
+    """The planted bug (noise reused at every step) against the unmodified engine, per norm."""
+    p = planted["setup"]
+    rows = {(r["norm"], r["bug"] is not None): r for r in planted["runs"]}
+    parts = [f"{norm.upper()}: bound {rows[norm, True]['lower_bound']:.2f} against a claim of "
+             f"{rows[norm, True]['claimed_epsilon']:.2f} (the unmodified engine: {rows[norm, False]['lower_bound']:.2f})"
+             for norm in ("l2", "l1")]
+    return (f"A planted bug, the noise drawn once and reused at every step (q = {p['sample_rate']:g}, σ = "
+            f"{p['noise_multiplier']:g}, {p['steps']} steps, {p['trials']:,} trials), is caught by the per-step "
+            f"scores: {'; '.join(parts)}.")
 
 
 def audit_markdown(report: dict[str, Any]) -> str:
@@ -407,6 +419,9 @@ def audit_markdown(report: dict[str, Any]) -> str:
              "| mechanism | seed | lower bound | claimed ε | exact ε | score |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['mechanism']} | {r['seed']} | {r['lower_bound']:.3f} | {r['claimed_epsilon']:.3f} | "
               f"{r['exact_epsilon']:.3f} | {r['score']} |" for r in report["runs"]]
+    lines += ["", "Planted bug:", "", "| norm | engine | lower bound | claimed ε | score | violated |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['norm']} | {r['bug'] or 'unmodified'} | {r['lower_bound']:.3f} | {r['claimed_epsilon']:.3f} | "
+              f"{r['score']} | {'yes' if r['violated'] else 'no'} |" for r in report["planted"]["runs"]]
     return "\n".join(lines) + "\n"
 
 

@@ -79,7 +79,7 @@ def test_audit_tightness_smoke(tmp_path):
     Gaussian mechanism, the Laplace mechanism's pure ε = 1/b, every bound below its claim."""
     dpa = pytest.importorskip("dp_accounting")
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "audit_tightness.py"), "--seeds", "2", "--trials", "20000",
-                    "--out", str(tmp_path)], check=True, capture_output=True, timeout=300)
+                    "--planted-trials", "20000", "--out", str(tmp_path)], check=True, capture_output=True, timeout=300)
     report = json.loads((tmp_path / "audit_tightness.json").read_text())
     oracle = dpa.pld.PLDAccountant(value_discretization_interval=1e-5).compose(dpa.GaussianDpEvent(1.2)).get_epsilon(1e-5)
     gaussian, laplace = report["summary"]["gaussian"], report["summary"]["laplace"]
@@ -88,6 +88,12 @@ def test_audit_tightness_smoke(tmp_path):
     assert laplace["exact_epsilon"] == pytest.approx(1 / 1.2) and laplace["claimed_epsilon"] == pytest.approx(1 / 1.2)
     assert len(report["runs"]) == 4 and gaussian["violations"] == laplace["violations"] == 0
     assert all(0 < r["lower_bound"] < r["claimed_epsilon"] for r in report["runs"])
+    planted = {(r["norm"], r["bug"]): r for r in report["planted"]["runs"]}
+    for norm in ("l2", "l1"):  # the reused noise is caught; the unmodified engine's audit stays below its claim
+        bug, honest = planted[norm, "reused noise"], planted[norm, None]
+        assert bug["claimed_epsilon"] == honest["claimed_epsilon"]
+        assert bug["violated"] and bug["lower_bound"] > bug["claimed_epsilon"]
+        assert not honest["violated"] and honest["lower_bound"] < honest["claimed_epsilon"]
     assert (tmp_path / "audit_tightness.md").read_text().startswith("# The audit's lower bound")
 
 
