@@ -78,6 +78,9 @@ class LayerRule:
 
     #: the rule covers every trainable parameter below the layer (its sub-layers are not recorded separately)
     covers_submodules: bool = False
+    #: the layer's forward returns tensors it creates (never an input, buffer or parameter): an output without
+    #: gradient history (a first layer's) is then put on the graph as it is, not copied (:class:`_CaptureOutput`)
+    fresh_outputs: bool = False
 
     def supports(self, module: nn.Module) -> str | None:
         """Why this rule cannot serve ``module`` (then the per-layer vmap fallback does), or None."""

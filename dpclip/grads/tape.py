@@ -70,6 +70,26 @@ def _statistics_dtype(module: nn.Module) -> torch.dtype | None:
     return functools.reduce(torch.promote_types, dtypes, torch.float32) if dtypes else None
 
 
+class _CaptureOutput(torch.autograd.Function):
+    """Identity that puts a tensor without gradient history on the autograd graph in place: marked dirty, the
+    same tensor comes back with this node as its ``grad_fn``, so a hook on it receives the output's gradient (the
+    anchor, a scalar that requires grad, makes the node record). Unlike ``detach().requires_grad_()`` it is not a
+    leaf, so the model may still modify it in place (``nn.ReLU(inplace=True)``), and unlike ``clone()`` nothing is
+    copied. Only for outputs the layer created (:attr:`LayerRule.fresh_outputs`) and that are not views."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, anchor: Tensor) -> Tensor:
+        ctx.mark_dirty(output)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+_ANCHOR = torch.zeros((), requires_grad=True)  # never receives a gradient (the node returns None for it)
+
+
 class _Use:
     """One call of a recorded layer; its output gradients arrive in backward."""
 
@@ -89,7 +109,10 @@ class _Use:
                 self.grads.append(None)
                 if self.layout.shared:
                     leaf = _per_example(leaf, self.tape.batch)
-                if not leaf.requires_grad:  # e.g. the first layer: its inputs and (switched-off) weights need none
+                if not leaf.requires_grad and self.rule.fresh_outputs and not leaf._is_view():
+                    leaf = _CaptureOutput.apply(leaf, _ANCHOR)  # a first layer's fresh output: on the graph, no copy
+                    leaf.register_hook(self._hook(index))
+                elif not leaf.requires_grad:  # e.g. the first layer: its inputs and (switched-off) weights need none
                     base = leaf.detach().requires_grad_()
                     base.register_hook(self._hook(index))
                     leaf = base.clone()

@@ -131,6 +131,34 @@ def test_conv_on_patches_kept_or_by_the_ghost_identity(kept_bytes, monkeypatch):
     assert len(made) == 2 and all((part._cached is None) == (kept_bytes == 0) for part in made)
 
 
+class InPlaceAfterFirstLayer(nn.Module):
+    """The first layers' outputs (no gradient history: no input needs a gradient, weights are switched off)
+    modified in place by the model: ReLU(inplace=True) after the first conv, an in-place add after a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.relu = nn.ReLU(inplace=True)
+        self.side = nn.Linear(7, 4)
+        self.head = nn.Linear(4 * 25 + 4, 3)
+
+    def forward(self, x):
+        side = self.side(x[:, 0, 0])
+        side.mul_(2.0)
+        return self.head(torch.cat([self.relu(self.conv(x)).flatten(1), side], dim=1))
+
+
+def test_first_layer_outputs_are_recorded_without_a_copy_and_may_be_modified_in_place():
+    """A first layer's fresh output goes on the graph as it is (the ReLU gets the conv's own tensor), and the
+    model's in-place ops on it keep the per-example norms and clipped sums exact."""
+    torch.manual_seed(5)
+    model = InPlaceAfterFirstLayer()
+    seen = []  # what made the ReLU's input, at each call (the last one is the tape's)
+    model.relu.register_forward_pre_hook(lambda m, i: seen.append(type(i[0].grad_fn).__name__))
+    _compare(*_both(model, torch.randn(6, 2, 7, 7), torch.randint(0, 3, (6,))))
+    assert seen[-1] == "_CaptureOutputBackward"  # the conv's own tensor, not a CloneBackward0 copy
+
+
 def test_layerwise_attention_with_padding_mask_and_sequence_first_layout():
     torch.manual_seed(1)
     model = SeqFirstAttention()
