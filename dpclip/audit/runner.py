@@ -183,6 +183,55 @@ def _released_count(plan: _Plan, engine: Any, bound: float, expected: float) -> 
     return released - background_mean, sign, variance
 
 
+def _checked_slots(trials: int, canaries_per_run: int | None, background: int, background_norm: float,
+                   confidence: float, calibration_fraction: float) -> int:
+    """The canary slots per run, after checking the audit's own settings (:func:`audit_config`'s arguments)."""
+    check_count("trials", trials)
+    if not 0 < confidence < 1:
+        raise PrivacyParameterError(f"confidence must be in (0, 1), got {confidence!r}")
+    if not 0 < calibration_fraction < 1:
+        raise PrivacyParameterError(f"calibration_fraction must be in (0, 1), got {calibration_fraction!r}")
+    if trials < 2:
+        raise PrivacyParameterError("trials must be at least 2 (calibration and held-out parts)")
+    slots = min(200_000, 2 * trials) if canaries_per_run is None else check_count("canaries_per_run", canaries_per_run)
+    if slots > 1 and slots % 2:
+        raise PrivacyParameterError(f"canaries_per_run must be 1 or even (half with, half without), got {slots}")
+    if background < (1 if slots == 1 else 0):
+        raise PrivacyParameterError("with one canary per run, background must be ≥ 1 (the data set without it)")
+    if background_norm < 0:
+        raise PrivacyParameterError(f"background_norm must be ≥ 0, got {background_norm!r}")
+    return slots
+
+
+def _collect_scores(plan: _Plan, trials: int, rng: np.random.Generator, tamper: Callable[[Any], None] | None
+                    ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float, int]:
+    """Run the canary training runs until each world has ``trials`` observations: every score's values with and
+    without the canary, the ε the engine claimed, and the number of runs. One slot per run alternates the two
+    worlds run by run; more slots put the canary in a random half of them in each run."""
+    slots = plan.slots
+    per_run = 1 if slots == 1 else slots // 2  # observations per world and run (2 runs per pair when slots = 1)
+    runs = 2 * trials if slots == 1 else math.ceil(trials / per_run)
+    collected: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    claimed: float | None = None
+    for r in range(runs):
+        if slots == 1:
+            present = np.array([r % 2 == 0])
+        else:
+            present = np.zeros(slots, dtype=bool)
+            present[rng.permutation(slots)[: slots // 2]] = True
+        run_seed = None if plan.secure_mode else int(rng.integers(0, 2**62))
+        out = _run(plan, present, run_seed, tamper)
+        if claimed is None:
+            claimed = out.claimed_epsilon
+        for name, values in out.scores.items():
+            with_canary, without_canary = collected.setdefault(name, ([], []))
+            with_canary.append(values[present])
+            without_canary.append(values[~present])
+    assert claimed is not None
+    pooled = {name: (np.concatenate(w)[:trials], np.concatenate(wo)[:trials]) for name, (w, wo) in collected.items()}
+    return pooled, claimed, runs
+
+
 def audit_config(
     noise_multiplier: float,
     sample_rate: float,
@@ -228,22 +277,9 @@ def audit_config(
     check_sample_rate(sample_rate)
     check_positive("max_grad_norm", max_grad_norm)
     check_count("steps", steps)
-    check_count("trials", trials)
     check_delta(delta)
     check_positive("canary_norm", canary_norm)
-    if not 0 < confidence < 1:
-        raise PrivacyParameterError(f"confidence must be in (0, 1), got {confidence!r}")
-    if not 0 < calibration_fraction < 1:
-        raise PrivacyParameterError(f"calibration_fraction must be in (0, 1), got {calibration_fraction!r}")
-    if trials < 2:
-        raise PrivacyParameterError("trials must be at least 2 (calibration and held-out parts)")
-    slots = min(200_000, 2 * trials) if canaries_per_run is None else check_count("canaries_per_run", canaries_per_run)
-    if slots > 1 and slots % 2:
-        raise PrivacyParameterError(f"canaries_per_run must be 1 or even (half with, half without), got {slots}")
-    if background < (1 if slots == 1 else 0):
-        raise PrivacyParameterError("with one canary per run, background must be ≥ 1 (the data set without it)")
-    if background_norm < 0:
-        raise PrivacyParameterError(f"background_norm must be ≥ 0, got {background_norm!r}")
+    slots = _checked_slots(trials, canaries_per_run, background, background_norm, confidence, calibration_fraction)
     if clipping == "median" and count_noise_multiplier is None:
         holding = background + (1 if slots == 1 else slots // 2)
         count_noise_multiplier = sample_rate * holding / 20.0
@@ -254,26 +290,7 @@ def audit_config(
         float(target_quantile), float(clip_learning_rate), loss_reduction, grad_sample_mode, bool(secure_mode), device,
     )
     rng = np.random.default_rng(seed)
-    per_run = 1 if slots == 1 else slots // 2  # observations per world and run (2 runs per pair when slots = 1)
-    runs = 2 * trials if slots == 1 else math.ceil(trials / per_run)
-    collected: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
-    claimed: float | None = None
-    for r in range(runs):
-        if slots == 1:
-            present = np.array([r % 2 == 0])
-        else:
-            present = np.zeros(slots, dtype=bool)
-            present[rng.permutation(slots)[: slots // 2]] = True
-        run_seed = None if secure_mode else int(rng.integers(0, 2**62))
-        out = _run(plan, present, run_seed, tamper)
-        if claimed is None:
-            claimed = out.claimed_epsilon
-        for name, values in out.scores.items():
-            with_canary, without_canary = collected.setdefault(name, ([], []))
-            with_canary.append(values[present])
-            without_canary.append(values[~present])
-    assert claimed is not None
-    pooled = {name: (np.concatenate(w)[:trials], np.concatenate(wo)[:trials]) for name, (w, wo) in collected.items()}
+    pooled, claimed, runs = _collect_scores(plan, trials, rng, tamper)
     found = evaluate(pooled, trials, rng, calibration_fraction=calibration_fraction, alpha=1.0 - confidence, delta=delta)
     settings = dict(
         noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, max_grad_norm=plan.max_grad_norm,
