@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from .contributions import Contribution
+from .contributions import CacheBudget, Contribution
 
 if TYPE_CHECKING:
     from .tape import LayerwiseTape
@@ -42,7 +42,8 @@ class LayerCall:
     examples in dim 0); ``output_grads`` the gradients of the output's floating tensors ([batch, ...]; None where
     no gradient arrived). ``layout_dims`` is (input dim, output dim) of the examples as the layer saw them
     (None for a shared call, whose inputs hold no examples and were expanded to the batch); ``unsqueeze`` says
-    whether one example's inputs need a batch dim of 1 to run the layer on them alone.
+    whether one example's inputs need a batch dim of 1 to run the layer on them alone; ``budget`` the step's
+    shared budget for what a rule keeps until the clipped sum.
     """
 
     module: nn.Module
@@ -55,6 +56,9 @@ class LayerCall:
     names: dict[int, str]
     layout_dims: tuple[int, int] | None = (0, 0)
     unsqueeze: bool = True
+    #: the step's budget for tensors kept beyond what backward holds (per-example gradients, patches), shared by
+    #: all layers; None: no limit beyond each contribution's own (``make_private(memory="low")``: 0 bytes)
+    budget: CacheBudget | None = None
 
     @property
     def input(self) -> Tensor:

@@ -134,8 +134,8 @@ class _Use:
 
         return on_grad
 
-    def call(self) -> LayerCall:
-        """The batch-first view of this call that rules read."""
+    def call(self, budget: CacheBudget | None = None) -> LayerCall:
+        """The batch-first view of this call that rules read (``budget``: the step's, shared by every call)."""
         layout, batch = self.layout, self.tape.batch
         dtype = _statistics_dtype(self.module)
 
@@ -167,7 +167,7 @@ class _Use:
             module=self.module, module_name=self.where, args=args, kwargs=kwargs, in_dims=in_dims,
             output_grads=grads, batch=batch, names=self.tape.names,
             layout_dims=None if layout.shared else (layout.in_dim, layout.out_dim),
-            unsqueeze=not layout.shared, main_input=main,
+            unsqueeze=not layout.shared, budget=budget, main_input=main,
         )
 
     def release(self) -> None:
@@ -177,11 +177,11 @@ class _Use:
         self.released = True
         self.args, self.kwargs, self.main, self.grads = (), {}, None, [None] * len(self.grads)  # type: ignore[assignment]
 
-    def contributions(self) -> list[Contribution]:
+    def contributions(self, budget: CacheBudget | None = None) -> list[Contribution]:
         if all(g is None for g in self.grads):
             return []
         try:
-            return self.rule.contributions(self.call())
+            return self.rule.contributions(self.call(budget))
         except ModelNotSupportedError:
             raise
         except Exception as error:  # a rule's failure reaches the user as dpclip's, naming the layer
@@ -356,12 +356,13 @@ class LayerwiseTape:
             return
         self.finished = True
         uses, self.uses = self.uses, []
+        budget = CacheBudget(LayerwiseGradients.cache_bytes if self.kept_bytes is None else self.kept_bytes)
         parts: list[Contribution] = []
         for use in uses:
-            parts.extend(use.contributions())
+            parts.extend(use.contributions(budget))
             use.release()
         del uses
-        gradients = LayerwiseGradients(self.batch, list(self.names.values()), parts, self.model, self.kept_bytes)
+        gradients = LayerwiseGradients(self.batch, list(self.names.values()), parts, self.model, budget)
         del parts  # the weighted sum releases each layer's activations and output gradients as it goes
         consume, self.consume = self.consume, None  # (the model's hooks keep the tape alive, not the consumer)
         if consume is not None:
@@ -406,14 +407,15 @@ class LayerwiseGradients:
     cache_bytes = 256 * 2**20
 
     def __init__(self, batch: int, names: list[str], parts: list[Contribution], model: nn.Module,
-                 kept_bytes: int | None = None) -> None:
+                 budget: CacheBudget | None = None) -> None:
+        """``budget``: the step's, which the rules already drew on (default: :attr:`cache_bytes`)."""
         self.batch = batch
         self.names = names
         wanted = set(names)
         self.params = {name: p for name, p in model.named_parameters() if name in wanted}
         self._summed = False
         self.by_name: dict[str, list[Contribution]] = defaultdict(list)
-        budget = CacheBudget(self.cache_bytes if kept_bytes is None else kept_bytes)
+        budget = CacheBudget(self.cache_bytes) if budget is None else budget
         for part in parts:
             part.budget = budget
             self.by_name[part.name].append(part)

@@ -119,16 +119,21 @@ def test_layerwise_equals_vmap(case):
     _compare(*_both(model, x, torch.randint(0, 3, (7,))))
 
 
-@pytest.mark.parametrize("kept_bytes", [None, 0])
-def test_conv_on_patches_kept_or_by_the_ghost_identity(kept_bytes, monkeypatch):
-    """The patch route, with the per-example gradients kept or (no budget) their norms by the ghost identity."""
-    from dpclip.grads import ConvPatches
+# SmallResolutionConv at batch 7: patches 4,536 + 10,080 bytes, per-example gradients 5,040 + 13,440 bytes.
+@pytest.mark.parametrize("kept_bytes, route", [(None, "kept"), (4_536 + 10_080, "ghost"), (0, "weight backward")])
+def test_conv_on_patches_kept_or_by_the_ghost_identity(kept_bytes, route):
+    """The patch route with the per-example gradients kept; with a budget that holds the patches only (their norms
+    by the ghost identity); and with no budget (memory="low": no patches, the weight backward)."""
+    from dpclip.grads import ConvPatches, ConvWeight
 
-    made = []
-    monkeypatch.setattr(ConvPatches, "weighted", lambda self, f, _w=ConvPatches.weighted: made.append(self) or _w(self, f))
     torch.manual_seed(3)
-    _compare(*_both(SmallResolutionConv(), torch.randn(7, 2, 7, 7), torch.randint(0, 3, (7,)), kept_bytes=kept_bytes))
-    assert len(made) == 2 and all((part._cached is None) == (kept_bytes == 0) for part in made)
+    reference, fast = _both(SmallResolutionConv(), torch.randn(7, 2, 7, 7), torch.randint(0, 3, (7,)), kept_bytes=kept_bytes)
+    convs = [part for name in ("conv1.weight", "conv2.weight") for part in fast.by_name[name]]
+    _compare(reference, fast)
+    if route == "weight backward":
+        assert all(type(part) is ConvWeight for part in convs)
+    else:
+        assert all(type(part) is ConvPatches and (part._cached is None) == (route == "ghost") for part in convs)
 
 
 class InPlaceAfterFirstLayer(nn.Module):

@@ -150,8 +150,8 @@ def test_bf16_autocast_step_equals_the_per_example_loop(name, mode, monkeypatch)
                         lambda norms, c: norms_clipped.append(norms) or clip_factors(norms, c))
     use_call = tape_module._Use.call
 
-    def recorded_call(use):
-        call = use_call(use)
+    def recorded_call(use, *args, **kwargs):
+        call = use_call(use, *args, **kwargs)
         calls.extend(t.dtype for t in [call.input, *call.output_grads] if t is not None and t.is_floating_point())
         return call
 

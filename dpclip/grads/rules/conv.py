@@ -4,7 +4,8 @@ Weights: where a layer has no more output positions than output channels (deep, 
 linear map on the input's patches (:class:`ConvPatches`: its per-example gradients, or their norms by the ghost
 identity, cost less there than the vmapped weight backward, which torch runs as a grouped convolution); elsewhere
 by the vmapped convolution weight backward (:class:`ConvWeight`), which forms no patches. The threshold is measured
-by ``benchmarks/conv_routes.py`` (``benchmarks/results/conv_routes.md``)."""
+by ``benchmarks/conv_routes.py`` (``benchmarks/results/conv_routes.md``). Patches are held until the clipped sum,
+so they are drawn from the step's budget like kept per-example gradients: ``memory="low"`` (no budget) forms none."""
 
 from __future__ import annotations
 
@@ -31,11 +32,18 @@ class ConvRule(LayerRule):
         module, g = call.module, call.grad
         parts: list[Contribution] = []
         if (name := call.name(module.weight)) is not None:
-            kind = ConvPatches if prefers_patches(module, call.input, g) else ConvWeight
-            parts.append(kind(name, module, call.input, g))
+            parts.append(_weight(name, call))
         if (name := call.name(module.bias)) is not None:
             parts.append(Summed(name, g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)))
         return parts
+
+
+def _weight(name: str, call: LayerCall) -> Contribution:
+    """The weight's contribution: on patches where they pay and the step's budget still holds them."""
+    conv, x, g = call.module, call.input, call.grad
+    if prefers_patches(conv, x, g) and (call.budget is None or call.budget.take(_patch_size(conv, x, g))):
+        return ConvPatches(name, conv, x, g)
+    return ConvWeight(name, conv, x, g)
 
 
 def prefers_patches(conv: nn.Module, x: torch.Tensor, g: torch.Tensor) -> bool:
@@ -46,6 +54,10 @@ def prefers_patches(conv: nn.Module, x: torch.Tensor, g: torch.Tensor) -> bool:
     1.6–3.6× faster on every layer with T > C_out."""
     if isinstance(conv, nn.modules.conv._ConvTransposeNd) or conv.groups != 1:  # type: ignore[union-attr]
         return False
-    positions = math.prod(g.shape[2:])
-    size = g.shape[0] * positions * math.prod(conv.weight.shape[1:]) * max(x.element_size(), 4)  # type: ignore[union-attr]
-    return positions <= g.shape[1] and size <= ConvPatches.patch_bytes
+    return math.prod(g.shape[2:]) <= g.shape[1] and _patch_size(conv, x, g) <= ConvPatches.patch_bytes
+
+
+def _patch_size(conv: nn.Module, x: torch.Tensor, g: torch.Tensor) -> int:
+    """Bytes of the patches [B, T, |kernel|·C_in]: the rule takes them from the step's budget (none with
+    ``memory="low"``), as kept per-example gradients are."""
+    return g.shape[0] * math.prod(g.shape[2:]) * math.prod(conv.weight.shape[1:]) * max(x.element_size(), 4)  # type: ignore[union-attr]
