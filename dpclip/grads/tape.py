@@ -109,13 +109,14 @@ class _Use:
                 self.grads.append(None)
                 if self.layout.shared:
                     leaf = _per_example(leaf, self.tape.batch)
-                if not leaf.requires_grad and self.rule.fresh_outputs and not leaf._is_view():
-                    leaf = _CaptureOutput.apply(leaf, _ANCHOR)  # a first layer's fresh output: on the graph, no copy
-                    leaf.register_hook(self._hook(index))
-                elif not leaf.requires_grad:  # e.g. the first layer: its inputs and (switched-off) weights need none
-                    base = leaf.detach().requires_grad_()
-                    base.register_hook(self._hook(index))
-                    leaf = base.clone()
+                if not leaf.requires_grad:  # e.g. the first layer: its inputs and (switched-off) weights need none
+                    if self.rule.fresh_outputs and not leaf._is_view():
+                        leaf = _CaptureOutput.apply(leaf, _ANCHOR)  # the layer's own tensor: on the graph, no copy
+                        leaf.register_hook(self._hook(index))
+                    else:
+                        base = leaf.detach().requires_grad_()
+                        base.register_hook(self._hook(index))
+                        leaf = base.clone()
                 else:
                     leaf.register_hook(self._hook(index))
             out.append(leaf)
@@ -407,15 +408,14 @@ class LayerwiseGradients:
     cache_bytes = 256 * 2**20
 
     def __init__(self, batch: int, names: list[str], parts: list[Contribution], model: nn.Module,
-                 budget: CacheBudget | None = None) -> None:
-        """``budget``: the step's, which the rules already drew on (default: :attr:`cache_bytes`)."""
+                 budget: CacheBudget) -> None:
+        """``budget``: the step's (:attr:`cache_bytes`, or the engine's ``kept_bytes``), which the rules already drew on."""
         self.batch = batch
         self.names = names
         wanted = set(names)
         self.params = {name: p for name, p in model.named_parameters() if name in wanted}
         self._summed = False
         self.by_name: dict[str, list[Contribution]] = defaultdict(list)
-        budget = CacheBudget(self.cache_bytes) if budget is None else budget
         for part in parts:
             part.budget = budget
             self.by_name[part.name].append(part)

@@ -21,6 +21,7 @@ from ..registry import LayerCall, LayerRule, register_layer
 @register_layer(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 class ConvRule(LayerRule):
     fresh_outputs = True  # F.conv* creates its output
+
     def supports(self, module: nn.Module) -> str | None:
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} pads outside the convolution"

@@ -11,6 +11,7 @@ from ..registry import LayerCall, LayerRule, register_layer
 @register_layer(nn.Embedding)
 class EmbeddingRule(LayerRule):
     fresh_outputs = True  # F.embedding creates its output
+
     def refusal(self, module: nn.Module) -> str | None:
         if module.max_norm is not None:
             return (

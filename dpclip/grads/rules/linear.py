@@ -26,6 +26,7 @@ def linear_contributions(call: LayerCall, weight, bias, transposed: bool = False
 @register_layer(nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 class LinearRule(LayerRule):
     fresh_outputs = True  # F.linear creates its output (a view on 3-D inputs: then copied as before)
+
     def contributions(self, call: LayerCall) -> list[Contribution]:
         return linear_contributions(call, call.module.weight, call.module.bias)
 
