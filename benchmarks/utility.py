@@ -43,6 +43,7 @@ import runpy
 import statistics
 import sys
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -647,7 +648,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     settings = compare.environment(args.threads, dict(os.environ))
-    settings["started"] = f"{settings['date']} pid {os.getpid()}"  # tells this invocation's entry apart in --append
+    # tells this invocation's entry apart in --append: the date has whole seconds and one process may run several
+    # invocations (the tests do), so a random token makes it unique
+    settings["started"] = f"{settings['date']} pid {os.getpid()} {uuid.uuid4().hex[:12]}"
     if argv is not None:  # called in-process: record these arguments, not the caller's
         settings["command"] = compare.command_line([str(Path(__file__)), *argv], dict(os.environ))
         settings["argv"] = list(argv)
