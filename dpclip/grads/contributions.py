@@ -86,6 +86,13 @@ class Materialized(Contribution):
         return self.grads
 
 
+def _frobenius(values: Tensor, u: float) -> Tensor:
+    """Each example's L2 norm of ``values`` [B, ...] over all its entries, in float64, inflated to an upper bound
+    on the exact norm (Higham 2002, §3.1: |fl(x·y) − x·y| ≤ γ_n |x|·|y|, n the entries summed)."""
+    entries = values[0].numel() if values.shape[0] else 0
+    return torch.linalg.vector_norm(values, dim=tuple(range(1, values.dim()))).double() * (1 + (entries + 4) * u)
+
+
 class LinearWeight(Contribution):
     """Weight gradient Σ_t g_t a_tᵀ of a linear map; ``a``: [B, T, in], ``g``: [B, T, out].
 
@@ -128,27 +135,46 @@ class LinearWeight(Contribution):
         size = self.a.shape[0] * self.d_in * self.d_out * max(self.a.element_size(), 4)
         return self.positions > 1 and size <= self.cache_bytes and self.budget.take(size)
 
+    def _widened(self) -> tuple[Tensor, Tensor]:
+        """``a`` and ``g`` in the precision the statistics are formed in (float32, or float64 if given)."""
+        return (self.a, self.g) if self.a.dtype == torch.float64 else (self.a.float(), self.g.float())
+
     def _spread(self, order: int) -> Tensor:
-        """Σ_t ‖a_t‖‖g_t‖ (L``order``) per example, an upper bound: ≥ the norm, and it scales every rounding error."""
-        a, g = (self.a, self.g) if self.a.dtype == torch.float64 else (self.a.float(), self.g.float())
-        # Norms of a_t and g_t, inflated to upper bounds (Higham 2002, §3.1: |fl(x·y) − x·y| ≤ γ_n |x|·|y|).
-        a_norms = a.norm(p=order, dim=2).double() * (1 + (self.d_in + 4) * self.u)
-        g_norms = g.norm(p=order, dim=2).double() * (1 + (self.d_out + 4) * self.u)
+        """An upper bound on Σ_t ‖a_t‖‖g_t‖ (L``order``) per example, which scales the rounding slack. L2: ‖a‖_F‖g‖_F
+        (Cauchy–Schwarz) from two whole-example norms, cheap where per-position ones are not (a short, strided
+        channel dim: conv output gradients) and about as tight; equal to the sum when T = 1. L1: per position (a
+        whole-example product would be up to T times looser)."""
+        if order == 2:
+            return self._input_norm() * _frobenius(self._widened()[1], self.u)
+        a, g = self._widened()
+        a_norms = a.norm(p=1, dim=2).double() * (1 + (self.d_in + 4) * self.u)
+        g_norms = g.norm(p=1, dim=2).double() * (1 + (self.d_out + 4) * self.u)
         return (a_norms * g_norms).sum(dim=1)
+
+    def _input_norm(self) -> Tensor:
+        """Each example's ‖a‖_F over all its positions (an upper bound, float64)."""
+        return _frobenius(self._widened()[0], self.u)
 
     def norm(self, norm: Norm) -> Tensor:
         positions, d_in, d_out, u = self.positions, self.d_in, self.d_out, self.u
         if self._cached is None and self._keeps():
             self._cached = self._rows()
-        spread = self._spread(2 if norm == "l2" else 1)
-        slack = (positions + 2) * u * spread  # forming Σ_t g_t a_tᵀ in that precision (the book-keeping sum does)
         if self._cached is not None or norm == "l1" or positions * positions > d_in * d_out:
             rows = self._cached if self._cached is not None else self._rows()
+            slack = (positions + 2) * u * self._spread(2 if norm == "l2" else 1)  # forming Σ_t g_t a_tᵀ in that precision
             return vector_norms(rows, norm).double() + 2 * slack
         if positions == 1:  # ‖g aᵀ‖ = ‖a‖‖g‖
-            return spread + slack
-        a, g = (self.a, self.g) if self.a.dtype == torch.float64 else (self.a.float(), self.g.float())
-        squared = ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum(dim=(1, 2), dtype=torch.float64)
+            spread = self._spread(2)
+            return spread + (positions + 2) * u * spread
+        a, g = self._widened()
+        a_gram, g_gram = a @ a.transpose(1, 2), g @ g.transpose(1, 2)
+        # Σ_t ‖a_t‖‖g_t‖ from the Grams' diagonals (each a float32 dot product: inflated as above), an upper bound
+        # that scales every rounding error below.
+        a_norms = a_gram.diagonal(dim1=1, dim2=2).clamp_min(0).double().sqrt() * (1 + (d_in + 4) * u)
+        g_norms = g_gram.diagonal(dim1=1, dim2=2).clamp_min(0).double().sqrt() * (1 + (d_out + 4) * u)
+        spread = (a_norms * g_norms).sum(dim=1)
+        slack = (positions + 2) * u * spread  # forming Σ_t g_t a_tᵀ in that precision (the book-keeping sum does)
+        squared = (a_gram * g_gram).sum(dim=(1, 2), dtype=torch.float64)
         rounding = (d_in + d_out + 4) * u * spread.square()  # the Gram products' rounding, summed in float64
         loose = rounding > 1e-3 * squared.clamp_min(0)  # cancellation: redo those examples in float64
         if bool(loose.any()):
@@ -298,6 +324,14 @@ def conv_patches(conv: nn.Module, x: Tensor) -> Tensor:
     return view.reshape(last.shape[0], math.prod(out), -1)
 
 
+def patch_overlap(conv: nn.Module) -> int:
+    """The most patches one input entry of a ConvNd sits in. Per spatial dim, entry p is read by output position
+    t through kernel offset j when t·stride + j·dilation = p: the offsets j < k with j·dilation ≡ p (mod stride),
+    one in every stride / gcd(stride, dilation), so ⌈k·gcd / stride⌉ of them at most (k if that is more)."""
+    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation  # type: ignore[union-attr]
+    return math.prod(min(k, -(-k * math.gcd(s, d) // s)) for k, s, d in zip(kernel, stride, dilation))
+
+
 class ConvPatches(LinearWeight):
     """A ConvNd weight gradient as the linear map it is on the input's patches: Σ_t g_t p_tᵀ, with p_t the patch
     under output position t (:func:`conv_patches`) and g_t the output gradient there.
@@ -314,6 +348,13 @@ class ConvPatches(LinearWeight):
         weight = conv.weight  # type: ignore[union-attr]
         layout = torch.Size((weight.shape[0], *weight.shape[2:], weight.shape[1]))  # (C_out, *kernel, C_in)
         super().__init__(name, None, conv_patches(conv, x), g.flatten(2).transpose(1, 2), layout)
+        self.x, self.overlap = x, patch_overlap(conv)
+
+    def _input_norm(self) -> Tensor:
+        """‖patches‖_F from the (smaller) input: each input entry sits in at most m = ``overlap`` patches, so
+        ‖P‖₂ ≤ √m‖x‖₂ (zero padding adds nothing)."""
+        x = self.x if self.x.dtype == torch.float64 else self.x.float()
+        return _frobenius(x, self.u) * math.sqrt(self.overlap)
 
     def _shaped(self, rows: Tensor) -> Tensor:
         return super()._shaped(rows).movedim(-1, rows.dim() - 1)  # C_in from last to after C_out

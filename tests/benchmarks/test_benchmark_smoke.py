@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).parents[2]
 
@@ -106,6 +107,26 @@ def test_conv_routes_smoke(tmp_path):
     assert picks == {"DP CNN conv 1": "weight_backward", "DP CNN conv 2": "patches"}  # T = 196 > 16; T = 25 ≤ 32
     assert all(r["same_gradients"] and min(r["ms"].values()) > 0 for r in report["shapes"])
     assert (tmp_path / "conv_routes.md").read_text().startswith("# A convolution's per-example weight gradients")
+
+
+def test_noise_draw_smoke(tmp_path):
+    """The noise benchmark times real draws of the right size and law, and derives the floor from them."""
+    import runpy
+
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "noise_draw.py"))
+    params = [torch.zeros(300, 200), torch.zeros(200)]
+    methods = bench["noise_methods"](params, 4)
+    released = methods["dpclip"]()  # {name: zero sum + N(0, (σC/B)²)} with σ = C = 1, B = 4
+    values = torch.cat([v.flatten() for v in released.values()])
+    assert values.numel() == 60_200 and abs(float(values.std()) - 0.25) < 0.01
+    assert all(methods[f"numpy {name}"]().shape == (60_200,) for name in bench["NUMPY_GENERATORS"])
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "noise_draw.py"), "--smoke", "--models", "mlp",
+                    "--repeats", "1", "--calls", "2", "--steps", "2", "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=300)
+    row = json.loads((tmp_path / "noise_draw.json").read_text())["models"][0]
+    assert row["parameters"] == 256 * 784 + 256 + 256 * 256 + 256 + 10 * 256 + 10  # the small MLP 784-256-256-10
+    assert min(row["ms"].values()) > 0
+    assert row["noise_floor_ratio"] == pytest.approx(1 + row["ms"]["dpclip"] / row["nonprivate_step_ms"])
 
 
 def test_accuracy_comparison_smoke(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dpclip.grads.contributions import ConvPatches, ConvWeight, LinearWeight, Summed
+from dpclip.grads.contributions import ConvPatches, ConvWeight, LinearWeight, Summed, conv_patches, patch_overlap
 
 
 def _brute_force(grads: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -138,3 +138,44 @@ def test_conv_patches_against_the_per_example_weight_backward(conv, route, monke
     assert (part._cached is not None) == (route == "kept")
     torch.testing.assert_close(part.weighted(factors), _brute_force(exact, factors), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(part.norm("l1")[kept], exact[kept].flatten(1).abs().sum(dim=1), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("kernel, stride, dilation", [
+    (3, 1, 1), (4, 2, 1), (8, 2, 1), (3, 2, 2), (5, 3, 2), (2, 3, 1), ((3, 4), (1, 3), (2, 1)), (7, 2, 3),
+])
+def test_patch_overlap_is_the_most_patches_an_input_entry_sits_in(kernel, stride, dilation):
+    """Oracle: fold(unfold(ones)) counts, for every input entry, the patches that read it."""
+    conv = nn.Conv2d(1, 1, kernel, stride, dilation=dilation)
+    ones = torch.ones(1, 1, 40, 40)
+    spec = dict(kernel_size=conv.kernel_size, stride=conv.stride, dilation=conv.dilation)
+    counts = nn.functional.fold(nn.functional.unfold(ones, **spec), ones.shape[2:], **spec)
+    assert patch_overlap(conv) == int(counts.max())
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 4, 3, 2, padding=1), nn.Conv2d(2, 5, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1)),
+    nn.Conv1d(2, 5, 4, padding=3), nn.Conv3d(2, 3, 2, stride=2, padding=1), nn.Conv2d(1, 16, 8, 2, padding=3),
+])
+def test_the_patch_norm_bound_from_the_input_is_an_upper_bound(conv):
+    """‖patches‖ (the rounding slack's scale) bounded through the input: never below the patches' own norm."""
+    torch.manual_seed(5)
+    x = torch.randn(4, conv.in_channels, *([9] * (conv.weight.dim() - 2)), dtype=torch.float64)
+    g = torch.randn_like(conv.double()(x))
+    bound = ConvPatches("weight", conv.double(), x, g)._input_norm()
+    exact = conv_patches(conv, x).flatten(1).norm(dim=1)
+    assert bool((bound >= exact).all()), (bound, exact)
+
+
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_kept_float32_norms_cover_their_rounding(norm, monkeypatch):
+    """The kept route in float32: each norm at least the float64 norm of the exact per-example gradient (formed
+    from the same float32 inputs) and within 1e-4 of it."""
+    monkeypatch.setattr(LinearWeight, "cache_bytes", 2**40)
+    torch.manual_seed(6)
+    a, g = torch.randn(8, 30, 20) * 1e3, torch.randn(8, 30, 6)
+    part = LinearWeight("w", None, a, g, torch.Size([6, 20]))
+    norms = part.norm(norm)
+    assert part._cached is not None
+    exact = torch.linalg.vector_norm(torch.bmm(g.double().transpose(1, 2), a.double()).flatten(1), ord=1 if norm == "l1" else 2, dim=1)
+    assert bool((norms >= exact).all())
+    torch.testing.assert_close(norms, exact, rtol=1e-4, atol=0)
