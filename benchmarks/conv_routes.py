@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 BATCH = 256
 # (label, C_in, C_out, kernel, stride, padding, input side): the DP CNN's two layers, CIFAR-style 3×3 stages, a
-# stem, and deep small-resolution layers.
+# stem, deep small-resolution layers, and 3×3 first layers on 28×28 (grey) and 32×32 (RGB) images.
 SHAPES = [
     ("DP CNN conv 1", 1, 16, 8, 2, 3, 28),
     ("DP CNN conv 2", 16, 32, 4, 2, 0, 13),
@@ -42,6 +42,8 @@ SHAPES = [
     ("stride-2 128→256", 128, 256, 3, 2, 1, 8),
     ("deep 256→256 at 4×4", 256, 256, 3, 1, 1, 4),
     ("stem 3→64 k7 s2", 3, 64, 7, 2, 3, 32),
+    ("first conv 1→16 k3", 1, 16, 3, 1, 1, 28),
+    ("first conv 3→32 k3", 3, 32, 3, 1, 1, 32),
 ]
 
 

@@ -51,8 +51,8 @@ def prefers_patches(conv: nn.Module, x: torch.Tensor, g: torch.Tensor) -> bool:
     """Whether :class:`ConvPatches` is the cheaper route: an ordinary convolution (groups = 1, not transposed)
     with positions T ≤ C_out, whose patches [B, T, |kernel|·C_in] fit in ``ConvPatches.patch_bytes``. T ≤ C_out
     also keeps the patches no larger than the per-example gradients. On one CPU thread at batch 256
-    (benchmarks/results/conv_routes.md) the patches were up to 10× faster on such layers, and the weight backward
-    1.6–3.6× faster on every layer with T > C_out."""
+    (benchmarks/results/conv_routes.md) the patches were up to 11× faster on such layers, and the weight backward
+    1.1–3.0× faster on the layers with T > C_out but one (a near-tie: kernel 8, stride 2, one input channel)."""
     if isinstance(conv, nn.modules.conv._ConvTransposeNd) or conv.groups != 1:  # type: ignore[union-attr]
         return False
     return math.prod(g.shape[2:]) <= g.shape[1] and _patch_size(conv, x, g) <= ConvPatches.patch_bytes
