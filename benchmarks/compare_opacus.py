@@ -272,6 +272,7 @@ class HeapPeak:
 
     def __init__(self) -> None:
         self.in_use = _heap_in_use()
+        self.start_mb: float | None = None
         self.peak_mb: float | None = None
         self._stop = threading.Event()
 
@@ -284,6 +285,7 @@ class HeapPeak:
 
     def __enter__(self) -> HeapPeak:
         if self.in_use is not None:
+            self.start_mb = self.in_use() / 2**20
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -292,6 +294,13 @@ class HeapPeak:
         if self.in_use is not None:
             self._stop.set()
             self._thread.join()
+
+
+def scaled_peak(step: dict[str, Any], expected: int) -> float:
+    """A measured step's peak heap at the expected batch: what the step added to the heap in use at its start,
+    scaled by expected / its batch (Poisson batches vary by ±√B; activations, gradients and per-example
+    statistics grow with the batch), plus that start. Unscaled for a step of the expected size (non-private)."""
+    return step["start_mb"] + (step["peak_mb"] - step["start_mb"]) * expected / step["batch"]
 
 
 def run_one(model_name: str, library: str, size: str, device: str, steps: int, warmup: int, threads: int = 1,
@@ -345,7 +354,7 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times: list[float] = []
-    heap: list[float | None] = []
+    heap: list[dict[str, Any]] = []  # the measured steps: batch size, heap in use at the start, peak
     seen = 0
     while len(times) < warmup + steps + 1:  # the first and the last step (untimed) run under HeapPeak
         for x, y in loader:
@@ -361,8 +370,8 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
-            if sampler is not None:
-                heap.append(sampler.peak_mb)
+            if sampler is not None and sampler.peak_mb is not None:
+                heap.append({"batch": len(x), "start_mb": sampler.start_mb, "peak_mb": sampler.peak_mb})
             seen += len(x)
             if len(times) == warmup + steps + 1:
                 break
@@ -379,7 +388,8 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
         "ms_per_step": ms,
         "examples_per_s": batch / (ms / 1e3),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_heap_mb": None if not heap or None in heap else max(heap),  # type: ignore[type-var]
+        "peak_heap_mb": max((scaled_peak(h, batch) for h in heap), default=None) if len(heap) == 2 else None,
+        "heap_steps": heap,
         "epsilon": epsilon,
         "steps_timed": len(measured),
         "first_step_ms": times[0] * 1e3,  # dpclip: includes the first-step verification
@@ -465,7 +475,7 @@ def spawn(model: str, library: str, args: argparse.Namespace, env: dict[str, str
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-REPEAT_KEYS = ("ms_per_step", "first_step_ms", "peak_rss_mb", "peak_heap_mb", "steps_timed", "threads", "step_ms", "started_s")
+REPEAT_KEYS = ("ms_per_step", "first_step_ms", "peak_rss_mb", "peak_heap_mb", "heap_steps", "steps_timed", "threads", "step_ms", "started_s")
 
 
 def combine(model: str, library: str, runs: list[dict[str, Any]], batch: int) -> dict[str, Any]:
@@ -627,7 +637,7 @@ def main() -> None:
         "suite": args.suite, "size": args.size, "device": args.device, "batch": batch, "sigma": SIGMA, "max_grad_norm": CLIP,
         "delta": DELTA, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "autocast": args.autocast,
         "in_process": args.smoke, "models": {m: describe(m, args.size) for m in args.models},
-        "heap": any(r.get("peak_heap_mb") for r in results),
+        "heap": any(r.get("peak_heap_mb") for r in results), "heap_scaled": True,
         "duration_s": round(time.perf_counter() - started, 1),
     })
     report = {"settings": settings, "results": results}

@@ -103,8 +103,16 @@ def _method(s: dict[str, Any]) -> str:
             f"(model, library) in its own process, {_count(repeats, 'repeat')} interleaved; ms/step is the lowest of the repeats' "
             f"median over {s['steps']} timed steps (after {s.get('warmup', '?')} warm-up); peak RSS is the highest"
             + ("; peak heap is the most memory malloc had handed out during the first step (dpclip's verification "
-               "included) or one more untimed step, sampled every 0.5 ms, the highest of the repeats (RSS also keeps "
-               "what the allocator holds after frees, and the libraries' code)." if s.get("heap") else "."))
+               "included) or one more untimed step, sampled every 0.5 ms" + _heap_scaling(s) + ", the highest of the "
+               "repeats (RSS also keeps what the allocator holds after frees, and the libraries' code)." if s.get("heap") else "."))
+
+
+def _heap_scaling(s: dict[str, Any]) -> str:
+    """How the peak heap of a Poisson-sampled step was brought to the expected batch, where it was."""
+    if not s.get("heap_scaled"):
+        return ""
+    return (", what the step added to the heap scaled to the expected batch (Poisson batches vary by about ±√B; the "
+            "JSON keeps each measured step's batch and raw figures)")
 
 
 def compare_markdown(report: dict[str, Any]) -> str:

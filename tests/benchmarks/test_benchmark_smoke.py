@@ -24,6 +24,11 @@ def _check_compare_smoke(tmp_path, stem, models):
         assert "error" not in r, r
         assert r["ms_per_step"] > 0 and r["examples_per_s"] > 0 and r["peak_rss_mb"] > 0
         assert 0 < r["peak_heap_mb"] < r["peak_rss_mb"]  # glibc's heap in use: part of the resident memory
+        steps = [step for repeat in r["repeats"] for step in repeat["heap_steps"]]  # first and last of each repeat
+        assert len(steps) == 2 * len(r["repeats"]) and all(0 < s["start_mb"] <= s["peak_mb"] for s in steps)
+        expected = report["settings"]["batch"]
+        scaled = [s["start_mb"] + (s["peak_mb"] - s["start_mb"]) * expected / s["batch"] for s in steps]
+        assert r["peak_heap_mb"] == pytest.approx(max(scaled))  # each step's growth brought to the expected batch
         if r["library"] != "nonprivate":
             assert r["epsilon"] > 0
     # Same (q, σ, steps) → the same ε, each library by its own tight accountant (dpclip PLD, Opacus PRV).
