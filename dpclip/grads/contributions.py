@@ -348,13 +348,12 @@ class ConvPatches(LinearWeight):
         weight = conv.weight  # type: ignore[union-attr]
         layout = torch.Size((weight.shape[0], *weight.shape[2:], weight.shape[1]))  # (C_out, *kernel, C_in)
         super().__init__(name, None, conv_patches(conv, x), g.flatten(2).transpose(1, 2), layout)
-        self.x, self.overlap = x, patch_overlap(conv)
+        # ‖patches‖_F from the (smaller) input, formed now so the input need not be held: each input entry sits in
+        # at most m = patch_overlap(conv) patches, so ‖P‖₂ ≤ √m‖x‖₂ (zero padding adds nothing).
+        self._patch_norm = _frobenius(x if x.dtype == torch.float64 else x.float(), self.u) * math.sqrt(patch_overlap(conv))
 
     def _input_norm(self) -> Tensor:
-        """‖patches‖_F from the (smaller) input: each input entry sits in at most m = ``overlap`` patches, so
-        ‖P‖₂ ≤ √m‖x‖₂ (zero padding adds nothing)."""
-        x = self.x if self.x.dtype == torch.float64 else self.x.float()
-        return _frobenius(x, self.u) * math.sqrt(self.overlap)
+        return self._patch_norm
 
     def _shaped(self, rows: Tensor) -> Tensor:
         return super()._shaped(rows).movedim(-1, rows.dim() - 1)  # C_in from last to after C_out
