@@ -399,7 +399,7 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
         "ms_per_step": ms,
         "examples_per_s": batch / (ms / 1e3),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_heap_mb": max((scaled_peak(h, batch) for h in heap), default=None) if len(heap) == 2 else None,
+        "peak_heap_mb": max((scaled_peak(h, batch) for h in heap), default=None),  # None: no glibc, or on a GPU
         "heap_steps": heap,
         "epsilon": epsilon,
         "steps_timed": len(measured),

@@ -47,7 +47,7 @@ SHAPES = [
 ]
 
 
-def _median_ms(work: Callable[[], Any], repeats: int, calls: int) -> float:
+def median_ms(work: Callable[[], Any], repeats: int, calls: int) -> float:
     """Median over ``repeats`` of the median of ``calls`` timed calls (after one untimed call), in ms."""
     work()
     medians = []
@@ -75,8 +75,8 @@ def measure(shape: tuple, batch: int, repeats: int, calls: int) -> dict[str, Any
     scale = both[0].abs().max().item()
     agree = (both[0] - both[1]).abs().max().item() <= 1e-4 * max(scale, 1.0)
     times = {
-        "weight_backward": _median_ms(lambda: ConvWeight("weight", conv, x, g).norm("l2"), repeats, calls),
-        "patches": _median_ms(lambda: ConvPatches("weight", conv, x, g).norm("l2"), repeats, calls),
+        "weight_backward": median_ms(lambda: ConvWeight("weight", conv, x, g).norm("l2"), repeats, calls),
+        "patches": median_ms(lambda: ConvPatches("weight", conv, x, g).norm("l2"), repeats, calls),
     }
     picked = "patches" if prefers_patches(conv, x, g) else "weight_backward"
     faster = min(times, key=times.get)  # type: ignore[arg-type]

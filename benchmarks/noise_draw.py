@@ -26,7 +26,6 @@ import os
 import runpy
 import statistics
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -38,17 +37,10 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 MODELS = ["mlp", "cnn", "transformer", "resnet"]
 NUMPY_GENERATORS = ["PCG64", "Philox", "SFC64", "MT19937"]
-
-
-def _median_ms(work: Callable[[], Any], calls: int) -> float:
-    """Median of ``calls`` timed calls (after one untimed call), in ms."""
-    work()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+# Scripts, not a package (they define only): profile_step.py's set-up (and through it compare_opacus.py's models,
+# versions, git, command line) and conv_routes.py's timer.
+profile = SimpleNamespace(**runpy.run_path(str(HERE / "profile_step.py")))
+median_ms = runpy.run_path(str(HERE / "conv_routes.py"))["median_ms"]
 
 
 def noise_methods(params: list[torch.Tensor], batch: int) -> dict[str, Callable[[], Any]]:
@@ -76,13 +68,10 @@ def noise_methods(params: list[torch.Tensor], batch: int) -> dict[str, Callable[
     return methods
 
 
-def nonprivate_step_ms(model_name: str, size: str, steps: int) -> tuple[float, int]:
-    """Median ms of the model's ordinary training step (profile_step.py's set-up), and its batch size."""
-    profile = SimpleNamespace(**runpy.run_path(str(HERE / "profile_step.py")))
-    model, optimizer, loader, _ = profile.setup(model_name, "nonprivate", size)
+def nonprivate_step_ms(model: torch.nn.Module, optimizer: Any, loader: Any, steps: int) -> tuple[float, int]:
+    """Median ms of the model's ordinary training step on one batch, and that batch's size."""
     criterion = torch.nn.CrossEntropyLoss()
-    batches = iter(loader)
-    inputs, labels = next(batches)
+    inputs, labels = next(iter(loader))
 
     def step() -> None:
         optimizer.zero_grad()
@@ -90,21 +79,19 @@ def nonprivate_step_ms(model_name: str, size: str, steps: int) -> tuple[float, i
         optimizer.step()
 
     step()
-    return _median_ms(step, steps), inputs.shape[0]
+    return median_ms(step, 1, steps), inputs.shape[0]
 
 
 def measure(model_name: str, size: str, repeats: int, calls: int, steps: int) -> dict[str, Any]:
-    compare = SimpleNamespace(**runpy.run_path(str(HERE / "compare_opacus.py")))
-    torch.manual_seed(0)
-    model, _ = compare.build(model_name, size)
-    params = [p.detach() for p in model.parameters() if p.requires_grad]
-    step_ms, batch = nonprivate_step_ms(model_name, size, steps)
+    model, optimizer, loader, _ = profile.setup(model_name, "nonprivate", size)  # compare_opacus.py's model and data
+    params = [p.detach() for p in model.parameters() if p.requires_grad]  # shapes only: the sums are zeros
+    step_ms, batch = nonprivate_step_ms(model, optimizer, loader, steps)
     methods = noise_methods(params, batch)
     medians: dict[str, list[float]] = {name: [] for name in methods}
     for repeat in range(repeats):  # interleaved: each repeat times every method once, starting one further along
         names = list(methods)
         for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-            medians[name].append(_median_ms(methods[name], calls))
+            medians[name].append(median_ms(methods[name], 1, calls))
     ms = {name: statistics.median(values) for name, values in medians.items()}
     return {"model": model_name, "parameters": sum(p.numel() for p in params), "tensors": len(params),
             "nonprivate_step_ms": step_ms, "ms": ms, "each_repeat": medians,
@@ -143,8 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    compare = SimpleNamespace(**runpy.run_path(str(HERE / "compare_opacus.py")))  # versions, git, command line
-    settings = compare.environment(args.threads, dict(os.environ))
+    settings = profile.compare_opacus.environment(args.threads, dict(os.environ))
     size = "small" if args.smoke else "full"
     rows = []
     for name in args.models:
