@@ -94,18 +94,24 @@ def check_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer, paramet
 
 def refuse_nonprivate_gradients(module: nn.Module) -> list[Any]:
     """Hooks that refuse any gradient accumulated into the model's own ``.grad`` (the engine assigns, never
-    accumulates): a backward through the model in eval mode or through the unwrapped model."""
+    accumulates): a backward through the model in eval mode or through the unwrapped model, or a loss term that
+    uses a parameter directly."""
 
-    def refuse(p: Tensor) -> None:
-        p.grad = None
-        raise EngineUsageError(
-            "a non-private gradient reached the model's parameters: the private model only produces per-example "
-            "gradients in training mode on the private loader's batches. Call model.train() before training (use "
-            "model.eval() or torch.no_grad() only for evaluation, without backward), and call the model returned "
-            "by make_private, not model.module."
-        )
+    def refuser(name: str) -> Any:
+        def refuse(p: Tensor) -> None:
+            p.grad = None
+            raise EngineUsageError(
+                f"a non-private gradient reached the model's parameter {name}: the private model only produces "
+                "per-example gradients in training mode on the private loader's batches. Call model.train() before "
+                "training (use model.eval() or torch.no_grad() only for evaluation, without backward), call the "
+                "model returned by make_private, not model.module, and keep parameters out of the loss outside the "
+                "model's forward (for an L2 penalty Σ‖p‖², use the optimizer's weight_decay: it acts on the "
+                "released gradient, after the noise)."
+            )
 
-    return [p.register_post_accumulate_grad_hook(refuse) for p in module.parameters() if p.requires_grad]
+        return refuse
+
+    return [p.register_post_accumulate_grad_hook(refuser(name)) for name, p in module.named_parameters() if p.requires_grad]
 
 
 def _leaves(values: Any) -> list[Tensor]:

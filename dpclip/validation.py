@@ -25,8 +25,11 @@ def model_problems(model: nn.Module) -> list[str]:
         where = name or type(model).__name__
         if isinstance(layer, _BATCH_NORMS) or isinstance(layer, nn.modules.batchnorm._LazyNormBase):
             problems.append(
-                f"{where} ({type(layer).__name__}) normalises with statistics of the whole batch, so one example "
-                "changes every other example's gradient; replace it by GroupNorm (dpclip.fix_model(model) does this)"
+                f"{where} ({type(layer).__name__}) normalises with statistics of the whole batch in training mode, "
+                "so one example changes every other example's gradient"
+                + ("" if layer.training else " (refused in eval mode too: the model trains in training mode, and "
+                   "model.train() switches the layer back to batch statistics)")
+                + "; replace it by GroupNorm (dpclip.fix_model(model) does this)"
             )
         elif isinstance(layer, _INSTANCE_NORMS) and layer.track_running_stats:
             problems.append(

@@ -184,8 +184,8 @@ def verify_paths(
             try:
                 expected = _reference(model, probe_args, probe_kwargs, k, batch, index, args, kwargs, trainable)
             except ModelNotSupportedError as error:
-                where = _first_layer_that_differs(model, probe_args, probe_kwargs, _take(args, batch, index[:1]),
-                                                  _take(kwargs, batch, index[:1]), k)
+                alone = [(_take(args, batch, index[j:j + 1]), _take(kwargs, batch, index[j:j + 1])) for j in range(min(k, batch))]
+                where = _first_layer_that_differs(model, probe_args, probe_kwargs, alone, k)
                 raise ModelNotSupportedError(f"{root}: {error}" + (f"; the first layer that does so: {where}" if where else "")) from None
             except Exception as error:
                 raise ModelNotSupportedError(
@@ -260,11 +260,13 @@ def _try_path(model: nn.Module, run: PathRunner, probe_args: tuple, probe_kwargs
     return reason
 
 
-def _first_layer_that_differs(model: nn.Module, probe_args: tuple, probe_kwargs: dict, one_args: tuple,
-                              one_kwargs: dict, k: int) -> str | None:
-    """The first layer (in completion order) whose output does not hold the k examples in dim 0, or whose row
-    for example 0 differs from its output when example 0 runs alone; None if no layer output shows it."""
-    records: list[dict[str, Tensor]] = [{}, {}]
+def _first_layer_that_differs(model: nn.Module, probe_args: tuple, probe_kwargs: dict,
+                              alone: list[tuple[tuple, dict]], k: int) -> str | None:
+    """The first layer (in completion order) whose output does not hold the k examples in dim 0, or whose row for
+    some example j differs from its output when example j runs alone (``alone[j]``: its arguments; every distinct
+    example of the probe is run, since an op that mixes examples may leave one row as it was — a flip over the
+    batch keeps the middle row); None if no layer output shows it."""
+    records: list[dict[str, Tensor]] = [{} for _ in range(1 + len(alone))]
     names = {id(m): name for name, m in model.named_modules()}
     current: list[dict[str, Tensor]] = [records[0]]
 
@@ -277,8 +279,9 @@ def _first_layer_that_differs(model: nn.Module, probe_args: tuple, probe_kwargs:
     try:
         with torch.no_grad():
             model(*probe_args, **probe_kwargs)
-            current[0] = records[1]
-            model(*one_args, **one_kwargs)
+            for record, (one_args, one_kwargs) in zip(records[1:], alone):
+                current[0] = record
+                model(*one_args, **one_kwargs)
     except Exception:
         return None
     finally:
@@ -286,14 +289,15 @@ def _first_layer_that_differs(model: nn.Module, probe_args: tuple, probe_kwargs:
             handle.remove()
     modules = dict(model.named_modules())
     for name, together in records[0].items():
-        alone = records[1].get(name)
         kind = type(modules[name]).__name__ if name in modules else "?"
-        if alone is None:
-            continue
-        if together.dim() == 0 or together.shape[0] != k or alone.shape[0] != 1 or together.shape[1:] != alone.shape[1:]:
-            return f"{name} ({kind}), whose output {tuple(together.shape)} does not hold the {k} examples in dim 0"
-        if not _same(alone, together[:1], _scale(together), _tolerance(together)):
-            return f"{name} ({kind}), whose output for an example differs alone and in a batch"
+        for j, record in enumerate(records[1:]):
+            one = record.get(name)
+            if one is None:
+                continue
+            if together.dim() == 0 or together.shape[0] != k or one.shape[0] != 1 or together.shape[1:] != one.shape[1:]:
+                return f"{name} ({kind}), whose output {tuple(together.shape)} does not hold the {k} examples in dim 0"
+            if not _same(one, together[j:j + 1], _scale(together), _tolerance(together)):
+                return f"{name} ({kind}), whose output for an example differs alone and in a batch"
     return None
 
 

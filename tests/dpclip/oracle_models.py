@@ -539,11 +539,16 @@ class BatchCentre(nn.Module):
         return h - h.mean(dim=0, keepdim=True)  # every example's activation depends on the others
 
 
+class BatchFlip(nn.Module):
+    def forward(self, h: Tensor) -> Tensor:
+        return h.flip(0)  # example i gets example B-1-i's activation (the middle row of an odd probe keeps its own)
+
+
 class MixesBatch(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, mixer: type[nn.Module] = BatchCentre) -> None:
         super().__init__()
         self.fc1 = nn.Linear(6, 8)
-        self.batch_centre = BatchCentre()
+        self.batch_centre = mixer()
         self.fc2 = nn.Linear(8, 3)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -551,8 +556,8 @@ class MixesBatch(nn.Module):
 
 
 @seeded
-def build_batch_mixing(red: str = "mean") -> Setup:
-    return Setup(MixesBatch(), (randn(N, 6), labels(N)), ce_loss(red))
+def build_batch_mixing(red: str = "mean", mixer: type[nn.Module] = BatchCentre) -> Setup:
+    return Setup(MixesBatch(mixer), (randn(N, 6), labels(N)), ce_loss(red))
 
 
 class TimeMajorOut(nn.Module):
@@ -1145,6 +1150,9 @@ def _cases() -> list[Case]:
              "Linear on x.reshape(B*T, d), reshaped back"),
         Case("batch_mean_mixing", "B", build_batch_mixing, REFUSED, ("batch_centre", "BatchCentre", "MixesBatch"),
              "subtracts the batch mean of an activation (mixes examples without BatchNorm): must be refused"),
+        Case("batch_flip_mixing", "B", P(build_batch_mixing, mixer=BatchFlip), REFUSED, ("batch_centre", "BatchFlip"),
+             "reverses the batch order of an activation (leaves example 0's row as it was on a cycled probe): "
+             "refused, naming the layer"),
         Case("time_major_outputs_T_eq_B", "B", P(build_time_major_out, 6), EXACT_OR_REFUSED, ("TimeMajorOut",),
              "returns [T, B, C]; the loss transposes back; T == B"),
         Case("time_major_outputs_T_ne_B", "B", P(build_time_major_out, 4), EXACT_OR_REFUSED, ("TimeMajorOut",),

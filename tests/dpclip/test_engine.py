@@ -196,6 +196,9 @@ def test_batchnorm_is_refused_with_a_fix():
     with pytest.raises(ModelNotSupportedError, match=r"1 \(BatchNorm1d\).*GroupNorm.*fix_model"):
         engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data(), batch_size=20),
                             noise_multiplier=1.0, max_grad_norm=1.0)
+    model[1].eval()  # frozen statistics: still refused (training switches it back), and the message says why
+    assert "refused in eval mode too" in dpclip.model_problems(model)[0]
+    model[1].train()
     fixed = dpclip.fix_model(model)
     assert isinstance(fixed[1], nn.GroupNorm) and dpclip.model_problems(fixed) == []
     engine, m, o, l = private(model=fixed)
@@ -339,6 +342,7 @@ def test_any_torch_optimizer_and_lr_scheduler_work(make_optimizer):
 
 @pytest.mark.parametrize("misuse", [
     "forward outside the loader", "two forwards", "step outside the loader", "skipped step", "closure", "wrap twice",
+    "parameter penalty in the loss",
 ])
 def test_misuse_of_the_loop_is_refused(misuse):
     engine, model, optimizer, loader = private()
@@ -371,6 +375,13 @@ def test_misuse_of_the_loop_is_refused(misuse):
         with pytest.raises(EngineUsageError, match="already wrapped"):
             PrivacyEngine().make_private(model.module, optimizer.original_optimizer, DataLoader(data(), batch_size=20),
                                          noise_multiplier=1.0, max_grad_norm=1.0)
+    elif misuse == "parameter penalty in the loss":  # an L2 term outside the forward: a raw, non-private gradient
+        xb, yb = next(iter(loader))
+        name, weight = next(iter(model.module.named_parameters()))
+        before = weight.detach().clone()
+        with pytest.raises(EngineUsageError, match=f"parameter {name}:.*weight_decay"):
+            (criterion(model(xb), yb) + 0.1 * weight.square().sum()).backward()
+        assert weight.grad is None and torch.equal(weight, before)
     assert engine.steps == 0
 
 
