@@ -62,6 +62,31 @@ def dp_parameter_name(name: str) -> str:
     return _TORCH_NAME.sub(lambda m: f"{m[2]}_l{m[3]}{m[4] or ''}.{m[1]}", name)
 
 
+def rnn_step(gi: Tensor, gh: Tensor, state: tuple[Tensor, ...], nonlinearity: str = "tanh") -> tuple[Tensor]:
+    """One Elman step from the two projections ``gi`` = W_ih x + b_ih and ``gh`` = W_hh h + b_hh: (act(gi + gh),)."""
+    pre = gi + gh
+    return (torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre),)
+
+
+def gru_step(gi: Tensor, gh: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor]:
+    """One GRU step (gates r, z, n in torch's order): n = tanh(i_n + r ⊙ h_n), h' = (1 − z) ⊙ n + z ⊙ h."""
+    h = state[0]
+    i_r, i_z, i_n = gi.chunk(3, dim=1)
+    h_r, h_z, h_n = gh.chunk(3, dim=1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return ((1 - z) * n + z * h,)
+
+
+def lstm_step(gi: Tensor, gh: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """One LSTM step (gates i, f, g, o in torch's order): c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g), h' = σ(o) ⊙ tanh(c')."""
+    c = state[1]
+    i, f, g, o = (gi + gh).chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
 class DPRNNBase(nn.Module):
     """Common part of :class:`DPRNN`, :class:`DPLSTM` and :class:`DPGRU` (not used directly).
 
@@ -387,8 +412,7 @@ class DPRNN(DPRNNBase):
         return {**super()._torch_config(), "nonlinearity": self.nonlinearity}
 
     def _cell(self, gi: Tensor, state: tuple[Tensor, ...], hh: nn.Linear) -> tuple[Tensor, ...]:
-        pre = gi + hh(state[0])
-        return (torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre),)
+        return rnn_step(gi, hh(state[0]), state, self.nonlinearity)
 
     def forward(self, input: RecurrentOutput, hx: Tensor | None = None) -> tuple[RecurrentOutput, Tensor]:
         """``(output, h_n)`` as ``nn.RNN.forward``."""
@@ -407,13 +431,7 @@ class DPGRU(DPRNNBase):
     torch_type = nn.GRU
 
     def _cell(self, gi: Tensor, state: tuple[Tensor, ...], hh: nn.Linear) -> tuple[Tensor, ...]:
-        h = state[0]
-        i_r, i_z, i_n = gi.chunk(3, dim=1)
-        h_r, h_z, h_n = hh(h).chunk(3, dim=1)
-        r = torch.sigmoid(i_r + h_r)
-        z = torch.sigmoid(i_z + h_z)
-        n = torch.tanh(i_n + r * h_n)
-        return ((1 - z) * n + z * h,)
+        return gru_step(gi, hh(state[0]), state)
 
     def forward(self, input: RecurrentOutput, hx: Tensor | None = None) -> tuple[RecurrentOutput, Tensor]:
         """``(output, h_n)`` as ``nn.GRU.forward``."""
@@ -455,10 +473,7 @@ class DPLSTM(DPRNNBase):
         return 2
 
     def _cell(self, gi: Tensor, state: tuple[Tensor, ...], hh: nn.Linear) -> tuple[Tensor, ...]:
-        h, c = state
-        i, f, g, o = (gi + hh(h)).chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        return lstm_step(gi, hh(state[0]), state)
 
     def forward(
         self, input: RecurrentOutput, hx: tuple[Tensor, Tensor] | None = None

@@ -60,6 +60,27 @@ def _per_example(t: Tensor, batch: int) -> Tensor:
     return t.unsqueeze(0).expand(batch, *t.shape)
 
 
+def _tensors_in(value: Any) -> list[Tensor]:
+    """The tensors of a layer argument: itself, or those inside plain tuples, lists and dicts (an LSTMCell's
+    ``(h, c)``), in order. Other containers (a PackedSequence, a user's object) count as one opaque value."""
+    if isinstance(value, Tensor):
+        return [value]
+    if type(value) in (tuple, list):
+        return [t for item in value for t in _tensors_in(item)]
+    if type(value) is dict:
+        return [t for item in value.values() for t in _tensors_in(item)]
+    return []
+
+
+def _nested_map(fn: Callable[[Any], Any], value: Any) -> Any:
+    """``fn`` applied to every value that is not a plain tuple, list or dict, keeping those containers."""
+    if type(value) in (tuple, list):
+        return type(value)(_nested_map(fn, item) for item in value)
+    if type(value) is dict:
+        return {k: _nested_map(fn, item) for k, item in value.items()}
+    return fn(value)
+
+
 def _statistics_dtype(module: nn.Module) -> torch.dtype | None:
     """The precision a call's statistics are formed in: the widest of float32 and the layer's floating parameters
     (for a row block, the weight it stands for). Under autocast the activations and output gradients are bf16 or
@@ -153,11 +174,20 @@ class _Use:
             main = promote(self.main.movedim(layout.in_dim, 0))
             flags = iter(layout.batched_args)
 
-            def arrange(v: Any) -> tuple[Any, Any]:
+            def arrange_leaf(v: Any) -> tuple[Any, Any]:
                 if not isinstance(v, Tensor):
                     return v, None
                 batched = next(flags)
                 return (promote(v.movedim(layout.in_dim, 0)), 0) if batched else (promote(v), None)
+
+            def arrange(v: Any) -> tuple[Any, Any]:  # a tensor, or a plain tuple/list/dict of them (an LSTM's (h, c))
+                if type(v) in (tuple, list) and _tensors_in(v):
+                    pairs = [arrange(item) for item in v]
+                    return type(v)(p[0] for p in pairs), type(v)(p[1] for p in pairs)
+                if type(v) is dict and _tensors_in(v):
+                    pairs_of = {k: arrange(item) for k, item in v.items()}
+                    return {k: p[0] for k, p in pairs_of.items()}, {k: p[1] for k, p in pairs_of.items()}
+                return arrange_leaf(v)
 
             pairs = [arrange(v) for v in self.args]
             kw_pairs = {k: arrange(v) for k, v in self.kwargs.items()}
@@ -216,7 +246,7 @@ class LayerwiseTape:
         self.uses: list[_Use] = []
         self.batch = 0
         self.probe = False
-        self.layouts: dict[str, Layout] = {}
+        self.layouts: dict[tuple[str, int], Layout] = {}  # by (layer, number of tensor arguments)
         self.consume: Callable[[LayerwiseGradients], None] | None = None
         self._queued = False
         self._handles: list[Any] = []
@@ -297,11 +327,14 @@ class LayerwiseTape:
                     f"{where}: cannot tell which dim of its input {tuple(main.shape)} / output {tuple(output.shape)} "
                     f"holds the {batch} examples"
                 )
-            pinned = self.layouts.setdefault(where, layout)
+            # pinned per number of tensor arguments: a cell stepped in a loop is called without a state, then with one
+            pinned = self.layouts.setdefault((where, len(leaves)), layout)
             if pinned != layout:
                 raise LayoutError(f"{where}: called with examples laid out differently in one forward ({pinned} and {layout})")
             return layout
-        layout = self.layouts.get(where)
+        layout = self.layouts.get((where, len(leaves)))
+        if layout is None and any(name == where for name, _ in self.layouts):
+            raise LayoutError(f"{where}: called with other arguments than on the verified probe")
         if layout is None:  # not verified (verify="off"): the examples must be in dim 0 of everything
             if main.dim() == 0 or main.shape[0] != batch or output.dim() == 0 or output.shape[0] != batch:
                 raise LayoutError(
@@ -315,21 +348,19 @@ class LayerwiseTape:
                     f"{where}: its input {tuple(main.shape)} / output {tuple(output.shape)} no longer hold the {batch} "
                     f"examples in dims {layout.in_dim} / {layout.out_dim}, where the verified probe found them"
                 )
-            if len(layout.batched_args) != len(leaves):
-                raise LayoutError(f"{where}: called with other arguments than on the verified probe")
         return layout
 
     def _record(self, where: str, module: nn.Module, rule: LayerRule, args: tuple, kwargs: dict, output: Any) -> Any:
         if not self.recording or not torch.is_grad_enabled():
             return None
-        leaves = [v for v in [*args, *kwargs.values()] if isinstance(v, Tensor)]  # as _Use.call arranges them
+        leaves = _tensors_in([*args, *kwargs.values()])  # as _Use.call arranges them
         outputs = float_leaves(output)
         if not leaves or not outputs:
             raise LayoutError(f"{where}: a layer with trainable parameters must take tensor arguments and return tensors")
         main = leaves[0]
         layout = self._layout(where, main, outputs[0], leaves)
         detach = lambda v: v.detach() if isinstance(v, Tensor) else v  # noqa: E731
-        use = _Use(self, where, module, rule, tuple(map(detach, args)), {k: detach(v) for k, v in kwargs.items()}, layout, main.detach())
+        use = _Use(self, where, module, rule, _nested_map(detach, args), {k: _nested_map(detach, v) for k, v in kwargs.items()}, layout, main.detach())
         return use.capture(output)
 
     def record_linear(self, where: str, x: Tensor, weight: Tensor, bias: Tensor | None, rows: slice | None) -> Tensor:

@@ -815,6 +815,49 @@ class RecurrentClassifier(nn.Module):
         return self.head(last)
 
 
+_CELL_TYPES = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
+
+
+class CellLoop(nn.Module):
+    """A recurrent cell stepped over time in forward: the first step gets no state (hx=None) or one made by a
+    Linear from the input, later steps the previous state (an LSTMCell's as the pair (h, c), by keyword)."""
+
+    def __init__(self, kind: str, initial_state: bool, **cell: Any) -> None:
+        super().__init__()
+        self.kind = kind
+        self.init_h = nn.Linear(4, 6) if initial_state else None
+        self.cell = PairStateCell() if kind == "pair" else _CELL_TYPES[kind](4, 6, **cell)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        state: Any = None
+        if self.init_h is not None:
+            h0 = torch.tanh(self.init_h(x[:, 0]))
+            state = (h0, torch.zeros_like(h0)) if self.kind in ("lstm", "pair") else h0
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], hx=state)
+        return self.head(state[0] * state[1] if self.kind == "pair" else state[0] if self.kind == "lstm" else state)
+
+
+class PairStateCell(nn.Module):
+    """A user's cell (no layer rule: the per-layer vmap fallback) whose state is a pair (h, c), None at first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 6) * 0.5)
+        self.u = nn.Parameter(torch.randn(6, 6) * 0.5)
+        self.v = nn.Parameter(torch.randn(4, 6) * 0.5)
+
+    def forward(self, x: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        h, c = (x.new_zeros(x.shape[0], 6), x.new_ones(x.shape[0], 6)) if hx is None else hx
+        return torch.tanh(x @ self.w + h @ self.u), torch.sigmoid(x @ self.v) * c
+
+
+@seeded
+def build_cell_loop(kind: str, initial_state: bool = False, red: str = "mean", **cell: Any) -> Setup:
+    return Setup(CellLoop(kind, initial_state, **cell), (randn(N, 4, 4), labels(N)), ce_loss(red))
+
+
 @seeded
 def build_recurrent(kind: str, packed: bool = False, fix: bool = False, red: str = "mean") -> Setup:
     model = RecurrentClassifier(kind, packed)
@@ -1197,6 +1240,20 @@ def _cases() -> list[Case]:
                  f"nn.{cls.__name__} after dpclip.fix_model (dpclip.recurrent)", requires="dpclip.recurrent")
             for kind, cls in _RNN_TYPES.items()
         ],
+        *[
+            Case(f"{kind}_cell_loop", "D", P(build_cell_loop, kind), {"vmap": EXACT_OR_REFUSED} if kind == "lstm" else EXACT,
+                 ("cell", cls.__name__), f"nn.{cls.__name__} stepped in forward (hx=None first)"
+                 + ("; torch has no vmap batching rule for lstm_cell" if kind == "lstm" else ""))
+            for kind, cls in _CELL_TYPES.items()
+        ],
+        Case("lstm_cell_initial_state_no_bias", "D", P(build_cell_loop, "lstm", True, bias=False),
+             {"auto": EXACT, "layerwise": EXACT, "vmap": EXACT_OR_REFUSED}, ("cell", "LSTMCell"),
+             "nn.LSTMCell(bias=False) from a state a Linear makes (hx=(h0, c0))"),
+        Case("pair_state_cell_loop", "D", P(build_cell_loop, "pair"), {"layerwise": EXACT}, ("cell", "PairStateCell"),
+             "a user's cell taking its state as a tuple (h, c), None on the first step: the fast path's per-layer "
+             "fallback runs it (each tensor inside the tuple cut per example)", modes=(*MODES, "layerwise")),
+        Case("rnn_relu_cell_initial_state", "D", P(build_cell_loop, "rnn", True, nonlinearity="relu"), EXACT,
+             ("cell", "RNNCell"), "nn.RNNCell(nonlinearity='relu') from a state a Linear makes"),
         Case("packed_lstm_raw", "D", P(build_recurrent, "lstm", packed=True), EXACT_OR_REFUSED, ("seq_rnn", "LSTM"),
              "pack_padded_sequence → nn.LSTM inside forward"),
         Case("packed_lstm_fix_model", "D", P(build_recurrent, "lstm", packed=True, fix=True),
