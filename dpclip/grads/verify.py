@@ -184,6 +184,13 @@ def verify_paths(
             try:
                 expected = _reference(model, probe_args, probe_kwargs, k, batch, index, args, kwargs, trainable)
             except ModelNotSupportedError as error:
+                if (random := _random_layer(model, probe_args, probe_kwargs)) is not None:
+                    raise ModelNotSupportedError(
+                        f"{root}: two forward passes on the same probe differ, first in the output of {random}: the "
+                        "model draws random numbers outside dropout (e.g. torch.randn_like in a reparameterisation), "
+                        "so dpclip can neither check that examples stay apart nor re-run a layer on one example. Draw "
+                        "the noise in the training loop and pass it to the model as an input, one row per example"
+                    ) from None
                 alone = [(_take(args, batch, index[j:j + 1]), _take(kwargs, batch, index[j:j + 1])) for j in range(min(k, batch))]
                 where = _first_layer_that_differs(model, probe_args, probe_kwargs, alone, k)
                 raise ModelNotSupportedError(f"{root}: {error}" + (f"; the first layer that does so: {where}" if where else "")) from None
@@ -258,6 +265,36 @@ def _try_path(model: nn.Module, run: PathRunner, probe_args: tuple, probe_kwargs
     if guard.changed():
         guard.check()
     return reason
+
+
+def _random_layer(model: nn.Module, probe_args: tuple, probe_kwargs: dict) -> str | None:
+    """If two forward passes on the same probe (dropout off) differ — a forward that samples noise — the first
+    layer (in completion order) whose output differs, or the model; else None."""
+    records: list[dict[str, Tensor]] = [{}, {}]
+    names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
+    current = [records[0]]
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        floats = float_leaves(output)
+        if floats:
+            current[0].setdefault(f"{names.get(id(module), '?')} ({type(module).__name__})", floats[0].detach())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(*probe_args, **probe_kwargs)
+            current[0] = records[1]
+            model(*probe_args, **probe_kwargs)
+    except Exception:
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, first in records[0].items():
+        second = records[1].get(name)
+        if second is not None and (first.shape != second.shape or not _same(first, second, _scale(first), _tolerance(first))):
+            return name
+    return None
 
 
 def _first_layer_that_differs(model: nn.Module, probe_args: tuple, probe_kwargs: dict,

@@ -560,6 +560,24 @@ def build_batch_mixing(red: str = "mean", mixer: type[nn.Module] = BatchCentre) 
     return Setup(MixesBatch(mixer), (randn(N, 6), labels(N)), ce_loss(red))
 
 
+class Reparameterised(nn.Module):
+    """A VAE-style latent sample z = μ + ε·σ with ε drawn in forward: random outside dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(6, 8)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mu, log_var = self.enc(x).chunk(2, dim=-1)
+        return self.head(mu + torch.randn_like(mu) * torch.exp(0.5 * log_var))
+
+
+@seeded
+def build_reparameterised(red: str = "mean") -> Setup:
+    return Setup(Reparameterised(), (randn(N, 6), labels(N)), ce_loss(red))
+
+
 class TimeMajorOut(nn.Module):
     """Takes [B, T, 4], returns time-major [T, B, 3]."""
 
@@ -1193,6 +1211,9 @@ def _cases() -> list[Case]:
              "Linear on x.reshape(B*T, d), reshaped back"),
         Case("batch_mean_mixing", "B", build_batch_mixing, REFUSED, ("batch_centre", "BatchCentre", "MixesBatch"),
              "subtracts the batch mean of an activation (mixes examples without BatchNorm): must be refused"),
+        Case("random_forward_reparameterised", "B", build_reparameterised, REFUSED, ("head",),
+             "draws torch.randn_like in forward (a VAE's latent sample): refused as random, naming the first layer "
+             "whose output differs between two passes"),
         Case("batch_flip_mixing", "B", P(build_batch_mixing, mixer=BatchFlip), REFUSED, ("batch_centre", "BatchFlip"),
              "reverses the batch order of an activation (leaves example 0's row as it was on a cycled probe): "
              "refused, naming the layer"),

@@ -205,6 +205,22 @@ def test_batchnorm_is_refused_with_a_fix():
     train(m, o, l, steps=2)
 
 
+def test_random_forward_is_refused_as_random():
+    from tests.dpclip.oracle_models import Reparameterised
+
+    model = Reparameterised()
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    engine = PrivacyEngine(seed=0)
+    model_p, optimizer, loader = engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                     DataLoader(TensorDataset(x, y), batch_size=20),
+                                                     noise_multiplier=1.0, max_grad_norm=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    xb, yb = next(iter(loader))
+    with pytest.raises(ModelNotSupportedError, match=r"random numbers outside dropout.*head \(Linear\)|head \(Linear\).*random numbers"):
+        nn.functional.cross_entropy(model_p(xb), yb).backward()
+    assert engine.steps == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 def test_model_without_trainable_parameters_is_refused():
     model = mlp().requires_grad_(False)
     with pytest.raises(ModelNotSupportedError, match="no trainable parameters"):
