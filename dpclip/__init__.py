@@ -23,6 +23,7 @@ from .noise import NoiseSource, add_noise
 from .optimizer import DPOptimizer
 from .per_sample import per_sample_grads
 from .sampling import PoissonDataLoader
+from .frozen_norm import FrozenBatchNorm
 from .validation import check_loss, fix_model, model_problems, validate_model
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "DPOptimizer",
     "EngineUsageError",
     "FixedClipping",
+    "FrozenBatchNorm",
     "LayerRule",
     "LossNotPerExampleError",
     "MedianClipping",

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from .errors import LossNotPerExampleError, ModelNotSupportedError, PrivacyParameterError
+from .frozen_norm import FrozenBatchNorm
 from .per_sample import batch_size_of, batched_parameter_forward, per_sample_grads, trainable_parameters, without_padding_rows
 from .recurrent import convert as _convert_recurrent
 from .recurrent import is_convertible as _is_convertible_recurrent
@@ -29,7 +30,8 @@ def model_problems(model: nn.Module) -> list[str]:
                 "so one example changes every other example's gradient"
                 + ("" if layer.training else " (refused in eval mode too: the model trains in training mode, and "
                    "model.train() switches the layer back to batch statistics)")
-                + "; replace it by GroupNorm (dpclip.fix_model(model) does this)"
+                + "; replace it by GroupNorm (dpclip.fix_model(model) does this) or, to keep pretrained statistics, "
+                "freeze them (dpclip.fix_model(model, batchnorm='freeze'): a fixed per-channel affine map)"
             )
         elif isinstance(layer, _INSTANCE_NORMS) and layer.track_running_stats:
             problems.append(
@@ -73,14 +75,20 @@ def _group_count(channels: int) -> int:
     return next((g for g in (32, 16, 8, 4, 2) if channels % g == 0 and channels // g >= 2), 1)
 
 
-def fix_model(model: nn.Module) -> nn.Module:
+def fix_model(model: nn.Module, batchnorm: str = "groupnorm") -> nn.Module:
     """Make ``model`` trainable with per-example privacy, in place; returns it.
 
-    BatchNorm becomes GroupNorm (same channels, affine), InstanceNorm drops its running statistics, and
-    ``nn.RNN``/``nn.LSTM``/``nn.GRU`` become :class:`~dpclip.recurrent.DPRNN`/``DPLSTM``/``DPGRU`` (same
-    function, weights and ``state_dict`` keys). If ``model`` itself is such a layer, the replacement is returned
-    (use the return value). Raises :class:`ModelNotSupportedError` for ``nn.LSTM(proj_size > 0)``.
+    BatchNorm becomes GroupNorm (same channels, affine; ``batchnorm="groupnorm"``, the default) or, with
+    ``batchnorm="freeze"``, a :class:`~dpclip.frozen_norm.FrozenBatchNorm` that keeps its running statistics
+    fixed (the pretrained layer's eval-mode function in every mode, affine parameters still trained: for fine-tuning
+    a pretrained network). InstanceNorm drops its running statistics, and ``nn.RNN``/``nn.LSTM``/``nn.GRU``
+    become :class:`~dpclip.recurrent.DPRNN`/``DPLSTM``/``DPGRU`` (same function, weights and ``state_dict``
+    keys). If ``model`` itself is such a layer, the replacement is returned (use the return value). Raises
+    :class:`ModelNotSupportedError` for ``nn.LSTM(proj_size > 0)`` and, with "freeze", for a BatchNorm without
+    running statistics; nothing is replaced then.
     """
+    if batchnorm not in ("groupnorm", "freeze"):
+        raise ValueError(f"batchnorm must be 'groupnorm' or 'freeze' (keep the running statistics), got {batchnorm!r}")
     unfixable = [
         f"{name or type(layer).__name__} (LSTM with proj_size={layer.proj_size})"
         for name, layer in model.named_modules()
@@ -91,16 +99,22 @@ def fix_model(model: nn.Module) -> nn.Module:
             f"{', '.join(unfixable)}: dpclip has no private replacement for LSTMs with a projection; "
             "use proj_size=0 (e.g. with a smaller hidden_size, or an nn.Linear on the outputs)"
         )
-    replacement = _replacement(model, type(model).__name__)
+    if batchnorm == "freeze":
+        for name, layer in model.named_modules():  # every statistic exists before anything is replaced
+            if isinstance(layer, _BATCH_NORMS) and layer.running_mean is None:
+                FrozenBatchNorm.from_batchnorm(layer, name or type(model).__name__)
+    replacement = _replacement(model, type(model).__name__, batchnorm)
     if replacement is not None:
         return replacement
-    _fix_children(model, "")
+    _fix_children(model, "", batchnorm)
     return model
 
 
-def _replacement(layer: nn.Module, where: str) -> nn.Module | None:
+def _replacement(layer: nn.Module, where: str, batchnorm: str) -> nn.Module | None:
     """What :func:`fix_model` puts in place of ``layer`` (None: keep it, fixing its children)."""
     if isinstance(layer, _BATCH_NORMS):
+        if batchnorm == "freeze":
+            return FrozenBatchNorm.from_batchnorm(layer, where)
         channels = layer.num_features
         return nn.GroupNorm(_group_count(channels), channels, affine=layer.affine, eps=layer.eps)
     if isinstance(layer, _INSTANCE_NORMS) and layer.track_running_stats:
@@ -110,13 +124,13 @@ def _replacement(layer: nn.Module, where: str) -> nn.Module | None:
     return None
 
 
-def _fix_children(model: nn.Module, prefix: str) -> None:
+def _fix_children(model: nn.Module, prefix: str, batchnorm: str) -> None:
     for name, child in list(model.named_children()):
-        replacement = _replacement(child, prefix + name)
+        replacement = _replacement(child, prefix + name, batchnorm)
         if replacement is not None:
             setattr(model, name, replacement)
         else:
-            _fix_children(child, f"{prefix}{name}.")
+            _fix_children(child, f"{prefix}{name}.", batchnorm)
 
 
 def check_loss(

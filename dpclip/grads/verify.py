@@ -136,7 +136,8 @@ class StateGuard:
         raise ModelNotSupportedError(
             f"the private forward/backward changed the model's own state ({', '.join(changed)}) in "
             f"{', '.join(modules)}: a layer that writes data of the batch into parameters or buffers releases it "
-            "outside DP-SGD's mechanism. "
+            "outside DP-SGD's mechanism, and one that updates its own state in forward (spectral_norm's power "
+            "iteration) makes each example's re-run differ. "
             + ("The state was restored. " if self.saved is not None else "")
             + "Remove the in-forward update (e.g. running statistics: dpclip.fix_model; Embedding max_norm=None)."
         )

@@ -307,6 +307,33 @@ def build_bn_raw(red: str = "mean") -> Setup:
     return Setup(_bn_model(), (randn(N, 6), labels(N)), ce_loss(red))
 
 
+class PretrainedConvBN(nn.Module):
+    """Conv → BatchNorm2d → ReLU → BatchNorm1d-on-features head, with running statistics from earlier (non-private)
+    training, as a pretrained network brings them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.bn2d = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, 8)
+        self.bn1d = nn.BatchNorm1d(8, affine=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn2d(self.conv(x)))
+        return self.head(torch.tanh(self.bn1d(self.fc(h.flatten(1)))))
+
+
+@seeded
+def build_frozen_batchnorm(red: str = "mean") -> Setup:
+    model = PretrainedConvBN()
+    with torch.no_grad():  # "pretraining": running statistics far from the defaults
+        for _ in range(3):
+            model(torch.randn(32, 2, 6, 6) * 3 + 1)
+    dpclip.fix_model(model, batchnorm="freeze")
+    return Setup(model, (randn(N, 2, 6, 6), labels(N)), ce_loss(red))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # B. Per-example layout
 # ------------------------------------------------------------------------------------------------------------
@@ -1167,6 +1194,9 @@ def _cases() -> list[Case]:
              refuse_at="make_private"),
         Case("bn_raw", "A", build_bn_raw, REFUSED, ("bn_layer", "BatchNorm1d"),
              "BatchNorm mixes examples: refused at make_private", refuse_at="make_private"),
+        Case("bn_frozen_pretrained", "A", build_frozen_batchnorm, EXACT, (),
+             "BatchNorm2d and BatchNorm1d(affine=False) with pretrained statistics after "
+             "fix_model(batchnorm='freeze'): fixed per-channel affine maps, trained in training mode"),
         Case("unwrapped_module_forward", "A", P(build_mlp), EXACT_OR_REFUSED, (),
              "model_p.module(x) in train mode then backward: refused, or p.grad stays None (no non-private gradient)",
              drive="unwrapped"),

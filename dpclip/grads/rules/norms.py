@@ -1,4 +1,4 @@
-"""LayerNorm, GroupNorm and RMSNorm: the affine gradients Σ g ⊙ x̂ and Σ g of each example, exactly."""
+"""LayerNorm, GroupNorm, RMSNorm and frozen BatchNorm: the affine gradients Σ g ⊙ x̂ and Σ g of each example, exactly."""
 
 from __future__ import annotations
 
@@ -6,8 +6,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...frozen_norm import FrozenBatchNorm
 from ..contributions import Contribution, Summed
 from ..registry import LayerCall, LayerRule, register_layer
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """[B, C, *spatial] → [B, positions, C]: a channel-wise affine's per-position rows."""
+    return t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2)
 
 
 def _affine(call: LayerCall, prod: torch.Tensor, grads: torch.Tensor) -> list[Contribution]:
@@ -36,8 +42,18 @@ class GroupNormRule(LayerRule):
         module, g = call.module, call.grad
         with torch.no_grad():
             xhat = F.group_norm(call.input, module.num_groups, None, None, module.eps)
-        channels_last = lambda t: t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2)  # noqa: E731
-        return _affine(call, channels_last(g * xhat), channels_last(g))
+        return _affine(call, _channels_last(g * xhat), _channels_last(g))
+
+
+@register_layer(FrozenBatchNorm)
+class FrozenBatchNormRule(LayerRule):
+    """x̂ = (x − running_mean) / √(running_var + eps) per channel (dim 1), fixed statistics."""
+
+    def contributions(self, call: LayerCall) -> list[Contribution]:
+        module, g = call.module, call.grad
+        with torch.no_grad():
+            xhat = F.batch_norm(call.input, module.running_mean, module.running_var, None, None, training=False, eps=module.eps)
+        return _affine(call, _channels_last(g * xhat), _channels_last(g))
 
 
 @register_layer(nn.RMSNorm)
