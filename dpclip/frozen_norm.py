@@ -7,6 +7,10 @@ applied to each example alone — exactly what the layer computes in eval mode, 
 ``eval()``, so the training loop's ``model.train()`` cannot switch it back to batch statistics. Its affine ``weight``
 and ``bias`` stay trainable; μ and σ² are buffers that never change. ``dpclip.fix_model(model, batchnorm="freeze")``
 puts it in place of every BatchNorm, keeping the pretrained statistics that GroupNorm would discard.
+
+The frozen statistics are outside the accountant: they must come from data that is not private (pretraining on a
+public set). Statistics a model gathered on the private training set were released without noise, and no ε
+dpclip reports covers them.
 """
 
 from __future__ import annotations
