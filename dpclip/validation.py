@@ -30,7 +30,10 @@ def model_problems(model: nn.Module) -> list[str]:
                 "so one example changes every other example's gradient"
                 + ("" if layer.training else " (refused in eval mode too: the model trains in training mode, and "
                    "model.train() switches the layer back to batch statistics)")
-                + "; replace it by GroupNorm (dpclip.fix_model(model) does this) or, to keep pretrained statistics, "
+                + "; "
+                + ("run one forward pass first (the lazy layer then becomes a BatchNorm), then "
+                   if isinstance(layer, nn.modules.lazy.LazyModuleMixin) and layer.has_uninitialized_params() else "")
+                + "replace it by GroupNorm (dpclip.fix_model(model) does this) or, to keep pretrained statistics, "
                 "freeze them (dpclip.fix_model(model, batchnorm='freeze'): a fixed per-channel affine map)"
             )
         elif isinstance(layer, _INSTANCE_NORMS) and layer.track_running_stats:

@@ -79,3 +79,11 @@ def test_freeze_refuses_a_batchnorm_without_statistics_and_changes_nothing():
     assert isinstance(model[1], nn.BatchNorm1d) and isinstance(model[3], nn.BatchNorm1d)
     with pytest.raises(ValueError, match="'groupnorm' or 'freeze'"):
         dpclip.fix_model(model, batchnorm="frozen")
+
+
+def test_a_lazy_batchnorm_is_told_to_run_a_forward_first():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LazyBatchNorm1d())
+    assert "run one forward pass first" in dpclip.model_problems(model)[0]
+    model(torch.randn(5, 3))  # built: now a BatchNorm1d, which fix_model freezes
+    dpclip.fix_model(model, batchnorm="freeze")
+    assert isinstance(model[1], FrozenBatchNorm) and dpclip.model_problems(model) == []
