@@ -143,6 +143,19 @@ def _report(args: argparse.Namespace, q: float, sigma: float, steps: int, delta:
     }
 
 
+DECIMALS = 4  # of the noise multiplier in the text headline
+
+
+def round_up(value: float, decimals: int) -> float:
+    """The smallest number with ``decimals`` decimals whose float is ≥ ``value`` (so the printed σ, parsed back,
+    is never below the calibrated one: ε decreases in σ)."""
+    scale = 10**decimals
+    units = math.ceil(value * scale)
+    while units / scale < value:
+        units += 1
+    return units / scale
+
+
 def _run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     q = _sample_rate(args)
     delta = check_delta(args.delta, "--delta")
@@ -157,10 +170,12 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         steps = _steps(args, q)
         sigma = noise_multiplier_for(target, delta, q, steps, args.mechanism, accountant=args.accountant)
         result = _report(args, q, sigma, steps, delta)
-        result["target_epsilon"] = target
+        shown = round_up(sigma, DECIMALS)  # what a user copies must still meet the target: never rounded down
+        result.update(target_epsilon=target, noise_multiplier_shown=shown,
+                      epsilon_at_shown=_report(args, q, shown, steps, delta)["epsilon"])
         headline = (
-            f"noise multiplier = {sigma:.4f} (smallest meeting epsilon <= {target:g}; "
-            f"it gives epsilon = {format_epsilon(result['epsilon'])} at delta = {delta:g})"
+            f"noise multiplier = {shown:.{DECIMALS}f} (the smallest meeting epsilon <= {target:g}, {sigma:.6f}, rounded "
+            f"up; it gives epsilon = {format_epsilon(result['epsilon_at_shown'])} at delta = {delta:g})"
         )
     else:
         target = check_positive("--target-epsilon", args.target_epsilon)
