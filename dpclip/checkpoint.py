@@ -23,6 +23,7 @@ moment leaves either the previous checkpoint or the new one, never a torn file.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import os
@@ -503,6 +504,9 @@ def _apply(engine: PrivacyEngine, parsed: _Parsed, state: Mapping[str, Any]) -> 
     """Change the engine, model, optimizer, RNGs and loader to the (fully checked) checkpoint."""
     assert engine._module is not None and engine._optimizer is not None and engine._loader is not None
     assert engine.clipping is not None
+    # the optimizer would keep the checkpoint's own tensors (torch copies only the outer dict) and training would
+    # then change the caller's checkpoint: it gets a copy
+    parsed.optimizer_state = copy.deepcopy(parsed.optimizer_state)
     if engine._sharded is None:
         engine._module.load_state_dict(state["model"])
         engine._optimizer.load_state_dict(parsed.optimizer_state)

@@ -92,6 +92,22 @@ def test_save_and_load_checkpoint_resume_exactly(tmp_path: Path) -> None:
     assert all(torch.equal(m2.module.state_dict()[k], straight[k]) for k in straight)
 
 
+def test_an_in_memory_state_stays_loadable_after_training_from_it() -> None:
+    """Training after load_state_dict must not write into the loaded dict (torch's Optimizer.load_state_dict keeps
+    the dict's tensors: Adam's moments and step counters, SGD's momentum), so it loads again, anywhere."""
+    adam = lambda p: torch.optim.Adam(p, lr=0.01)  # noqa: E731
+    engine, m, o, l = private(optimizer=adam)
+    train(m, o, l, 3)
+    state = engine.state_dict()
+    pristine = copy.deepcopy(state)
+    again, m2, o2, l2 = private(seed=5, init=2, optimizer=adam)
+    again.load_state_dict(state)
+    train(m2, o2, l2, 2)
+    assert state_digest(state) == state_digest(pristine)
+    again.load_state_dict(state)  # the same dict, again: accepted
+    assert again.steps == 3
+
+
 def test_extra_that_weights_only_cannot_load_is_refused_before_writing(tmp_path: Path) -> None:
     engine, m, o, l = private()
     with pytest.raises(CheckpointError, match="weights_only"):
