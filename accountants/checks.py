@@ -23,6 +23,7 @@ __all__ = [
     "NOISE_MULTIPLIER_RANGE",
     "check_count",
     "check_delta",
+    "check_flag",
     "check_noise_multiplier",
     "check_nonnegative",
     "check_positive",
@@ -93,6 +94,13 @@ def check_count(name: str, value: object, minimum: int = 1, maximum: int | None 
     if maximum is not None and value > maximum:
         raise PrivacyParameterError(f"{name} must be an integer <= {maximum:,}, got {_short(value)}")
     return value
+
+
+def check_flag(name: str, value: object) -> bool:
+    """Return ``value`` if it is a bool (numpy's too): a string such as "no" or a number would pass as truthy."""
+    if type(value).__name__ not in ("bool", "bool_"):
+        raise PrivacyParameterError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
 
 
 def check_noise_multiplier(name: str, value: object) -> float:

@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from accountants import ACCOUNTANTS, make_accountant
+from accountants.checks import check_count, check_flag
 from accountants.errors import PrivacyParameterError
 
 from .aggregation import ClippedSum, noisy_release
@@ -56,13 +57,16 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         calculator ``dpclip-budget`` uses by default) or "rdp" (Rényi DP: looser, cheaper to query).
         ``secure_mode``: OS-seeded noise and sampling, float-attack-resistant noise (README § Secure noise).
         ``seed``: reproducible noise and sampling (not with secure_mode)."""
-        if accountant not in ACCOUNTANTS:
+        if not isinstance(accountant, str) or accountant not in ACCOUNTANTS:
             hint = {"prv": " ('pld' is the same kind of accountant: privacy loss distributions)",
                     "gdp": " (Gaussian DP's CLT approximation can under-report ε; dpclip offers only certified bounds)"}
             raise PrivacyParameterError(
                 f"accountant must be 'pld' (privacy loss distributions: the tightest ε, the default) or 'rdp' (Rényi "
-                f"DP: faster queries, looser ε), got {accountant!r}{hint.get(accountant, '')}"
+                f"DP: faster queries, looser ε), got {accountant!r}{hint.get(accountant, '') if isinstance(accountant, str) else ''}"
             )
+        secure_mode = check_flag("secure_mode", secure_mode)
+        if seed is not None:  # the loader seeds its generator with seed + 1: both must fit torch's 64-bit seed
+            seed = check_count("seed", seed, minimum=0, maximum=2**63 - 2)
         self.accountant_name = accountant
         self.accountant = make_accountant(accountant)
         self.secure_mode = secure_mode

@@ -20,7 +20,7 @@ import torch
 
 from accountants import Composed, Event, Gaussian, NonPrivate, PoissonSampled
 from accountants.errors import PrivacyParameterError, PrivacyWarning
-from accountants.checks import check_count, check_nonnegative, check_positive, check_sample_rate
+from accountants.checks import check_count, check_flag, check_nonnegative, check_positive, check_sample_rate
 
 from .norms import ClipNorm, clip_norm
 
@@ -107,7 +107,7 @@ class DPSGDMechanism:
             sample_rate=sample_rate,
             dataset_size=dataset_size,
             count_noise_multiplier=count_noise_multiplier,
-            per_layer=bool(per_layer),
+            per_layer=check_flag("per_layer", per_layer),
             loss_reduction=loss_reduction,
             layer_bounds=None if layer_bounds is None else tuple(
                 (name, check_positive(f"the clipping bound of {name}", bound)) for name, bound in layer_bounds.items()

@@ -141,6 +141,7 @@ BAD_ARGUMENTS = [
     ("C zero", dict(max_grad_norm=0.0), ["max_grad_norm", "> 0"]),
     ("C negative", dict(max_grad_norm=-0.5), ["max_grad_norm", "> 0"]),
     ("C nan", dict(max_grad_norm=math.nan), ["max_grad_norm", "finite"]),
+    ("per_layer a string", dict(per_layer="no"), ["per_layer must be True or False", "'no'"]),
     ("q zero", dict(sample_rate=0.0), ["sample_rate", "(0, 1]"]),
     ("q above one", dict(sample_rate=1.5), ["sample_rate", "(0, 1]"]),
     ("q negative", dict(sample_rate=-0.1), ["sample_rate", "(0, 1]"]),
@@ -235,7 +236,12 @@ def test_a_layer_no_path_can_serve_is_refused_at_the_first_step_naming_it_before
 
 def test_engine_constructor_arguments():
     refused(lambda: PrivacyEngine(accountant="moments"), PrivacyParameterError, "accountant must be", "'rdp'")
+    refused(lambda: PrivacyEngine(accountant=["pld"]), PrivacyParameterError, "accountant must be", "['pld']")
     refused(lambda: PrivacyEngine(secure_mode=True, seed=3), ValueError, "secure_mode=True", "do not pass a seed")
+    refused(lambda: PrivacyEngine(secure_mode="no"), PrivacyParameterError, "secure_mode must be True or False")
+    for seed in (1.5, True, "7", -1, 2**70):  # truncated, a bool, a string, or out of torch's seed range
+        refused(lambda: PrivacyEngine(seed=seed), PrivacyParameterError, "seed must be an integer")
+    assert PrivacyEngine(seed=2**63 - 2).noise.seed == 2**63 - 2
 
 
 # ------------------------------------------------------------------------------------------------------
