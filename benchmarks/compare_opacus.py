@@ -280,9 +280,9 @@ class HeapPeak:
         self._stop = threading.Event()
 
     def _sample(self) -> None:
-        assert self.in_use is not None
-        peak = self.in_use()
-        while not self._stop.wait(0.0005):
+        assert self.in_use is not None and self.start_mb is not None
+        peak = max(self.in_use(), self.start_mb * 2**20)  # the block's start is part of it (memory freed before
+        while not self._stop.wait(0.0005):               # the thread's first sample left peak < start once)
             peak = max(peak, self.in_use())
         self.peak_mb = max(peak, self.in_use()) / 2**20
 
