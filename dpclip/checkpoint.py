@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from accountants.errors import PrivacyParameterError
-from accountants.checks import check_count, check_delta, check_positive
+from accountants.checks import check_count, check_delta, check_flag, check_positive
 
 from .noise import NoiseSource
 from .sharded import ShardedContext, local, local_tree
@@ -298,8 +298,16 @@ class _Parsed:
     digest: Any
 
 
-def load_engine_state(engine: PrivacyEngine, state: Mapping[str, Any], *, key: Key | None = None) -> dict[str, Any]:
+def load_engine_state(engine: PrivacyEngine, state: Mapping[str, Any], *, key: Key | None = None,
+                      fresh_randomness: bool = False) -> dict[str, Any]:
     """Restore ``engine`` from :func:`engine_state`; returns the checkpoint's ``extra`` dict.
+
+    The noise and Poisson-sampling generators continue from their saved states, so k steps + save + load + m steps
+    release exactly what k + m steps would. Two continuations of one checkpoint therefore draw the same noise and
+    batches, and releasing both (a hyper-parameter branch) cancels the noise between them: with
+    ``fresh_randomness=True`` both continue from fresh OS seeds instead (not bitwise reproducible; the ε of the
+    branches together is that of all their steps, composed). An engine that has already released more steps than
+    the checkpoint holds is refused: the load would drop those releases from ε and replay their noise.
 
     Everything is parsed, checked against the engine and against its own digest first; a refusal raises
     :class:`CheckpointError` (a :class:`~dpclip.PrivacyParameterError`) and changes nothing. Refused: another
@@ -313,13 +321,28 @@ def load_engine_state(engine: PrivacyEngine, state: Mapping[str, Any], *, key: K
     never removes the engine's.
     """
     engine._require_setup()
+    fresh_randomness = check_flag("fresh_randomness", fresh_randomness)
     _check_format(state)
     parsed = _parse(engine, state)
     _check_against_engine(engine, parsed, state)
     _verify(state, parsed.algorithm, parsed.digest, key)
+    if engine.steps > parsed.steps:
+        raise CheckpointError(
+            f"this engine has already released {engine.steps} steps and the checkpoint holds {parsed.steps}: loading "
+            f"it would drop {engine.steps - parsed.steps} released steps from ε and replay their noise and batches, "
+            "so the two continuations would cancel each other's noise. Keep training this engine, or resume in a new "
+            "engine once nothing the later steps released is kept (load_state_dict(..., fresh_randomness=True) for "
+            "a branch whose releases you keep: its ε then composes with theirs)"
+        )
+    if fresh_randomness and (engine.distributed is not None or engine._sharded is not None):
+        raise CheckpointError("fresh_randomness is for one process: in distributed training every rank must draw the "
+                              "shared noise and batches from one seed")
     if engine.distributed is not None:  # every rank must resume from the same state (see dpclip.distributed)
         engine.distributed.check_same_state(state, engine.secure_mode)
     _apply(engine, parsed, state)
+    if fresh_randomness:
+        engine.noise.reseed_from_os()
+        engine._loader.generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
     return dict(parsed.extra)
 
 
@@ -652,7 +675,8 @@ def save_checkpoint(path: str | os.PathLike[str], engine: PrivacyEngine, *, key:
     return atomic_save(engine_state(engine, key=key, extra=extra), path)
 
 
-def load_checkpoint(path: str | os.PathLike[str], engine: PrivacyEngine, *, key: Key | None = None) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str], engine: PrivacyEngine, *, key: Key | None = None,
+                    fresh_randomness: bool = False) -> dict[str, Any]:
     """Resume ``engine`` from a file written by :func:`save_checkpoint` (or ``torch.save(engine.state_dict())``);
     returns the ``extra`` entries saved with it.
 
@@ -672,7 +696,7 @@ def load_checkpoint(path: str | os.PathLike[str], engine: PrivacyEngine, *, key:
                 f"cannot read the checkpoint {path}: {first[:300]} (the file is damaged, truncated or not a dpclip "
                 "checkpoint). Nothing was changed; resume from an intact (earlier) checkpoint"
             ) from None
-    return load_engine_state(engine, state, key=key)
+    return load_engine_state(engine, state, key=key, fresh_randomness=fresh_randomness)
 
 
 __all__ = [
@@ -696,6 +720,7 @@ class Checkpointing:
         """Everything needed to resume exactly, with an integrity digest (:func:`engine_state`)."""
         return engine_state(self, key=key)
 
-    def load_state_dict(self: Any, state: Mapping[str, Any], *, key: bytes | str | None = None) -> None:
+    def load_state_dict(self: Any, state: Mapping[str, Any], *, key: bytes | str | None = None,
+                        fresh_randomness: bool = False) -> None:
         """Resume from :meth:`state_dict`, or refuse, changing nothing (:func:`load_engine_state`)."""
-        load_engine_state(self, state, key=key)
+        load_engine_state(self, state, key=key, fresh_randomness=fresh_randomness)

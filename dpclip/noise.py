@@ -162,6 +162,11 @@ class NoiseSource:
         snapped = (torch.round(released / grid) * grid).clamp(-bound, bound).to(values.dtype)
         return snapped if factor == 1.0 else snapped.mul_(factor)
 
+    def reseed_from_os(self) -> None:
+        """Continue from a fresh OS seed (``os.urandom``): no draw repeats one made from the earlier state."""
+        self.seed = int.from_bytes(os.urandom(8), "little") >> 1
+        self._generators = {}
+
     def state_dict(self) -> dict:
         return {"seed": self.seed, "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
 

@@ -104,8 +104,34 @@ def test_an_in_memory_state_stays_loadable_after_training_from_it() -> None:
     again.load_state_dict(state)
     train(m2, o2, l2, 2)
     assert state_digest(state) == state_digest(pristine)
-    again.load_state_dict(state)  # the same dict, again: accepted
-    assert again.steps == 3
+    third, *_ = private(seed=6, init=4, optimizer=adam)
+    third.load_state_dict(state)  # the same dict, again: accepted
+    assert third.steps == 3
+
+
+def test_rewinding_an_engine_is_refused_and_a_branch_can_take_fresh_randomness() -> None:
+    """Loading step k into an engine that released more steps would drop them from ε and replay their noise:
+    refused, nothing changed. Two branches from one checkpoint release identical noise unless they ask for fresh
+    randomness: then their releases differ by more than the noiseless difference (lr differs only after load)."""
+    engine, m, o, l = private()
+    train(m, o, l, 3)
+    state = copy.deepcopy(engine.state_dict())
+    train(m, o, l, 2)
+    before = fingerprint(engine)
+    with pytest.raises(CheckpointError, match="already released 5 steps and the checkpoint holds 3"):
+        engine.load_state_dict(state)
+    assert fingerprint(engine) == before and engine.steps == 5
+
+    def branch(fresh: bool) -> torch.Tensor:
+        other, m2, o2, l2 = private(seed=9, init=1)
+        other.load_state_dict(state, fresh_randomness=fresh)
+        train(m2, o2, l2, 1)
+        return torch.cat([p.detach().flatten() for p in m2.module.parameters()])
+
+    assert torch.equal(branch(False), branch(False))  # exact resume: the same noise and batch
+    assert not torch.equal(branch(True), branch(True))
+    with pytest.raises(PrivacyParameterError, match="fresh_randomness must be True or False"):
+        private(seed=9)[0].load_state_dict(state, fresh_randomness="yes")
 
 
 def test_extra_that_weights_only_cannot_load_is_refused_before_writing(tmp_path: Path) -> None:
@@ -341,18 +367,22 @@ def test_corruption_fuzz_every_variant_is_refused_cleanly_or_loads_identically(t
     original = torch.load(path, weights_only=True)
     expected = original["integrity"]["digest"]
 
-    target, m2, o2, l2 = private(seed=9, init=4, optimizer=adam, **budget)
-    train(m2, o2, l2, 2)  # a different state, so "unchanged" and "loaded" differ
-    baseline = copy.deepcopy(engine_state(target))
+    def fresh_target() -> PrivacyEngine:
+        engine, m2, o2, l2 = private(seed=9, init=4, optimizer=adam, **budget)
+        train(m2, o2, l2, 2)  # a different state, so "unchanged" and "loaded" differ
+        return engine
+
+    target = fresh_target()
     unchanged = fingerprint(target)
 
     counts = {"tried": 0, "refused cleanly": 0, "loaded identical": 0}
     failures: list[str] = []
 
-    def attempt(name: str, load: Callable[[], dict[str, Any]]) -> None:
+    def attempt(name: str, load: Callable[[PrivacyEngine], dict[str, Any]]) -> None:
+        nonlocal target
         counts["tried"] += 1
         try:
-            extra = load()
+            extra = load(target)
         except PrivacyParameterError:
             counts["refused cleanly"] += 1
             if fingerprint(target) != unchanged:
@@ -365,14 +395,15 @@ def test_corruption_fuzz_every_variant_is_refused_cleanly_or_loads_identically(t
             counts["loaded identical"] += 1
         else:
             failures.append(f"{name}: loaded with a changed state")
-        load_engine_state(target, copy.deepcopy(baseline))  # back to the target's own state
+        target = fresh_target()  # back to the target's own state (loading it would rewind the engine: refused)
+        assert fingerprint(target) == unchanged
 
     corrupt = tmp_path / "corrupt.pt"
     for name, variant in _byte_variants(blob, random.Random(0)):
         corrupt.write_bytes(variant)
-        attempt(name, lambda: dpclip.load_checkpoint(corrupt, target))
+        attempt(name, lambda engine: dpclip.load_checkpoint(corrupt, engine))
     for index, (name, state) in enumerate(_structured_variants(original)):
-        attempt(name, lambda: load_engine_state(target, state))
+        attempt(name, lambda engine: load_engine_state(engine, state))
         if index % 2:
             continue
         buffer = io.BytesIO()  # every 2nd edit also written to a file and read back through load_checkpoint
@@ -381,7 +412,7 @@ def test_corruption_fuzz_every_variant_is_refused_cleanly_or_loads_identically(t
         except Exception:
             continue
         corrupt.write_bytes(buffer.getvalue())
-        attempt(name + " (file)", lambda: dpclip.load_checkpoint(corrupt, target))
+        attempt(name + " (file)", lambda engine: dpclip.load_checkpoint(corrupt, engine))
 
     print(f"\ncheckpoint corruption fuzz: {counts}")
     assert not failures, failures[:10]
