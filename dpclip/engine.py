@@ -78,6 +78,9 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         self.budget: tuple[float, float] | None = None
         self.budget_guard: BudgetGuard | None = None  # counts the steps left within the budget (report.py)
         self.steps = 0
+        #: steps refused with NonFiniteGradientError (nonfinite="error"): each refusal tells, without noise, that its
+        #: batch held an example with a non-finite gradient, which ε does not cover (the privacy report says so)
+        self.nonfinite_refusals = 0
         self._module: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._loader: PoissonDataLoader | None = None
@@ -246,7 +249,11 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
     def _add(self, example_grads: ExampleGradients, scale: float) -> None:
         self.guard.delivered = True
         assert self._sum is not None
-        self._sum.add(example_grads, scale)
+        try:
+            self._sum.add(example_grads, scale)
+        except NonFiniteGradientError:  # raised in backward (with several ranks: deferred to the release)
+            self.nonfinite_refusals += 1
+            raise
 
     def _forward(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         settings = self._require_setup()
@@ -282,6 +289,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
             noisy, count = noisy_release(self._sum, params, self.collective, self.noise, settings.expected_batch_size)
         except NonFiniteGradientError:
             self._abandon_step()
+            self.nonfinite_refusals += 1
             raise
         self.collective.assign_gradients(params, noisy)
         self._optimizer.step()

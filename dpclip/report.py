@@ -36,6 +36,12 @@ def privacy_report(engine: PrivacyEngine, delta: float) -> dict[str, Any]:
             f"Per-layer clipping: each parameter's gradient is clipped to its own bound; the noise is calibrated to "
             f"their combined bound C = {engine.clipping.max_norm:.4g}."
         )
+    if engine.nonfinite_refusals:
+        extra = (extra + " " if extra else "") + (
+            f"{engine.nonfinite_refusals} step(s) were refused for non-finite gradients: each refusal revealed, "
+            "without noise, that its batch held an example with a NaN/inf gradient, which this ε does not cover "
+            "(nonfinite='drop' keeps such examples inside the guarantee)."
+        )
     return {
         "epsilon": result.epsilon,
         "delta": delta,
@@ -57,6 +63,7 @@ def privacy_report(engine: PrivacyEngine, delta: float) -> dict[str, Any]:
         "per_layer_clipping": settings.per_layer,
         "layer_bounds": None if settings.layer_bounds is None else dict(settings.layer_bounds),
         "non_private": settings.non_private,
+        "nonfinite_refusals": engine.nonfinite_refusals,
         "budget": None if engine.budget is None else {"epsilon": engine.budget[0], "delta": engine.budget[1]},
         "history": [str(entry) for entry in engine.accountant.history],
         "statement": privacy_statement(

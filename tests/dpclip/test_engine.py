@@ -248,6 +248,9 @@ def test_nonfinite_gradients_raise_by_default_and_can_be_dropped():
                 loss.backward()
             assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
             assert engine.steps == 0
+            # the refusal itself tells that the batch held such an example: outside ε, and the report says so
+            report = engine.privacy_report(1e-5)
+            assert report["nonfinite_refusals"] == 1 and "this ε does not cover" in report["statement"]
         else:
             loss.backward()
             o.step()

@@ -106,11 +106,12 @@ def test_budget_guard_stops_exactly_where_the_calculator_says_and_names_the_acco
 
 def test_budget_guard_follows_a_restored_history():
     """After load_state_dict (another history), the guard's count of steps left is recomputed, not reused."""
-    engine, model, optimizer, loader = private(batch_size=40, noise_multiplier=1.5, target_epsilon=2.0, target_delta=1e-5)
+    source, model, optimizer, loader = private(batch_size=40, noise_multiplier=1.5, target_epsilon=2.0, target_delta=1e-5)
     train(model, optimizer, loader, steps=2)
-    state = copy.deepcopy(engine.state_dict())
-    train(model, optimizer, loader)
-    engine.load_state_dict(state)
+    state = copy.deepcopy(source.state_dict())
+    engine, model, optimizer, loader = private(batch_size=40, noise_multiplier=1.5, target_epsilon=2.0, target_delta=1e-5)
+    train(model, optimizer, loader, steps=1)  # its guard has counted the steps left after one step
+    engine.load_state_dict(state)  # (rewinding an engine past its own releases is refused: test_checkpoint)
     alone = PLDAccountant()
     alone.compose(engine._step_event, 2)
     left = 0
