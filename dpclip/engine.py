@@ -232,6 +232,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
             self._sum.reset()
         if self._forwarder is not None:
             self._forwarder.collectors = []
+            self._forwarder.state = None  # a step without a forward (an empty batch) checks no earlier one's state
 
     def begin_step(self) -> None:
         """Called by the Poisson loader before it samples a logical batch: the budget guard lives here."""
@@ -241,6 +242,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         assert self._sum is not None and self._forwarder is not None
         self._sum.reset()
         self._forwarder.collectors = []
+        self._forwarder.state = None
 
     def begin_micro_batch(self, index: int, last: bool, size: int | None = None, batch: Any = None) -> None:
         """Called by the Poisson loader before it yields a (micro-)batch of ``size`` examples (``batch``)."""

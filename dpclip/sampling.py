@@ -202,6 +202,22 @@ def _worker_seed(seed: int | None, secure_mode: bool) -> int:
     return int.from_bytes(hashlib.sha256(f"dpclip.sampling.worker-seeds:{seed}".encode()).digest()[:8], "little")
 
 
+def map_style_size(dataset: Any) -> int:
+    """N for a map-style data set; refuses an iterable-style one (even with a ``__len__``: Poisson sampling picks
+    examples by index) and an empty one."""
+    message = ("the data set must have a length and be indexable: an iterable-style data set cannot be "
+               "Poisson-sampled (use a map-style Dataset, e.g. TensorDataset)")
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        raise PrivacyParameterError(f"{type(dataset).__name__} is an IterableDataset: {message}")
+    try:
+        size = len(dataset)
+    except TypeError:
+        raise PrivacyParameterError(message) from None
+    if size == 0:
+        raise PrivacyParameterError("the data set is empty: there is nothing to train on")
+    return size
+
+
 class PoissonDataLoader:
     """Iterate over Poisson-sampled batches of ``dataset``; ``len()`` is the number of logical steps per epoch.
 
@@ -271,12 +287,7 @@ class PoissonDataLoader:
         """``num_workers``, ``pin_memory``, ``prefetch_factor``, ``persistent_workers``, ``worker_init_fn``,
         ``timeout``, ``multiprocessing_context``: as for ``torch.utils.data.DataLoader`` (and checked by it, here);
         see the class docstring for how workers are used."""
-        try:
-            self.dataset_size = len(dataset)  # type: ignore[arg-type]
-        except TypeError:
-            raise PrivacyParameterError("the data set must have a length (iterable-style data sets cannot be Poisson-sampled)") from None
-        if self.dataset_size == 0:
-            raise PrivacyParameterError("the data set is empty: there is nothing to train on")
+        self.dataset_size = map_style_size(dataset)
         self.dataset = dataset
         self.sample_rate = check_sample_rate(sample_rate)
         self.steps_per_epoch = (

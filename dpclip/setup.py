@@ -24,6 +24,7 @@ from accountants.checks import (
 
 from .clipping import ClippingPolicy, FixedClipping, MedianClipping
 from .mechanism import DPSGDMechanism
+from .sampling import map_style_size
 
 
 @dataclass(frozen=True)
@@ -46,17 +47,8 @@ class TrainingPlan:
 
 
 def dataset_size(data_loader: DataLoader) -> int:
-    """N, the size of the loader's data set; refuses data sets without a length and empty ones."""
-    try:
-        size = len(data_loader.dataset)  # type: ignore[arg-type]
-    except TypeError:
-        raise PrivacyParameterError(
-            "the data set must have a length: an iterable-style data set cannot be Poisson-sampled (use a map-style "
-            "Dataset, e.g. TensorDataset)"
-        ) from None
-    if size == 0:
-        raise PrivacyParameterError("the data set is empty: there is nothing to train on")
-    return size
+    """N, the size of the loader's data set; refuses iterable-style data sets and empty ones."""
+    return map_style_size(data_loader.dataset)
 
 
 def sample_rate_of(data_loader: DataLoader, sample_rate: float | None) -> float:

@@ -252,11 +252,17 @@ class NoLength(IterableDataset):
         yield from data()
 
 
+class IterableWithLength(NoLength):
+    def __len__(self) -> int:  # a length, but no indexing: Poisson sampling cannot pick examples from it
+        return len(data())
+
+
 @pytest.mark.parametrize("loader, words", [
     (DataLoader(TensorDataset(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long)), batch_size=4), ["empty"]),
     (DataLoader(NoLength(), batch_size=4), ["must have a length", "Poisson", "map-style"]),
+    (DataLoader(IterableWithLength(), batch_size=4), ["IterableWithLength is an IterableDataset", "map-style"]),
     (DataLoader(data(), batch_size=None), ["batch_size", "sample_rate="]),
-], ids=["empty data set", "iterable data set", "loader without batch_size"])
+], ids=["empty data set", "iterable data set", "iterable data set with a length", "loader without batch_size"])
 @pytest.mark.parametrize("entry", ["make_private", "make_private_with_epsilon"])
 def test_unusable_data_sets_are_refused(loader, words, entry):
     model = mlp()

@@ -139,6 +139,7 @@ def test_logged_epsilon_matches_dp_accounting(tmp_path, kind):
     (dict(train_sampling_strategy="group_by_length"), "Poisson sampling"),
     (dict(train_sampling_strategy="sequential"), "Poisson sampling"),
     (dict(auto_find_batch_size=True), "auto_find_batch_size"),
+    (dict(neftune_noise_alpha=5.0), "NEFTune"),
 ])
 def test_refused_training_arguments(tmp_path, overrides, match):
     model = tiny_bert()
@@ -257,3 +258,32 @@ def test_dpclip_imports_without_transformers():
             "try:\n    import dpclip.integrations.transformers\nexcept ImportError as e:\n    print('ERR', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "ERR" in out and "pip install" in out
+
+
+# -- bf16 and empty batches ---------------------------------------------------------------------------------------
+def test_bf16_trains_close_to_float32(tmp_path):
+    """bf16=True (what the fp16 refusal recommends): accelerate wraps the model's forward in autocast, where the
+    first-step check (float32) cannot switch it off; DPTrainer runs the autocast itself, around the private model."""
+    updates = {}
+    for bf16 in (False, True):
+        model = tiny_bert()
+        start = flat(model).clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # noise_multiplier=0: the non-private baseline's warning
+            t = trainer(tmp_path / str(bf16), model, args=arguments(tmp_path / str(bf16), bf16=bf16),
+                        noise_multiplier=0.0, max_grad_norm=0.858)
+            t.train()
+        assert t.engine.steps == 1 and "_original_forward" not in model.__dict__
+        updates[bf16] = flat(model) - start
+    scale = updates[False].abs().max()  # bf16 keeps 8 bits per activation, through every layer: a few % off at worst
+    assert scale > 0 and (updates[True] - updates[False]).abs().max() <= 0.05 * scale
+    assert torch.nn.functional.cosine_similarity(updates[True], updates[False], dim=0) > 0.999
+
+
+def test_empty_poisson_batches_release_noise_without_a_forward(tmp_path):
+    """Expected batch 1 of 32: most batches are empty; BERT cannot run on 0 rows, so DPTrainer skips their forward
+    and the engine releases the noise alone, charging every step."""
+    t = trainer(tmp_path, args=arguments(tmp_path, per_device_train_batch_size=1, max_steps=12))
+    t.train()
+    assert t.engine.steps == 12 and t.state.global_step == 12
+    assert t.engine.accountant.steps == 12

@@ -204,6 +204,12 @@ class DPTrainer(Trainer):
                 "and which skips steps depending on the data. Use bf16=True (no loss scaling; the weights stay "
                 "float32) or float32."
             )
+        if getattr(args, "neftune_noise_alpha", None):
+            raise EngineUsageError(
+                f"neftune_noise_alpha={args.neftune_noise_alpha} is refused: NEFTune adds random noise to the "
+                "embeddings inside the model's forward, which dpclip cannot check or re-run per example (its "
+                "first-step verification would refuse the model). Train without it."
+            )
         if args.auto_find_batch_size:
             raise EngineUsageError(
                 "auto_find_batch_size=True is refused: it changes the batch size, hence q, after a failure. Set "
@@ -342,12 +348,13 @@ class DPTrainer(Trainer):
         untouched) and no ``num_items_in_batch``; a logical batch cut into micro-batches runs each in turn."""
         if self._private_model is None:
             raise EngineUsageError("DPTrainer.training_step ran before the engine was set up: call trainer.train()")
+        self._own_autocast()
         if not isinstance(inputs, _MicroBatches):
-            return super().training_step(self._private_model, inputs, None)
+            return self._step_on(inputs)
         total, count, batch = None, 0, inputs.first
         while True:
             size = _rows(batch)
-            loss = super().training_step(self._private_model, batch, None)
+            loss = self._step_on(batch)
             weighted = loss * size if self.private_options["loss_reduction"] == "mean" else loss
             total = weighted if total is None else total + weighted
             count += size
@@ -357,6 +364,22 @@ class DPTrainer(Trainer):
             batch = next(inputs.rest)
         assert total is not None
         return total / max(count, 1) if self.private_options["loss_reduction"] == "mean" else total
+
+    def _step_on(self, batch: Any) -> torch.Tensor:
+        """The Trainer's forward and backward on one (micro-)batch, under bf16 autocast with ``bf16=True``. An empty
+        Poisson batch runs no forward (stock models cannot reshape 0 rows): the engine releases its noise alone."""
+        if _rows(batch) == 0:
+            return torch.zeros((), device=self.args.device)
+        with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16)):
+            return super().training_step(self._private_model, batch, None)
+
+    def _own_autocast(self) -> None:
+        """With ``bf16=True``, accelerate wraps the model's forward in autocast, where dpclip's first-step check
+        cannot switch it off (it checks in float32): the model gets its own forward back, and :meth:`_step_on`
+        runs the training forward under autocast instead, around the private model."""
+        original = self.model.__dict__.pop("_original_forward", None)
+        if original is not None:
+            self.model.forward = original
 
     def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
         """The model runs without ``labels`` (so that it returns one output row per example, as dpclip needs) and

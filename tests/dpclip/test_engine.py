@@ -258,6 +258,24 @@ def test_nonfinite_gradients_raise_by_default_and_can_be_dropped():
             assert engine.steps == 1
 
 
+def test_an_empty_batch_may_skip_its_forward():
+    """A model that cannot run on 0 rows: the loop calls optimizer.step() alone on an empty Poisson batch, which
+    releases the noise and counts; the next step does not mistake the last update for a forward's state change."""
+    model = mlp()
+    engine = PrivacyEngine(seed=0)
+    m, o, loader = engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                       DataLoader(data(), batch_size=2), noise_multiplier=1.0, max_grad_norm=1.0)
+    empty = 0
+    for xb, yb in loader:
+        o.zero_grad()
+        if len(yb) == 0:
+            empty += 1
+        else:
+            nn.functional.cross_entropy(m(xb), yb).backward()
+        o.step()
+    assert empty > 0 and engine.steps == len(loader)
+
+
 def test_resume_gives_exactly_the_same_model_and_epsilon():
     def setup():
         model = mlp(dropout=0.2, seed=5)
