@@ -202,6 +202,19 @@ def _worker_seed(seed: int | None, secure_mode: bool) -> int:
     return int.from_bytes(hashlib.sha256(f"dpclip.sampling.worker-seeds:{seed}".encode()).digest()[:8], "little")
 
 
+def _without_rows(batch: Any) -> Any:
+    """A collated batch of one example with its rows removed (see :meth:`PoissonDataLoader._empty_batch`)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:0]
+    if isinstance(batch, dict):
+        return type(batch)((k, _without_rows(v)) for k, v in batch.items())
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):  # (a namedtuple keeps its fields)
+        if len(batch) == 1 and not isinstance(batch[0], (torch.Tensor, dict, list, tuple)):
+            return type(batch)()  # one example's value per row: no rows
+        return type(batch)(_without_rows(v) for v in batch)
+    return tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, batch)
+
+
 def map_style_size(dataset: Any) -> int:
     """N for a map-style data set; refuses an iterable-style one (even with a ``__len__``: Poisson sampling picks
     examples by index) and an empty one."""
@@ -384,10 +397,11 @@ class PoissonDataLoader:
         return self.collate_fn([self.dataset[i] for i in indices.tolist()])
 
     def _empty_batch(self) -> Any:
-        """A batch with zero examples and the shapes/dtypes of a real one."""
+        """A batch with zero examples and the shapes/dtypes of a real one: example 0 collated, then every tensor cut
+        to 0 rows and every per-example list (a list or tuple of one plain value, e.g. the strings of a text
+        column) emptied, so that no value of example 0 reaches an empty step."""
         if self._empty is None:
-            one = self.collate_fn([self.dataset[0]])
-            self._empty = tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, one)
+            self._empty = _without_rows(self.collate_fn([self.dataset[0]]))
         return self._empty
 
     def __iter__(self) -> Iterator[Any]:

@@ -167,3 +167,17 @@ def test_checkpoint_restores_the_sequence_and_counts_draws() -> None:
     resumed.load_state_dict(state)
     assert [resumed.sample_indices().tolist() for _ in range(3)] == after
     assert resumed.batches_drawn == 0  # counted from the restore (not part of the checkpoint)
+
+
+def test_an_empty_batch_carries_no_value_of_any_example():
+    """An empty Poisson batch is built from example 0's collated shape: its tensors and its per-example lists (a
+    text column) must come out with no rows, so nothing of example 0 reaches a step that did not sample it."""
+    rows = [{"x": torch.full((3,), float(i)), "text": f"secret {i}", "label": i % 2} for i in range(40)]
+
+    def collate(batch: list[dict]) -> dict:
+        return {"x": torch.stack([b["x"] for b in batch]), "text": [b["text"] for b in batch],
+                "label": torch.tensor([b["label"] for b in batch])}
+
+    loader = PoissonDataLoader(rows, sample_rate=0.01, collate_fn=collate, seed=3)
+    empty = [batch for batch in loader if len(batch["label"]) == 0]
+    assert empty and all(batch["text"] == [] and batch["x"].shape == (0, 3) for batch in empty)
