@@ -268,29 +268,40 @@ def _try_path(model: nn.Module, run: PathRunner, probe_args: tuple, probe_kwargs
     return reason
 
 
-def _random_layer(model: nn.Module, probe_args: tuple, probe_kwargs: dict) -> str | None:
-    """If two forward passes on the same probe (dropout off) differ — a forward that samples noise — the first
-    layer (in completion order) whose output differs, or the model; else None."""
-    records: list[dict[str, Tensor]] = [{}, {}]
-    names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
-    current = [records[0]]
+def _layer_outputs(model: nn.Module, calls: list[tuple[tuple, dict]], root: bool = False) -> list[dict[str, Tensor]] | None:
+    """For each call (args, kwargs) of ``model`` (no gradients), every sub-layer's first floating output by layer
+    name and class, "name (Class)" (the model's own last, with ``root``), in completion order; None if a forward fails (the checks then
+    report it)."""
+    records: list[dict[str, Tensor]] = [{} for _ in calls]
+    names = {id(m): name for name, m in model.named_modules()}
+    current: list[dict[str, Tensor]] = [records[0]]
 
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
         floats = float_leaves(output)
         if floats:
-            current[0].setdefault(f"{names.get(id(module), '?')} ({type(module).__name__})", floats[0].detach())
+            where = names.get(id(module), "?") or type(module).__name__
+            current[0].setdefault(f"{where} ({type(module).__name__})", floats[0].detach())
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if root or m is not model]
     try:
         with torch.no_grad():
-            model(*probe_args, **probe_kwargs)
-            current[0] = records[1]
-            model(*probe_args, **probe_kwargs)
+            for record, (args, kwargs) in zip(records, calls):
+                current[0] = record
+                model(*args, **kwargs)
     except Exception:
         return None
     finally:
         for handle in handles:
             handle.remove()
+    return records
+
+
+def _random_layer(model: nn.Module, probe_args: tuple, probe_kwargs: dict) -> str | None:
+    """If two forward passes on the same probe (dropout off) differ — a forward that samples noise — the first
+    layer (in completion order) whose output differs; else None."""
+    records = _layer_outputs(model, [(probe_args, probe_kwargs)] * 2, root=True)
+    if records is None:
+        return None
     for name, first in records[0].items():
         second = records[1].get(name)
         if second is not None and (first.shape != second.shape or not _same(first, second, _scale(first), _tolerance(first))):
@@ -304,38 +315,18 @@ def _first_layer_that_differs(model: nn.Module, probe_args: tuple, probe_kwargs:
     some example j differs from its output when example j runs alone (``alone[j]``: its arguments; every distinct
     example of the probe is run, since an op that mixes examples may leave one row as it was — a flip over the
     batch keeps the middle row); None if no layer output shows it."""
-    records: list[dict[str, Tensor]] = [{} for _ in range(1 + len(alone))]
-    names = {id(m): name for name, m in model.named_modules()}
-    current: list[dict[str, Tensor]] = [records[0]]
-
-    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-        floats = float_leaves(output)
-        if floats:
-            current[0].setdefault(names.get(id(module), "?") or type(module).__name__, floats[0].detach())
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if m is not model]
-    try:
-        with torch.no_grad():
-            model(*probe_args, **probe_kwargs)
-            for record, (one_args, one_kwargs) in zip(records[1:], alone):
-                current[0] = record
-                model(*one_args, **one_kwargs)
-    except Exception:
+    records = _layer_outputs(model, [(probe_args, probe_kwargs), *alone])
+    if records is None:
         return None
-    finally:
-        for handle in handles:
-            handle.remove()
-    modules = dict(model.named_modules())
     for name, together in records[0].items():
-        kind = type(modules[name]).__name__ if name in modules else "?"
         for j, record in enumerate(records[1:]):
             one = record.get(name)
             if one is None:
                 continue
             if together.dim() == 0 or together.shape[0] != k or one.shape[0] != 1 or together.shape[1:] != one.shape[1:]:
-                return f"{name} ({kind}), whose output {tuple(together.shape)} does not hold the {k} examples in dim 0"
+                return f"{name}, whose output {tuple(together.shape)} does not hold the {k} examples in dim 0"
             if not _same(one, together[j:j + 1], _scale(together), _tolerance(together)):
-                return f"{name} ({kind}), whose output for an example differs alone and in a batch"
+                return f"{name}, whose output for an example differs alone and in a batch"
     return None
 
 

@@ -221,6 +221,24 @@ def test_random_forward_is_refused_as_random():
     assert engine.steps == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+def test_noise_added_after_every_layer_names_the_model():
+    class NoisyOutput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(10, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) + torch.randn(x.shape[0], 2)  # in the model's own forward, after its last layer
+
+    model = NoisyOutput()
+    engine = PrivacyEngine(seed=0)
+    model_p, _, loader = engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                             DataLoader(data(), batch_size=20), noise_multiplier=1.0, max_grad_norm=1.0)
+    xb, yb = next(iter(loader))
+    with pytest.raises(ModelNotSupportedError, match=r"differ, first in the output of NoisyOutput \(NoisyOutput\)"):
+        nn.functional.cross_entropy(model_p(xb), yb).backward()
+
+
 def test_model_without_trainable_parameters_is_refused():
     model = mlp().requires_grad_(False)
     with pytest.raises(ModelNotSupportedError, match="no trainable parameters"):
