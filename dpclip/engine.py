@@ -41,6 +41,19 @@ from .step_guard import StepGuard
 PrivacySettings = DPSGDMechanism  # the name under which engine.settings has always been public
 
 
+def _optimizer_signature(optimizer: torch.optim.Optimizer) -> tuple[str, list[dict[str, Any]]]:
+    """The optimizer's class and each parameter group's plain hyper-parameters (numbers, strings, flags and tuples
+    of them: lr, momentum, betas, ...): what every rank's optimizer must share for the ranks' models to stay equal.
+    Other values (a callable, a tensor) are left out: their repr may differ between equal ranks."""
+    plain = (int, float, str, type(None))
+
+    def comparable(value: Any) -> bool:
+        return isinstance(value, plain) or (isinstance(value, tuple) and all(isinstance(v, plain) for v in value))
+
+    return type(optimizer).__name__, [{k: v for k, v in sorted(group.items()) if k != "params" and comparable(v)}
+                                      for group in optimizer.param_groups]
+
+
 class PrivacyEngine(PrivacyReporting, Checkpointing):
     """Private training with an honest, live (ε, δ).
 
@@ -184,7 +197,8 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         )
         if dist_context is not None:  # same mechanism, model and seeds on every rank; this rank's shard
             fingerprint = dict(settings=plan.mechanism, clipping=plan.clipping, budget=plan.budget,
-                               nonfinite=plan.nonfinite, secure_mode=self.secure_mode)
+                               nonfinite=plan.nonfinite, secure_mode=self.secure_mode, accountant=self.accountant_name,
+                               optimizer=_optimizer_signature(optimizer))
             shared_seed = dist_context.synchronize_setup(wrapper, module, loader, fingerprint, noise.seed, lambda: self.steps)
             if shared_seed is not None:
                 noise = NoiseSource(seed=shared_seed, secure_mode=False)

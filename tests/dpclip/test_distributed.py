@@ -78,13 +78,14 @@ def run(
     save_after: dict[int, str] | None = None,
     nan_index: int | None = None,
     batch_size: int = BATCH,
+    accountant: str = "pld",
     **private: Any,
 ) -> dict[str, Any]:
     """Train ``steps`` steps with the ordinary loop; returns parameters, per-step updates, batch sizes, ε, C."""
     net = model(width, init_seed)
     if ddp:
         net = nn.parallel.DistributedDataParallel(net)
-    engine = PrivacyEngine(seed=None if secure_mode else seed, secure_mode=secure_mode)
+    engine = PrivacyEngine(accountant=accountant, seed=None if secure_mode else seed, secure_mode=secure_mode)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
     private.setdefault("noise_multiplier", 1.0)
     private.setdefault("max_grad_norm", 1.0)
@@ -191,6 +192,9 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
 
     # (8) ranks disagreeing on the mechanism are refused on every rank
     out["mismatch"] = expect(PrivacyParameterError, lambda: run(1, distributed=True, max_grad_norm=1.0 + rank))
+    # an accountant or optimizer hyper-parameter of its own: per-rank ε, or models drifting apart
+    out["mismatch_accountant"] = expect(PrivacyParameterError, lambda: run(1, distributed=True, accountant=("pld", "rdp")[rank]))
+    out["mismatch_lr"] = expect(PrivacyParameterError, lambda: run(1, distributed=True, lr=0.5 + rank))
     return out
 
 
@@ -336,6 +340,8 @@ def test_ranks_with_different_settings_are_refused(ranks: list[dict[str, Any]]) 
     for r in ranks:
         assert r["mismatch"].startswith("PrivacyParameterError"), r["mismatch"]
         assert "clipping" in r["mismatch"]
+        assert r["mismatch_accountant"].startswith("PrivacyParameterError") and "accountant" in r["mismatch_accountant"]
+        assert r["mismatch_lr"].startswith("PrivacyParameterError") and "optimizer" in r["mismatch_lr"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
