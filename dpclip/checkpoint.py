@@ -321,6 +321,24 @@ def load_engine_state(engine: PrivacyEngine, state: Mapping[str, Any], *, key: K
     never removes the engine's.
     """
     engine._require_setup()
+    try:
+        parsed, fresh_randomness = _check_locally(engine, state, key, fresh_randomness)
+    except PrivacyParameterError as refusal:
+        if engine.distributed is not None:  # every rank learns of it (raises there too), none waits for the others
+            engine.distributed.check_same_state(None, engine.secure_mode, refusal=refusal)
+        raise
+    if engine.distributed is not None:  # every rank must resume from the same state (see dpclip.distributed)
+        engine.distributed.check_same_state(state, engine.secure_mode)
+    _apply(engine, parsed, state)
+    if fresh_randomness:
+        engine.noise.reseed_from_os()
+        engine._loader.generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    return dict(parsed.extra)
+
+
+def _check_locally(engine: PrivacyEngine, state: Mapping[str, Any], key: Key | None,
+                   fresh_randomness: Any) -> tuple[_Parsed, bool]:
+    """Every check :func:`load_engine_state` makes on this rank alone: the parsed state, or a refusal."""
     fresh_randomness = check_flag("fresh_randomness", fresh_randomness)
     _check_format(state)
     parsed = _parse(engine, state)
@@ -337,13 +355,7 @@ def load_engine_state(engine: PrivacyEngine, state: Mapping[str, Any], *, key: K
     if fresh_randomness and (engine.distributed is not None or engine._sharded is not None):
         raise CheckpointError("fresh_randomness is for one process: in distributed training every rank must draw the "
                               "shared noise and batches from one seed")
-    if engine.distributed is not None:  # every rank must resume from the same state (see dpclip.distributed)
-        engine.distributed.check_same_state(state, engine.secure_mode)
-    _apply(engine, parsed, state)
-    if fresh_randomness:
-        engine.noise.reseed_from_os()
-        engine._loader.generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    return dict(parsed.extra)
+    return parsed, fresh_randomness
 
 
 def _check_format(state: Any) -> None:

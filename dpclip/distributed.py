@@ -336,15 +336,24 @@ class DistributedContext:
     # ---------------------------------------------------------------------------------------------------
     # Checks
     # ---------------------------------------------------------------------------------------------------
-    def check_same_state(self, state: Mapping[str, Any], secure_mode: bool, what: str = "load_state_dict") -> None:
+    def check_same_state(self, state: Mapping[str, Any] | None, secure_mode: bool, what: str = "load_state_dict",
+                         refusal: Exception | None = None) -> None:
         """Raise :class:`EngineUsageError` on every rank unless every rank holds the same ``state`` (an engine
         state_dict) in all that must agree: model, optimizer, accountant, C, budget, steps and, outside secure
         mode, the noise and sampling generators. Ranks resumed from different states would release different
-        noisy values (and so more than the accountant charges). torch's global RNG (dropout) may differ."""
-        digest = state_digest(state, secure_mode)
+        noisy values (and so more than the accountant charges). torch's global RNG (dropout) may differ.
+        ``refusal``: this rank refused the state on its own (a damaged file, a rewind); every rank then raises
+        (this one its own error), instead of the others waiting for it."""
+        mine: Any = {"refused": f"{type(refusal).__name__}: {refusal}"} if refusal is not None else state_digest(state or {}, secure_mode)
         self.exchange_header(what if what in _PHASE_CODES else "load_state_dict")
         gathered: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(gathered, digest)
+        torch.distributed.all_gather_object(gathered, mine)
+        refused = [rank for rank, other in enumerate(gathered) if "refused" in other]
+        if refused:
+            if refusal is not None:
+                raise refusal
+            raise EngineUsageError(f"{what} was refused on rank(s) {refused} ({gathered[refused[0]]['refused']}); "
+                                   "nothing was changed on any rank")
         bad = [rank for rank, other in enumerate(gathered) if other != gathered[0]]
         if bad:
             parts = sorted({k for rank in bad for k in gathered[0] if gathered[rank].get(k) != gathered[0][k]})

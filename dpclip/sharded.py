@@ -282,11 +282,12 @@ class ShardedContext(DistributedContext):
         torch.distributed.reduce_scatter_tensor(out, flat)
         return out
 
-    def check_same_state(self, state: Mapping[str, Any], secure_mode: bool, what: str = "load_state_dict") -> None:
+    def check_same_state(self, state: Mapping[str, Any] | None, secure_mode: bool, what: str = "load_state_dict",
+                         refusal: Exception | None = None) -> None:
         """As in DDP mode, for what the ranks share; the model, the optimizer state and the noise generator are
         each rank's own shard."""
-        shared = {key: value for key, value in state.items() if key not in ("model", "optimizer", "shard")}
-        super().check_same_state(shared, secure_mode, what)
+        shared = None if state is None else {key: value for key, value in state.items() if key not in ("model", "optimizer", "shard")}
+        super().check_same_state(shared, secure_mode, what, refusal)
 
     def release_sums(self, add: Callable[[NoiseSource], dict[str, Tensor]], like: Mapping[str, Tensor],
                      noise: NoiseSource) -> dict[str, Tensor]:

@@ -178,6 +178,17 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     # ranks resuming from different checkpoints (step 3 on rank 0, step 1 on rank 1) must be refused everywhere
     mismatched = ckpt[3] if rank == 0 else ckpt[1]
     out["resume_mismatch"] = expect(EngineUsageError, lambda: run(1, load=mismatched, **common))
+    # only rank 1's copy is damaged (an edited parameter: its digest fails there alone): both ranks refuse at once,
+    # rank 0 with the rank that refused, instead of waiting for it in the collective check
+    damaged = ckpt[3]
+    if rank == 1:
+        state = torch.load(ckpt[3], weights_only=True)
+        first = next(iter(state["model"]))
+        state["model"][first] = state["model"][first] + 1.0
+        damaged = str(tmp / "damaged_rank1.pt")
+        torch.save(state, damaged)
+    out["damaged_on_one_rank"] = expect(PrivacyParameterError if rank == 1 else EngineUsageError,
+                                        lambda: run(1, load=damaged, **common))
 
     # (6) secure mode: OS-seeded sampling per rank, rank 0 draws the noise and broadcasts it
     r = run(3, distributed=True, secure_mode=True, noise_multiplier=1.0)
@@ -308,6 +319,8 @@ def test_ranks_resuming_from_different_checkpoints_are_refused(ranks: list[dict[
     for r in ranks:
         assert r["resume_mismatch"].startswith("EngineUsageError"), r["resume_mismatch"]
         assert "differs from rank 0" in r["resume_mismatch"]
+    assert ranks[1]["damaged_on_one_rank"].startswith("CheckpointError: corrupt checkpoint"), ranks[1]["damaged_on_one_rank"]
+    assert ranks[0]["damaged_on_one_rank"].startswith("EngineUsageError: load_state_dict was refused on rank(s) [1]")
 
 
 def test_steps_with_an_empty_shard_equal_single_process(ranks: list[dict[str, Any]]) -> None:
