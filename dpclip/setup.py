@@ -4,6 +4,7 @@ and the engine options, built from its arguments into one immutable :class:`Trai
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from accountants import calibrate_noise, epochs_to_steps
 
-from accountants.errors import PrivacyParameterError
+from accountants.errors import PrivacyParameterError, PrivacyWarning
 from accountants.checks import (
     check_count,
     check_delta,
@@ -57,7 +58,13 @@ def sample_rate_of(data_loader: DataLoader, sample_rate: float | None) -> float:
         return check_sample_rate(sample_rate)
     if data_loader.batch_size is None:
         raise PrivacyParameterError("the data loader has no batch_size; pass sample_rate= (expected batch size / N)")
-    return min(1.0, data_loader.batch_size / dataset_size(data_loader))
+    size = dataset_size(data_loader)
+    if data_loader.batch_size > size:
+        warnings.warn(PrivacyWarning(
+            f"batch_size {data_loader.batch_size} exceeds the data set's {size} examples: every example is in every "
+            "batch (q = 1, and ε is charged for q = 1); pass batch_size <= N for Poisson sampling to amplify privacy"
+        ), stacklevel=3)
+    return min(1.0, data_loader.batch_size / size)
 
 
 #: Opacus spellings of dpclip options, and what to pass instead.

@@ -61,6 +61,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import dpclip  # noqa: E402
 
+from .arguments import check_numbers  # noqa: E402
 from .text import add_run_flags  # noqa: E402
 
 __all__ = [
@@ -297,12 +298,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.pretrained = args.out / "pretrained.pt"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was requested but CUDA is not available")
-    for name in ("epsilon", "delta", "lr", "max_grad_norm", "pretrain_lr"):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("epochs", "batch_size", "physical_batch_size", "max_length", "lora_rank", "n_layer", "n_embd", "n_head", "context", "pretrain_batch"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_numbers(parser, args, positive=("epsilon", "delta", "lr", "max_grad_norm", "pretrain_lr"), counts=("epochs", "batch_size", "physical_batch_size", "max_length", "lora_rank", "n_layer", "n_embd", "n_head", "context", "pretrain_batch"))
     if args.max_length > args.context:
         parser.error("--max-length cannot exceed --context")
     if args.n_embd % args.n_head:

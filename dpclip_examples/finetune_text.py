@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dpclip
 
+from .arguments import check_numbers, check_paths
 from .text import (
     CORPORA,
     TopLayers,
@@ -147,12 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, f"baseline_{key}", getattr(args, key))
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was requested but CUDA is not available")
-    for name in ("epsilon", "delta", "lr", "max_grad_norm", "baseline_lr"):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("epochs", "batch_size", "physical_batch_size", "max_length", "lora_rank", "baseline_batch_size", "baseline_epochs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_numbers(parser, args, positive=("epsilon", "delta", "lr", "max_grad_norm", "baseline_lr"), counts=("epochs", "batch_size", "physical_batch_size", "max_length", "lora_rank", "baseline_batch_size", "baseline_epochs"))
+    check_paths(parser, model=args.model, data=args.data)
     if args.train_layers < 0:
         parser.error("--train-layers must be at least 0")
     if args.benchmark and (args.resume or args.stop_after is not None):

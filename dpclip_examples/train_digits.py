@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dpclip
 
+from .arguments import check_numbers
 from .digits import EMA, SPLIT_SEED, TEST_FRACTION, DigitsCNN, accuracy, load_data, make_optimizer, make_scheduler
 
 __all__ = ["DEFAULTS", "L1_MAX_GRAD_NORM", "QUICK_EPOCHS", "main", "parse_args", "train_non_private", "train_private"]
@@ -103,12 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_grad_norm = L1_MAX_GRAD_NORM if args.norm == "l1" else DEFAULTS["max_grad_norm"]
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was requested but CUDA is not available")
-    for name in ("epsilon", "delta", "lr", "max_grad_norm"):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_numbers(parser, args, positive=("epsilon", "delta", "lr", "max_grad_norm"), counts=("epochs", "batch_size"))
     return args
 
 

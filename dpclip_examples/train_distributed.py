@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 import dpclip
 from dpclip.distributed import assert_in_sync
 
+from .arguments import check_numbers
 from .digits import DigitsCNN, accuracy, load_data, make_optimizer
 
 __all__ = ["main", "parse_args", "setup"]
@@ -62,12 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="if given, rank 0 writes privacy_report.json, model.pt and checkpoint.pt here (default: no files written)")
     parser.add_argument("--no-progress", action="store_true", help="print only the final summary, not the per-epoch lines")
     args = parser.parse_args(argv)
-    for name in ("epsilon", "delta", "lr", "max_grad_norm"):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_numbers(parser, args, positive=("epsilon", "delta", "lr", "max_grad_norm"), counts=("epochs", "batch_size"))
     return args
 
 

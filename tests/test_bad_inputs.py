@@ -35,6 +35,7 @@ from accountants import (
     PLDAccountant,
     PoissonSampled,
     PrivacyParameterError,
+    PrivacyWarning,
     RDPAccountant,
     calibrate_noise,
     noise_multiplier_for,
@@ -731,3 +732,12 @@ def test_cli_missing_or_contradictory_flags_exit_2_without_traceback(args, messa
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_a_batch_larger_than_the_data_set_warns_that_q_is_1():
+    model = mlp()
+    engine = PrivacyEngine(seed=0)
+    with pytest.warns(PrivacyWarning, match="exceeds the data set's 200 examples.*q = 1"):
+        engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data(), batch_size=500),
+                            noise_multiplier=1.0, max_grad_norm=1.0)
+    assert engine.settings.sample_rate == 1.0

@@ -82,3 +82,12 @@ def test_help_and_user_data_errors(tmp_path: Path) -> None:
     bad.write_text("hello")
     refused = subprocess.run([sys.executable, script, "--data", str(bad), "--quick"], capture_output=True, text=True)
     assert refused.returncode != 0 and ".csv or .jsonl" in refused.stderr
+
+
+def test_a_missing_data_file_or_model_folder_is_refused_by_the_parser(tmp_path) -> None:
+    from dpclip_examples.finetune_text import parse_args
+
+    for flag in ("--data", "--model"):
+        with pytest.raises(SystemExit) as stopped:
+            parse_args([flag, str(tmp_path / "missing")])
+        assert stopped.value.code == 2

@@ -83,5 +83,8 @@ def test_help_and_bad_flags() -> None:
     script = str(ROOT / "scripts" / "train_digits.py")
     shown = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, check=True)
     assert "--epsilon" in shown.stdout and "--clipping" in shown.stdout
-    refused = subprocess.run([sys.executable, script, "--epsilon", "-1"], capture_output=True, text=True)
-    assert refused.returncode == 2 and "--epsilon must be positive" in refused.stderr
+    for flags, message in ((["--epsilon", "-1"], "--epsilon must be a finite number > 0"),
+                           (["--epsilon", "inf"], "--epsilon must be a finite number > 0"),
+                           (["--delta", "1"], "--delta must be below 1")):
+        refused = subprocess.run([sys.executable, script, *flags], capture_output=True, text=True)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from typing import Any
+
+from accountants.errors import PrivacyParameterError
 
 from .runner import audit_config
 
@@ -50,9 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dpclip.audit``: print the lower bound next to the claimed ε; exit 1 on a violation."""
-    args = build_parser().parse_args(argv)
-    result = audit_config(
+    """``python -m dpclip.audit``: print the lower bound next to the claimed ε; exit 1 on a violation, 2 on bad
+    arguments (a message, no traceback: a script can tell a typo from a detected privacy bug)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = _run(args)
+    except PrivacyParameterError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 1 if result.violated else 0
+
+
+def _run(args: argparse.Namespace) -> Any:
+    return audit_config(
         args.noise_multiplier,
         args.sample_rate,
         args.max_grad_norm,
@@ -72,5 +86,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         secure_mode=args.secure_mode,
         device=args.device,
     )
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
-    return 1 if result.violated else 0
