@@ -344,7 +344,11 @@ class DistributedContext:
         noisy values (and so more than the accountant charges). torch's global RNG (dropout) may differ.
         ``refusal``: this rank refused the state on its own (a damaged file, a rewind); every rank then raises
         (this one its own error), instead of the others waiting for it."""
-        mine: Any = {"refused": f"{type(refusal).__name__}: {refusal}"} if refusal is not None else state_digest(state or {}, secure_mode)
+        if refusal is not None:
+            mine: Any = {"refused": f"{type(refusal).__name__}: {refusal}"}
+        else:
+            assert state is not None
+            mine = state_digest(state, secure_mode)
         self.exchange_header(what if what in _PHASE_CODES else "load_state_dict")
         gathered: list[Any] = [None] * self.world_size
         torch.distributed.all_gather_object(gathered, mine)

@@ -71,11 +71,12 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         ``secure_mode``: OS-seeded noise and sampling, float-attack-resistant noise (README § Secure noise).
         ``seed``: reproducible noise and sampling (not with secure_mode)."""
         if not isinstance(accountant, str) or accountant not in ACCOUNTANTS:
-            hint = {"prv": " ('pld' is the same kind of accountant: privacy loss distributions)",
-                    "gdp": " (Gaussian DP's CLT approximation can under-report ε; dpclip offers only certified bounds)"}
+            hints = {"prv": " ('pld' is the same kind of accountant: privacy loss distributions)",
+                     "gdp": " (Gaussian DP's CLT approximation can under-report ε; dpclip offers only certified bounds)"}
+            hint = hints.get(accountant, "") if isinstance(accountant, str) else ""
             raise PrivacyParameterError(
                 f"accountant must be 'pld' (privacy loss distributions: the tightest ε, the default) or 'rdp' (Rényi "
-                f"DP: faster queries, looser ε), got {accountant!r}{hint.get(accountant, '') if isinstance(accountant, str) else ''}"
+                f"DP: faster queries, looser ε), got {accountant!r}{hint}"
             )
         secure_mode = check_flag("secure_mode", secure_mode)
         if seed is not None:  # the loader seeds its generator with seed + 1: both must fit torch's 64-bit seed
@@ -242,21 +243,23 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
     def _abandon_step(self) -> None:
         """Forget the current logical step (nothing of it was or will be released)."""
         self.guard.reset()
+        self._clear_step()
+
+    def _clear_step(self) -> None:
+        """Empty what a logical step collects: the clipped sum, the per-example chunks and the forward's state
+        guard (a step without a forward, an empty batch, then checks no earlier step's state)."""
         if self._sum is not None:
             self._sum.reset()
         if self._forwarder is not None:
             self._forwarder.collectors = []
-            self._forwarder.state = None  # a step without a forward (an empty batch) checks no earlier one's state
+            self._forwarder.state = None
 
     def begin_step(self) -> None:
         """Called by the Poisson loader before it samples a logical batch: the budget guard lives here."""
         self._require_setup()
         self.guard.begin_step()  # refuses a sampled batch left without its step; opens this one
         check_budget(self)
-        assert self._sum is not None and self._forwarder is not None
-        self._sum.reset()
-        self._forwarder.collectors = []
-        self._forwarder.state = None
+        self._clear_step()
 
     def begin_micro_batch(self, index: int, last: bool, size: int | None = None, batch: Any = None) -> None:
         """Called by the Poisson loader before it yields a (micro-)batch of ``size`` examples (``batch``)."""

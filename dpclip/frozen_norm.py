@@ -24,6 +24,15 @@ from .errors import ModelNotSupportedError
 Tensor = torch.Tensor
 
 
+def require_statistics(layer: nn.modules.batchnorm._BatchNorm, where: str = "") -> None:
+    """Refuse a BatchNorm without running statistics (``track_running_stats=False``): nothing to freeze."""
+    if layer.running_mean is None or layer.running_var is None:
+        raise ModelNotSupportedError(
+            f"{where or type(layer).__name__} ({type(layer).__name__}, track_running_stats=False) has no running "
+            "statistics to freeze; use batchnorm='groupnorm'"
+        )
+
+
 class FrozenBatchNorm(nn.Module):
     """BatchNorm1d/2d/3d in eval semantics in every mode: y = (x − running_mean) / √(running_var + eps) · weight + bias.
 
@@ -45,11 +54,7 @@ class FrozenBatchNorm(nn.Module):
     @classmethod
     def from_batchnorm(cls, layer: nn.modules.batchnorm._BatchNorm, where: str = "") -> FrozenBatchNorm:
         """The frozen twin of ``layer``: its statistics copied, its affine parameters shared (the same tensors)."""
-        if layer.running_mean is None or layer.running_var is None:
-            raise ModelNotSupportedError(
-                f"{where or type(layer).__name__} ({type(layer).__name__}, track_running_stats=False) has no running "
-                "statistics to freeze; use batchnorm='groupnorm'"
-            )
+        require_statistics(layer, where)
         frozen = cls(layer.num_features, layer.eps, layer.affine, device=layer.running_mean.device,
                      dtype=layer.running_mean.dtype)
         with torch.no_grad():

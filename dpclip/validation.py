@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .errors import LossNotPerExampleError, ModelNotSupportedError, PrivacyParameterError
-from .frozen_norm import FrozenBatchNorm
+from .frozen_norm import FrozenBatchNorm, require_statistics
 from .per_sample import batch_size_of, batched_parameter_forward, per_sample_grads, trainable_parameters, without_padding_rows
 from .recurrent import convert as _convert_recurrent
 from .recurrent import is_convertible as _is_convertible_recurrent
@@ -104,8 +104,8 @@ def fix_model(model: nn.Module, batchnorm: str = "groupnorm") -> nn.Module:
         )
     if batchnorm == "freeze":
         for name, layer in model.named_modules():  # every statistic exists before anything is replaced
-            if isinstance(layer, _BATCH_NORMS) and layer.running_mean is None:
-                FrozenBatchNorm.from_batchnorm(layer, name or type(model).__name__)
+            if isinstance(layer, _BATCH_NORMS):
+                require_statistics(layer, name or type(model).__name__)
     replacement = _replacement(model, type(model).__name__, batchnorm)
     if replacement is not None:
         return replacement

@@ -298,7 +298,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.pretrained = args.out / "pretrained.pt"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was requested but CUDA is not available")
-    check_numbers(parser, args, positive=("epsilon", "delta", "lr", "max_grad_norm", "pretrain_lr"), counts=("epochs", "batch_size", "physical_batch_size", "max_length", "lora_rank", "n_layer", "n_embd", "n_head", "context", "pretrain_batch"))
+    check_numbers(parser, args, positive=("epsilon", "delta", "lr", "max_grad_norm", "pretrain_lr"),
+                  counts=("epochs", "batch_size", "physical_batch_size", "max_length", "lora_rank", "n_layer", "n_embd",
+                          "n_head", "context", "pretrain_batch"))
     if args.max_length > args.context:
         parser.error("--max-length cannot exceed --context")
     if args.n_embd % args.n_head:

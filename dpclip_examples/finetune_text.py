@@ -148,7 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, f"baseline_{key}", getattr(args, key))
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was requested but CUDA is not available")
-    check_numbers(parser, args, positive=("epsilon", "delta", "lr", "max_grad_norm", "baseline_lr"), counts=("epochs", "batch_size", "physical_batch_size", "max_length", "lora_rank", "baseline_batch_size", "baseline_epochs"))
+    check_numbers(parser, args, positive=("epsilon", "delta", "lr", "max_grad_norm", "baseline_lr"),
+                  counts=("epochs", "batch_size", "physical_batch_size", "max_length", "lora_rank", "baseline_batch_size",
+                          "baseline_epochs"))
     check_paths(parser, model=args.model, data=args.data)
     if args.train_layers < 0:
         parser.error("--train-layers must be at least 0")
