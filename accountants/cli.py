@@ -171,8 +171,10 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         sigma = noise_multiplier_for(target, delta, q, steps, args.mechanism, accountant=args.accountant)
         result = _report(args, q, sigma, steps, delta)
         shown = round_up(sigma, DECIMALS)  # what a user copies must still meet the target: never rounded down
-        result.update(target_epsilon=target, noise_multiplier_shown=shown,
-                      epsilon_at_shown=_report(args, q, shown, steps, delta)["epsilon"])
+        at_shown = _report(args, q, shown, steps, delta)
+        # the statement describes the σ the user is told to use (and its ε), not the unrounded one
+        result.update(target_epsilon=target, noise_multiplier_shown=shown, epsilon_at_shown=at_shown["epsilon"],
+                      statement=at_shown["statement"])
         headline = (
             f"noise multiplier = {shown:.{DECIMALS}f} (the smallest meeting epsilon <= {target:g}, {sigma:.6f}, rounded "
             f"up; it gives epsilon = {format_epsilon(result['epsilon_at_shown'])} at delta = {delta:g})"

@@ -41,7 +41,7 @@ def privacy_statement(
 ) -> str:
     """A short statement of what (ε, δ) protects, what it assumes, and that it is an upper bound."""
     noise = _MECHANISM_NAMES.get(mechanism, mechanism)
-    sigma = "" if noise_multiplier is None else f", noise multiplier {noise_multiplier:.4g}"
+    sigma = "" if noise_multiplier is None else f", noise multiplier {noise_multiplier:.6g}"
     where = ""
     if order is not None:
         where = " (pure-DP composition)" if math.isinf(order) else f" (best Rényi order α = {order:g})"

@@ -653,9 +653,10 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save(obj, path)``, atomically: written to a temporary file in the same folder, flushed and
     fsynced, renamed over ``path`` with ``os.replace``, then the folder is fsynced. Killed at any moment, ``path``
     holds either its previous content or the new one (a stray ``.<name>.*.tmp`` file may remain). Keeps the
-    permissions of the file it replaces. Returns ``path``."""
+    permissions of the file it replaces. Creates the folder (and its parents) if missing. Returns ``path``."""
     path = Path(path)
     directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
     mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else _default_mode()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
@@ -678,8 +679,8 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
 def save_checkpoint(path: str | os.PathLike[str], engine: PrivacyEngine, *, key: Key | None = None, **extra: Any) -> Path:
     """Write ``engine``'s checkpoint (and ``extra``, e.g. ``epoch=3``) to ``path`` atomically; returns ``path``.
 
-    Call it between steps (after ``optimizer.step()``). ``extra`` values must be tensors, numbers, strings,
-    None, lists or dicts (what ``torch.load(weights_only=True)`` reads); :func:`load_checkpoint` returns them.
+    Call it between steps (after ``optimizer.step()``). A missing folder is created. ``extra`` values must be
+    tensors, numbers, strings, None, lists, tuples or dicts (what ``torch.load(weights_only=True)`` reads); :func:`load_checkpoint` returns them.
     ``key`` (bytes or str) signs the checkpoint with HMAC-SHA256 instead of a plain SHA-256 digest: then only
     someone holding the key can write a checkpoint that loads. A crash or kill during the write leaves the
     previous file intact (see :func:`atomic_save`).

@@ -8,7 +8,10 @@ class PrivacyBudgetExceeded(RuntimeError):
 
 
 class ModelNotSupportedError(ValueError):
-    """The model has layers that mix examples within a batch (e.g. BatchNorm) or nothing to train."""
+    """dpclip cannot guarantee exact per-example clipping for this model, so it trains on nothing: a layer that
+    mixes examples (BatchNorm, a batch-wide reduction), a fused recurrent layer (use ``fix_model``), a layer a rule
+    refuses (``Embedding(max_norm)``, sparse gradients), a model that failed verification or a per-example path
+    on a batch, or nothing to train. The message names the layer and the fix."""
 
 
 class LossNotPerExampleError(ValueError):

@@ -17,8 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from .errors import EngineUsageError, ModelNotSupportedError, PrivacyParameterError
-from .grads.registry import refusals
+from .errors import EngineUsageError, PrivacyParameterError
 from .module import PrivateModule
 from .optimizer import DPOptimizer
 from .validation import validate_model
@@ -55,8 +54,6 @@ def check_wrappable(managed: nn.Module | None, module: nn.Module, optimizer: tor
 def check_model(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Layers that mix examples or write data into the model, layers a rule refuses, and the optimizer."""
     validate_model(module)
-    if refused := refusals(module):
-        raise ModelNotSupportedError("model not supported for DP training:\n  - " + "\n  - ".join(refused))
     check_optimizer(module, optimizer)
 
 

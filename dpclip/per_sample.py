@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 Tensor = torch.Tensor
 
@@ -34,12 +34,23 @@ def fixed_tensors(model: nn.Module) -> dict[str, Tensor]:
     return {**frozen, **dict(model.named_buffers())}
 
 
-def batch_size_of(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
-    """Size of dim 0 of the first tensor argument (the batch)."""
-    for value in list(args) + list(kwargs.values()):
+def first_batched_tensor(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor:
+    """The first tensor with a dim 0 among the arguments, looking inside tuples, lists and dicts (a model called
+    with ``(x, mask)`` or ``{"input_ids": ...}``): its dim 0 is the batch."""
+    for value in tree_flatten((list(args), dict(kwargs)))[0]:
         if isinstance(value, Tensor) and value.dim() > 0:
-            return value.shape[0]
-    raise ValueError("the model was called without any tensor argument; dpclip cannot tell the batch size")
+            return value
+    from .errors import ModelNotSupportedError
+
+    raise ModelNotSupportedError(
+        "the model was called without any tensor argument (inside tuples, lists and dicts included), so dpclip "
+        "cannot tell the batch size: pass the batch's tensors to the model, examples in dim 0"
+    )
+
+
+def batch_size_of(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
+    """Size of dim 0 of the first tensor argument (the batch), inside plain containers too."""
+    return first_batched_tensor(args, kwargs).shape[0]
 
 
 def batch_in_dims(values: Any, batch: int) -> Any:

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .errors import EngineUsageError
 from .guards import check_batch_is_yielded
-from .per_sample import batch_size_of
+from .per_sample import batch_size_of, first_batched_tensor
 
 Tensor = torch.Tensor
 
@@ -86,7 +86,7 @@ class StepGuard:
                 "sampling is what the accountant assumes), one row per example: a batch from another loader, a slice "
                 "of the batch, or augmentation that adds rows is not accounted."
             )
-        first = next(t for t in [*args, *kwargs.values()] if isinstance(t, Tensor) and t.dim() > 0)  # as batch_size_of
+        first = first_batched_tensor(args, kwargs)
         trainable = [p for p in module.parameters() if p.requires_grad]
         check_precision(trainable)
         devices = {p.device for p in trainable}

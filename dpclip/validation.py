@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .errors import LossNotPerExampleError, ModelNotSupportedError, PrivacyParameterError
 from .frozen_norm import FrozenBatchNorm, require_statistics
+from .grads.registry import refusals
 from .per_sample import batch_size_of, batched_parameter_forward, per_sample_grads, trainable_parameters, without_padding_rows
 from .recurrent import convert as _convert_recurrent
 from .recurrent import is_convertible as _is_convertible_recurrent
@@ -20,7 +21,9 @@ _RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
 
 
 def model_problems(model: nn.Module) -> list[str]:
-    """Reasons, one per offending layer, why ``model`` cannot be trained with per-example privacy."""
+    """Reasons, one per offending layer, why ``model`` cannot be trained with per-example privacy, each with its
+    fix: the checks ``make_private`` makes on the model before any data (verification on the first batch may still
+    refuse a model that passes them)."""
     problems = []
     for name, layer in model.named_modules():
         where = name or type(model).__name__
@@ -61,13 +64,16 @@ def model_problems(model: nn.Module) -> list[str]:
                     f"per-example gradients cannot see into; rebuild it on dpclip.recurrent.DP{kind} "
                     f"(dpclip.fix_model(model) replaces exact nn.{kind} layers only)"
                 )
+    problems.extend(refusals(model))  # what a layer rule refuses (Embedding max_norm / sparse, a user's rule)
     if not any(p.requires_grad for p in model.parameters()):
         problems.append("the model has no trainable parameters (every parameter has requires_grad=False)")
     return problems
 
 
 def validate_model(model: nn.Module) -> None:
-    """Raise :class:`ModelNotSupportedError` listing every layer that mixes examples."""
+    """Raise :class:`ModelNotSupportedError` listing every reason :func:`model_problems` finds (layers that mix
+    examples, fused recurrent layers, layers a rule refuses, no trainable parameter): what ``make_private`` refuses
+    before it looks at the data."""
     problems = model_problems(model)
     if problems:
         raise ModelNotSupportedError("model not supported for DP training:\n  - " + "\n  - ".join(problems))

@@ -163,8 +163,9 @@ class LinearWeight(Contribution):
             rows = self._cached if self._cached is not None else self._rows()
             slack = (positions + 2) * u * self._spread(2 if norm == "l2" else 1)  # forming Σ_t g_t a_tᵀ in that precision
             return vector_norms(rows, norm).double() + 2 * slack
-        if positions == 1:  # ‖g aᵀ‖ = ‖a‖‖g‖
-            spread = self._spread(2)
+        if positions == 1:  # ‖g aᵀ‖ = ‖a‖‖g‖, with a's own norm (not a subclass's bound on it: ConvPatches')
+            a, g = self._widened()
+            spread = _frobenius(a, u) * _frobenius(g, u)
             return spread + (positions + 2) * u * spread
         a, g = self._widened()
         a_gram, g_gram = a @ a.transpose(1, 2), g @ g.transpose(1, 2)

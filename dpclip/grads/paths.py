@@ -15,24 +15,26 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from ..errors import ModelNotSupportedError
+from ..errors import EngineUsageError, ModelNotSupportedError
 from ..example_grads import ExampleGradients, MaterializedGradients
 from ..guards import check_optimizer, refuse_nonprivate_gradients
 from ..module import ChunkCollector, per_example_forward
 from ..per_sample import batch_size_of, trainable_parameters
 from .tape import LayerwiseTape
-from .verify import PathRunner, StateGuard, verify_paths
+from .verify import PathRunner, StateGuard, _hint, describe, verify_paths
 
 Tensor = torch.Tensor
 
 
-def tape_runner(tape: LayerwiseTape) -> PathRunner:
-    """Run the tape on a probe, learning (pinning) each layer call's layout."""
+def tape_runner(tape: LayerwiseTape, learn: bool = True) -> PathRunner:
+    """Run the tape on a probe, learning (pinning) each layer call's layout; with ``learn=False``, on the whole
+    batch with the layouts already pinned (verification's check at the real batch size)."""
 
     def run(module: nn.Module, args: tuple, kwargs: dict, batch: int) -> tuple[Any, Callable[[], ExampleGradients]]:
-        tape.layouts = {}
+        if learn:
+            tape.layouts = {}
         captured: list[ExampleGradients] = []
-        out = tape.forward(module, args, kwargs, batch, captured.append, probe=True)
+        out = tape.forward(module, args, kwargs, batch, captured.append, probe=learn)
 
         def collect() -> ExampleGradients:
             if not captured:
@@ -66,6 +68,24 @@ def vmap_runner(module_names: list[str]) -> PathRunner:
     return run
 
 
+def _refuse_escaped_tensors(module: nn.Module) -> None:
+    """After a vmapped forward: refuse tensors that the forward stored on the model (``self.aux = ...``). They are
+    functorch wrappers that fail when read outside vmap, and a loss term built on them would bypass the
+    per-example gradients; found now, before the user's loss reads them."""
+    for name, sub in module.named_modules():
+        for attribute, value in vars(sub).items():
+            if attribute.startswith("_") and attribute in ("_parameters", "_buffers", "_modules"):
+                continue
+            leaves = [t for t in tree_flatten(value)[0] if isinstance(t, Tensor)]
+            if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in leaves):
+                where = f"{name}.{attribute}" if name else attribute
+                raise ModelNotSupportedError(
+                    f"the forward stored a tensor on the model ({where}, in {type(sub).__name__}): on the vmap path it "
+                    "exists only inside each example's run, and a loss term read from it would not be clipped per "
+                    "example. Return it from forward instead (e.g. as a second output, one row per example)"
+                )
+
+
 Consumer = Callable[[ExampleGradients, float], None]  # (a batch's per-example gradients, scale)
 _AUTO_CHUNK_BYTES = 256 * 2**20
 
@@ -84,6 +104,7 @@ class PerExampleForward:
         self.paths = ["layerwise", "vmap"] if mode == "auto" else [mode]
         self.verify = verify
         self.path: str | None = None if verify != "off" else self.paths[0]
+        self.last_path: str | None = self.path  # the path the last verified forward ran
         self.chunk_size = chunk_size
         self.trainable = list(trainable_parameters(module))
         self.batched_arguments: tuple[bool, ...] | None = None
@@ -112,18 +133,32 @@ class PerExampleForward:
         """The forward whose backward delivers per-example gradients (scaled back from a mean loss) to ``consume``."""
         batch = batch_size_of(args, kwargs)
         first = self.path is None
+        path = self.path
         if batch > 0 and (first or self.verify == "every-step"):
-            self.path = self._choose(module, args, kwargs, batch)
+            path = self._choose(module, args, kwargs, batch)
+            # One example cannot show a layer that mixes or reorders examples (the probe repeats it): exact for this
+            # batch, but verified again on the next batch that holds two or more.
+            self.path = path if batch > 1 else None
+            self.last_path = path
         self.state = StateGuard(module, snapshot=first and batch > 0)
         scale = float(batch) if mean else 1.0
-        if self.path == "layerwise" and batch > 0:
+        if path == "layerwise" and batch > 0:
             assert self.tape is not None
             return self.tape.forward(module, args, kwargs, batch, lambda grads: consume(grads, scale))
         self._check_vmap_arguments(args, kwargs, batch, pin=first)
-        out, collectors = per_example_forward(
-            module, args, kwargs, self._chunk_size(module), mean,
-            lambda grads, scale, start: consume(MaterializedGradients(grads), scale),
-        )
+        try:
+            out, collectors = per_example_forward(
+                module, args, kwargs, self._chunk_size(module), mean,
+                lambda grads, scale, start: consume(MaterializedGradients(grads), scale),
+            )
+        except (ModelNotSupportedError, EngineUsageError):
+            raise
+        except Exception as error:  # a torch error under vmap on a later batch: dpclip's refusal, nothing released
+            raise ModelNotSupportedError(
+                f"{describe(module)}: the vmap path failed on this batch of {batch} with {type(error).__name__}: "
+                f"{error}{_hint(error)}. Nothing was applied."
+            ) from error
+        _refuse_escaped_tensors(module)
         self.collectors.extend(collectors)
         return out
 
@@ -143,7 +178,8 @@ class PerExampleForward:
     def _choose(self, module: nn.Module, args: tuple, kwargs: dict, batch: int) -> str:
         runners = {"layerwise": tape_runner(self.tape) if self.tape is not None else None, "vmap": vmap_runner(self.trainable)}
         candidates = {path: run for path in self.paths if (run := runners[path]) is not None}
-        return verify_paths(module, args, kwargs, batch, candidates, self.trainable)
+        whole_batch = {"layerwise": tape_runner(self.tape, learn=False)} if self.tape is not None else {}
+        return verify_paths(module, args, kwargs, batch, candidates, self.trainable, whole_batch)
 
     def _chunk_size(self, module: nn.Module) -> int:
         if self.chunk_size is not None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..clipping import Norm
@@ -261,6 +262,7 @@ class LayerwiseTape:
         self.module_names = {id(m): name for name, m in model.named_modules()}
         self.layouts = {}
         self._replaced: list[tuple[nn.Module, LayerRule]] = []
+        self._recorded: list[nn.Module] = []  # every layer whose calls are recorded (hooked or replaced)
         self._handles = []
         covered: set[int] = set()
         for name, module in model.named_modules():
@@ -272,6 +274,7 @@ class LayerwiseTape:
                 if not self._trainable(module, recurse=True):
                     continue
                 self._replaced.append((module, rule))
+                self._recorded.append(module)
             elif rule is not None and rule.covers_submodules:
                 if not self._trainable(module, recurse=True):
                     continue
@@ -292,6 +295,7 @@ class LayerwiseTape:
             return self._record(name or type(mod).__name__, mod, rule, args, kwargs, output)
 
         self._handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=True))
+        self._recorded.append(module)
 
     # -- recording ---------------------------------------------------------------------------------
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, batch: int, consume: Callable[[LayerwiseGradients], None], probe: bool = False) -> Any:
@@ -304,7 +308,14 @@ class LayerwiseTape:
                 p.requires_grad_(False)
             for layer, rule in self._replaced:  # an instance attribute shadows the class's forward for this call
                 layer.forward = rule.recorded_forward(layer, self)  # type: ignore[method-assign]
-            return module(*args, **kwargs)
+            if not probe:
+                return module(*args, **kwargs)
+            trainable_ids = {id(p) for p in trainable}
+            names = {id(p): n for n, p in module.named_parameters() if id(p) in trainable_ids}
+            with _OutsideUses(self._recorded, names) as watch:
+                out = module(*args, **kwargs)
+            watch.check()
+            return out
         finally:
             for p in trainable:
                 p.requires_grad_(True)
@@ -399,6 +410,48 @@ class LayerwiseTape:
         consume, self.consume = self.consume, None  # (the model's hooks keep the tape alive, not the consumer)
         if consume is not None:
             consume(gradients)
+
+
+class _OutsideUses(TorchFunctionMode):
+    """Watches a probe's forward for trainable parameters used outside every recorded layer's forward
+    (``x @ layer.weight.T``, an auxiliary loss computed in forward and stored on the model): the tape sees
+    gradients only at recorded layers' outputs, so such a use would be dropped from the per-example gradients
+    (and a later loss term built on it never reach the release). Only ops that run with gradients enabled and
+    return a floating tensor count; reading ``.dtype`` or ``.shape`` does not."""
+
+    def __init__(self, recorded: list[nn.Module], trainable: dict[int, str]) -> None:
+        super().__init__()
+        self.trainable, self.depth, self.found = trainable, 0, []
+        self._handles = [h for m in recorded for h in (m.register_forward_pre_hook(self._enter),
+                                                       m.register_forward_hook(self._leave, always_call=True))]
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        self.depth += 1
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.depth -= 1
+
+    def __exit__(self, *exc: Any) -> Any:
+        for handle in self._handles:
+            handle.remove()
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.depth == 0 and torch.is_grad_enabled() and func is not Tensor.detach and isinstance(out, Tensor) and out.is_floating_point():
+            used = [self.trainable[id(t)] for t in tree_flatten((args, kwargs))[0] if id(t) in self.trainable]
+            self.found.extend(name for name in used if name not in self.found)
+        return out
+
+    def check(self) -> None:
+        if self.found:
+            raise ModelNotSupportedError(
+                f"the forward uses the parameter(s) {', '.join(self.found)} outside their layers' forward (e.g. "
+                "h @ emb.weight.T, or a loss term computed in forward and stored on the model): the layerwise path "
+                "sees gradients only at its layers' outputs. Call the layer instead, return the term from forward, "
+                "or use grad_sample_mode='vmap'"
+            )
 
 
 class _RowBlock(nn.Module):

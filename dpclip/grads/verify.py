@@ -11,7 +11,11 @@ pass for one that keeps examples there. With the model in its training mode but 
 2. per-example gradients: for a random linear loss Σ_i <out_i, v_i>, the path's per-example norms (every
    parameter) equal those of a brute-force loop that differentiates each example alone, and the path's
    Σ_i g_i equals the loop's (catches layouts, missed or extra uses of a parameter, hooks, tying...);
-3. state: no parameter or buffer changed (catches layers that write batch data into the model).
+3. state: no parameter or buffer changed (catches layers that write batch data into the model);
+4. the real batch size: a path that keeps the batch whole (the layerwise tape) is run once more on the whole
+   batch, with the layouts the probe pinned, and its outputs, norms and sum for the probe's rows must again equal
+   the brute force (catches a forward that mixes examples only in batches larger than the probe, e.g.
+   ``if x.shape[0] > 8: h = h - h.mean(0)``). The vmap path runs every example alone, so its probe suffices.
 
 Its only output is accept/refuse (and which path), decided once before the first release; a refused model
 trains on nothing.
@@ -165,8 +169,11 @@ def verify_paths(
     batch: int,
     candidates: Mapping[str, PathRunner],
     names: list[str],
+    whole_batch: Mapping[str, PathRunner] | None = None,
 ) -> str:
-    """The first candidate path that passes the checks on a probe of this batch; ModelNotSupportedError if none."""
+    """The first candidate path that passes the checks on a probe of this batch; ModelNotSupportedError if none.
+    ``whole_batch``: for a path whose result may depend on the batch size, a runner that repeats the check on the
+    whole batch (when it holds more examples than the probe) without learning layouts anew."""
     params = dict(model.named_parameters())
     trainable = [params[n] for n in names]
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
@@ -203,7 +210,11 @@ def verify_paths(
             guard.check()
             failures: dict[str, str] = {}
             for path, run in candidates.items():  # in order of preference: the first that passes is taken
-                reason = _try_path(model, run, probe_args, probe_kwargs, k, expected, names, guard)
+                reason = _try_path(model, run, probe_args, probe_kwargs, k, k, expected, names, guard)
+                if reason is None and batch > k and (again := (whole_batch or {}).get(path)) is not None:
+                    reason = _try_path(model, again, args, kwargs, batch, k, expected, names, guard)
+                    if reason is not None:
+                        reason = f"on the whole batch of {batch} (the probe of {k} passed): {reason}"
                 if reason is None:
                     return path
                 failures[path] = reason
@@ -239,9 +250,10 @@ def describe(model: nn.Module) -> str:
     return " → ".join(names)
 
 
-def _try_path(model: nn.Module, run: PathRunner, probe_args: tuple, probe_kwargs: dict, k: int,
+def _try_path(model: nn.Module, run: PathRunner, run_args: tuple, run_kwargs: dict, size: int, k: int,
               expected: _Reference, names: list[str], guard: StateGuard) -> str | None:
-    """None if the path passes on the probe, else why not (a torch error inside it counts as its failure)."""
+    """None if the path passes on a batch of ``size`` whose first ``k`` rows are the probe, else why not (a torch
+    error inside it counts as its failure)."""
     stack: list[str] = []  # the layers entered and not yet left: where a torch error inside a path happened
     names_of = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
 
@@ -254,7 +266,7 @@ def _try_path(model: nn.Module, run: PathRunner, probe_args: tuple, probe_kwargs
 
     handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
-        reason = _check_path(model, run, probe_args, probe_kwargs, k, expected, names)
+        reason = _check_path(model, run, run_args, run_kwargs, size, k, expected, names)
     except ModelNotSupportedError as error:
         reason = str(error)
     except Exception as error:
@@ -374,23 +386,30 @@ def _tolerance(t: Tensor) -> float:
     return 1e-9 if t.dtype == torch.float64 else 2e-4
 
 
-def _check_path(model: nn.Module, run: PathRunner, probe_args: tuple, probe_kwargs: dict, k: int,
+def _check_path(model: nn.Module, run: PathRunner, run_args: tuple, run_kwargs: dict, size: int, k: int,
                 expected: _Reference, names: list[str]) -> str | None:
-    """None if the path's per-example gradients on the probe equal the brute force; else why not."""
-    output, collect = run(model, probe_args, probe_kwargs, k)
+    """None if the path's per-example gradients for the first ``k`` rows (the probe) of a batch of ``size`` equal
+    the brute force; else why not. The other rows get their own random cotangents and weight 0 in the sum."""
+    output, collect = run(model, run_args, run_kwargs, size)
     outputs = float_leaves(output)
     if len(outputs) != len(expected.outputs) or any(
-        not _same(o.detach(), e, _scale(e), _tolerance(e))
+        o.dim() == 0 or o.shape[0] != size or not _same(o[:k].detach(), e, _scale(e), _tolerance(e))
         for o, e in zip(outputs, expected.outputs)
     ):
-        return f"its forward returns other outputs than {type(model).__name__}'s own forward"
-    loss = sum((out * cot).sum() for out, cot in zip(outputs, expected.cotangents))
+        return (f"its forward returns other outputs than {type(model).__name__}'s own forward" if size == k else
+                "the probe's examples get other outputs inside the whole batch than alone: the model mixes examples "
+                "in batches of this size")
+    generator = torch.Generator().manual_seed(1)
+    cotangents = [cot if size == k else torch.cat([cot, torch.randn((size - k, *cot.shape[1:]), generator=generator,
+                                                                    dtype=torch.float64).to(cot)])
+                  for cot in expected.cotangents]
+    loss = sum((out * cot).sum() for out, cot in zip(outputs, cotangents))
     if isinstance(loss, Tensor) and loss.requires_grad:
         loss.backward()
     gradients = collect()
     if list(gradients.names) != names:
         return "it covers other parameters than the trainable ones"
-    norms = gradients.norms("l2").double()
+    norms = gradients.norms("l2").double()[:k]
     tol = max(_tolerance(p) for p in expected.total) if expected.total else 2e-4
     scale = _scale(expected.norms)
     for j, name in enumerate(names):
@@ -405,7 +424,9 @@ def _check_path(model: nn.Module, run: PathRunner, probe_args: tuple, probe_kwar
                 f"computed alone (max difference {float((norms[:, j] - expected.norms[:, j]).abs().max()):.3g} "
                 f"on norms up to {scale:.3g})"
             )
-    sums = gradients.weighted_sum(torch.ones(k, len(names), dtype=torch.float64))
+    weights = torch.zeros(size, len(names), dtype=torch.float64)
+    weights[:k] = 1.0
+    sums = gradients.weighted_sum(weights)
     for name, total in zip(names, expected.total):
         if not _same(sums[name], total, max(_scale(total), scale), tol):
             return (

@@ -66,16 +66,18 @@ def test_noise_command_finds_the_smallest_sufficient_sigma():
 
 def test_printed_noise_multiplier_meets_the_target():
     """The headline's σ is rounded up: copied as printed, it still gives ε ≤ target (dp_accounting's RDP as oracle;
-    rounded to nearest it gave 1.000021 here)."""
+    rounded to nearest it gave 1.000021 here); so is the σ in the privacy statement below it."""
     from accountants.cli import round_up
 
     result = run_cli("noise", "--sample-rate", "0.01", "--target-epsilon", "1", "--steps", "1000", "--delta", "1e-5",
                      "--accountant", "rdp")
     assert result.returncode == 0, result.stderr
     printed = float(result.stdout.split("noise multiplier = ")[1].split()[0])
-    oracle = dp_rdp.RdpAccountant(list(DEFAULT_ORDERS))
-    oracle.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.01, dpa.GaussianDpEvent(printed)), 1000))
-    assert oracle.get_epsilon(1e-5) <= 1.0
+    stated = float(result.stdout.split("), noise multiplier ")[1].split(",")[0])  # the privacy statement's σ
+    for sigma in (printed, stated):
+        oracle = dp_rdp.RdpAccountant(list(DEFAULT_ORDERS))
+        oracle.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.01, dpa.GaussianDpEvent(sigma)), 1000))
+        assert oracle.get_epsilon(1e-5) <= 1.0, sigma
     assert [round_up(v, 4) for v in (1.51301, 1.5131, 0.1, 2.0000000001)] == [1.5131, 1.5131, 0.1, 2.0001]
 
 

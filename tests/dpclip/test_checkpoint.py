@@ -92,6 +92,15 @@ def test_save_and_load_checkpoint_resume_exactly(tmp_path: Path) -> None:
     assert all(torch.equal(m2.module.state_dict()[k], straight[k]) for k in straight)
 
 
+def test_save_checkpoint_creates_a_missing_folder(tmp_path: Path) -> None:
+    engine, m, o, l = private()
+    train(m, o, l, 2)
+    path = dpclip.save_checkpoint(tmp_path / "run" / "deeper" / "ckpt.pt", engine, epoch=1)
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]
+    again, *_ = private()
+    assert dpclip.load_checkpoint(path, again) == {"epoch": 1} and again.steps == 2
+
+
 def test_an_in_memory_state_stays_loadable_after_training_from_it() -> None:
     """Training after load_state_dict must not write into the loaded dict (torch's Optimizer.load_state_dict keeps
     the dict's tensors: Adam's moments and step counters, SGD's momentum), so it loads again, anywhere."""
