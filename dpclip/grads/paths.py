@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import EngineUsageError, ModelNotSupportedError
 from ..example_grads import ExampleGradients, MaterializedGradients
@@ -68,22 +68,57 @@ def vmap_runner(module_names: list[str]) -> PathRunner:
     return run
 
 
-def _refuse_escaped_tensors(module: nn.Module) -> None:
-    """After a vmapped forward: refuse tensors that the forward stored on the model (``self.aux = ...``). They are
-    functorch wrappers that fail when read outside vmap, and a loss term built on them would bypass the
-    per-example gradients; found now, before the user's loss reads them."""
+class StoredUnderVmap:
+    """Stands, after a vmapped forward, for a tensor that the forward stored on the model (``self.aux = ...``):
+    such a tensor exists only inside each example's run (functorch fails on any use of it), and a loss term built
+    on it would bypass the per-example gradients. Any use raises :class:`ModelNotSupportedError` saying so, before
+    anything is released; a forward that stores it again (torch's weight_norm and pruning hooks) replaces it."""
+
+    __slots__ = ("_message",)
+
+    def __init__(self, message: str) -> None:
+        object.__setattr__(self, "_message", message)
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise ModelNotSupportedError(object.__getattribute__(self, "_message"))
+
+    def __getattr__(self, name: str) -> Any:
+        self._refuse()
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        stand_in = next(a for a in tree_flatten((args, kwargs or {}))[0] if isinstance(a, StoredUnderVmap))
+        stand_in._refuse()
+
+    def __repr__(self) -> str:
+        return f"<StoredUnderVmap: {object.__getattribute__(self, '_message')}>"
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _refuse
+    __matmul__ = __rmatmul__ = __pow__ = __rpow__ = __neg__ = __getitem__ = __len__ = __iter__ = _refuse
+    __float__ = __int__ = __bool__ = __array__ = _refuse
+
+
+def _replace_escaped_tensors(module: nn.Module) -> None:
+    """After a vmapped forward: put a :class:`StoredUnderVmap` in place of every tensor the forward stored on the
+    model (functorch wrappers that escaped the vmapped run), so that a loss reading one gets dpclip's refusal with
+    the fix instead of functorch's internal error."""
     for name, sub in module.named_modules():
-        for attribute, value in vars(sub).items():
-            if attribute.startswith("_") and attribute in ("_parameters", "_buffers", "_modules"):
+        for attribute, value in list(vars(sub).items()):
+            if attribute in ("_parameters", "_buffers", "_modules"):
                 continue
             leaves = [t for t in tree_flatten(value)[0] if isinstance(t, Tensor)]
-            if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in leaves):
-                where = f"{name}.{attribute}" if name else attribute
-                raise ModelNotSupportedError(
-                    f"the forward stored a tensor on the model ({where}, in {type(sub).__name__}): on the vmap path it "
-                    "exists only inside each example's run, and a loss term read from it would not be clipped per "
-                    "example. Return it from forward instead (e.g. as a second output, one row per example)"
-                )
+            if not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in leaves):
+                continue
+            where = f"{name}.{attribute}" if name else attribute
+            stand_in = StoredUnderVmap(
+                f"the model's forward stored a tensor on the model ({where}, in {type(sub).__name__}) and the loss "
+                "read it: on the vmap path it exists only inside each example's run, and a loss term built on it "
+                "would not be clipped per example. Return it from forward instead (e.g. as a second output, one row "
+                "per example). Nothing was applied."
+            )
+            setattr(sub, attribute, tree_map(
+                lambda t: stand_in if isinstance(t, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t) else t,
+                value))
 
 
 Consumer = Callable[[ExampleGradients, float], None]  # (a batch's per-example gradients, scale)
@@ -158,7 +193,7 @@ class PerExampleForward:
                 f"{describe(module)}: the vmap path failed on this batch of {batch} with {type(error).__name__}: "
                 f"{error}{_hint(error)}. Nothing was applied."
             ) from error
-        _refuse_escaped_tensors(module)
+        _replace_escaped_tensors(module)
         self.collectors.extend(collectors)
         return out
 

@@ -262,7 +262,8 @@ class LayerwiseTape:
         self.module_names = {id(m): name for name, m in model.named_modules()}
         self.layouts = {}
         self._replaced: list[tuple[nn.Module, LayerRule]] = []
-        self._recorded: list[nn.Module] = []  # every layer whose calls are recorded (hooked or replaced)
+        # every layer whose calls are recorded (hooked or replaced), with the parameters its rule covers
+        self._recorded: list[tuple[nn.Module, frozenset[int]]] = []
         self._handles = []
         covered: set[int] = set()
         for name, module in model.named_modules():
@@ -274,28 +275,28 @@ class LayerwiseTape:
                 if not self._trainable(module, recurse=True):
                     continue
                 self._replaced.append((module, rule))
-                self._recorded.append(module)
+                self._recorded.append((module, frozenset(id(p) for p in module.parameters())))
             elif rule is not None and rule.covers_submodules:
                 if not self._trainable(module, recurse=True):
                     continue
                 rule = rule if reason is None else VmapLayerRule(covers_submodules=True)
-                self._hook_module(name, module, rule)
+                self._hook_module(name, module, rule, recurse=True)
             else:
                 if not self._trainable(module, recurse=False):
                     continue
-                self._hook_module(name, module, rule if rule is not None and reason is None else VmapLayerRule())
+                self._hook_module(name, module, rule if rule is not None and reason is None else VmapLayerRule(), recurse=False)
                 continue
             covered.update(id(m) for m in module.modules())
 
     def _trainable(self, module: nn.Module, recurse: bool) -> bool:
         return any(p.requires_grad for p in module.parameters(recurse=recurse))
 
-    def _hook_module(self, name: str, module: nn.Module, rule: LayerRule) -> None:
+    def _hook_module(self, name: str, module: nn.Module, rule: LayerRule, recurse: bool) -> None:
         def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             return self._record(name or type(mod).__name__, mod, rule, args, kwargs, output)
 
         self._handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=True))
-        self._recorded.append(module)
+        self._recorded.append((module, frozenset(id(p) for p in module.parameters(recurse=recurse))))
 
     # -- recording ---------------------------------------------------------------------------------
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, batch: int, consume: Callable[[LayerwiseGradients], None], probe: bool = False) -> Any:
@@ -412,24 +413,53 @@ class LayerwiseTape:
             consume(gradients)
 
 
+# Ops that read only a parameter's shape, dtype or device (or no gradient flows through them): not uses.
+_TEMPLATE_OPS = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "zeros_like", "ones_like",
+                 "empty_like", "full_like", "rand_like", "randn_like", "randint_like", "detach"}
+_AS_TEMPLATE_OPS = {"to", "type_as", "view_as", "reshape_as", "expand_as"}  # another tensor made like the parameter
+
+
+def _tensor_attributes(module: nn.Module) -> dict[str, int]:
+    """The floating tensors held as plain attributes of ``module`` (not parameters or buffers), by name: id."""
+    return {k: id(v) for k, v in vars(module).items() if isinstance(v, Tensor) and v.is_floating_point()}
+
+
 class _OutsideUses(TorchFunctionMode):
-    """Watches a probe's forward for trainable parameters used outside every recorded layer's forward
-    (``x @ layer.weight.T``, an auxiliary loss computed in forward and stored on the model): the tape sees
-    gradients only at recorded layers' outputs, so such a use would be dropped from the per-example gradients
-    (and a later loss term built on it never reach the release). Only ops that run with gradients enabled and
-    return a floating tensor count; reading ``.dtype`` or ``.shape`` does not."""
+    """Watches a probe's forward for trainable parameters used where no recorded layer that covers them is running
+    (``x @ layer.weight.T`` in a parent's forward, a loss term computed from a weight and stored on the model, a
+    user's forward hook on a layer): the tape sees gradients only at recorded layers' outputs, so such a use would
+    be dropped from the per-example gradients (and a later loss term built on it never reach the release).
 
-    def __init__(self, recorded: list[nn.Module], trainable: dict[int, str]) -> None:
+    A layer is running from its first forward pre-hook (so torch's weight_norm and pruning hooks, which form the
+    weight, count) to its own forward's end (so the user's forward hooks do not). A recorded layer that stores a
+    floating tensor on itself while it runs (``self.reg = self.weight.pow(2).sum()``) is refused too: a side
+    output its rule, which sees only what the layer returns, would drop. Only ops that run with
+    gradients enabled and return a floating tensor count, and not those that read the parameter's shape, dtype or
+    device only (``weight.new_zeros(...)``, ``x.to(weight)``, ``.data``, ``.detach()``)."""
+
+    def __init__(self, recorded: list[tuple[nn.Module, frozenset[int]]], trainable: dict[int, str]) -> None:
         super().__init__()
-        self.trainable, self.depth, self.found = trainable, 0, []
-        self._handles = [h for m in recorded for h in (m.register_forward_pre_hook(self._enter),
-                                                       m.register_forward_hook(self._leave, always_call=True))]
+        self.trainable, self.found, self.stored = trainable, [], []
+        self.running: list[frozenset[int]] = []
+        self._attributes: list[dict[str, int]] = []
+        self._handles = []
+        for module, covers in recorded:
+            self._handles.append(module.register_forward_pre_hook(self._enter(covers), prepend=True))
+            self._handles.append(module.register_forward_hook(self._leave, prepend=True, always_call=True))
 
-    def _enter(self, module: nn.Module, args: Any) -> None:
-        self.depth += 1
+    def _enter(self, covers: frozenset[int]) -> Callable[[nn.Module, Any], None]:
+        def enter(module: nn.Module, args: Any) -> None:
+            self.running.append(covers)
+            self._attributes.append(_tensor_attributes(module))
+
+        return enter
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.depth -= 1
+        self.running.pop()
+        before = self._attributes.pop()
+        for name, ident in _tensor_attributes(module).items():
+            if before.get(name) != ident and (where := f"{type(module).__name__}.{name}") not in self.stored:
+                self.stored.append(where)  # a side output of the layer (a regulariser it keeps): its rule cannot see it
 
     def __exit__(self, *exc: Any) -> Any:
         for handle in self._handles:
@@ -439,18 +469,33 @@ class _OutsideUses(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.depth == 0 and torch.is_grad_enabled() and func is not Tensor.detach and isinstance(out, Tensor) and out.is_floating_point():
-            used = [self.trainable[id(t)] for t in tree_flatten((args, kwargs))[0] if id(t) in self.trainable]
-            self.found.extend(name for name in used if name not in self.found)
+        if not (torch.is_grad_enabled() and isinstance(out, Tensor) and out.is_floating_point()):
+            return out
+        name = getattr(func, "__name__", "")
+        if name in _TEMPLATE_OPS or func == Tensor.data.__get__:
+            return out
+        leaves = tree_flatten((args, kwargs))[0]
+        if name in _AS_TEMPLATE_OPS:
+            leaves = leaves[:1]  # the parameter as the template of another tensor is no use of it
+        for t in leaves:
+            if id(t) in self.trainable and not any(id(t) in covers for covers in self.running):
+                if (where := self.trainable[id(t)]) not in self.found:
+                    self.found.append(where)
         return out
 
     def check(self) -> None:
+        if self.stored:
+            raise ModelNotSupportedError(
+                f"a layer stores a tensor on itself in its forward ({', '.join(self.stored)}): a side output next to "
+                "what it returns (a regulariser, a cache), which the layerwise path's rule for it cannot see. Return "
+                "the term from forward instead, or use grad_sample_mode='vmap'"
+            )
         if self.found:
             raise ModelNotSupportedError(
-                f"the forward uses the parameter(s) {', '.join(self.found)} outside their layers' forward (e.g. "
-                "h @ emb.weight.T, or a loss term computed in forward and stored on the model): the layerwise path "
-                "sees gradients only at its layers' outputs. Call the layer instead, return the term from forward, "
-                "or use grad_sample_mode='vmap'"
+                f"the forward uses the parameter(s) {', '.join(self.found)} outside the forward of the layer they "
+                "belong to (e.g. h @ emb.weight.T in a parent module, a loss term computed from a weight and stored "
+                "on the model, a forward hook): the layerwise path sees gradients only at its layers' outputs. Call "
+                "the layer instead, return the term from forward, or use grad_sample_mode='vmap'"
             )
 
 
