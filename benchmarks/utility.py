@@ -78,7 +78,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
     "cnn": {
         "batch": 2048, "epochs": 40, "lr": 4.0, "momentum": 0.9, "max_grad_norm": 0.1, "ema": 0.0, "schedule": "constant",
-        "width": 16, "groupnorm": False,
+        "width": 16, "groupnorm": False, "init": "gabor",
     },
 }
 # Opacus's per-example gradient mode per model: the ScatterNet's linear layer has 39,700 weights, so "hooks" forms
@@ -218,6 +218,32 @@ class ScatterLinear(nn.Module):
         return self.fc(x.flatten(1))
 
 
+def gabor_bank(out_channels: int, size: int, scales: tuple[float, ...] = (2.0, 3.5)) -> torch.Tensor:
+    """``out_channels`` Gabor filters [out_channels, 1, size, size] for a first convolution's initial weights: for
+    each envelope width σ in ``scales`` and each of out_channels / (2·len(scales)) orientations θ evenly spread over
+    [0, π), the cosine and sine phases of exp(−|u|²/2σ²)·cos(2π·f·⟨u, (cos θ, sin θ)⟩ + φ) with f = 1/(1.6σ), each
+    shifted to mean 0 and scaled to unit L2 norm. Fixed, data-independent numbers (no privacy cost): oriented edge
+    and texture detectors as a handcrafted prior, the idea behind Tramèr & Boneh 2021's ScatterNet features, here
+    only as the starting point of a CNN trained end to end."""
+    per_phase = 2 * len(scales)
+    if out_channels % per_phase:
+        raise ValueError(f"out_channels must be a multiple of {per_phase} (2 phases × {len(scales)} scales)")
+    orientations = out_channels // per_phase
+    centre = (size - 1) / 2
+    yy, xx = torch.meshgrid(torch.arange(size) - centre, torch.arange(size) - centre, indexing="ij")
+    filters = []
+    for sigma in scales:
+        envelope = torch.exp(-(xx**2 + yy**2) / (2 * sigma**2))
+        for k in range(orientations):
+            theta = math.pi * k / orientations
+            along = xx * math.cos(theta) + yy * math.sin(theta)
+            for phase in (0.0, math.pi / 2):
+                f = envelope * torch.cos(2 * math.pi * along / (1.6 * sigma) + phase)
+                f = f - f.mean()
+                filters.append(f / f.norm())
+    return torch.stack(filters)[:, None]
+
+
 class FashionCNN(nn.Module):
     """Tramèr & Boneh's MNIST / Fashion-MNIST CNN (after Papernot et al. 2021): conv(width, 8×8, stride 2,
     pad 2) → tanh → maxpool(2, stride 1) → conv(2·width, 4×4, stride 2) → tanh → maxpool(2, stride 1) →
@@ -242,7 +268,15 @@ class FashionCNN(nn.Module):
 def build_model(model: str, config: dict[str, Any], input_shape: tuple[int, ...]) -> nn.Module:
     if model == "scatternet":
         return ScatterLinear(int(np.prod(input_shape[-3:])))
-    return FashionCNN(width=int(config["width"]), groupnorm=bool(config["groupnorm"]))
+    cnn = FashionCNN(width=int(config["width"]), groupnorm=bool(config["groupnorm"]))
+    if config["init"] == "gabor":  # the first convolution starts as a Gabor bank, at the default init's mean norm
+        conv = cnn.features[0]
+        with torch.no_grad():
+            norm = conv.weight.flatten(1).norm(dim=1).mean()
+            conv.weight.copy_(gabor_bank(conv.out_channels, conv.kernel_size[0]) * norm)
+    elif config["init"] != "default":
+        raise ValueError(f"unknown init {config['init']!r}")
+    return cnn
 
 
 # ---------------------------------------------------------------------------------------------------------------

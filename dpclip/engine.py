@@ -119,9 +119,8 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
 
     @property
     def grad_sample_path(self) -> str | None:
-        """The per-example path in use: "layerwise" or "vmap" (None until verification has chosen one; after a
-        batch of one example, the path it ran, verified again on the next larger batch)."""
-        return None if self._forwarder is None else self._forwarder.path or self._forwarder.last_path
+        """The per-example path in use: "layerwise" or "vmap" (None until verification has chosen one)."""
+        return None if self._forwarder is None else self._forwarder.path
 
     def make_private(
         self, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *,

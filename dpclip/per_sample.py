@@ -35,9 +35,10 @@ def fixed_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 
 def first_batched_tensor(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor:
-    """The first tensor with a dim 0 among the arguments, looking inside tuples, lists and dicts (a model called
-    with ``(x, mask)`` or ``{"input_ids": ...}``): its dim 0 is the batch."""
-    for value in tree_flatten((list(args), dict(kwargs)))[0]:
+    """The first tensor argument with a dim 0 (its dim 0 is the batch); if no argument is one, the first inside
+    tuples, lists and dicts (a model called with ``((x, mask),)`` or ``{"input_ids": ...}``)."""
+    values = [*args, *kwargs.values()]
+    for value in [*values, *tree_flatten(values)[0]]:
         if isinstance(value, Tensor) and value.dim() > 0:
             return value
     from .errors import ModelNotSupportedError

@@ -297,3 +297,50 @@ def test_a_stopped_sweep_keeps_the_runs_it_finished(tmp_path: Path, monkeypatch:
     assert [i["finished"] for i in report["invocations"]] == [False, True]
     assert len({i["started"] for i in report["invocations"]}) == 2
     assert (out / "utility_fashion_mnist_smoke.md").read_text().count("unfinished") == 1
+
+
+def _utility():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("utility_gabor", ROOT / "benchmarks" / "utility.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gabor_bank_filters_are_oriented_detectors_with_zero_mean_and_unit_norm() -> None:
+    """Each filter has mean 0 and norm 1, and a grating at orientation θ_k and the bank's frequency excites the
+    filters of orientation θ_k most (at either phase), for every k and both scales: the bank is what it says."""
+    utility = _utility()
+    bank = utility.gabor_bank(16, 8).squeeze(1).double()
+    assert bank.shape == (16, 8, 8)
+    assert bank.flatten(1).mean(1).abs().max() < 1e-6
+    assert torch.allclose(bank.flatten(1).norm(dim=1), torch.ones(16, dtype=torch.float64), atol=1e-6)
+    centre = 3.5
+    yy, xx = torch.meshgrid(torch.arange(8.0) - centre, torch.arange(8.0) - centre, indexing="ij")
+    for s, sigma in enumerate((2.0, 3.5)):
+        for k in range(4):
+            theta = math.pi * k / 4
+            along = (xx * math.cos(theta) + yy * math.sin(theta)).double()
+            responses = []
+            for phase in np.linspace(0, 2 * math.pi, 16, endpoint=False):
+                grating = torch.cos(2 * math.pi * along / (1.6 * sigma) + phase)
+                responses.append((bank * grating).sum(dim=(1, 2)).abs())
+            best = torch.stack(responses).max(0).values.view(2, 4, 2).amax(2)  # [scale, orientation]
+            assert int(best[s].argmax()) == k, (sigma, k, best)
+
+
+def test_gabor_init_sets_only_the_first_convolution() -> None:
+    utility = _utility()
+    config = dict(utility.CONFIGS["cnn"])
+    torch.manual_seed(0)
+    default = utility.build_model("cnn", {**config, "init": "default"}, (1, 28, 28))
+    torch.manual_seed(0)
+    gabor = utility.build_model("cnn", {**config, "init": "gabor"}, (1, 28, 28))
+    first, same = gabor.features[0].weight, default.features[0].weight
+    scale = same.flatten(1).norm(dim=1).mean()
+    assert torch.allclose(first, utility.gabor_bank(16, 8) * scale)
+    others = [(n, p) for n, p in gabor.named_parameters() if n != "features.0.weight"]
+    assert all(torch.equal(p, dict(default.named_parameters())[n]) for n, p in others)
+    with pytest.raises(ValueError, match="unknown init"):
+        utility.build_model("cnn", {**config, "init": "orthogonal"}, (1, 28, 28))

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..errors import EngineUsageError, ModelNotSupportedError
+from ..errors import ModelNotSupportedError
 from ..example_grads import ExampleGradients, MaterializedGradients
 from ..guards import check_optimizer, refuse_nonprivate_gradients
 from ..module import ChunkCollector, per_example_forward
@@ -80,7 +80,7 @@ class StoredUnderVmap:
         object.__setattr__(self, "_message", message)
 
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
-        raise ModelNotSupportedError(object.__getattribute__(self, "_message"))
+        raise StoredTensorError(object.__getattribute__(self, "_message"))
 
     def __getattr__(self, name: str) -> Any:
         self._refuse()
@@ -96,6 +96,13 @@ class StoredUnderVmap:
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _refuse
     __matmul__ = __rmatmul__ = __pow__ = __rpow__ = __neg__ = __getitem__ = __len__ = __iter__ = _refuse
     __float__ = __int__ = __bool__ = __array__ = _refuse
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse  # type: ignore[assignment]
+    __hash__ = object.__hash__
+
+
+class StoredTensorError(ModelNotSupportedError, AttributeError):
+    """A :class:`StoredUnderVmap` was used. Also an AttributeError, so ``hasattr(model, "aux")``-style probing
+    and ``getattr(stand_in, name, default)`` keep working."""
 
 
 def _replace_escaped_tensors(module: nn.Module) -> None:
@@ -111,8 +118,8 @@ def _replace_escaped_tensors(module: nn.Module) -> None:
                 continue
             where = f"{name}.{attribute}" if name else attribute
             stand_in = StoredUnderVmap(
-                f"the model's forward stored a tensor on the model ({where}, in {type(sub).__name__}) and the loss "
-                "read it: on the vmap path it exists only inside each example's run, and a loss term built on it "
+                f"the model's forward stored a tensor on the model ({where}, in {type(sub).__name__}) and it was read "
+                "after the forward: on the vmap path it exists only inside each example's run, and a loss term built on it "
                 "would not be clipped per example. Return it from forward instead (e.g. as a second output, one row "
                 "per example). Nothing was applied."
             )
@@ -139,7 +146,7 @@ class PerExampleForward:
         self.paths = ["layerwise", "vmap"] if mode == "auto" else [mode]
         self.verify = verify
         self.path: str | None = None if verify != "off" else self.paths[0]
-        self.last_path: str | None = self.path  # the path the last verified forward ran
+        self.seen_several = False  # whether the path was verified on a batch of two or more examples
         self.chunk_size = chunk_size
         self.trainable = list(trainable_parameters(module))
         self.batched_arguments: tuple[bool, ...] | None = None
@@ -168,13 +175,14 @@ class PerExampleForward:
         """The forward whose backward delivers per-example gradients (scaled back from a mean loss) to ``consume``."""
         batch = batch_size_of(args, kwargs)
         first = self.path is None
+        # One example cannot show a layer that mixes or reorders examples (the probe repeats it): a path verified on
+        # one is exact for batches of one (micro-batches of one included), and verified again on the first batch
+        # that holds two or more.
+        wider = self.path is not None and not self.seen_several and batch > 1 and self.verify != "off"
+        if batch > 0 and (first or wider or self.verify == "every-step"):
+            self.path = self._choose(module, args, kwargs, batch)
+            self.seen_several = batch > 1
         path = self.path
-        if batch > 0 and (first or self.verify == "every-step"):
-            path = self._choose(module, args, kwargs, batch)
-            # One example cannot show a layer that mixes or reorders examples (the probe repeats it): exact for this
-            # batch, but verified again on the next batch that holds two or more.
-            self.path = path if batch > 1 else None
-            self.last_path = path
         self.state = StateGuard(module, snapshot=first and batch > 0)
         scale = float(batch) if mean else 1.0
         if path == "layerwise" and batch > 0:
@@ -186,9 +194,9 @@ class PerExampleForward:
                 module, args, kwargs, self._chunk_size(module), mean,
                 lambda grads, scale, start: consume(MaterializedGradients(grads), scale),
             )
-        except (ModelNotSupportedError, EngineUsageError):
+        except torch.OutOfMemoryError:
             raise
-        except Exception as error:  # a torch error under vmap on a later batch: dpclip's refusal, nothing released
+        except RuntimeError as error:  # a torch error under vmap on a later batch: dpclip's refusal, nothing released
             raise ModelNotSupportedError(
                 f"{describe(module)}: the vmap path failed on this batch of {batch} with {type(error).__name__}: "
                 f"{error}{_hint(error)}. Nothing was applied."

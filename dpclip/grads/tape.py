@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -424,24 +425,44 @@ def _tensor_attributes(module: nn.Module) -> dict[str, int]:
     return {k: id(v) for k, v in vars(module).items() if isinstance(v, Tensor) and v.is_floating_point()}
 
 
+class _Derived:
+    """Tensors derived from some trainable parameters (by id, with a weak reference to tell a reused id apart)."""
+
+    def __init__(self) -> None:
+        self.items: dict[int, tuple[weakref.ref, frozenset[str]]] = {}
+
+    def sources(self, t: Tensor) -> frozenset[str]:
+        entry = self.items.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else frozenset()
+
+    def add(self, t: Tensor, names: frozenset[str]) -> None:
+        self.items[id(t)] = (weakref.ref(t), names | self.sources(t))
+
+    def alive(self) -> set[str]:
+        return {name for ref, names in self.items.values() if ref() is not None for name in names}
+
+
 class _OutsideUses(TorchFunctionMode):
-    """Watches a probe's forward for trainable parameters used where no recorded layer that covers them is running
-    (``x @ layer.weight.T`` in a parent's forward, a loss term computed from a weight and stored on the model, a
-    user's forward hook on a layer): the tape sees gradients only at recorded layers' outputs, so such a use would
-    be dropped from the per-example gradients (and a later loss term built on it never reach the release).
+    """Watches a probe's forward for values of trainable parameters that reach the loss other than through the
+    outputs of the recorded layers that own them, which is all the tape sees gradients at (such a term's gradient
+    would be dropped):
+
+    - a parameter used where no recorded layer covering it runs (``x @ layer.weight.T`` in a parent module, a
+      user's forward hook on the layer), if what it was used for outlives the forward — it feeds the output, or is
+      stored on the model or elsewhere (a logged ``float(weight.norm())`` does not);
+    - a recorded layer that stores on itself, while it runs, a tensor derived from its own parameters other than
+      through its output (``self.reg = self.weight.pow(2).sum()``; a ``.detach()``-ed cache is fine).
 
     A layer is running from its first forward pre-hook (so torch's weight_norm and pruning hooks, which form the
-    weight, count) to its own forward's end (so the user's forward hooks do not). A recorded layer that stores a
-    floating tensor on itself while it runs (``self.reg = self.weight.pow(2).sum()``) is refused too: a side
-    output its rule, which sees only what the layer returns, would drop. Only ops that run with
-    gradients enabled and return a floating tensor count, and not those that read the parameter's shape, dtype or
-    device only (``weight.new_zeros(...)``, ``x.to(weight)``, ``.data``, ``.detach()``)."""
+    weight, count) to its own forward's end (so the user's forward hooks do not). Only ops with gradients enabled
+    that return floating tensors carry a parameter's value, and not those that read only its shape, dtype or
+    device (``weight.new_zeros(...)``, ``x.to(weight)``, ``.data``, ``.detach()``)."""
 
     def __init__(self, recorded: list[tuple[nn.Module, frozenset[int]]], trainable: dict[int, str]) -> None:
         super().__init__()
-        self.trainable, self.found, self.stored = trainable, [], []
-        self.running: list[frozenset[int]] = []
-        self._attributes: list[dict[str, int]] = []
+        self.trainable, self.stored = trainable, []
+        self.outside = _Derived()
+        self.running: list[tuple[frozenset[int], dict[str, int], _Derived]] = []
         self._handles = []
         for module, covers in recorded:
             self._handles.append(module.register_forward_pre_hook(self._enter(covers), prepend=True))
@@ -449,17 +470,16 @@ class _OutsideUses(TorchFunctionMode):
 
     def _enter(self, covers: frozenset[int]) -> Callable[[nn.Module, Any], None]:
         def enter(module: nn.Module, args: Any) -> None:
-            self.running.append(covers)
-            self._attributes.append(_tensor_attributes(module))
+            self.running.append((covers, _tensor_attributes(module), _Derived()))
 
         return enter
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.running.pop()
-        before = self._attributes.pop()
-        for name, ident in _tensor_attributes(module).items():
-            if before.get(name) != ident and (where := f"{type(module).__name__}.{name}") not in self.stored:
-                self.stored.append(where)  # a side output of the layer (a regulariser it keeps): its rule cannot see it
+        _, before, own = self.running.pop()
+        for name, value in vars(module).items():
+            if isinstance(value, Tensor) and before.get(name) != id(value) and own.sources(value):
+                if (where := f"{type(module).__name__}.{name}") not in self.stored:
+                    self.stored.append(where)
 
     def __exit__(self, *exc: Any) -> Any:
         for handle in self._handles:
@@ -469,33 +489,47 @@ class _OutsideUses(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not (torch.is_grad_enabled() and isinstance(out, Tensor) and out.is_floating_point()):
-            return out
         name = getattr(func, "__name__", "")
-        if name in _TEMPLATE_OPS or func == Tensor.data.__get__:
+        if not torch.is_grad_enabled() or name in _TEMPLATE_OPS or func == Tensor.data.__get__:
             return out
-        leaves = tree_flatten((args, kwargs))[0]
+        results = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.is_floating_point()]
+        if not results:
+            return out
+        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         if name in _AS_TEMPLATE_OPS:
-            leaves = leaves[:1]  # the parameter as the template of another tensor is no use of it
+            leaves = leaves[:1]  # the other tensor serves as a template only
+        covers, own = (self.running[-1][0], self.running[-1][2]) if self.running else (frozenset(), None)
+        outside, inside = frozenset(), frozenset()
         for t in leaves:
-            if id(t) in self.trainable and not any(id(t) in covers for covers in self.running):
-                if (where := self.trainable[id(t)]) not in self.found:
-                    self.found.append(where)
+            outside |= self.outside.sources(t)
+            if own is not None:
+                inside |= own.sources(t)
+            if (param := self.trainable.get(id(t))) is not None:
+                if id(t) in covers:
+                    inside |= {param}
+                elif not any(id(t) in frame[0] for frame in self.running):
+                    outside |= {param}
+        for t in results:
+            if outside:
+                self.outside.add(t, outside)
+            if inside and own is not None:
+                own.add(t, inside)
         return out
 
     def check(self) -> None:
         if self.stored:
             raise ModelNotSupportedError(
-                f"a layer stores a tensor on itself in its forward ({', '.join(self.stored)}): a side output next to "
-                "what it returns (a regulariser, a cache), which the layerwise path's rule for it cannot see. Return "
-                "the term from forward instead, or use grad_sample_mode='vmap'"
+                f"a layer stores on itself in its forward a tensor derived from its parameters ({', '.join(self.stored)}): "
+                "a side output next to what it returns (a regulariser), which the layerwise path's rule for it cannot "
+                "see. Return the term from forward instead, store it detached if it is only logged, or use "
+                "grad_sample_mode='vmap'"
             )
-        if self.found:
+        if found := sorted(self.outside.alive()):
             raise ModelNotSupportedError(
-                f"the forward uses the parameter(s) {', '.join(self.found)} outside the forward of the layer they "
-                "belong to (e.g. h @ emb.weight.T in a parent module, a loss term computed from a weight and stored "
-                "on the model, a forward hook): the layerwise path sees gradients only at its layers' outputs. Call "
-                "the layer instead, return the term from forward, or use grad_sample_mode='vmap'"
+                f"the forward uses the parameter(s) {', '.join(found)} outside the forward of the layer they belong to "
+                "(e.g. h @ emb.weight.T in a parent module, a loss term computed from a weight and stored on the model, "
+                "a forward hook): the layerwise path sees gradients only at its layers' outputs. Call the layer "
+                "instead, return the term from forward, or use grad_sample_mode='vmap'"
             )
 
 

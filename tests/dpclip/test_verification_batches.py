@@ -295,8 +295,8 @@ def _hooked() -> nn.Module:
 
 
 @pytest.mark.parametrize("build, loss, refusal", [
-    (RootScaleStoresAuxiliary, _ce_plus_aux, r"stores a tensor on itself in its forward \(RootScaleStoresAuxiliary\.aux\)"),
-    (CustomLayerStores, _ce_plus_layer_aux, r"stores a tensor on itself in its forward \(LinearKeepingRegulariser\.aux\)"),
+    (RootScaleStoresAuxiliary, _ce_plus_aux, r"a\.weight outside the forward of the layer"),
+    (CustomLayerStores, _ce_plus_layer_aux, r"stores on itself in its forward a tensor derived from its parameters \(LinearKeepingRegulariser\.aux\)"),
     (_hooked, _ce_plus_layer_aux, r"a\.weight outside the forward of the layer"),
 ], ids=["root-parameter", "custom-layer", "forward-hook"])
 def test_a_loss_term_the_layer_rules_cannot_see_is_refused_on_every_path(build: Callable[[], nn.Module], loss: Loss, refusal: str) -> None:
@@ -308,17 +308,28 @@ def test_a_loss_term_the_layer_rules_cannot_see_is_refused_on_every_path(build: 
             run_steps(build(), _data(), loss, [list(range(12)), list(range(12, 30))], mode=mode)
 
 
+class LinearKeepingDetachedMap(nn.Linear):
+    """Keeps a detached copy of what it computes (for a plot): nothing a loss could differentiate."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        self.last = out.detach()
+        return out
+
+
 class ReadsWeightAsTemplate(nn.Module):
-    """Common code that reads a parameter's dtype, device or shape only: no use of its values."""
+    """Common code that reads a parameter's dtype, device or shape, logs its norm as a number, or keeps a detached
+    activation: no value of a parameter reaches the loss outside its layer's output."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.fc1, self.fc2 = LinearKeepingDetachedMap(6, 8), nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h0 = self.fc1.weight.new_zeros(x.shape[0], 8) + torch.zeros_like(self.fc1.bias)
         x = x.type_as(self.fc1.weight).to(self.fc1.weight)
-        self.logged = float(self.fc1.weight.data.norm()) + float(self.fc2.weight.detach().abs().max())
+        self.logged = [float(self.fc1.weight.data.norm()), float(self.fc2.weight.detach().abs().max()),
+                       float(self.fc2.weight.norm())]
         return self.fc2(torch.tanh(self.fc1(x)) + h0)
 
 
@@ -344,3 +355,44 @@ def test_torchs_own_forward_pre_hooks_that_store_the_weight_train_exactly(repara
         warnings.simplefilter("ignore")  # weight_norm's deprecation
         errors = run_steps(model, _data(), _ce, [list(range(12)), list(range(12, 30))])
     assert max(errors) < TOL, errors
+
+
+def _count_verifications(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    import dpclip.grads.paths as paths
+
+    calls: list[int] = []
+    real = paths.verify_paths
+
+    def counted(model: nn.Module, args: tuple, kwargs: dict, batch: int, *rest: Any) -> str:
+        calls.append(batch)
+        return real(model, args, kwargs, batch, *rest)
+
+    monkeypatch.setattr(paths, "verify_paths", counted)
+    return calls
+
+
+def test_a_path_verified_on_one_example_is_verified_once_more_on_the_first_larger_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_verifications(monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    errors = run_steps(model, _data(), _ce, [[0], [1, 2, 3], [4, 5], [6], list(range(7, 20))])
+    assert calls == [1, 3]  # not again on [4, 5], [6] or the 13 of the last batch
+    assert max(errors) < TOL, errors
+
+
+def test_micro_batches_of_one_example_are_verified_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With max_physical_batch_size=1 no forward ever holds two examples: one verification, not one per
+    micro-batch (which made every step 5x slower)."""
+    calls = _count_verifications(monkeypatch)
+    x, y = _data(24)
+    torch.manual_seed(0)
+    model = MixesLargeBatches()
+    engine = dpclip.PrivacyEngine(seed=0)
+    private, optimizer, loader = engine.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(TensorDataset(x, y), batch_size=6),
+        noise_multiplier=1.0, max_grad_norm=1.0, max_physical_batch_size=1)
+    for xb, yb in loader:
+        optimizer.zero_grad()
+        _ce(private, [xb, yb]).backward()
+        optimizer.step()
+    assert engine.steps == 4 and len(calls) == 1 and calls[0] == 1
