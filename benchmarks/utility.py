@@ -538,8 +538,10 @@ def _percent_sd(values: list[float]) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The table: per model and ε, test accuracy mean ± sd over seeds for each library, with (q, σ, T), the ε each
-    library's accountant reports, wall time, and the published anchors."""
-    runs = report["runs"]
+    library's accountant reports, wall time, and the published anchors. Runs made before their model's
+    configuration last changed are left out (render_tables.UTILITY_CONFIG_SINCE), and counted below the table."""
+    tables = _render_tables()
+    runs, aside = tables["current_utility_runs"](report)
     s = report["settings"]
     made = [f"`{i['command']}` on {i['date'][:10]} (git {i.get('git')}, {i['duration_s']:.0f} s"
             + (", unfinished: the runs it completed are kept)" if i.get("finished") is False else ")")
@@ -569,6 +571,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {m} | non-private ({r['optimizer']}) | {_percent_sd([r['test_accuracy'] for r in reference])} | — | — | — | "
                          f"{r['steps']} | — | {r['lr']:g} | {r['batch']} | {r['epochs']} | ∞ | "
                          f"{statistics.mean(r['wall_s'] for r in reference):.0f} / — | {len(reference)} |")
+    for m, (since, change) in tables["UTILITY_CONFIG_SINCE"].items():
+        if n := sum(r["model"] == m for r in aside):
+            lines += ["", f"Not shown: {n} runs of `{m}` made before {since[:10]} {since[11:]} UTC, when its configuration "
+                          f"changed ({change}); they stay in the results file."]
     lines += ["", "Published anchors (test accuracy):", ""]
     lines += [f"- {a['source']}: {a['what']}, ε = {a['epsilon']:g}: {a['accuracy']:.1f} %" for a in ANCHORS]
     configs = report.get("configs", {})
@@ -586,7 +592,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = report["runs"]
+    runs, _ = _render_tables()["current_utility_runs"](report)
     fig, ax = plt.subplots(figsize=(9.5, 4.8))
     colours = {"scatternet": "tab:blue", "cnn": "tab:orange"}
     for m in MODELS:

@@ -154,9 +154,11 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
           output gradients, through layer rules, :func:`dpclip.register_layer`), "vmap" (the whole model under
           vmap), or "auto" (default): the first of the two that verification accepts.
         - ``verify`` ("first-step", default; "every-step"; "off"): before the first release, check on a probe of
-          the batch that the path's per-example gradients equal those of each example computed alone, that the model
-          keeps examples apart and writes nothing into its own state (:mod:`dpclip.grads.verify`); else
-          :class:`ModelNotSupportedError` naming the layer.
+          the batch (and, for the layerwise path, on the whole batch) that the path's per-example gradients equal
+          those of each example computed alone, that the model keeps examples apart, writes nothing into its own
+          state and uses no parameter where the path cannot see it (:mod:`dpclip.grads.verify`); else
+          :class:`ModelNotSupportedError` naming the layer. A first forward of one example is verified again on
+          the first forward of two or more.
         - ``memory`` ("fast", default; "low"): on the layerwise path, "fast" keeps the per-example gradients that fit
           a 256 MiB budget per step between the norms and the clipped sum (a linear layer's then cost no ghost
           Grams); "low" keeps none: peak memory about the non-private step's, some speed lost on sequence models.

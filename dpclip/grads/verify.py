@@ -16,6 +16,8 @@ pass for one that keeps examples there. With the model in its training mode but 
    batch, with the layouts the probe pinned, and its outputs, norms and sum for the probe's rows must again equal
    the brute force (catches a forward that mixes examples only in batches larger than the probe, e.g.
    ``if x.shape[0] > 8: h = h - h.mean(0)``). The vmap path runs every example alone, so its probe suffices.
+   (On its probe the tape itself refuses a parameter whose value reaches the loss other than through the outputs
+   of the layers that own it: :class:`dpclip.grads.tape._OutsideUses`.)
 
 Its only output is accept/refuse (and which path), decided once before the first release; a refused model
 trains on nothing.

@@ -102,3 +102,14 @@ def test_full_results_are_what_their_command_makes() -> None:
         medians = [x["ms_per_step"] for x in r["repeats"]]
         assert len(medians) == s["repeats"] and r["ms_per_step"] == min(medians)
         assert all(len(x["step_ms"]) == s["steps"] for x in r["repeats"])
+
+
+def test_utility_runs_of_an_earlier_configuration_are_set_aside() -> None:
+    """A model's runs made before its configuration last changed are not shown (nor counted in its table)."""
+    since = render_tables.UTILITY_CONFIG_SINCE["cnn"][0]
+    before, after = "2026-01-01T00:00:00+00:00", since[:10] + "T23:59:59+00:00"
+    report = {"settings": {"date": after}, "invocations": [{"date": before}, {"date": after}], "runs": [
+        {"model": "cnn", "invocation": 0, "seed": 0}, {"model": "cnn", "invocation": 1, "seed": 1},
+        {"model": "scatternet", "invocation": 0, "seed": 2}]}
+    shown, aside = render_tables.current_utility_runs(report)
+    assert [r["seed"] for r in shown] == [1, 2] and [r["seed"] for r in aside] == [0]
