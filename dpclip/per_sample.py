@@ -20,6 +20,8 @@ import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .errors import ModelNotSupportedError
+
 Tensor = torch.Tensor
 
 
@@ -41,8 +43,6 @@ def first_batched_tensor(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tens
     for value in [*values, *tree_flatten(values)[0]]:
         if isinstance(value, Tensor) and value.dim() > 0:
             return value
-    from .errors import ModelNotSupportedError
-
     raise ModelNotSupportedError(
         "the model was called without any tensor argument (inside tuples, lists and dicts included), so dpclip "
         "cannot tell the batch size: pass the batch's tensors to the model, examples in dim 0"

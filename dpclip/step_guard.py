@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .errors import EngineUsageError
 from .guards import check_batch_is_yielded
-from .per_sample import batch_size_of, first_batched_tensor
+from .per_sample import first_batched_tensor
 
 Tensor = torch.Tensor
 
@@ -76,7 +76,8 @@ class StepGuard:
                 "a second training-mode forward on the same batch: its examples would be counted twice. "
                 "Run one forward per batch (use torch.no_grad() or model.eval() for extra forwards)."
             )
-        batch = batch_size_of(args, kwargs)
+        first = first_batched_tensor(args, kwargs)  # its dim 0 is the batch
+        batch = first.shape[0]
         if self.size is not None and batch != self.size:
             raise EngineUsageError(
                 f"{type(module).__name__} was called on a batch of {batch} examples (dim 0 of its first tensor "
@@ -86,7 +87,6 @@ class StepGuard:
                 "sampling is what the accountant assumes), one row per example: a batch from another loader, a slice "
                 "of the batch, or augmentation that adds rows is not accounted."
             )
-        first = first_batched_tensor(args, kwargs)
         trainable = [p for p in module.parameters() if p.requires_grad]
         check_precision(trainable)
         devices = {p.device for p in trainable}

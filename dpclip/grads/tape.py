@@ -312,9 +312,7 @@ class LayerwiseTape:
                 layer.forward = rule.recorded_forward(layer, self)  # type: ignore[method-assign]
             if not probe:
                 return module(*args, **kwargs)
-            trainable_ids = {id(p) for p in trainable}
-            names = {id(p): n for n, p in module.named_parameters() if id(p) in trainable_ids}
-            with _OutsideUses(self._recorded, names) as watch:
+            with _OutsideUses(self._recorded, self.names) as watch:
                 out = module(*args, **kwargs)
             watch.check()
             return out
