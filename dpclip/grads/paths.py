@@ -21,7 +21,7 @@ from ..guards import check_optimizer, refuse_nonprivate_gradients
 from ..module import ChunkCollector, per_example_forward
 from ..per_sample import batch_size_of, trainable_parameters
 from .tape import LayerwiseTape
-from .verify import PathRunner, StateGuard, _hint, describe, verify_paths
+from .verify import PathRunner, StateGuard, describe, fix_hint, verify_paths
 
 Tensor = torch.Tensor
 
@@ -199,7 +199,7 @@ class PerExampleForward:
         except RuntimeError as error:  # a torch error under vmap on a later batch: dpclip's refusal, nothing released
             raise ModelNotSupportedError(
                 f"{describe(module)}: the vmap path failed on this batch of {batch} with {type(error).__name__}: "
-                f"{error}{_hint(error)}. Nothing was applied."
+                f"{error}{fix_hint(error)}. Nothing was applied."
             ) from error
         _replace_escaped_tensors(module)
         self.collectors.extend(collectors)

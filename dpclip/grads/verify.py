@@ -207,7 +207,7 @@ def verify_paths(
             except Exception as error:
                 raise ModelNotSupportedError(
                     f"{root}: the brute-force check (each probe example run and differentiated alone) failed with "
-                    f"{type(error).__name__}: {error}" + _hint(error)
+                    f"{type(error).__name__}: {error}" + fix_hint(error)
                 ) from error
             guard.check()
             failures: dict[str, str] = {}
@@ -231,7 +231,7 @@ def verify_paths(
     )
 
 
-def _hint(error: Exception) -> str:
+def fix_hint(error: Exception) -> str:
     """What a user can do about a torch error met while running the model under a path."""
     text = str(error)
     if "reentrant" in text:
@@ -273,7 +273,7 @@ def _try_path(model: nn.Module, run: PathRunner, run_args: tuple, run_kwargs: di
         reason = str(error)
     except Exception as error:
         where = stack[-1] if stack else describe(model)
-        reason = f"{type(error).__name__} in {where} under this path: {error}" + _hint(error)
+        reason = f"{type(error).__name__} in {where} under this path: {error}" + fix_hint(error)
     finally:
         for handle in handles:
             handle.remove()
