@@ -15,7 +15,9 @@ pass for one that keeps examples there. With the model in its training mode but 
 4. the real batch size: a path that keeps the batch whole (the layerwise tape) is run once more on the whole
    batch, with the layouts the probe pinned, and its outputs, norms and sum for the probe's rows must again equal
    the brute force (catches a forward that mixes examples only in batches larger than the probe, e.g.
-   ``if x.shape[0] > 8: h = h - h.mean(0)``). The vmap path runs every example alone, so its probe suffices.
+   ``if x.shape[0] > 8: h = h - h.mean(0)``), and a randomly weighted sum of all its rows' gradients must equal
+   autograd's on the same batch (catches rows of one example credited to another past the probe, e.g. a layer
+   on data-selected rows ``h[mask]``). The vmap path runs every example alone, so its probe suffices.
    (On its probe the tape itself refuses a parameter whose value reaches the loss other than through the outputs
    of the layers that own it: :class:`dpclip.grads.tape._OutsideUses`.)
 
@@ -390,8 +392,10 @@ def _tolerance(t: Tensor) -> float:
 
 def _check_path(model: nn.Module, run: PathRunner, run_args: tuple, run_kwargs: dict, size: int, k: int,
                 expected: _Reference, names: list[str]) -> str | None:
-    """None if the path's per-example gradients for the first ``k`` rows (the probe) of a batch of ``size`` equal
-    the brute force; else why not. The other rows get their own random cotangents and weight 0 in the sum."""
+    """None if the path's outputs and per-example gradient norms for the first ``k`` rows (the probe) of a batch of
+    ``size`` equal the brute force, and its sum does: on the probe alone, the brute force's; on a whole batch
+    (the other rows with their own random cotangents), autograd's on that batch (:func:`_check_every_row`); else
+    why not."""
     output, collect = run(model, run_args, run_kwargs, size)
     outputs = float_leaves(output)
     if len(outputs) != len(expected.outputs) or any(
@@ -426,14 +430,43 @@ def _check_path(model: nn.Module, run: PathRunner, run_args: tuple, run_kwargs: 
                 f"computed alone (max difference {float((norms[:, j] - expected.norms[:, j]).abs().max()):.3g} "
                 f"on norms up to {scale:.3g})"
             )
-    weights = torch.zeros(size, len(names), dtype=torch.float64)
-    weights[:k] = 1.0
-    sums = gradients.weighted_sum(weights)
+    if size > k:  # (the tensors behind the gradients serve one weighted sum)
+        return _check_every_row(model, run_args, run_kwargs, size, cotangents, gradients, names, tol)
+    sums = gradients.weighted_sum(torch.ones(size, len(names), dtype=torch.float64))
     for name, total in zip(names, expected.total):
         if not _same(sums[name], total, max(_scale(total), scale), tol):
             return (
                 f"Σ of the per-example gradients of {name} (in {_owner(name)}) differs from the sum of each example's "
                 "gradient computed alone: the parameter is used outside its layer's forward (e.g. tying by "
                 "h @ emb.weight.T), or a hook changes what the layer returns"
+            )
+    return None
+
+
+def _check_every_row(model: nn.Module, run_args: tuple, run_kwargs: dict, size: int, cotangents: list[Tensor],
+                     gradients: ExampleGradients, names: list[str], tol: float) -> str | None:
+    """On the whole batch, every row and not only the probe's: the path's Σ_i w_i·g_i for random weights w_i must
+    equal the gradient of Σ_i w_i·<out_i, v_i> that plain autograd computes on the same batch (the rows of an
+    example the path hands to another example, e.g. data-selected rows ``head(h[mask])`` that happen to line up
+    with the examples on the probe, change the weighted sum unless the two weights are equal, which random
+    weights are not). One more forward and backward of the batch, without the path."""
+    generator = torch.Generator().manual_seed(2)
+    weights = torch.rand(size, dtype=torch.float64, generator=generator) * 0.75 + 0.25
+    params = dict(model.named_parameters())
+    trainable = [params[n] for n in names]
+    outputs = float_leaves(model(*run_args, **run_kwargs))
+    loss = sum((out * (cot * weights.to(cot).view(-1, *[1] * (cot.dim() - 1)))).sum() for out, cot in zip(outputs, cotangents))
+    if not (isinstance(loss, Tensor) and loss.requires_grad):
+        return None
+    truth = torch.autograd.grad(loss, trainable, allow_unused=True)
+    sums = gradients.weighted_sum(weights[:, None].expand(size, len(names)).contiguous())
+    for name, parameter, exact in zip(names, trainable, truth):
+        exact = torch.zeros_like(parameter) if exact is None else exact
+        if not _same(sums[name], exact, _scale(exact), tol):
+            return (
+                f"the per-example gradients of {name} (in {_owner(name)}) on the batch's rows past the probe are not "
+                "each example's own: a weighted sum of them differs from autograd's on the same batch (rows of one "
+                "example credited to another, e.g. a layer run on rows selected by the data, h[mask], whose rows "
+                "are not the examples)"
             )
     return None

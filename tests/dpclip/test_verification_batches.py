@@ -106,6 +106,57 @@ def test_mixing_only_in_large_batches_is_caught_on_the_whole_batch() -> None:
         run_steps(MixesLargeBatches(), _data(), _ce, [list(range(12))], mode="layerwise")
 
 
+class HeadOnSelectedTokens(nn.Module):
+    """Per example, no mixing: a head on the tokens a mask selects (h[mask], rows that are not the examples), the
+    logits summed back into their example. With one token per example the rows line up with the examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rows = self.head(torch.tanh(self.enc(x))[mask])
+        return torch.zeros(x.shape[0], 3).index_add(0, mask.nonzero()[:, 0], rows)
+
+
+def _tokens_with_mask(misrouted_from: int, n: int = 40, T: int = 4) -> tuple[torch.Tensor, ...]:
+    """One selected token per example, except from example ``misrouted_from`` on: pairs that select 2 and 0."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, T, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    mask = torch.zeros(n, T, dtype=torch.bool)
+    mask[:, 0] = True
+    for i in range(misrouted_from, n - 1, 2):
+        mask[i, 2], mask[i + 1, 0] = True, False
+    return x, mask, y
+
+
+def _ce_masked(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0], batch[1]), batch[2])
+
+
+@pytest.mark.parametrize("verify", ["first-step", "every-step"])
+def test_rows_credited_to_the_wrong_example_past_the_probe_are_refused_before_the_release(verify: str) -> None:
+    """The probe (the batch's first 7 rows) lines up; rows 20 on do not (an example with two selected tokens, its
+    neighbour with none). The tape credited the extra row to the neighbour (0.22 of the scale off, released on
+    the verified step itself); the whole-batch check of every row now refuses it, and vmap cannot run h[mask]."""
+    torch.manual_seed(0)
+    released: list[int] = []
+    with pytest.raises(ModelNotSupportedError, match=r"rows past the probe are not each example's own"):
+        run_steps(HeadOnSelectedTokens(), _tokens_with_mask(20), _ce_masked, [list(range(12, 40))], verify=verify,
+                  before_step=released.append)
+    assert released == [0]  # refused at the first step's forward: nothing released
+    torch.manual_seed(0)
+    with pytest.raises(ModelNotSupportedError, match=r"rows past the probe"):  # every-step: on the later batch
+        run_steps(HeadOnSelectedTokens(), _tokens_with_mask(20), _ce_masked, [list(range(12)), list(range(12, 40))],
+                  verify="every-step")
+
+
+def test_selected_rows_that_line_up_with_the_examples_train_exactly() -> None:
+    torch.manual_seed(0)
+    errors = run_steps(HeadOnSelectedTokens(), _tokens_with_mask(40), _ce_masked, [list(range(12, 40)), list(range(30))])
+    assert max(errors) < TOL, errors
+
+
 class SortsOverBatch(nn.Module):
     def __init__(self) -> None:
         super().__init__()
