@@ -39,6 +39,12 @@ def model_problems(model: nn.Module) -> list[str]:
                 + "replace it by GroupNorm (dpclip.fix_model(model) does this) or, to keep pretrained statistics, "
                 "freeze them (dpclip.fix_model(model, batchnorm='freeze'): a fixed per-channel affine map)"
             )
+        elif isinstance(layer, nn.modules.lazy.LazyModuleMixin) and layer.has_uninitialized_params():
+            problems.append(
+                f"{where} ({type(layer).__name__}) is a lazy layer whose parameters do not exist yet (they are made "
+                "on its first forward, after the optimizer and dpclip would have to know them); run one forward "
+                "pass on a batch first (e.g. with torch.no_grad()), then build the optimizer and call make_private"
+            )
         elif isinstance(layer, _INSTANCE_NORMS) and layer.track_running_stats:
             problems.append(
                 f"{where} ({type(layer).__name__}) keeps running statistics updated from every example; use "

@@ -142,7 +142,12 @@ def layer_class(module: nn.Module) -> type:
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:
-    """The rule registered for ``module``'s exact type (or its qualified name), or None."""
+    """The rule registered for ``module``'s exact type (or its qualified name), or None. None too for a module
+    whose ``forward`` was replaced on the instance (``m.forward = ...``, as wrappers that patch a layer do): the
+    rule knows its class's forward, not the replacement (one that clamps its input would get the gradients of
+    the unclamped one), so the layer falls back alone like an unknown one."""
+    if "forward" in vars(module):
+        return None
     layer_type = layer_class(module)
     return _BY_TYPE.get(layer_type) or _BY_NAME.get(_qualified(layer_type))
 

@@ -121,6 +121,8 @@ class _Use:
         self.args, self.kwargs, self.layout, self.main = call_args, call_kwargs, layout, main
         self.grads: list[Tensor | None] = []
         self.released = False
+        # the inputs' version counters (shared with the caller's tensors): the rule reads these tensors in backward
+        self.versions = [(t, t._version) for t in _tensors_in([*call_args, *call_kwargs.values()])]
 
     def capture(self, output: Any) -> Any:
         """The output with a gradient hook on each floating tensor (expanded per example for a shared call)."""
@@ -209,10 +211,18 @@ class _Use:
         next step: holding them here would keep a whole step's activations and output gradients alive too."""
         self.released = True
         self.args, self.kwargs, self.main, self.grads = (), {}, None, [None] * len(self.grads)  # type: ignore[assignment]
+        self.versions = []
 
     def contributions(self, budget: CacheBudget | None = None) -> list[Contribution]:
         if all(g is None for g in self.grads):
             return []
+        if any(t._version != version for t, version in self.versions):
+            raise EngineUsageError(
+                f"an input of {self.where} ({type(self.module).__name__}) was modified in place after the forward "
+                "used it (e.g. loss = mse(model(x), x.clamp_(0, 1))): its per-example gradients would be computed "
+                "from the modified values (plain PyTorch refuses this too). Modify a copy (x.clamp(0, 1)) or do it "
+                "before the forward. Nothing was applied."
+            )
         try:
             return self.rule.contributions(self.call(budget))
         except ModelNotSupportedError:

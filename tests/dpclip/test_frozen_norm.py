@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import dpclip
 from dpclip import FrozenBatchNorm, ModelNotSupportedError
@@ -87,3 +88,24 @@ def test_a_lazy_batchnorm_is_told_to_run_a_forward_first():
     model(torch.randn(5, 3))  # built: now a BatchNorm1d, which fix_model freezes
     dpclip.fix_model(model, batchnorm="freeze")
     assert isinstance(model[1], FrozenBatchNorm) and dpclip.model_problems(model) == []
+
+
+def test_a_lazy_layer_without_parameters_yet_is_refused_by_name_with_the_fix():
+    """make_private let torch's raw ValueError (an uninitialised parameter) escape; now dpclip's refusal names the
+    layer and says to run a forward first, after which the model trains."""
+    model = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    with pytest.raises(ModelNotSupportedError, match=r"0 \(LazyLinear\) is a lazy layer.*run one forward pass"):
+        dpclip.PrivacyEngine(seed=0).make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                                                  noise_multiplier=1.0, max_grad_norm=1.0)
+    with torch.no_grad():
+        model(x[:2])
+    engine = dpclip.PrivacyEngine(seed=0)
+    private, optimizer, batches = engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                                                      noise_multiplier=1.0, max_grad_norm=1.0)
+    for xb, yb in batches:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(private(xb), yb).backward()
+        optimizer.step()
+    assert engine.steps == 2

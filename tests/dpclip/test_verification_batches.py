@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -154,6 +155,25 @@ def test_rows_credited_to_the_wrong_example_past_the_probe_are_refused_before_th
 def test_selected_rows_that_line_up_with_the_examples_train_exactly() -> None:
     torch.manual_seed(0)
     errors = run_steps(HeadOnSelectedTokens(), _tokens_with_mask(40), _ce_masked, [list(range(12, 40)), list(range(30))])
+    assert max(errors) < TOL, errors
+
+
+def _clamping_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return nn.Linear.forward(self, x.clamp(-1.0, 1.0))
+
+
+@pytest.mark.parametrize("verify", ["first-step", "every-step"])
+def test_a_stock_layer_whose_forward_is_replaced_on_the_instance_trains_exactly(verify: str) -> None:
+    """A wrapper that patches a Linear's forward (here: clamping its input) made the Linear rule compute from the
+    unclamped input the hooks see: exact on a first batch without outliers, 0.72 of the scale off on the next
+    batch (also under every-step when the outliers sat past the probe). The layer now falls back alone."""
+    x, y = _data()
+    x = x * 0.3
+    x[12:] *= 10  # examples 12.. have entries beyond the clamp
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    model[0].forward = types.MethodType(_clamping_forward, model[0])
+    errors = run_steps(model, (x, y), _ce, [list(range(12)), list(range(40))], verify=verify)
     assert max(errors) < TOL, errors
 
 
@@ -447,3 +467,24 @@ def test_micro_batches_of_one_example_are_verified_once(monkeypatch: pytest.Monk
         _ce(private, [xb, yb]).backward()
         optimizer.step()
     assert engine.steps == 4 and len(calls) == 1 and calls[0] == 1
+
+
+def test_a_batch_modified_in_place_between_forward_and_backward_is_refused() -> None:
+    """loss = ce(model(x), y); x.mul_(3); loss.backward(): plain PyTorch raises (a saved tensor changed); the
+    layerwise path computed the first layer's per-example gradients from the modified input (0.64 of the scale
+    off) and released them. Now dpclip's EngineUsageError, before anything is applied."""
+    x, y = _data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    engine = dpclip.PrivacyEngine(seed=0)
+    private, optimizer, loader = engine.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(TensorDataset(x, y), batch_size=20),
+        noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="layerwise")
+    xb, yb = next(iter(loader))
+    loss = _ce(private, [xb, yb])
+    xb.mul_(3.0)
+    with pytest.raises(dpclip.errors.EngineUsageError, match=r"input of 0 \(Linear\) was modified in place"):
+        loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())) and engine.steps == 0
