@@ -452,6 +452,8 @@ def _check_every_row(model: nn.Module, run_args: tuple, run_kwargs: dict, size: 
     weights are not). One more forward and backward of the batch, without the path."""
     generator = torch.Generator().manual_seed(2)
     weights = torch.rand(size, dtype=torch.float64, generator=generator) * 0.75 + 0.25
+    # the path's sum first: it frees the path's activations and output gradients before autograd's pass runs
+    sums = gradients.weighted_sum(weights[:, None].expand(size, len(names)).contiguous())
     params = dict(model.named_parameters())
     trainable = [params[n] for n in names]
     outputs = float_leaves(model(*run_args, **run_kwargs))
@@ -459,7 +461,6 @@ def _check_every_row(model: nn.Module, run_args: tuple, run_kwargs: dict, size: 
     if not (isinstance(loss, Tensor) and loss.requires_grad):
         return None
     truth = torch.autograd.grad(loss, trainable, allow_unused=True)
-    sums = gradients.weighted_sum(weights[:, None].expand(size, len(names)).contiguous())
     for name, parameter, exact in zip(names, trainable, truth):
         exact = torch.zeros_like(parameter) if exact is None else exact
         if not _same(sums[name], exact, _scale(exact), tol):
