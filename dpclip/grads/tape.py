@@ -121,8 +121,11 @@ class _Use:
         self.args, self.kwargs, self.layout, self.main = call_args, call_kwargs, layout, main
         self.grads: list[Tensor | None] = []
         self.released = False
-        # the inputs' version counters (shared with the caller's tensors): the rule reads these tensors in backward
-        self.versions = [(t, t._version) for t in _tensors_in([*call_args, *call_kwargs.values()])]
+        # the inputs' version counters (shared with the caller's tensors), which the rule reads in backward; a layer
+        # with a rule whose only trainable parameters are biases (BitFit) needs its output gradients alone
+        biases_only = not isinstance(rule, VmapLayerRule) and isinstance(module, nn.Module) and all(
+            name.rsplit(".", 1)[-1] == "bias" for name, p in module.named_parameters() if id(p) in tape.names)
+        self.versions = [] if biases_only else [(t, t._version) for t in _tensors_in([*call_args, *call_kwargs.values()])]
 
     def capture(self, output: Any) -> Any:
         """The output with a gradient hook on each floating tensor (expanded per example for a shared call)."""
@@ -220,7 +223,8 @@ class _Use:
             raise EngineUsageError(
                 f"an input of {self.where} ({type(self.module).__name__}) was modified in place after the forward "
                 "used it (e.g. loss = mse(model(x), x.clamp_(0, 1))): its per-example gradients would be computed "
-                "from the modified values (plain PyTorch refuses this too). Modify a copy (x.clamp(0, 1)) or do it "
+                "from the modified values (plain PyTorch refuses this too where it saved the input). Modify a copy "
+                "(x.clamp(0, 1)) or do it "
                 "before the forward. Nothing was applied."
             )
         try:
