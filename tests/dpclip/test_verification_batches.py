@@ -530,3 +530,36 @@ def test_whole_batch_checks_keep_exact_models_on_the_layerwise_path(build: Calla
     torch.manual_seed(0)
     errors = run_steps(build(), (x, y), _ce, [list(range(40)), list(range(8, 30))], mode="layerwise")
     assert max(errors) < TOL, errors
+
+
+def test_a_tiny_bert_with_a_first_batch_larger_than_the_probe_trains_exactly_on_the_layerwise_path() -> None:
+    """The acceptance zoo's BERT runs 6 examples, no more than the probe, so the whole-batch checks never ran on it;
+    with 24 examples a tolerance error refused full fine-tuning of BERT (key biases) on every path."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+    config._attn_implementation = "eager"
+    g = torch.Generator().manual_seed(3)
+    n, T = 24, 7
+    ids = torch.randint(1, 50, (n, T), generator=g)
+    mask = (torch.arange(T)[None, :] < torch.randint(3, T + 1, (n, 1), generator=g)).long()
+    y = torch.randint(0, 3, (n,), generator=g)
+
+    def loss(m: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(m(input_ids=batch[0], attention_mask=batch[1]).logits, batch[2])
+
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).train()
+    engines: list[dpclip.PrivacyEngine] = []
+    original = dpclip.PrivacyEngine.make_private
+
+    def remember(engine: dpclip.PrivacyEngine, *args: Any, **kwargs: Any) -> Any:
+        engines.append(engine)
+        return original(engine, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dpclip.PrivacyEngine, "make_private", remember)
+        errors = run_steps(model, (ids, mask, y), loss, [list(range(n)), list(range(5, 20))])
+    assert max(errors) < TOL, errors
+    assert engines[0].grad_sample_path == "layerwise"
