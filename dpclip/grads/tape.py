@@ -224,8 +224,7 @@ class _Use:
                 f"an input of {self.where} ({type(self.module).__name__}) was modified in place after the forward "
                 "used it (e.g. loss = mse(model(x), x.clamp_(0, 1))): its per-example gradients would be computed "
                 "from the modified values (plain PyTorch refuses this too where it saved the input). Modify a copy "
-                "(x.clamp(0, 1)) or do it "
-                "before the forward. Nothing was applied."
+                "(x.clamp(0, 1)) or do it before the forward. Nothing was applied."
             )
         try:
             return self.rule.contributions(self.call(budget))

@@ -13,7 +13,7 @@ pass for one that keeps examples there. With the model in its training mode but 
    Σ_i g_i equals the loop's (catches layouts, missed or extra uses of a parameter, hooks, tying...);
 3. state: no parameter or buffer changed (catches layers that write batch data into the model);
 4. the real batch size: a path that keeps the batch whole (the layerwise tape) is run once more on the whole
-   batch, with the layouts the probe pinned, and its outputs, norms and sum for the probe's rows must again equal
+   batch, with the layouts the probe pinned, and its outputs and norms for the probe's rows must again equal
    the brute force (catches a forward that mixes examples only in batches larger than the probe, e.g.
    ``if x.shape[0] > 8: h = h - h.mean(0)``), and a randomly weighted sum of all its rows' gradients must equal
    autograd's on the same batch (catches rows of one example credited to another past the probe, e.g. a layer
