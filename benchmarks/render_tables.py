@@ -327,7 +327,9 @@ def utility_readme(report: dict[str, Any]) -> str:
             published = "; ".join(f"{a['accuracy']:.1f} % ({a['source']}, {a['what']}"
                                   + (f", ε = {a['epsilon']:g}" if a["epsilon"] != eps else "") + ")"
                                   for a in anchors if a["model"] == model and abs(a["epsilon"] - eps) < 0.1) or "—"
-            seeds = len({r["seed"] for rs in group.values() for r in rs})
+            counts = {lib: len({r["seed"] for r in rs}) for lib, rs in group.items() if rs}
+            seeds = f"{counts['dpclip']} (Opacus {counts['opacus']})" if len(set(counts.values())) > 1 else \
+                str(next(iter(counts.values()), 0))
             lines.append(f"| {label} | {eps:g} | {acc['dpclip']} | {acc['opacus']} | {published} | {wall} | {seeds} |")
         reference = [r for r in runs if (r["model"], r["library"]) == (model, "nonprivate")]
         if reference:
