@@ -240,6 +240,10 @@ def fix_hint(error: Exception) -> str:
         return "; use torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (or no checkpointing)"
     if "stack expects each tensor to be equal size" in text:
         return " (shapes that depend on each example's data, e.g. pack_padded_sequence, cannot be vmapped: use grad_sample_mode='auto')"
+    if "must match the size of tensor" in text:
+        return (" (if an argument holds one row per example inside an object dpclip does not look into, e.g. a "
+                "dataclass, dpclip passes it whole to each example: pass those tensors as arguments, or in tuples, "
+                "lists or dicts)")
     if "must only return Tensors" in text:
         return " (the model returns non-tensor outputs, e.g. a Hugging Face cache: pass use_cache=False)"
     return ""

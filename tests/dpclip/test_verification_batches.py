@@ -7,6 +7,7 @@ Each step runs with lr 0, q = 1 and noise 1e-12, so the release is the clipped s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import types
 import warnings
@@ -563,3 +564,27 @@ def test_a_tiny_bert_with_a_first_batch_larger_than_the_probe_trains_exactly_on_
         errors = run_steps(model, (ids, mask, y), loss, [list(range(n)), list(range(5, 20))])
     assert max(errors) < TOL, errors
     assert engines[0].grad_sample_path == "layerwise"
+
+
+@dataclasses.dataclass
+class ScaledInputs:
+    scale: torch.Tensor
+
+
+class TakesObject(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, extra: ScaledInputs) -> torch.Tensor:
+        return self.head(torch.tanh(self.a(x) * extra.scale[:, None]))
+
+
+def test_per_example_rows_inside_a_dataclass_argument_are_refused_with_the_fix() -> None:
+    """dpclip cuts tensors in tuples, lists and dicts per example, not inside other objects: the brute force then
+    failed with torch's shape error and no fix."""
+    x, y = _data()
+    scale = torch.rand(len(x)) + 0.5
+    with pytest.raises(ModelNotSupportedError, match=r"inside an object dpclip does not look into, e\.g\. a dataclass"):
+        run_steps(TakesObject(), (x, scale, y), lambda m, b: F.cross_entropy(m(b[0], ScaledInputs(b[1])), b[2]),
+                  [list(range(20))])
