@@ -588,3 +588,44 @@ def test_per_example_rows_inside_a_dataclass_argument_are_refused_with_the_fix()
     with pytest.raises(ModelNotSupportedError, match=r"inside an object dpclip does not look into, e\.g\. a dataclass"):
         run_steps(TakesObject(), (x, scale, y), lambda m, b: F.cross_entropy(m(b[0], ScaledInputs(b[1])), b[2]),
                   [list(range(20))])
+
+
+class Float64WithFloat32Inside(nn.Module):
+    """A float64 model that computes a part in float32 (as Hugging Face's RMSNorm upcasts and casts back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16).double(), nn.Linear(16, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h = (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype)
+        return self.b(torch.tanh(h))
+
+
+def test_a_float64_model_with_float32_parts_keeps_the_layerwise_path() -> None:
+    """The every-row check compared the two sides (which add in other orders) with float64's tolerance: a tiny Llama
+    (float64, RMSNorm in float32) lost the layerwise path on first batches larger than the probe."""
+    x, y = _data()
+    torch.manual_seed(0)
+    errors = run_steps(Float64WithFloat32Inside(), (x.double(), y), _ce, [list(range(40))], mode="layerwise")
+    assert max(errors) < TOL, errors
+
+
+class FrequencyScaledEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookup, self.head = nn.Embedding(20, 8, scale_grad_by_freq=True), nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.lookup(ids)).mean(1))
+
+
+def test_an_embedding_scaling_its_gradient_by_batch_frequency_keeps_the_layerwise_path() -> None:
+    """scale_grad_by_freq divides by counts over the batch in autograd's backward, so autograd's batch gradient is
+    no sum of per-example ones: the every-row check leaves that weight to the probe's brute force."""
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, 20, (40, 5), generator=g), torch.randint(0, 3, (40,), generator=g)
+    torch.manual_seed(0)
+    errors = run_steps(FrequencyScaledEmbedding(), (ids, y), _ce, [list(range(40))], mode="layerwise")
+    assert max(errors) < TOL, errors
