@@ -123,8 +123,7 @@ class _Use:
         self.released = False
         # the inputs' version counters (shared with the caller's tensors), which the rule reads in backward; a layer
         # with a rule whose only trainable parameters are biases (BitFit) needs its output gradients alone
-        biases_only = not isinstance(rule, VmapLayerRule) and isinstance(module, nn.Module) and all(
-            name.rsplit(".", 1)[-1] == "bias" for name, p in module.named_parameters() if id(p) in tape.names)
+        biases_only = not isinstance(rule, VmapLayerRule) and id(module) in tape.biases_only
         self.versions = [] if biases_only else [(t, t._version) for t in _tensors_in([*call_args, *call_kwargs.values()])]
 
     def capture(self, output: Any) -> Any:
@@ -274,6 +273,9 @@ class LayerwiseTape:
         model = self.model
         self.names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
         self.module_names = {id(m): name for name, m in model.named_modules()}
+        # layers whose trainable parameters are all biases (BitFit): their rules read no input in backward
+        self.biases_only = {id(m) for m in model.modules() if all(
+            name.rsplit(".", 1)[-1] == "bias" for name, p in m.named_parameters() if id(p) in self.names)}
         self.layouts = {}
         self._replaced: list[tuple[nn.Module, LayerRule]] = []
         # every layer whose calls are recorded (hooked or replaced), with the parameters its rule covers

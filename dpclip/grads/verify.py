@@ -390,8 +390,11 @@ def _reference(model: nn.Module, probe_args: tuple, probe_kwargs: dict, k: int, 
     return _Reference(outputs, cotangents, torch.stack(norms), total)
 
 
+_FLOAT32_TOLERANCE = 2e-4
+
+
 def _tolerance(t: Tensor) -> float:
-    return 1e-9 if t.dtype == torch.float64 else 2e-4
+    return 1e-9 if t.dtype == torch.float64 else _FLOAT32_TOLERANCE
 
 
 def _check_path(model: nn.Module, run: PathRunner, run_args: tuple, run_kwargs: dict, size: int, k: int,
@@ -420,7 +423,7 @@ def _check_path(model: nn.Module, run: PathRunner, run_args: tuple, run_kwargs: 
     if list(gradients.names) != names:
         return "it covers other parameters than the trainable ones"
     norms = gradients.norms("l2").double()[:k]
-    tol = max(_tolerance(p) for p in expected.total) if expected.total else 2e-4
+    tol = max(_tolerance(p) for p in expected.total) if expected.total else _FLOAT32_TOLERANCE
     scale = _scale(expected.norms)
     for j, name in enumerate(names):
         # The layer rules return certified upper bounds (LinearWeight adds (d_in + d_out + 11)·u of rounding cover):
@@ -435,7 +438,7 @@ def _check_path(model: nn.Module, run: PathRunner, run_args: tuple, run_kwargs: 
                 f"on norms up to {scale:.3g})"
             )
     if size > k:  # (the tensors behind the gradients serve one weighted sum)
-        return _check_every_row(model, run_args, run_kwargs, size, cotangents, gradients, names, tol)
+        return _check_every_row(model, run_args, run_kwargs, size, cotangents, gradients, names)
     sums = gradients.weighted_sum(torch.ones(size, len(names), dtype=torch.float64))
     for name, total in zip(names, expected.total):
         if not _same(sums[name], total, max(_scale(total), scale), tol):
@@ -448,7 +451,7 @@ def _check_path(model: nn.Module, run: PathRunner, run_args: tuple, run_kwargs: 
 
 
 def _check_every_row(model: nn.Module, run_args: tuple, run_kwargs: dict, size: int, cotangents: list[Tensor],
-                     gradients: ExampleGradients, names: list[str], tol: float) -> str | None:
+                     gradients: ExampleGradients, names: list[str]) -> str | None:
     """On the whole batch, every row and not only the probe's: the path's Σ_i w_i·g_i for random weights w_i must
     equal the gradient of Σ_i w_i·<out_i, v_i> that plain autograd computes on the same batch (the rows of an
     example the path hands to another example, e.g. data-selected rows ``head(h[mask])`` that happen to line up
@@ -473,14 +476,13 @@ def _check_every_row(model: nn.Module, run_args: tuple, run_kwargs: dict, size: 
     # dtype, since the two sides add in other orders (and float64 models may compute parts in float32: HF's
     # RMSNorm), while a misattributed row is about 1/√size of the scale
     scale = max((_scale(g) for g in truth), default=1e-12)
-    tol = max(tol, _tolerance(torch.zeros((), dtype=torch.float32)))
     # autograd's batch gradient is no sum of per-example ones where the backward itself mixes examples: an
     # Embedding with scale_grad_by_freq divides by counts over the batch (its per-example rows are checked on the probe)
     batch_backward = {id(p) for m in model.modules() if getattr(m, "scale_grad_by_freq", False) for p in m.parameters(recurse=False)}
     for name, parameter, exact in zip(names, trainable, truth):
         if id(parameter) in batch_backward:
             continue
-        if not _same(sums[name], exact, scale, tol):
+        if not _same(sums[name], exact, scale, _FLOAT32_TOLERANCE):
             return (
                 f"the per-example gradients of {name} (in {_owner(name)}) on the batch's rows past the probe are not "
                 "each example's own: a weighted sum of them differs from autograd's on the same batch (rows of one "
