@@ -20,7 +20,7 @@ from ..example_grads import ExampleGradients, MaterializedGradients
 from ..guards import check_optimizer, refuse_nonprivate_gradients
 from ..module import ChunkCollector, per_example_forward
 from ..per_sample import batch_size_of, trainable_parameters
-from .tape import LayerwiseTape
+from .tape import LayerwiseTape, modified_input_error
 from .verify import PathRunner, StateGuard, describe, fix_hint, verify_paths
 
 Tensor = torch.Tensor
@@ -132,6 +132,23 @@ Consumer = Callable[[ExampleGradients, float], None]  # (a batch's per-example g
 _AUTO_CHUNK_BYTES = 256 * 2**20
 
 
+def _refuse_modified_inputs(out: Any, args: tuple, kwargs: dict) -> Any:
+    """``out`` with a gradient hook on each of its floating tensors that raises dpclip's refusal if an input tensor
+    of the forward was modified in place before backward reached the output (torch would raise its own error from
+    inside the vmapped backward, or, where no input was saved, nothing: the layerwise path refuses both alike)."""
+    versions = [(t, t._version) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+
+    def check(grad: Tensor) -> None:
+        for t, version in versions:
+            if t._version != version:
+                raise modified_input_error("an input of the model")
+
+    for leaf in tree_flatten(out)[0]:
+        if isinstance(leaf, Tensor) and leaf.requires_grad:
+            leaf.register_hook(check)
+    return out
+
+
 class PerExampleForward:
     """The private model's training forward: verify (first step, or every step) which path computes exact
     per-example gradients for this model, then run the forward on it; backward hands the per-example
@@ -203,7 +220,7 @@ class PerExampleForward:
             ) from error
         _replace_escaped_tensors(module)
         self.collectors.extend(collectors)
-        return out
+        return _refuse_modified_inputs(out, args, kwargs)
 
     def gradients_arrived(self) -> bool:
         """Whether backward reached the recorded layers (or the vmapped copies) of the current micro-batch."""

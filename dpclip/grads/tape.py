@@ -113,6 +113,15 @@ class _CaptureOutput(torch.autograd.Function):
 _ANCHOR = torch.zeros((), requires_grad=True)  # never receives a gradient (the node returns None for it)
 
 
+def modified_input_error(what: str) -> EngineUsageError:
+    """The refusal when ``what`` (an input a forward read) changed in place before its backward."""
+    return EngineUsageError(
+        f"{what} was modified in place after the forward used it (e.g. loss = mse(model(x), x.clamp_(0, 1))): its "
+        "per-example gradients would be computed from the modified values (plain PyTorch refuses this too where it "
+        "saved the input). Modify a copy (x.clamp(0, 1)) or do it before the forward. Nothing was applied."
+    )
+
+
 class _Use:
     """One call of a recorded layer; its output gradients arrive in backward."""
 
@@ -219,12 +228,7 @@ class _Use:
         if all(g is None for g in self.grads):
             return []
         if any(t._version != version for t, version in self.versions):
-            raise EngineUsageError(
-                f"an input of {self.where} ({type(self.module).__name__}) was modified in place after the forward "
-                "used it (e.g. loss = mse(model(x), x.clamp_(0, 1))): its per-example gradients would be computed "
-                "from the modified values (plain PyTorch refuses this too where it saved the input). Modify a copy "
-                "(x.clamp(0, 1)) or do it before the forward. Nothing was applied."
-            )
+            raise modified_input_error(f"an input of {self.where} ({type(self.module).__name__})")
         try:
             return self.rule.contributions(self.call(budget))
         except ModelNotSupportedError:

@@ -471,10 +471,12 @@ def test_micro_batches_of_one_example_are_verified_once(monkeypatch: pytest.Monk
     assert engine.steps == 4 and len(calls) == 1 and calls[0] == 1
 
 
-def test_a_batch_modified_in_place_between_forward_and_backward_is_refused() -> None:
+@pytest.mark.parametrize("path, named", [("layerwise", r"input of 0 \(Linear\)"), ("vmap", "input of the model")])
+def test_a_batch_modified_in_place_between_forward_and_backward_is_refused(path: str, named: str) -> None:
     """loss = ce(model(x), y); x.mul_(3); loss.backward(): plain PyTorch raises (a saved tensor changed); the
     layerwise path computed the first layer's per-example gradients from the modified input (0.64 of the scale
-    off) and released them. Now dpclip's EngineUsageError, before anything is applied."""
+    off) and released them, and the vmap path let torch's RuntimeError out of backward. Now dpclip's
+    EngineUsageError on both, before anything is applied."""
     x, y = _data()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -482,11 +484,11 @@ def test_a_batch_modified_in_place_between_forward_and_backward_is_refused() -> 
     engine = dpclip.PrivacyEngine(seed=0)
     private, optimizer, loader = engine.make_private(
         model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(TensorDataset(x, y), batch_size=20),
-        noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="layerwise")
+        noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=path)
     xb, yb = next(iter(loader))
     loss = _ce(private, [xb, yb])
     xb.mul_(3.0)
-    with pytest.raises(dpclip.errors.EngineUsageError, match=r"input of 0 \(Linear\) was modified in place"):
+    with pytest.raises(dpclip.errors.EngineUsageError, match=named + " was modified in place"):
         loss.backward()
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())) and engine.steps == 0
