@@ -143,6 +143,11 @@ def randint(high: int, *shape: int, seed: int = 2, low: int = 0) -> Tensor:
     return torch.randint(low, high, shape, generator=_gen(seed))
 
 
+def cycled(values: list, dtype: torch.dtype | None = None) -> Tensor:
+    """``values`` repeated to N rows (the zoo's hand-picked per-example lengths and switches, at any N)."""
+    return torch.tensor(values, dtype=dtype).repeat(-(-N // len(values)))[:N]
+
+
 def labels(n: int, classes: int = 3, seed: int = 3) -> Tensor:
     return torch.randint(0, classes, (n,), generator=_gen(seed))
 
@@ -283,7 +288,8 @@ def build_optimizer_extra_param(red: str = "mean") -> Setup:
 
 
 @seeded
-def build_mlp(red: str = "mean", n: int = N, dtype: torch.dtype = torch.float32, dropout: float | None = None) -> Setup:
+def build_mlp(red: str = "mean", n: int | None = None, dtype: torch.dtype = torch.float32, dropout: float | None = None) -> Setup:
+    n = N if n is None else n
     model = mlp(dropout=dropout).to(dtype)
     return Setup(model, (randn(n, 6, dtype=dtype), labels(n)), ce_loss(red))
 
@@ -483,8 +489,32 @@ class RoutedSubset(nn.Module):
 @seeded
 def build_routed_subset(red: str = "mean") -> Setup:
     x = randn(N, 4)
-    x[:, 0] = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])  # three examples take the routed layer
+    x[:, 0] = cycled([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])  # half the examples take the routed layer
     return Setup(RoutedSubset(), (x, labels(N)), ce_loss(red))
+
+
+class SelectedTokenHead(nn.Module):
+    """A head on the tokens a mask selects (h[mask]: rows that are not the examples), the logits summed back into
+    their example with index_add. Per example, nothing mixed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        rows = self.head(torch.tanh(self.enc(x))[mask])
+        return torch.zeros(x.shape[0], 3).index_add(0, mask.nonzero()[:, 0], rows)
+
+
+@seeded
+def build_selected_tokens(red: str = "mean") -> Setup:
+    """One selected token per example for the first 8 (so the rows line up with the examples on the probe), then
+    pairs that select 2 and 0: past the probe the rows no longer line up."""
+    mask = torch.zeros(N, 4, dtype=torch.bool)
+    mask[:, 0] = True
+    for i in range(8, N - 1, 2):
+        mask[i, 2], mask[i + 1, 0] = True, False
+    return Setup(SelectedTokenHead(), (randn(N, 4, 4), mask, labels(N)), ce_loss(red))
 
 
 class ClsPooling(nn.Module):
@@ -516,7 +546,7 @@ class LastTokenGather(nn.Module):
 
 @seeded
 def build_last_token(red: str = "mean") -> Setup:
-    lengths = torch.tensor([5, 3, 1, 4, 2, 5])
+    lengths = cycled([5, 3, 1, 4, 2, 5])
     return Setup(LastTokenGather(), (randn(N, 5, 4), lengths, labels(N)), ce_loss(red))
 
 
@@ -914,7 +944,7 @@ def build_recurrent(kind: str, packed: bool = False, fix: bool = False, red: str
             notes.append(f"fix_model left torch recurrent layers: {', '.join(left)}")
     x = randn(N, 5, 4)
     if packed:
-        lengths = torch.tensor([5, 2, 4, 1, 3, 5])
+        lengths = cycled([5, 2, 4, 1, 3, 5])
         x = x * (torch.arange(5)[None, :, None] < lengths[:, None, None])  # zero padding
         return Setup(model, (x, lengths, labels(N)), ce_loss(red), notes=notes)
     return Setup(model, (x, labels(N)), ce_loss(red), notes=notes)
@@ -950,7 +980,7 @@ def build_bert(lora: bool, red: str = "mean") -> Setup:
         model = _lora(model, ["query", "value"])
     T = 7
     ids = _hf_ids(50, T)
-    lengths = torch.tensor([7, 4, 6, 3, 7, 5])
+    lengths = cycled([7, 4, 6, 3, 7, 5])
     mask = (torch.arange(T)[None, :] < lengths[:, None]).long()  # 2-D attention mask with padding
 
     def loss(m: nn.Module, batch: list[Tensor]) -> Tensor:
@@ -1029,7 +1059,8 @@ def _features(body: nn.Module, shape: tuple[int, ...]) -> int:
 
 
 @seeded
-def build_conv(body_factory: Callable[[], nn.Module], shape: tuple[int, ...], red: str = "mean", n: int = N) -> Setup:
+def build_conv(body_factory: Callable[[], nn.Module], shape: tuple[int, ...], red: str = "mean", n: int | None = None) -> Setup:
+    n = N if n is None else n
     body = body_factory()
     model = ConvNet(body, _features(body, shape))
     return Setup(model, (randn(n, *shape), labels(n)), ce_loss(red))
@@ -1082,7 +1113,7 @@ class MaskedAttentionModel(nn.Module):
 
 @seeded
 def build_mha_padding(red: str = "mean") -> Setup:
-    lengths = torch.tensor([5, 2, 4, 1, 3, 5])
+    lengths = cycled([5, 2, 4, 1, 3, 5])
     pad = torch.arange(5)[None, :] >= lengths[:, None]  # True = padding
     return Setup(MaskedAttentionModel(), (randn(N, 5, 4), pad, labels(N)), ce_loss(red))
 
@@ -1232,6 +1263,9 @@ def _cases() -> list[Case]:
              ("pos_proj", "TableProj"), "a Linear applied to a learned [T, d] table (not the batch), T == B"),
         Case("layer_on_part_of_batch", "B", build_routed_subset, EXACT_OR_REFUSED, ("routed", "RoutedSubset"),
              "a Linear applied to the rows x[chosen] only (routing); per-example function, batch-dependent layer input"),
+        Case("rows_selected_by_mask", "B", build_selected_tokens, EXACT_OR_REFUSED, ("head", "SelectedTokenHead"),
+             "head(h[mask]) summed back with index_add: rows line up with the examples on the probe only "
+             "(test_oracle_models_wide runs it past the probe, where the every-row check must refuse it)"),
         Case("cls_pooling", "B", build_cls_pooling, EXACT, (), "head(h[:, 0])"),
         Case("last_token_gather", "B", build_last_token, EXACT, (), "h[torch.arange(B), lengths - 1]"),
         Case("trimmed_to_probe_size", "B", build_trimmed_tokens, {"vmap": EXACT_OR_REFUSED}, ("TrimmedTokens",),

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import dpclip
 from tests.dpclip.oracle_models import (
-    EXACT, EXACT_OR_REFUSED, REFUSED, N, Case, ConvNet, Setup, TokenModel, _features, ce_loss, labels, mlp,
+    EXACT, EXACT_OR_REFUSED, REFUSED, N, Case, ConvNet, Setup, TokenModel, _features, ce_loss, cycled, labels, mlp,
     randint, randn, reduce, run_case, seeded, verdict,
 )
 
@@ -36,7 +36,8 @@ Tensor = torch.Tensor
 # helpers
 # ---------------------------------------------------------------------------------------------------------
 @seeded
-def build_conv_body(body_factory, shape, red="mean", n=N, fix=False):
+def build_conv_body(body_factory, shape, red="mean", n=None, fix=False):
+    n = N if n is None else n
     body = body_factory()
     model = ConvNet(body, _features(body, shape))
     if fix:
@@ -122,7 +123,7 @@ def build_bag(mode, weighted=False, offsets=False, red="mean"):
     ids = randint(12, N, 5)
     model = BagModel(mode, weighted, offsets)
     if offsets:
-        lengths = torch.tensor([5, 2, 4, 1, 3, 5])
+        lengths = cycled([5, 2, 4, 1, 3, 5])
         w = randn(N, 5, seed=9).abs()
         if weighted:
             def loss(m, batch):
@@ -166,7 +167,7 @@ class Emb1D(nn.Module):  # one token per example: ids [B]
 
 @seeded
 def build_emb_1d(red="mean"):
-    ids = torch.tensor([0, 1, 0, 2, 1, 0])  # repeated ids across examples
+    ids = cycled([0, 1, 0, 2, 1, 0])  # repeated ids across examples
     return Setup(Emb1D(), (ids, labels(N)), ce_loss(red))
 
 
@@ -332,7 +333,7 @@ class PerExampleMask(nn.Module):
 @seeded
 def build_per_example_mask(red="mean"):
     T = 5
-    lengths = torch.tensor([5, 2, 4, 1, 3, 5])
+    lengths = cycled([5, 2, 4, 1, 3, 5])
     keyok = torch.arange(T)[None, :] < lengths[:, None]
     mask = ~keyok[:, None, :].expand(N, T, T).clone()  # block padded keys
     return Setup(PerExampleMask(), (randn(N, T, 4), mask, labels(N)), ce_loss(red))
