@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .errors import EngineUsageError
-from .per_sample import batch_size_of, batched_parameter_forward, trainable_parameters, without_padding_rows
+from .per_sample import batch_size_of, batched_parameter_forward, trainable_parameters
 
 Tensor = torch.Tensor
 ChunkConsumer = Callable[[dict[str, Tensor], float, int], None]  # (grads, scale, index of first example)
@@ -96,14 +96,11 @@ def per_example_forward(
     scale = float(batch) if mean_reduction else 1.0
     params = {name: p.detach() for name, p in trainable_parameters(module).items()}
 
-    def without_padding(grads: dict[str, Tensor], scale: float, start: int) -> None:
-        consume(without_padding_rows(module, grads), scale, start)
-
     outputs, collectors = [], []
     for start in range(0, batch, chunk_size):
         stop = min(start + chunk_size, batch)
         leaves = {name: p.expand(stop - start, *p.shape).requires_grad_() for name, p in params.items()}
-        collectors.append(ChunkCollector(leaves, scale, start, without_padding))
+        collectors.append(ChunkCollector(leaves, scale, start, consume))
         chunk_args = _slice_batch(args, batch, start, stop)
         chunk_kwargs = _slice_batch(kwargs, batch, start, stop)
         outputs.append(batched_parameter_forward(module, leaves, chunk_args, chunk_kwargs))

@@ -12,7 +12,8 @@ adding and removing a batch dimension of size 1):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -66,8 +67,48 @@ def single_example_call(
     args_dims, kwargs_dims = in_dims
     batched_args = tuple(_unsqueeze(a, d) for a, d in zip(args, args_dims))
     batched_kwargs = {k: _unsqueeze(v, kwargs_dims[k]) for k, v in kwargs.items()}
-    out = functional_call(model, dict(tensors), batched_args, batched_kwargs)
+    _refuse_aliased_modules(model)
+    with _padding_rows_detached(model):
+        out = functional_call(model, dict(tensors), batched_args, batched_kwargs)
     return tree_map(lambda t: t.squeeze(0) if isinstance(t, Tensor) and t.dim() > 0 else t, out)
+
+
+def _refuse_aliased_modules(model: nn.Module) -> None:
+    """ModelNotSupportedError for a module with its own parameters or buffers registered under two names
+    (``self.b = self.a``): torch.func.functional_call swaps its tensors in under one name and restores them under
+    the other, leaving the vmapped copies in the model."""
+    first: dict[int, str] = {}
+    for name, sub in model.named_modules(remove_duplicate=False):
+        if next(iter(sub.parameters(recurse=False)), None) is None and next(iter(sub.buffers(recurse=False)), None) is None:
+            continue
+        if id(sub) in first:
+            raise ModelNotSupportedError(
+                f"{first[id(sub)]} and {name} are the same {type(sub).__name__} registered under two names: "
+                "torch.func.functional_call, which the vmap path runs the model with, would leave per-example copies "
+                "of its parameters in the model. Register it once and call it twice in forward (drop the second "
+                "attribute), or use grad_sample_mode='layerwise'."
+            )
+        first[id(sub)] = name or type(sub).__name__
+
+
+@contextmanager
+def _padding_rows_detached(model: nn.Module) -> Iterator[None]:
+    """Each Embedding with a ``padding_idx`` gives its padding positions' outputs no gradient, as torch's own
+    embedding backward does: torch's vmap batching rule offsets the ids of batched weights but not
+    ``padding_idx``, so that row would otherwise get gradients from the layer's call. Only that call's: the same
+    table used elsewhere (``F.embedding(ids, emb.weight)``, a tied output head) still trains the row."""
+
+    def detach_padding(layer: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+        ids = args[0] if args else kwargs["input"]
+        return torch.where((ids == layer.padding_idx).unsqueeze(-1), output.detach(), output)
+
+    handles = [m.register_forward_hook(detach_padding, with_kwargs=True) for m in model.modules()
+               if isinstance(m, nn.Embedding) and m.padding_idx is not None]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _unsqueeze(value: Any, dim: Any) -> Any:
@@ -88,20 +129,6 @@ def batched_parameter_forward(
         return single_example_call(model, {**fixed, **params}, a, kw, dims)
 
     return vmap(one, in_dims=(0, dims[0], dims[1]), randomness="different")(dict(leaves), tuple(args), dict(kwargs))
-
-
-def without_padding_rows(module: nn.Module, grads: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Zero the ``padding_idx`` row of every Embedding's per-example weight gradients: torch's vmap batching rule
-    offsets the ids of batched weights but not ``padding_idx``, so that row would otherwise get gradients."""
-    uses: dict[int, int] = {}
-    for _, p in module.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
-    for name, layer in module.named_modules():
-        if isinstance(layer, nn.Embedding) and layer.padding_idx is not None and uses.get(id(layer.weight)) == 1:
-            key = f"{name}.weight" if name else "weight"  # (a tied weight's padding row also gets other layers' gradient)
-            if key in grads:
-                grads[key] = grads[key].index_fill(1, torch.tensor([layer.padding_idx], device=grads[key].device), 0.0)
-    return grads
 
 
 def per_sample_grads(
@@ -130,4 +157,4 @@ def per_sample_grads(
     if batch == 0:
         return {name: p.new_zeros((0, *p.shape)) for name, p in params.items()}
     per_example = vmap(grad(loss_of_one), in_dims=(None, dims[0], 0), randomness="different", chunk_size=chunk_size)
-    return without_padding_rows(model, per_example(params, args, targets))
+    return per_example(params, args, targets)

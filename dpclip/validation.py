@@ -11,7 +11,7 @@ import torch.nn as nn
 from .errors import LossNotPerExampleError, ModelNotSupportedError, PrivacyParameterError
 from .frozen_norm import FrozenBatchNorm, require_statistics
 from .grads.registry import refusals
-from .per_sample import batch_size_of, batched_parameter_forward, per_sample_grads, trainable_parameters, without_padding_rows
+from .per_sample import batch_size_of, batched_parameter_forward, per_sample_grads, trainable_parameters
 from .recurrent import convert as _convert_recurrent
 from .recurrent import is_convertible as _is_convertible_recurrent
 
@@ -181,7 +181,7 @@ def check_loss(
         leaves = {n: p.detach().expand(batch, *p.shape).requires_grad_() for n, p in trainable_parameters(model).items()}
         loss = loss_fn(batched_parameter_forward(model, leaves, args, {}), targets)
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        together = without_padding_rows(model, {n: torch.zeros_like(leaf) if g is None else g for (n, leaf), g in zip(leaves.items(), grads)})
+        together = {n: torch.zeros_like(leaf) if g is None else g for (n, leaf), g in zip(leaves.items(), grads)}
     finally:
         for m, mode in modes.items():
             m.training = mode

@@ -68,10 +68,11 @@ def vmap_runner(module_names: list[str]) -> PathRunner:
     return run
 
 
-class StoredUnderVmap:
-    """Stands, after a vmapped forward, for a tensor that the forward stored on the model (``self.aux = ...``):
-    such a tensor exists only inside each example's run (functorch fails on any use of it), and a loss term built
-    on it would bypass the per-example gradients. Any use raises :class:`ModelNotSupportedError` saying so, before
+class StoredTensorStandIn:
+    """Stands for a tensor that a forward stored on the model (``self.aux = ...``) where reading it back would be
+    wrong: after a vmapped forward (it exists only inside each example's run, functorch fails on any use of it, and
+    a loss term built on it would bypass the per-example gradients), and after verification's forwards on the first
+    batch (it was computed from those examples). Any use raises :class:`ModelNotSupportedError` saying so, before
     anything is released; a forward that stores it again (torch's weight_norm and pruning hooks) replaces it."""
 
     __slots__ = ("_message",)
@@ -87,11 +88,11 @@ class StoredUnderVmap:
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        stand_in = next(a for a in tree_flatten((args, kwargs or {}))[0] if isinstance(a, StoredUnderVmap))
+        stand_in = next(a for a in tree_flatten((args, kwargs or {}))[0] if isinstance(a, StoredTensorStandIn))
         stand_in._refuse()
 
     def __repr__(self) -> str:
-        return f"<StoredUnderVmap: {object.__getattribute__(self, '_message')}>"
+        return f"<StoredTensorStandIn: {object.__getattribute__(self, '_message')}>"
 
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _refuse
     __matmul__ = __rmatmul__ = __pow__ = __rpow__ = __neg__ = __getitem__ = __len__ = __iter__ = _refuse
@@ -101,12 +102,12 @@ class StoredUnderVmap:
 
 
 class StoredTensorError(ModelNotSupportedError, AttributeError):
-    """A :class:`StoredUnderVmap` was used. Also an AttributeError, so ``hasattr(model, "aux")``-style probing
+    """A :class:`StoredTensorStandIn` was used. Also an AttributeError, so ``hasattr(model, "aux")``-style probing
     and ``getattr(stand_in, name, default)`` keep working."""
 
 
 def _replace_escaped_tensors(module: nn.Module) -> None:
-    """After a vmapped forward: put a :class:`StoredUnderVmap` in place of every tensor the forward stored on the
+    """After a vmapped forward: put a :class:`StoredTensorStandIn` in place of every tensor the forward stored on the
     model (functorch wrappers that escaped the vmapped run), so that a loss reading one gets dpclip's refusal with
     the fix instead of functorch's internal error."""
     for name, sub in module.named_modules():
@@ -117,7 +118,7 @@ def _replace_escaped_tensors(module: nn.Module) -> None:
             if not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in leaves):
                 continue
             where = f"{name}.{attribute}" if name else attribute
-            stand_in = StoredUnderVmap(
+            stand_in = StoredTensorStandIn(
                 f"the model's forward stored a tensor on the model ({where}, in {type(sub).__name__}) and it was read "
                 "after the forward: on the vmap path it exists only inside each example's run, and a loss term built on it "
                 "would not be clipped per example. Return it from forward instead (e.g. as a second output, one row "

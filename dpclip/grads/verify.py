@@ -121,18 +121,32 @@ def _owner(name: str) -> str:
 
 
 class StateGuard:
-    """Detects (and, with a snapshot, undoes) changes to a model's parameters and buffers."""
+    """Detects (and, with a snapshot, undoes) changes to a model's parameters and buffers.
+
+    Without a snapshot (every step): in-place writes, by version counter. With one (verification, on the first
+    batch): also writes that bypass the counter (``p.data.copy_(...)``, as a data-dependent initialisation does),
+    by value, and tensors the forward stores in a module's plain attributes (``self.center = h.mean(0)``), which
+    :meth:`check` replaces with a stand-in that refuses any later use: computed from the probe's examples, they
+    would carry them into every later step outside DP-SGD's mechanism."""
 
     def __init__(self, model: nn.Module, snapshot: bool) -> None:
+        self.model = model
         self.tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         self.versions = {name: t._version for name, t in self.tensors.items()}
         self.saved = {name: t.detach().clone() for name, t in self.tensors.items()} if snapshot else None
+        self.attributes = _tensor_attributes(model) if snapshot else None
 
     def changed(self) -> list[str]:
-        return [name for name, t in self.tensors.items() if t._version != self.versions[name]]
+        if self.saved is None:
+            return [name for name, t in self.tensors.items() if t._version != self.versions[name]]
+        return [name for name, t in self.tensors.items()
+                if t._version != self.versions[name] or not _identical(t.detach(), self.saved[name])]
 
     def check(self) -> None:
-        """Raise ModelNotSupportedError (restoring the snapshot, if any) when the forward wrote to the model."""
+        """Raise ModelNotSupportedError (restoring the snapshot, if any) when the forward wrote to the model; put a
+        stand-in in place of each tensor it stored in a plain attribute (with a snapshot)."""
+        if self.attributes is not None:
+            _stand_in_for_stored(self.model, self.attributes)
         changed = self.changed()
         if not changed:
             return
@@ -144,11 +158,50 @@ class StateGuard:
         raise ModelNotSupportedError(
             f"the private forward/backward changed the model's own state ({', '.join(changed)}) in "
             f"{', '.join(modules)}: a layer that writes data of the batch into parameters or buffers releases it "
-            "outside DP-SGD's mechanism, and one that updates its own state in forward (spectral_norm's power "
-            "iteration) makes each example's re-run differ. "
+            "outside DP-SGD's mechanism (a data-dependent initialisation on the first batch, e.g. ActNorm, does), "
+            "and one that updates its own state in forward (spectral_norm's power iteration) makes each example's "
+            "re-run differ. "
             + ("The state was restored. " if self.saved is not None else "")
-            + "Remove the in-forward update (e.g. running statistics: dpclip.fix_model; Embedding max_norm=None)."
+            + "Remove the in-forward update (e.g. running statistics: dpclip.fix_model; Embedding max_norm=None; "
+            "initialise from public data before make_private)."
         )
+
+
+def _identical(a: Tensor, b: Tensor) -> bool:
+    """Bitwise the same values (NaN matching NaN)."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _tensor_attributes(model: nn.Module) -> dict[tuple[str, str], int]:
+    """id of each plain attribute of each module that holds a tensor (not parameters, buffers or submodules)."""
+    held = {}
+    for name, sub in model.named_modules():
+        for attribute, value in vars(sub).items():
+            if attribute not in ("_parameters", "_buffers", "_modules") and _holds_tensor(value):
+                held[(name, attribute)] = id(value)
+    return held
+
+
+def _holds_tensor(value: Any) -> bool:
+    return any(isinstance(t, Tensor) for t in tree_flatten(value)[0])
+
+
+def _stand_in_for_stored(model: nn.Module, before: dict[tuple[str, str], int]) -> None:
+    """Replace every tensor that verification's forwards stored in a plain module attribute (new, or another
+    object than before) with a stand-in that refuses any use; a forward that stores it again replaces it."""
+    from .paths import StoredTensorStandIn  # the stand-in the vmap path also leaves for tensors stored under vmap
+
+    for (name, attribute), identity in _tensor_attributes(model).items():
+        if before.get((name, attribute)) == identity:
+            continue
+        sub = model.get_submodule(name)
+        where = f"{name}.{attribute}" if name else attribute
+        setattr(sub, attribute, StoredTensorStandIn(
+            f"the model's forward stored a tensor computed from the batch on the model ({where}, in "
+            f"{type(sub).__name__}) while dpclip verified it on the first batch, and it was read again later: it "
+            "carries those examples' data into every later step outside DP-SGD's mechanism. Compute it before "
+            "make_private from public data (a buffer), or return it from forward. Nothing was applied."
+        ))
 
 
 def _same(a: Tensor, b: Tensor, scale: float, tol: float) -> bool:
@@ -199,9 +252,11 @@ def verify_paths(
                 if (random := _random_layer(model, probe_args, probe_kwargs)) is not None:
                     raise ModelNotSupportedError(
                         f"{root}: two forward passes on the same probe differ, first in the output of {random}: the "
-                        "model draws random numbers outside dropout (e.g. torch.randn_like in a reparameterisation), "
-                        "so dpclip can neither check that examples stay apart nor re-run a layer on one example. Draw "
-                        "the noise in the training loop and pass it to the model as an input, one row per example"
+                        "model draws random numbers outside dropout (e.g. torch.randn_like in a reparameterisation) "
+                        "or keeps state from one call to the next (a call counter, a tensor kept in a plain "
+                        "attribute), so dpclip can neither check that examples stay apart nor re-run a layer on one "
+                        "example. Draw the noise in the training loop and pass it to the model as an input, one row "
+                        "per example; pass a changing setting (a temperature, a step) as an input too"
                     ) from None
                 alone = [(_take(args, batch, index[j:j + 1]), _take(kwargs, batch, index[j:j + 1])) for j in range(min(k, batch))]
                 where = _first_layer_that_differs(model, probe_args, probe_kwargs, alone, k)
@@ -216,6 +271,8 @@ def verify_paths(
             for path, run in candidates.items():  # in order of preference: the first that passes is taken
                 reason = _try_path(model, run, probe_args, probe_kwargs, k, k, expected, names, guard)
                 if reason is None and batch > k and (again := (whole_batch or {}).get(path)) is not None:
+                    if expected.past is None:
+                        expected.past = _rows_alone(model, args, kwargs, batch, k)
                     reason = _try_path(model, again, args, kwargs, batch, k, expected, names, guard)
                     if reason is not None:
                         reason = f"on the whole batch of {batch} (the probe of {k} passed): {reason}"
@@ -353,6 +410,22 @@ def _first_layer_that_differs(model: nn.Module, probe_args: tuple, probe_kwargs:
 class _Reference:
     def __init__(self, outputs: list[Tensor], cotangents: list[Tensor], norms: Tensor, total: list[Tensor]) -> None:
         self.outputs, self.cotangents, self.norms, self.total = outputs, cotangents, norms, total
+        self.past: tuple[Tensor, list[Tensor]] | None = None  # rows past the probe and their outputs alone
+
+
+def _rows_alone(model: nn.Module, args: tuple, kwargs: dict, batch: int, k: int) -> tuple[Tensor, list[Tensor]]:
+    """Up to k rows spread over the batch past the probe (the last one included), and each one's outputs when it
+    runs alone: a model whose output depends on a row's position in the batch (``h * (arange(B) >= 12)``), or
+    that mixes examples only there, passes the probe but not these."""
+    rows = torch.linspace(k, batch - 1, steps=min(k, batch - k)).round().long().unique()
+    alone: list[list[Tensor]] = []
+    with torch.no_grad():
+        for row in rows.tolist():
+            one = torch.tensor([row])
+            alone.append([t.detach() for t in float_leaves(model(*_take(args, batch, one), **_take(kwargs, batch, one)))])
+    if any(len(a) != len(alone[0]) for a in alone):
+        raise ModelNotSupportedError("the model returns other outputs for one example than for another")
+    return rows, [torch.cat(leaf) for leaf in zip(*alone)]
 
 
 def _reference(model: nn.Module, probe_args: tuple, probe_kwargs: dict, k: int, batch: int, index: Tensor,
@@ -376,6 +449,13 @@ def _reference(model: nn.Module, probe_args: tuple, probe_kwargs: dict, k: int, 
         if len(single) != len(outputs):
             raise ModelNotSupportedError("the model returns other outputs for one example than for a batch")
         for j, (alone, together) in enumerate(zip(single, outputs)):
+            if alone.shape != together[i : i + 1].shape:
+                raise ModelNotSupportedError(
+                    f"the model's output {j} has shape {tuple(alone.shape)} for one example and "
+                    f"{tuple(together.shape)} for a batch of {k}: dpclip runs each example alone as a batch of one, "
+                    "whose output must keep its batch dim (e.g. squeeze(-1) instead of squeeze(), which also drops "
+                    "a batch dim of 1)"
+                )
             if not _same(alone.detach(), together[i : i + 1], _scale(together), _tolerance(together)):
                 raise ModelNotSupportedError(
                     f"example {i}'s output {j} differs when it runs alone and inside a batch: the model mixes "
@@ -412,6 +492,13 @@ def _check_path(model: nn.Module, run: PathRunner, run_args: tuple, run_kwargs: 
         return (f"its forward returns other outputs than {type(model).__name__}'s own forward" if size == k else
                 "the probe's examples get other outputs inside the whole batch than alone: the model mixes examples "
                 "in batches of this size")
+    if size > k and expected.past is not None:
+        rows, alone = expected.past
+        if len(alone) != len(outputs) or any(not _same(o[rows].detach(), a, _scale(a), _tolerance(a))
+                                             for o, a in zip(outputs, alone)):
+            return ("examples past the probe get other outputs inside the whole batch than alone (rows "
+                    f"{', '.join(str(r) for r in rows.tolist())} checked): the output depends on the row's position in "
+                    "the batch or on other examples")
     generator = torch.Generator().manual_seed(1)
     cotangents = [cot if size == k else torch.cat([cot, torch.randn((size - k, *cot.shape[1:]), generator=generator,
                                                                     dtype=torch.float64).to(cot)])

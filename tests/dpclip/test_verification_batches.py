@@ -631,3 +631,158 @@ def test_an_embedding_scaling_its_gradient_by_batch_frequency_keeps_the_layerwis
     torch.manual_seed(0)
     errors = run_steps(FrequencyScaledEmbedding(), (ids, y), _ce, [list(range(40))], mode="layerwise")
     assert max(errors) < TOL, errors
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sixth adversarial round (unseen models, batches past the probe)
+# ------------------------------------------------------------------------------------------------------------
+class PaddedTableReused(nn.Module):
+    """An Embedding with padding_idx=0 whose table is also read without it: F.embedding on the first two ids,
+    and a tied output head. Only the Embedding's own call leaves the padding row untrained."""
+
+    def __init__(self, tied_head: bool) -> None:
+        super().__init__()
+        self.emb, self.tied_head = nn.Embedding(20, 8, padding_idx=0), tied_head
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids).sum(1) + F.embedding(ids[:, :2], self.emb.weight).sum(1)
+        if self.tied_head:
+            return (torch.tanh(h) @ self.emb.weight.T)[:, :3]
+        return self.out(torch.tanh(h))
+
+
+@pytest.mark.parametrize("tied_head", [False, True])
+@pytest.mark.parametrize("mode", ["auto", "vmap"])
+def test_a_padding_row_trained_through_another_use_of_the_table_is_exact(tied_head: bool, mode: str) -> None:
+    """The vmap path zeroed the whole padding row of a padding Embedding's weight whenever the weight was registered
+    once, dropping the gradient the row gets from the table's other uses (0.016 of the scale off, on every path
+    that runs vmap, even with every-step verification when no probe example read the row)."""
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, 20, (40, 6), generator=g), torch.randint(0, 3, (40,), generator=g)
+    assert bool((ids[:, :2] == 0).any())  # the padding id is read through F.embedding by some examples
+    torch.manual_seed(0)
+    errors = run_steps(PaddedTableReused(tied_head), (ids, y), _ce, [list(range(24)), list(range(10, 40))], mode=mode)
+    assert max(errors) < TOL, errors
+
+
+class LinearRegisteredTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = self.a  # the same module under a second name
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_a_module_registered_under_two_names_is_refused_on_the_vmap_path_and_exact_on_layerwise() -> None:
+    """torch.func.functional_call swapped the module's tensors in under one name and restored them under the
+    other, leaving per-example copies in the model: torch's 'tensor escaped from vmap' error on the next step.
+    Now refused by name before the model is run, the model untouched; the layerwise path handles it."""
+    x, y = _data()
+    torch.manual_seed(0)
+    model = LinearRegisteredTwice()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ModelNotSupportedError, match=r"a and b are the same Linear registered under two names"):
+        run_steps(model, (x, y), _ce, [list(range(24))], mode="vmap")
+    assert all(type(p) is nn.Parameter and not torch._C._functorch.is_functorch_wrapped_tensor(p) for p in model.parameters())
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    torch.manual_seed(0)
+    errors = run_steps(LinearRegisteredTwice(), (x, y), _ce, [list(range(24)), list(range(10, 40))])
+    assert max(errors) < TOL, errors
+
+
+class ActNormInit(nn.Module):
+    """Glow's ActNorm: location and scale initialised from the first batch it sees, through .data (which bumps
+    no version counter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.loc, self.logs = nn.Parameter(torch.zeros(8)), nn.Parameter(torch.zeros(8))
+        self.initialized = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if not self.initialized:
+            with torch.no_grad():
+                self.loc.data.copy_(-h.mean(0))
+                self.logs.data.copy_(-torch.log(h.std(0, unbiased=False) + 0.5))
+            self.initialized = True
+        return self.out(torch.tanh((h + self.loc) * self.logs.exp()))
+
+
+class CentredOnFirstBatch(nn.Module):
+    """The first batch's mean activation kept in a plain attribute and subtracted from then on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.center: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if self.center is None:
+            self.center = h.detach().mean(0)
+        return self.out(torch.tanh(h - self.center))
+
+
+@pytest.mark.parametrize("mode", ["auto", "layerwise", "vmap"])
+def test_a_forward_that_stores_data_of_the_first_batch_in_the_model_is_refused(mode: str) -> None:
+    """Verification's first forward ran on 7 private examples and the model kept their statistics (ActNorm's
+    .data init: 0.66 of the scale off; a plain attribute: 0.92), on every path and verify setting. Now: the
+    parameters are compared by value with verification's snapshot (restored, refused), and a tensor stored in a
+    plain attribute during verification is replaced by a stand-in that refuses any later use."""
+    x, y = _data()
+    torch.manual_seed(0)
+    model = ActNormInit()
+    with pytest.raises(ModelNotSupportedError, match=r"changed the model's own state \(loc, logs\)"):
+        run_steps(model, (x, y), _ce, [list(range(24))], mode=mode)
+    assert float(model.loc.abs().max()) == 0.0 and float(model.logs.abs().max()) == 0.0  # restored
+    torch.manual_seed(0)
+    with pytest.raises(ModelNotSupportedError, match=r"stored a tensor computed from the batch on the model \(center"):
+        run_steps(CentredOnFirstBatch(), (x, y), _ce, [list(range(24))], mode=mode)
+
+
+class ScalesRowsPastTwelve(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        position = (torch.arange(x.shape[0]) >= 12).float()[:, None]
+        return self.out(torch.tanh(self.a(x)) * (1 + position))
+
+
+def test_an_output_that_depends_on_the_row_position_past_the_probe_is_refused_on_layerwise() -> None:
+    """Rows from 12 on are scaled by their position in the batch: the 7-row probe lines up, the release was 0.33
+    of the scale off on the layerwise path. The whole-batch pass now also runs up to k rows past the probe alone;
+    auto falls back to the vmap path, where each example runs alone (exact)."""
+    x, y = _data()
+    torch.manual_seed(0)
+    with pytest.raises(ModelNotSupportedError, match=r"examples past the probe get other outputs"):
+        run_steps(ScalesRowsPastTwelve(), (x, y), _ce, [list(range(24))], mode="layerwise")
+    torch.manual_seed(0)
+    errors = run_steps(ScalesRowsPastTwelve(), (x, y), _ce, [list(range(24)), list(range(10, 40))])
+    assert max(errors) < TOL, errors
+
+
+class SqueezedRegression(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(6, 8), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.a(x))).squeeze()  # [B]; a scalar for one example
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size")  # the harness's own oracle, on one example
+def test_an_output_that_loses_its_batch_dim_on_one_example_is_refused_with_the_cause() -> None:
+    """.squeeze() also drops the batch dim of one example: refused (as before), now saying so instead of 'the
+    model mixes examples'."""
+    x, _ = _data()
+    torch.manual_seed(0)
+    with pytest.raises(ModelNotSupportedError, match=r"has shape \(\) for one example and \(7,\).*squeeze\(-1\)"):
+        run_steps(SqueezedRegression(), (x, x[:, 0]), lambda m, b: F.mse_loss(m(b[0]), b[1]), [list(range(24))])
