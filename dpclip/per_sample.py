@@ -12,13 +12,13 @@ adding and removing a batch dimension of size 1):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, vmap
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import ModelNotSupportedError
@@ -68,7 +68,7 @@ def single_example_call(
     batched_args = tuple(_unsqueeze(a, d) for a, d in zip(args, args_dims))
     batched_kwargs = {k: _unsqueeze(v, kwargs_dims[k]) for k, v in kwargs.items()}
     _refuse_aliased_modules(model)
-    with _padding_rows_detached(model):
+    with _PaddingRowsDetached():
         out = functional_call(model, dict(tensors), batched_args, batched_kwargs)
     return tree_map(lambda t: t.squeeze(0) if isinstance(t, Tensor) and t.dim() > 0 else t, out)
 
@@ -86,29 +86,34 @@ def _refuse_aliased_modules(model: nn.Module) -> None:
                 f"{first[id(sub)]} and {name} are the same {type(sub).__name__} registered under two names: "
                 "torch.func.functional_call, which the vmap path runs the model with, would leave per-example copies "
                 "of its parameters in the model. Register it once and call it twice in forward (drop the second "
-                "attribute), or use grad_sample_mode='layerwise'."
+                "attribute); dpclip's layerwise path (PrivacyEngine's default grad_sample_mode='auto') handles it."
             )
         first[id(sub)] = name or type(sub).__name__
 
 
-@contextmanager
-def _padding_rows_detached(model: nn.Module) -> Iterator[None]:
-    """Each Embedding with a ``padding_idx`` gives its padding positions' outputs no gradient, as torch's own
-    embedding backward does: torch's vmap batching rule offsets the ids of batched weights but not
-    ``padding_idx``, so that row would otherwise get gradients from the layer's call. Only that call's: the same
-    table used elsewhere (``F.embedding(ids, emb.weight)``, a tied output head) still trains the row."""
+class _PaddingRowsDetached(TorchFunctionMode):
+    """Each embedding lookup with a ``padding_idx`` (``nn.Embedding`` and its subclasses, ``F.embedding``,
+    ``torch.embedding``) gives its padding positions' outputs no gradient, as torch's own embedding backward does:
+    torch's vmap batching rule offsets the ids of batched weights but not ``padding_idx``, so that row would
+    otherwise get gradients from the lookup. Only that lookup's: the same table used elsewhere (``emb.weight`` in a
+    tied output head) still trains the row."""
 
-    def detach_padding(layer: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
-        ids = args[0] if args else kwargs["input"]
-        return torch.where((ids == layer.padding_idx).unsqueeze(-1), output.detach(), output)
-
-    handles = [m.register_forward_hook(detach_padding, with_kwargs=True) for m in model.modules()
-               if isinstance(m, nn.Embedding) and m.padding_idx is not None]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.nn.functional.embedding:
+            ids, weight = (args[0] if args else kwargs["input"]), (args[1] if len(args) > 1 else kwargs["weight"])
+            padding = args[2] if len(args) > 2 else kwargs.get("padding_idx")
+        elif func is torch.embedding:
+            weight, ids = (args[0] if args else kwargs["weight"]), (args[1] if len(args) > 1 else kwargs["indices"])
+            padding = args[2] if len(args) > 2 else kwargs.get("padding_idx", -1)
+            padding = None if padding < 0 else padding
+        else:
+            return out
+        if padding is None:
+            return out
+        padding = padding + weight.shape[0] if padding < 0 else padding
+        return torch.where((ids == padding).unsqueeze(-1), out.detach(), out)
 
 
 def _unsqueeze(value: Any, dim: Any) -> Any:

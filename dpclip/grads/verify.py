@@ -41,6 +41,7 @@ from ..errors import ModelNotSupportedError
 from ..example_grads import ExampleGradients
 from .contributions import unit_roundoff
 from .registry import float_leaves
+from .tape import _Derived
 
 Tensor = torch.Tensor
 PathRunner = Callable[[nn.Module, tuple, dict, int], tuple[Any, Callable[[], ExampleGradients]]]
@@ -129,12 +130,11 @@ class StateGuard:
     :meth:`check` replaces with a stand-in that refuses any later use: computed from the probe's examples, they
     would carry them into every later step outside DP-SGD's mechanism."""
 
-    def __init__(self, model: nn.Module, snapshot: bool) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, snapshot: bool, from_batch: FromBatch | None = None) -> None:
+        self.model, self.from_batch = model, from_batch
         self.tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         self.versions = {name: t._version for name, t in self.tensors.items()}
         self.saved = {name: t.detach().clone() for name, t in self.tensors.items()} if snapshot else None
-        self.attributes = _tensor_attributes(model) if snapshot else None
 
     def changed(self) -> list[str]:
         if self.saved is None:
@@ -143,10 +143,10 @@ class StateGuard:
                 if t._version != self.versions[name] or not _identical(t.detach(), self.saved[name])]
 
     def check(self) -> None:
-        """Raise ModelNotSupportedError (restoring the snapshot, if any) when the forward wrote to the model; put a
-        stand-in in place of each tensor it stored in a plain attribute (with a snapshot)."""
-        if self.attributes is not None:
-            _stand_in_for_stored(self.model, self.attributes)
+        """Raise ModelNotSupportedError (restoring the snapshot, if any) when the forward wrote to the model; with
+        ``from_batch``, put a stand-in in place of each tensor computed from the batch held in a plain attribute."""
+        if self.from_batch is not None:
+            _stand_in_for_stored(self.model, self.from_batch)
         changed = self.changed()
         if not changed:
             return
@@ -172,36 +172,59 @@ def _identical(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
-def _tensor_attributes(model: nn.Module) -> dict[tuple[str, str], int]:
-    """id of each plain attribute of each module that holds a tensor (not parameters, buffers or submodules)."""
-    held = {}
-    for name, sub in model.named_modules():
-        for attribute, value in vars(sub).items():
-            if attribute not in ("_parameters", "_buffers", "_modules") and _holds_tensor(value):
-                held[(name, attribute)] = id(value)
-    return held
+class FromBatch(TorchFunctionMode):
+    """Marks, while active, every tensor computed from the batch's tensors (any op with such an input, ``.detach()``
+    and ``.data`` included; in-place writes mark their target), by id with a weak reference."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        super().__init__()
+        self.derived = _Derived()
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, Tensor):
+                self.derived.add(t, _BATCH)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if any(isinstance(t, Tensor) and self.derived.sources(t) for t in tree_flatten((args, kwargs))[0]):
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, Tensor):
+                    self.derived.add(t, _BATCH)
+        return out
+
+    def holds(self, value: Any) -> bool:
+        """Whether ``value`` (a tensor, or a list/tuple/dict of them) holds a tensor computed from the batch."""
+        return any(isinstance(t, Tensor) and self.derived.sources(t) for t in tree_flatten(value)[0])
 
 
-def _holds_tensor(value: Any) -> bool:
-    return any(isinstance(t, Tensor) for t in tree_flatten(value)[0])
+_BATCH = frozenset({"batch"})
 
 
-def _stand_in_for_stored(model: nn.Module, before: dict[tuple[str, str], int]) -> None:
-    """Replace every tensor that verification's forwards stored in a plain module attribute (new, or another
-    object than before) with a stand-in that refuses any use; a forward that stores it again replaces it."""
+def _stand_in_for_stored(model: nn.Module, from_batch: FromBatch) -> None:
+    """Replace every tensor computed from the batch that verification's forwards left in a plain attribute of a
+    module (or of a plain object one of them holds, ``self.stats.center``) with a stand-in that refuses any use; a
+    forward that stores it anew replaces it."""
     from .paths import StoredTensorStandIn  # the stand-in the vmap path also leaves for tensors stored under vmap
 
-    for (name, attribute), identity in _tensor_attributes(model).items():
-        if before.get((name, attribute)) == identity:
-            continue
-        sub = model.get_submodule(name)
-        where = f"{name}.{attribute}" if name else attribute
-        setattr(sub, attribute, StoredTensorStandIn(
-            f"the model's forward stored a tensor computed from the batch on the model ({where}, in "
-            f"{type(sub).__name__}) while dpclip verified it on the first batch, and it was read again later: it "
-            "carries those examples' data into every later step outside DP-SGD's mechanism. Compute it before "
-            "make_private from public data (a buffer), or return it from forward. Nothing was applied."
+    def stand_in(owner: Any, attribute: str, where: str) -> None:
+        setattr(owner, attribute, StoredTensorStandIn(
+            f"the model's forward stored a tensor computed from the batch on the model ({where}) while dpclip "
+            "verified it on the first batch, and it was read again later: it carries those examples' data into "
+            "every later step outside DP-SGD's mechanism. Compute it before make_private from public data (a "
+            "buffer), or return it from forward. Nothing was applied."
         ))
+
+    for name, sub in model.named_modules():
+        for attribute, value in list(vars(sub).items()):
+            if attribute in ("_parameters", "_buffers", "_modules") or isinstance(value, (nn.Module, type)):
+                continue
+            where = f"{name}.{attribute}, in {type(sub).__name__}" if name else f"{attribute}, in {type(sub).__name__}"
+            if from_batch.holds(value):
+                stand_in(sub, attribute, where)
+            elif hasattr(value, "__dict__") and not callable(value) and not isinstance(value, Tensor):
+                for inner, held in list(vars(value).items()):
+                    if from_batch.holds(held):
+                        stand_in(value, inner, where.replace(f"{attribute},", f"{attribute}.{inner},", 1))
 
 
 def _same(a: Tensor, b: Tensor, scale: float, tol: float) -> bool:
@@ -234,10 +257,12 @@ def verify_paths(
     params = dict(model.named_parameters())
     trainable = [params[n] for n in names]
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
-    guard = StateGuard(model, snapshot=True)
+    from_batch = FromBatch(args, kwargs)
+    guard = StateGuard(model, snapshot=True, from_batch=from_batch)
     root = describe(model)
     try:
         with ExitStack() as stack:
+            stack.enter_context(from_batch)
             stack.enter_context(torch.random.fork_rng(devices=devices))
             stack.enter_context(torch.autocast("cpu", enabled=False))
             if devices:
