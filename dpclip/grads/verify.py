@@ -126,9 +126,9 @@ class StateGuard:
 
     Without a snapshot (every step): in-place writes, by version counter. With one (verification, on the first
     batch): also writes that bypass the counter (``p.data.copy_(...)``, as a data-dependent initialisation does),
-    by value, and tensors the forward stores in a module's plain attributes (``self.center = h.mean(0)``), which
-    :meth:`check` replaces with a stand-in that refuses any later use: computed from the probe's examples, they
-    would carry them into every later step outside DP-SGD's mechanism."""
+    by value. With ``from_batch`` (verification): tensors computed from the batch left in plain attributes
+    (``self.center = h.mean(0)``), which :meth:`check` replaces with a stand-in that refuses any later use: they
+    would carry the probe's examples into every later step outside DP-SGD's mechanism."""
 
     def __init__(self, model: nn.Module, snapshot: bool, from_batch: FromBatch | None = None) -> None:
         self.model, self.from_batch = model, from_batch
