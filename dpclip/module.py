@@ -85,8 +85,10 @@ def per_example_forward(
     chunk_size: int,
     mean_reduction: bool,
     consume: ChunkConsumer,
+    padding: bool = True,
 ) -> tuple[Any, list[ChunkCollector]]:
-    """Forward pass whose backward delivers per-example gradients to ``consume`` chunk by chunk."""
+    """Forward pass whose backward delivers per-example gradients to ``consume`` chunk by chunk (``padding``: see
+    :func:`dpclip.per_sample.single_example_call`)."""
     batch = batch_size_of(args, kwargs)
     if batch == 0:
         with torch.no_grad():
@@ -103,7 +105,7 @@ def per_example_forward(
         collectors.append(ChunkCollector(leaves, scale, start, consume))
         chunk_args = _slice_batch(args, batch, start, stop)
         chunk_kwargs = _slice_batch(kwargs, batch, start, stop)
-        outputs.append(batched_parameter_forward(module, leaves, chunk_args, chunk_kwargs))
+        outputs.append(batched_parameter_forward(module, leaves, chunk_args, chunk_kwargs, padding))
     return _concat(outputs), collectors
 
 

@@ -13,6 +13,7 @@ adding and removing a batch dimension of size 1):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -61,14 +62,17 @@ def batch_in_dims(values: Any, batch: int) -> Any:
 
 
 def single_example_call(
-    model: nn.Module, tensors: Mapping[str, Tensor], args: Sequence[Any], kwargs: Mapping[str, Any], in_dims: Any
+    model: nn.Module, tensors: Mapping[str, Tensor], args: Sequence[Any], kwargs: Mapping[str, Any], in_dims: Any,
+    padding: bool = True,
 ) -> Any:
-    """Run ``model`` (with ``tensors`` as its parameters/buffers) on one example inside vmap."""
+    """Run ``model`` (with ``tensors`` as its parameters/buffers) on one example inside vmap. ``padding=False``
+    skips :class:`_PaddingRowsDetached` (a Python-level hook on every op) for a model known to make no embedding
+    lookup with a ``padding_idx``."""
     args_dims, kwargs_dims = in_dims
     batched_args = tuple(_unsqueeze(a, d) for a, d in zip(args, args_dims))
     batched_kwargs = {k: _unsqueeze(v, kwargs_dims[k]) for k, v in kwargs.items()}
     _refuse_aliased_modules(model)
-    with _PaddingRowsDetached():
+    with _PaddingRowsDetached() if padding else nullcontext():
         out = functional_call(model, dict(tensors), batched_args, batched_kwargs)
     return tree_map(lambda t: t.squeeze(0) if isinstance(t, Tensor) and t.dim() > 0 else t, out)
 
@@ -91,6 +95,36 @@ def _refuse_aliased_modules(model: nn.Module) -> None:
         first[id(sub)] = name or type(sub).__name__
 
 
+def _padding_of(func: Any, args: tuple, kwargs: dict) -> tuple[Tensor, int] | None:
+    """(ids, padding row) of an embedding lookup with a ``padding_idx`` (``F.embedding``, ``torch.embedding``),
+    else None."""
+    if func is torch.nn.functional.embedding:
+        ids, weight = (args[0] if args else kwargs["input"]), (args[1] if len(args) > 1 else kwargs["weight"])
+        padding = args[2] if len(args) > 2 else kwargs.get("padding_idx")
+    elif func is torch.embedding:
+        weight, ids = (args[0] if args else kwargs["weight"]), (args[1] if len(args) > 1 else kwargs["indices"])
+        padding = args[2] if len(args) > 2 else kwargs.get("padding_idx", -1)
+        padding = None if padding < 0 else padding
+    else:
+        return None
+    if padding is None:
+        return None
+    return ids, padding + weight.shape[0] if padding < 0 else padding
+
+
+class PaddingLookups(TorchFunctionMode):
+    """Records, while active, whether the model made an embedding lookup with a ``padding_idx``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        self.seen = self.seen or _padding_of(func, args, kwargs) is not None
+        return func(*args, **kwargs)
+
+
 class _PaddingRowsDetached(TorchFunctionMode):
     """Each embedding lookup with a ``padding_idx`` (``nn.Embedding`` and its subclasses, ``F.embedding``,
     ``torch.embedding``) gives its padding positions' outputs no gradient, as torch's own embedding backward does:
@@ -101,18 +135,9 @@ class _PaddingRowsDetached(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func is torch.nn.functional.embedding:
-            ids, weight = (args[0] if args else kwargs["input"]), (args[1] if len(args) > 1 else kwargs["weight"])
-            padding = args[2] if len(args) > 2 else kwargs.get("padding_idx")
-        elif func is torch.embedding:
-            weight, ids = (args[0] if args else kwargs["weight"]), (args[1] if len(args) > 1 else kwargs["indices"])
-            padding = args[2] if len(args) > 2 else kwargs.get("padding_idx", -1)
-            padding = None if padding < 0 else padding
-        else:
+        if (lookup := _padding_of(func, args, kwargs)) is None:
             return out
-        if padding is None:
-            return out
-        padding = padding + weight.shape[0] if padding < 0 else padding
+        ids, padding = lookup
         return torch.where((ids == padding).unsqueeze(-1), out.detach(), out)
 
 
@@ -123,15 +148,16 @@ def _unsqueeze(value: Any, dim: Any) -> Any:
 
 
 def batched_parameter_forward(
-    model: nn.Module, leaves: Mapping[str, Tensor], args: Sequence[Any], kwargs: Mapping[str, Any]
+    model: nn.Module, leaves: Mapping[str, Tensor], args: Sequence[Any], kwargs: Mapping[str, Any], padding: bool = True,
 ) -> Any:
-    """Model output on a batch where ``leaves[name]`` holds one copy of each trainable parameter per example."""
+    """Model output on a batch where ``leaves[name]`` holds one copy of each trainable parameter per example
+    (``padding``: see :func:`single_example_call`)."""
     batch = batch_size_of(args, kwargs)
     dims = (batch_in_dims(tuple(args), batch), batch_in_dims(dict(kwargs), batch))
     fixed = fixed_tensors(model)
 
     def one(params: Mapping[str, Tensor], a: tuple, kw: dict) -> Any:
-        return single_example_call(model, {**fixed, **params}, a, kw, dims)
+        return single_example_call(model, {**fixed, **params}, a, kw, dims, padding)
 
     return vmap(one, in_dims=(0, dims[0], dims[1]), randomness="different")(dict(leaves), tuple(args), dict(kwargs))
 

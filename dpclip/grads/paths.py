@@ -19,7 +19,7 @@ from ..errors import ModelNotSupportedError
 from ..example_grads import ExampleGradients, MaterializedGradients
 from ..guards import check_optimizer, refuse_nonprivate_gradients
 from ..module import ChunkCollector, per_example_forward
-from ..per_sample import batch_size_of, trainable_parameters
+from ..per_sample import PaddingLookups, batch_size_of, trainable_parameters
 from .tape import LayerwiseTape, modified_input_error
 from .verify import PathRunner, StateGuard, describe, fix_hint, verify_paths
 
@@ -171,6 +171,9 @@ class PerExampleForward:
         self.collectors: list[ChunkCollector] = []
         self.state: StateGuard | None = None
         self._gradient_guards = refuse_nonprivate_gradients(module)
+        # whether the vmap path must detach embedding lookups' padding positions (a Python hook on every op):
+        # unless verification saw the model make no lookup with a padding_idx and it has no such Embedding
+        self.padding_lookups = True
 
     def follow_trainable(self, module: nn.Module, optimizer: torch.optim.Optimizer,
                          held: Mapping[str, Tensor] | None = None) -> None:
@@ -210,7 +213,7 @@ class PerExampleForward:
         try:
             out, collectors = per_example_forward(
                 module, args, kwargs, self._chunk_size(module), mean,
-                lambda grads, scale, start: consume(MaterializedGradients(grads), scale),
+                lambda grads, scale, start: consume(MaterializedGradients(grads), scale), self.padding_lookups,
             )
         except torch.OutOfMemoryError:
             raise
@@ -240,7 +243,11 @@ class PerExampleForward:
         runners = {"layerwise": tape_runner(self.tape) if self.tape is not None else None, "vmap": vmap_runner(self.trainable)}
         candidates = {path: run for path in self.paths if (run := runners[path]) is not None}
         whole_batch = {"layerwise": tape_runner(self.tape, learn=False)} if self.tape is not None else {}
-        return verify_paths(module, args, kwargs, batch, candidates, self.trainable, whole_batch)
+        with PaddingLookups() as lookups:
+            path = verify_paths(module, args, kwargs, batch, candidates, self.trainable, whole_batch)
+        self.padding_lookups = lookups.seen or any(
+            isinstance(m, nn.Embedding) and m.padding_idx is not None for m in module.modules())
+        return path
 
     def _chunk_size(self, module: nn.Module) -> int:
         if self.chunk_size is not None:
