@@ -41,7 +41,7 @@ from ..errors import ModelNotSupportedError
 from ..example_grads import ExampleGradients
 from .contributions import unit_roundoff
 from .registry import float_leaves
-from .tape import _Derived
+from .tape import _AS_TEMPLATE_OPS, _TEMPLATE_OPS, _Derived
 
 Tensor = torch.Tensor
 PathRunner = Callable[[nn.Module, tuple, dict, int], tuple[Any, Callable[[], ExampleGradients]]]
@@ -186,7 +186,15 @@ class FromBatch(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if any(isinstance(t, Tensor) and self.derived.sources(t) for t in tree_flatten((args, kwargs))[0]):
+        name = getattr(func, "__name__", "")
+        if name in _SHAPE_ONLY_OPS:  # x.new_ones(...), ones_like(x): x's shape, dtype and device only
+            return out
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        if name in _AS_TEMPLATE_OPS:
+            inputs = inputs[:1]  # the other tensor serves as a template only
+        elif name == "new_tensor":
+            inputs = inputs[1:]  # the data, not the tensor it is made like
+        if any(self.derived.sources(t) for t in inputs):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, Tensor):
                     self.derived.add(t, _BATCH)
@@ -194,37 +202,57 @@ class FromBatch(TorchFunctionMode):
 
     def holds(self, value: Any) -> bool:
         """Whether ``value`` (a tensor, or a list/tuple/dict of them) holds a tensor computed from the batch."""
-        return any(isinstance(t, Tensor) and self.derived.sources(t) for t in tree_flatten(value)[0])
+        return any(self.marked(t) for t in tree_flatten(value)[0])
+
+    def marked(self, value: Any) -> bool:
+        return isinstance(value, Tensor) and bool(self.derived.sources(value))
 
 
 _BATCH = frozenset({"batch"})
+_SHAPE_ONLY_OPS = _TEMPLATE_OPS - {"detach", "new_tensor"}
 
 
 def _stand_in_for_stored(model: nn.Module, from_batch: FromBatch) -> None:
-    """Replace every tensor computed from the batch that verification's forwards left in a plain attribute of a
-    module (or of a plain object one of them holds, ``self.stats.center``) with a stand-in that refuses any use; a
-    forward that stores it anew replaces it."""
+    """Replace every tensor computed from the batch that verification's forwards left on the model — in a plain
+    attribute of a module, of one of its parameters or buffers, or of a plain object they hold (up to three levels:
+    ``self.stats.center``), or inside a list or dict there (the elements only, so ``self.acts.clear()`` still works)
+    — with a stand-in that refuses any use; a forward that stores it anew replaces it."""
     from .paths import StoredTensorStandIn  # the stand-in the vmap path also leaves for tensors stored under vmap
 
-    def stand_in(owner: Any, attribute: str, where: str) -> None:
-        setattr(owner, attribute, StoredTensorStandIn(
+    def stand_in(where: str) -> Callable[[Any], Any]:
+        message = (
             f"the model's forward stored a tensor computed from the batch on the model ({where}) while dpclip "
             "verified it on the first batch, and it was read again later: it carries those examples' data into "
             "every later step outside DP-SGD's mechanism. Compute it before make_private from public data (a "
             "buffer), or return it from forward. Nothing was applied."
-        ))
+        )
+        return lambda t: StoredTensorStandIn(message) if from_batch.marked(t) else t
 
-    for name, sub in model.named_modules():
-        for attribute, value in list(vars(sub).items()):
+    def scan(owner: Any, where: str, depth: int, seen: set[int]) -> None:
+        if id(owner) in seen:
+            return
+        seen.add(id(owner))
+        for attribute, value in list(vars(owner).items()):
             if attribute in ("_parameters", "_buffers", "_modules") or isinstance(value, (nn.Module, type)):
                 continue
-            where = f"{name}.{attribute}, in {type(sub).__name__}" if name else f"{attribute}, in {type(sub).__name__}"
+            here = f"{where}.{attribute}" if where else attribute
             if from_batch.holds(value):
-                stand_in(sub, attribute, where)
-            elif hasattr(value, "__dict__") and not callable(value) and not isinstance(value, Tensor):
-                for inner, held in list(vars(value).items()):
-                    if from_batch.holds(held):
-                        stand_in(value, inner, where.replace(f"{attribute},", f"{attribute}.{inner},", 1))
+                replace = stand_in(f"{here}, in {type(owner).__name__}")
+                if isinstance(value, list):
+                    value[:] = [tree_map(replace, v) for v in value]
+                elif isinstance(value, dict):
+                    for key in list(value):
+                        value[key] = tree_map(replace, value[key])
+                else:
+                    setattr(owner, attribute, tree_map(replace, value))
+            elif depth > 1 and hasattr(value, "__dict__") and not callable(value) and not isinstance(value, Tensor):
+                scan(value, here, depth - 1, seen)
+
+    seen: set[int] = set()
+    for name, sub in model.named_modules():
+        scan(sub, name, 3, seen)
+        for tensor_name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
+            scan(tensor, f"{name}.{tensor_name}" if name else tensor_name, 1, seen)
 
 
 def _same(a: Tensor, b: Tensor, scale: float, tol: float) -> bool:
