@@ -75,8 +75,10 @@ SIZES = {
 # its 4 heads and feed-forward 2·d
 LARGE_HEADS, LARGE_FF = 4, 4
 ROOT = Path(__file__).resolve().parents[1]
-# environment variables that change CPU timings: recorded with the results (and in the command line when set)
-THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "BENCH_THREADS")
+# environment variables that change CPU timings: recorded with the results (and in the command line when set);
+# glibc's MALLOC_* decide whether freed memory goes back to the OS, i.e. whether the next step page-faults it in
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "BENCH_THREADS",
+              "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def describe(model: str, size: str) -> str:
