@@ -142,12 +142,13 @@ class StateGuard:
         return [name for name, t in self.tensors.items()
                 if t._version != self.versions[name] or not _identical(t.detach(), self.saved[name])]
 
-    def check(self) -> None:
+    def check(self, changed: list[str] | None = None) -> None:
         """Raise ModelNotSupportedError (restoring the snapshot, if any) when the forward wrote to the model; with
-        ``from_batch``, put a stand-in in place of each tensor computed from the batch held in a plain attribute."""
+        ``from_batch``, put a stand-in in place of each tensor computed from the batch held in a plain attribute.
+        ``changed``: what :meth:`changed` just returned (with a snapshot it compares every value: not twice)."""
         if self.from_batch is not None:
             _stand_in_for_stored(self.model, self.from_batch)
-        changed = self.changed()
+        changed = self.changed() if changed is None else changed
         if not changed:
             return
         if self.saved is not None:
@@ -393,8 +394,8 @@ def _try_path(model: nn.Module, run: PathRunner, run_args: tuple, run_kwargs: di
     finally:
         for handle in handles:
             handle.remove()
-    if guard.changed():
-        guard.check()
+    if changed := guard.changed():
+        guard.check(changed)
     return reason
 
 
@@ -466,6 +467,12 @@ class _Reference:
         self.past: tuple[Tensor, list[Tensor]] | None = None  # rows past the probe and their outputs alone
 
 
+def _outputs_alone(model: nn.Module, args: tuple, kwargs: dict, batch: int, row: int) -> list[Tensor]:
+    """The model's floating outputs for example ``row`` of the batch, run alone (a batch of one)."""
+    one = torch.tensor([row])
+    return float_leaves(model(*_take(args, batch, one), **_take(kwargs, batch, one)))
+
+
 def _rows_alone(model: nn.Module, args: tuple, kwargs: dict, batch: int, k: int) -> tuple[Tensor, list[Tensor]]:
     """Up to k rows spread over the batch past the probe (the last one included), and each one's outputs when it
     runs alone: a model whose output depends on a row's position in the batch (``h * (arange(B) >= 12)``), or
@@ -474,8 +481,7 @@ def _rows_alone(model: nn.Module, args: tuple, kwargs: dict, batch: int, k: int)
     alone: list[list[Tensor]] = []
     with torch.no_grad():
         for row in rows.tolist():
-            one = torch.tensor([row])
-            alone.append([t.detach() for t in float_leaves(model(*_take(args, batch, one), **_take(kwargs, batch, one)))])
+            alone.append([t.detach() for t in _outputs_alone(model, args, kwargs, batch, row)])
     if any(len(a) != len(alone[0]) for a in alone):
         raise ModelNotSupportedError("the model returns other outputs for one example than for another")
     return rows, [torch.cat(leaf) for leaf in zip(*alone)]
@@ -497,8 +503,7 @@ def _reference(model: nn.Module, probe_args: tuple, probe_kwargs: dict, k: int, 
     cotangents = [torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out) for out in outputs]
     norms, total = [], [torch.zeros_like(p) for p in trainable]
     for i in range(k):
-        one = torch.tensor([int(index[i])])
-        single = float_leaves(model(*_take(args, batch, one), **_take(kwargs, batch, one)))
+        single = _outputs_alone(model, args, kwargs, batch, int(index[i]))
         if len(single) != len(outputs):
             raise ModelNotSupportedError("the model returns other outputs for one example than for a batch")
         for j, (alone, together) in enumerate(zip(single, outputs)):
