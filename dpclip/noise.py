@@ -30,6 +30,7 @@ import torch
 from accountants.errors import PrivacyParameterError
 
 from .clipping import Norm
+from .errors import ModelNotSupportedError
 from .norms import NoiseLaw, clip_norm
 
 Tensor = torch.Tensor
@@ -150,6 +151,10 @@ class NoiseSource:
         """
         if law not in ("gaussian", "laplace"):
             raise ValueError(f"the noise law must be 'gaussian' or 'laplace', got {law!r}")
+        if values.is_complex():  # normal_ on a complex tensor gives each real coordinate std scale/√2, not scale
+            raise ModelNotSupportedError(f"dpclip adds noise to real tensors only, got {values.dtype}: store the "
+                                         "parameter as a real tensor with a trailing dimension of 2 and use "
+                                         "torch.view_as_complex on it in forward")
         if values.dtype in (torch.bfloat16, torch.float16):  # half-precision sums: noise drawn, added and scaled in
             return self.noisy(values.float(), scale, law, factor).to(values.dtype)  # float32; the release cast once
         if not self.secure_mode:  # factor·(values + noise(scale)) = noise(factor·scale) + factor·values: one pass

@@ -17,6 +17,8 @@ import torch
 from accountants import Event, Gaussian, Laplace
 from accountants.errors import PrivacyParameterError
 
+from .errors import ModelNotSupportedError
+
 Tensor = torch.Tensor
 NoiseLaw = Literal["gaussian", "laplace"]
 
@@ -32,6 +34,11 @@ class ClipNorm:
     def vector(self, values: Tensor) -> Tensor:
         """Each example's norm of ``values`` [batch, ...] (float32 or wider)."""
         flat = values.reshape(values.shape[0], -1)
+        if flat.is_complex():  # .float() would keep the real part: a norm too small, an example under-clipped
+            raise ModelNotSupportedError(
+                f"a complex ({flat.dtype}) gradient reached the clipping norm; dpclip clips real coordinates only: "
+                "store the parameter as a real tensor with a trailing dimension of 2 and use torch.view_as_complex "
+                "on it in forward")
         if flat.dtype not in (torch.float32, torch.float64):
             flat = flat.float()
         return torch.linalg.vector_norm(flat, ord=self.order, dim=1)

@@ -25,9 +25,19 @@ def model_problems(model: nn.Module) -> list[str]:
     fix: the checks ``make_private`` makes on the model before any data (verification on the first batch may still
     refuse a model that passes them)."""
     problems = []
+    scripted: list[str] = []  # TorchScript modules already reported: their submodules are not reported again
     for name, layer in model.named_modules():
         where = name or type(model).__name__
-        if isinstance(layer, _BATCH_NORMS) or isinstance(layer, nn.modules.batchnorm._LazyNormBase):
+        if any(name == s or name.startswith(s + ".") or s == "" for s in scripted):
+            continue
+        if isinstance(layer, torch.jit.RecursiveScriptModule):
+            scripted.append(name)
+            problems.append(
+                f"{name or 'the model'} ({layer.original_name}) is a TorchScript module (torch.jit.script): dpclip follows each "
+                "layer's inputs and outputs with forward hooks, and TorchScript modules take none; pass the eager "
+                "module (torch.jit.script the trained model afterwards if you need it)"
+            )
+        elif isinstance(layer, _BATCH_NORMS) or isinstance(layer, nn.modules.batchnorm._LazyNormBase):
             problems.append(
                 f"{where} ({type(layer).__name__}) normalises with statistics of the whole batch in training mode, "
                 "so one example changes every other example's gradient"
@@ -70,6 +80,13 @@ def model_problems(model: nn.Module) -> list[str]:
                     f"per-example gradients cannot see into; rebuild it on dpclip.recurrent.DP{kind} "
                     f"(dpclip.fix_model(model) replaces exact nn.{kind} layers only)"
                 )
+    problems.extend(
+        f"parameter {name} is complex ({p.dtype}): dpclip measures gradient norms and draws noise for real "
+        "coordinates, and a complex gradient would have its norm and its noise counted on the real part only; store "
+        "it as a real parameter with a trailing dimension of 2 (real, imaginary) and use torch.view_as_complex on it "
+        "in forward"
+        for name, p in model.named_parameters() if p.requires_grad and p.is_complex()
+    )
     problems.extend(refusals(model))  # what a layer rule refuses (Embedding max_norm / sparse, a user's rule)
     if not any(p.requires_grad for p in model.parameters()):
         problems.append("the model has no trainable parameters (every parameter has requires_grad=False)")
@@ -78,8 +95,8 @@ def model_problems(model: nn.Module) -> list[str]:
 
 def validate_model(model: nn.Module) -> None:
     """Raise :class:`ModelNotSupportedError` listing every reason :func:`model_problems` finds (layers that mix
-    examples, fused recurrent layers, layers a rule refuses, no trainable parameter): what ``make_private`` refuses
-    before it looks at the data."""
+    examples, fused recurrent layers, TorchScript modules, complex trainable parameters, layers a rule refuses, no
+    trainable parameter): what ``make_private`` refuses before it looks at the data."""
     problems = model_problems(model)
     if problems:
         raise ModelNotSupportedError("model not supported for DP training:\n  - " + "\n  - ".join(problems))

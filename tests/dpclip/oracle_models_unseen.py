@@ -856,6 +856,53 @@ def build_embedding_rep(red="mean", **kw):
     return Setup(EmbeddingClassifier(6, **kw), (ids, labels(N)), ce_loss(red))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# 14. Complex parameters and TorchScript (round 7)
+# ---------------------------------------------------------------------------------------------------------
+class ComplexSpectrum(nn.Module):
+    """x (real) @ a complex weight, then |.| and a real head. ``as_pairs``: the weight is stored as a real
+    parameter [6, 8, 2] and read with torch.view_as_complex (the form dpclip's refusal proposes)."""
+
+    def __init__(self, as_pairs: bool):
+        super().__init__()
+        self.as_pairs = as_pairs
+        weight = torch.randn(6, 8, 2) * 0.3
+        self.spectrum = nn.Parameter(weight if as_pairs else torch.view_as_complex(weight).clone())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        w = torch.view_as_complex(self.spectrum) if self.as_pairs else self.spectrum
+        return self.head(torch.matmul(x.to(torch.complex64), w).abs())
+
+
+def build_complex(as_pairs: bool, red="mean"):
+    return Setup(ComplexSpectrum(as_pairs), (randn(N, 6), labels(N)), ce_loss(red))
+
+
+class ScriptedPart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scripted = torch.jit.script(nn.Sequential(nn.Linear(6, 8), nn.Tanh()))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.scripted(x))
+
+
+class ScriptedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = mlp()
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def build_scripted(whole: bool, red="mean"):
+    model = torch.jit.script(ScriptedMLP()) if whole else ScriptedPart()
+    return Setup(model, (randn(N, 6), labels(N)), ce_loss(red))
+
+
 def _more_cases():
     tenc = lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1,
                                          enable_nested_tensor=False)
@@ -894,6 +941,14 @@ def _more_cases():
         Case("lstm_fix_size1", "N", P(build_lstm_fix_n, 1), EXACT),
         Case("transformer_size1", "N", P(build_token_n, tenc, 1), EXACT),
         Case("transformer_size2_T2", "N", P(build_token_n, tenc, 2, T=2), EXACT, notes="B == T == 2"),
+        Case("complex_parameter", "N", P(build_complex, False), REFUSED, ("spectrum",), refuse_at="make_private",
+             notes="a complex64 weight: its norm and noise were counted on the real part only (0.12 of the scale off)"),
+        Case("complex_parameter_as_real_pairs", "N", P(build_complex, True), EXACT,
+             notes="the same weight stored as real [6, 8, 2], read with torch.view_as_complex"),
+        Case("jit_script_submodule", "N", P(build_scripted, False), REFUSED, ("scripted",), refuse_at="make_private",
+             notes="torch.jit.script(Sequential) inside an eager model (torch's hook error escaped)"),
+        Case("jit_script_whole_model", "N", P(build_scripted, True), REFUSED, ("ScriptedMLP",),
+             refuse_at="make_private"),
     ]
 
 

@@ -91,3 +91,15 @@ def test_median_update_is_the_geometric_rule_of_andrew_et_al():
     assert centred == 2 - 2.5
     new = clipping.update(centred, expected_batch_size=5.0)
     assert new == pytest.approx(math.exp(-0.2 * (0.4 - 0.5)))
+
+
+def test_complex_gradients_are_refused_by_the_norm_and_the_noise():
+    """A complex tensor's .float() keeps its real part, and normal_ on it gives each real coordinate std/√2: both
+    the clipping norm and the noise would be too small for the charged σ·C, so both refuse complex input."""
+    from dpclip.errors import ModelNotSupportedError
+
+    grads = {"w": torch.full((3, 2), 1 + 1j, dtype=torch.complex64)}  # 3 examples, |g| = 2 each, real part √2
+    with pytest.raises(ModelNotSupportedError, match="complex.*view_as_complex"):
+        per_example_norms(grads)
+    with pytest.raises(ModelNotSupportedError, match="complex.*view_as_complex"):
+        NoiseSource(seed=0).noisy(grads["w"][0], 1.0, "gaussian")
