@@ -242,7 +242,7 @@ def engine_state(engine: PrivacyEngine, *, key: Key | None = None, extra: Mappin
         "budget": engine.budget,
         "steps": engine.steps,
         "noise": engine.noise.state_dict(),
-        "loader": engine._loader.state_dict(),
+        "loader": engine._loader.state_dict(unread_step_returns=engine.guard.open),  # open here: not used yet
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "extra": extra,
@@ -351,6 +351,13 @@ def _check_locally(engine: PrivacyEngine, state: Mapping[str, Any], key: Key | N
             "so the two continuations would cancel each other's noise. Keep training this engine, or resume in a new "
             "engine once nothing the later steps released is kept (load_state_dict(..., fresh_randomness=True) for "
             "a branch whose releases you keep: its ε then composes with theirs)"
+        )
+    if engine.steps > 0 and int(state["noise"]["seed"]) != engine.noise.seed:
+        raise CheckpointError(
+            f"this engine has already released {engine.steps} steps of its own run and the checkpoint is of another "
+            "run (its noise seed differs): loading it would drop those releases from ε although they were computed "
+            "on the same data. Resume the checkpoint in a new PrivacyEngine (one that has not stepped yet), or keep "
+            "training this one"
         )
     if fresh_randomness and (engine.distributed is not None or engine._sharded is not None):
         raise CheckpointError("fresh_randomness is for one process: in distributed training every rank must draw the "

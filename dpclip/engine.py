@@ -263,6 +263,19 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         check_budget(self)
         self._clear_step()
 
+    def return_unread_batch(self) -> bool:
+        """Called by the Poisson loader when a new iteration starts: True if the batch it last handed out goes back
+        to it unread (the model never ran on it, no step released it), see :meth:`StepGuard.return_unread`."""
+        returned = self.guard.return_unread()
+        if returned:
+            self._clear_step()
+        return returned
+
+    def step_open(self) -> bool:
+        """Whether the current logical step is still open (False once released or abandoned): the loader skips the
+        remaining micro-batches of an abandoned step."""
+        return self.guard.open
+
     def begin_micro_batch(self, index: int, last: bool, size: int | None = None, batch: Any = None) -> None:
         """Called by the Poisson loader before it yields a (micro-)batch of ``size`` examples (``batch``)."""
         self.guard.begin_micro_batch(last, size, batch)
@@ -313,8 +326,19 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
             self.nonfinite_refusals += 1
             raise
         self.collective.assign_gradients(params, noisy)
-        self._optimizer.step()
+        # released (p.grad holds it) from here on: charged before the optimizer runs, so a failing optimizer step
+        # can neither leave an uncharged release nor let a retry release the same batch again
         self.accountant.compose(self._step_event)
         self.steps += 1
         self._bound = self.clipping.after_release(count, settings.expected_batch_size)
         self._abandon_step()
+        try:
+            self._optimizer.step()
+        except Exception as error:
+            raise EngineUsageError(
+                f"the optimizer's own step() failed after this batch's noisy gradient was released: "
+                f"{type(error).__name__}: {error}. The release is charged (ε counts it) and the batch's step is "
+                "closed; the parameters and the optimizer's state may be partly updated, so load the last checkpoint "
+                "(dpclip.load_checkpoint) before training on, with an optimizer whose step() works on these "
+                "parameters (their device and dtype)."
+            ) from error

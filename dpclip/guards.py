@@ -60,6 +60,14 @@ def check_model(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 def check_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer, parameters: Mapping[str, Tensor] | None = None) -> None:
     """The optimizer must hold every trainable parameter of the model and nothing outside the model.
     ``parameters``: the model's parameters by name, if not ``module.named_parameters()`` (FSDP2: its shards)."""
+    if isinstance(optimizer, (torch.optim.LBFGS, torch.optim.SparseAdam)):
+        raise PrivacyParameterError(
+            f"{type(optimizer).__name__} cannot step a private gradient: "
+            + ("LBFGS needs a closure that re-runs the forward pass on the batch, so its examples would count more "
+               "than once" if isinstance(optimizer, torch.optim.LBFGS) else
+               "SparseAdam takes sparse gradients only, and the noisy gradient is dense (noise reaches every row)")
+            + "; use SGD, Adam, AdamW or another optimizer whose step() needs no closure"
+        )
     named = dict(module.named_parameters()) if parameters is None else dict(parameters)
     model_ids = {id(p) for p in named.values()}
     held = [p for group in optimizer.param_groups for p in group["params"]]

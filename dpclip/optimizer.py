@@ -122,7 +122,23 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer.load_state_dict(state_dict)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.original_optimizer.add_param_group(param_group)
+        """Add a group of the model's own parameters (e.g. a layer unfrozen mid-run); a parameter outside the
+        model is refused before anything is added: nothing would clip or noise its gradient."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        module = getattr(self._engine, "_module", None)
+        if module is not None:
+            model_ids = {id(p) for p in module.parameters()}
+            outside = [p for p in params if id(p) not in model_ids]
+            if outside:
+                shapes = ", ".join(str(tuple(p.shape)) for p in outside[:3])
+                raise EngineUsageError(
+                    f"add_param_group: {len(outside)} parameter(s) are not the model's (shapes {shapes}), e.g. a "
+                    "learnable temperature in the loss: they would be stepped with their raw, non-private batch "
+                    "gradient. Make them parameters of the model before make_private (then they are clipped and "
+                    "noised with the rest). Nothing was added."
+                )
+        self.original_optimizer.add_param_group({**param_group, "params": params})
 
     def __repr__(self) -> str:
         return f"DPOptimizer({self.original_optimizer!r})"

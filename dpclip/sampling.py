@@ -104,6 +104,10 @@ class StepListener(Protocol):
 
     def begin_micro_batch(self, index: int, last: bool, size: int | None = None, batch: Any = None) -> None: ...
 
+    def return_unread_batch(self) -> bool: ...
+
+    def step_open(self) -> bool: ...
+
 
 class _EmptyBatch:
     """What a worker returns for an empty Poisson (micro-)batch, where ``collate_fn([])`` would fail; the main
@@ -325,6 +329,9 @@ class PoissonDataLoader:
         #: :mod:`dpclip.distributed` compares it across ranks at every collective.
         self.batches_drawn = 0
         self.listener: StepListener | None = None
+        #: (generator state, steps_done_in_epoch, batches_drawn) before the last step handed out: where the loader
+        #: goes back to when that step's batch returns unread (see :meth:`_return_unread`)
+        self._handed_out: tuple[torch.Tensor, int, int] | None = None
         #: Called when an epoch's iteration ends (distributed training: a tagged check that every rank got there).
         self.on_epoch_end: Callable[[], None] | None = None
         self._empty: Any = None
@@ -409,15 +416,30 @@ class PoissonDataLoader:
             return self._iter_workers()
         return self._iter_main()
 
+    def _return_unread(self) -> None:
+        """At the start of an iteration: a batch the last one handed out that the model never trained on and no
+        step released (the loop left at the top of its body: ``if step == max_steps: break``) goes back, so this
+        iteration hands it out again (the same draw; in secure mode a fresh one) — as a run resumed from a
+        checkpoint taken at that point does. Within one iteration a batch left without its step is refused."""
+        if self.listener is not None and self._handed_out is not None and self.listener.return_unread_batch():
+            state, self.steps_done_in_epoch, self.batches_drawn = self._handed_out
+            self.generator.set_state(state)
+        self._handed_out = None
+
     def _iter_main(self) -> Iterator[Any]:
+        self._return_unread()
         while self.steps_done_in_epoch < self.steps_per_epoch:
             if self.listener is not None:
                 # The listener (the engine) refuses a step past the budget here, before any example is read.
                 self.listener.begin_step()
+            handed_out = (self.generator.get_state(), self.steps_done_in_epoch, self.batches_drawn)
             parts = self._micro_batches(self.sample_indices())
             self.steps_done_in_epoch += 1
             self.batches_drawn += 1
+            self._handed_out = handed_out
             for index, part in enumerate(parts):
+                if index > 0 and self.listener is not None and not self.listener.step_open():
+                    break  # the step was abandoned (e.g. a non-finite gradient): its other micro-batches are not used
                 batch = self._fetch(part)
                 if self.listener is not None:  # the engine checks that the model is called on this very batch
                     self.listener.begin_micro_batch(index, last=index == len(parts) - 1, size=len(part), batch=batch)
@@ -448,6 +470,7 @@ class PoissonDataLoader:
 
     def _iter_workers(self) -> Iterator[Any]:
         assert self.workers_loader is not None
+        self._return_unread()
         run = self._start_run()
         try:
             while self.steps_done_in_epoch < self.steps_per_epoch:
@@ -464,17 +487,20 @@ class PoissonDataLoader:
                 while not last:
                     batch = next(run.batches)
                     meta = run.pending.popleft()
+                    last = meta.last
                     if meta.index == 0:
                         if meta.step != step:
                             raise RuntimeError(f"internal error: step {meta.step} came back while step {step} was due")
-                        run.states.popleft()  # this step is handed out: a checkpoint now resumes after it
+                        # this step is handed out: a checkpoint now resumes after it (unless it comes back unread)
+                        self._handed_out = (run.states.popleft(), self.steps_done_in_epoch, self.batches_drawn)
                         self.steps_done_in_epoch += 1
                         self.batches_drawn += 1
+                    elif self.listener is not None and not self.listener.step_open():
+                        continue  # the step was abandoned (e.g. a non-finite gradient): its other micro-batches go unused
                     if isinstance(batch, _EmptyBatch):
                         batch = self._empty_batch()
                     if self.listener is not None:
                         self.listener.begin_micro_batch(meta.index, last=meta.last, size=meta.size, batch=batch)
-                    last = meta.last
                     yield batch
         finally:
             self._end_run(run)
@@ -482,14 +508,20 @@ class PoissonDataLoader:
         if self.on_epoch_end is not None:
             self.on_epoch_end()
 
-    def state_dict(self) -> dict:
+    def state_dict(self, unread_step_returns: bool = False) -> dict:
         """The sampling generator's state before the first step not yet handed out, and the steps handed out in
-        this epoch (with workers, the steps sampled ahead are not part of it)."""
+        this epoch (with workers, the steps sampled ahead are not part of it). ``unread_step_returns``: the last
+        step handed out has not been used (a checkpoint taken at the top of the loop body), so the state is the one
+        before it and a restored loader hands it out again."""
+        if unread_step_returns and self._handed_out is not None:
+            state, steps, _ = self._handed_out
+            return {"generator": state.clone(), "steps_done_in_epoch": steps}
         run = self._run
         state = run.states[0].clone() if run is not None and run.states else self.generator.get_state()
         return {"generator": state, "steps_done_in_epoch": self.steps_done_in_epoch}
 
     def load_state_dict(self, state: dict) -> None:
+        self._handed_out = None
         self._run = None  # a live worker-backed iteration drops what it sampled ahead and continues from here
         self.generator.set_state(state["generator"])
         self.steps_done_in_epoch = int(state["steps_done_in_epoch"])

@@ -44,10 +44,26 @@ class StepGuard:
 
     # -- transitions driven by the loader ---------------------------------------------------------------
     def begin_step(self) -> None:
+        if self.open and not self.read_data:
+            raise EngineUsageError(
+                "the loop went on to the next batch without optimizer.step() for the previous one: skipping a sampled "
+                "batch (e.g. `if len(y) == 0: continue`, or a skip that looks at the labels) is a decision that "
+                "depends on which examples were sampled, and no noise covers it. Call optimizer.step() for every "
+                "batch the loader yields: an empty batch may skip its forward, and step() then releases the noise "
+                "alone (charged like any step). Nothing of the next batch was read; a new iteration over the loader "
+                "hands the skipped batch out again. To stop early, break out of the loop (a batch the model never "
+                "ran on goes back to the loader)."
+            )
         if self.open and self.read_data:
             raise EngineUsageError(
                 "the previous batch was used but optimizer.step() was not called: every sampled batch, even an "
                 "empty one, must be released with optimizer.step() or the accounting would not match the training. "
+                + ("" if self.last else
+                   "Here the loop left a logical batch before its last micro-batch (max_physical_batch_size), and "
+                   "optimizer.step() releases only after the last one: load the last checkpoint "
+                   "(dpclip.load_checkpoint) to go on, and do not break out of the loop in the middle of a logical "
+                   "batch. ")
+                + 
                 "To accumulate gradients over a batch too large for memory, do not skip optimizer.step(): pass "
                 "max_physical_batch_size=<examples that fit> to make_private; the loader then cuts each Poisson batch "
                 "into micro-batches, and optimizer.step() after each one adds noise and steps only after the last "
@@ -56,6 +72,14 @@ class StepGuard:
             )
         self.reset()
         self.open = True
+
+    def return_unread(self) -> bool:
+        """At the start of a new iteration over the loader: the batch it last handed out goes back if the model
+        never ran on it and no step released it (nothing of it was used). True if it went back."""
+        if self.open and not self.read_data:
+            self.reset()
+            return True
+        return False
 
     def begin_micro_batch(self, last: bool, size: int | None, batch: Any) -> None:
         self.last, self.size, self.yielded = last, size, batch

@@ -440,6 +440,161 @@ def test_misuse_of_the_loop_is_refused(misuse):
     assert engine.steps == 0
 
 
+def test_a_failing_optimizer_step_is_charged_and_closes_the_batch():
+    """The torch optimizer's own step() fails after the noisy gradient was written to p.grad: that release is
+    charged (before, ε left it out) and the batch's step is closed, so a retry cannot release the batch again."""
+    engine, model, optimizer, loader = private()
+    failures = []
+
+    def fail_once(opt, args, kwargs):
+        if not failures:
+            failures.append(1)
+            raise ValueError("transient failure inside the torch optimizer")
+
+    optimizer.original_optimizer.register_step_pre_hook(fail_once)
+    xb, yb = next(iter(loader))
+    nn.functional.cross_entropy(model(xb), yb).backward()
+    with pytest.raises(EngineUsageError, match=r"step\(\) failed after this batch's noisy gradient was released.*"
+                                               "ValueError: transient failure.*charged"):
+        optimizer.step()
+    assert engine.steps == 1 and len(engine.accountant.history) == 1
+    with pytest.raises(EngineUsageError, match="outside a batch"):  # the retry releases nothing
+        optimizer.step()
+    assert engine.steps == 1
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda p: torch.optim.LBFGS(p), lambda p: torch.optim.SparseAdam(p)])
+def test_optimizers_that_cannot_step_a_private_gradient_are_refused(make_optimizer):
+    model = mlp()
+    with pytest.raises(dpclip.PrivacyParameterError, match="cannot step a private gradient"):
+        PrivacyEngine().make_private(model, make_optimizer(list(model.parameters())), DataLoader(data(), batch_size=20),
+                                     noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_add_param_group_refuses_a_parameter_outside_the_model():
+    """Added after make_private, a loss temperature would train on its raw batch gradient: refused, nothing added;
+    a parameter of the model itself (a layer unfrozen mid-run) is accepted."""
+    model = mlp()
+    head = model[3]
+    head.requires_grad_(False)
+    engine = PrivacyEngine(seed=0)
+    body = [p for p in model.parameters() if p.requires_grad]
+    m, optimizer, loader = engine.make_private(model, torch.optim.SGD(body, lr=0.1), DataLoader(data(), batch_size=20),
+                                               noise_multiplier=1.0, max_grad_norm=1.0)
+    temperature = nn.Parameter(torch.ones(1))
+    groups = len(optimizer.param_groups)
+    with pytest.raises(EngineUsageError, match="not the model's.*Nothing was added"):
+        optimizer.add_param_group({"params": [temperature]})
+    assert len(optimizer.param_groups) == groups
+    head.requires_grad_(True)
+    optimizer.add_param_group({"params": head.parameters(), "lr": 0.05})
+    train(m, optimizer, loader, steps=2)
+    assert head.weight.grad is not None and engine.steps == 2
+
+
+@pytest.mark.parametrize("skip", ["empty batch", "by label"])
+def test_skipping_a_batch_the_model_never_read_is_refused(skip):
+    """`if len(y) == 0: continue` (or a skip that looks at the labels) left the batch uncharged although the skip
+    depends on who was sampled: 80 of 200 batches went uncharged before. Refused at the next batch, nothing read."""
+    engine, model, optimizer, loader = private(batch_size=2 if skip == "empty batch" else 20)
+    criterion = nn.CrossEntropyLoss()
+    with pytest.raises(EngineUsageError, match="without optimizer.step\\(\\) for the previous one"):
+        for xb, yb in loader:
+            if (len(yb) == 0) if skip == "empty batch" else bool((yb == 1).any()):
+                continue
+            optimizer.zero_grad()
+            criterion(model(xb), yb).backward()
+            optimizer.step()
+    assert engine.steps == len(engine.accountant.history)
+
+
+def test_a_batch_left_unread_goes_back_to_the_loader():
+    """The loop leaves at the top of its body (`if done == k: break`) and a new loop goes on: the batch handed out
+    but never used comes first again, so the run is the uninterrupted one (same parameters, same ε)."""
+    _, straight, optimizer, loader = private()
+    train(straight, optimizer, loader, steps=6)
+
+    engine, model, optimizer, loader = private()
+    criterion = nn.CrossEntropyLoss()
+    for done, (xb, yb) in enumerate(loader):
+        if done == 3:
+            unread = xb
+            break
+        optimizer.zero_grad()
+        criterion(model(xb), yb).backward()
+        optimizer.step()
+    assert torch.equal(next(iter(loader))[0], unread)  # handed out again, and again unread: still first
+    train(model, optimizer, loader, steps=3)
+    assert engine.steps == 6
+    for a, b in zip(straight.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_checkpoint_at_the_top_of_the_loop_resumes_exactly(tmp_path):
+    """Saved after the loader handed out batch k + 1 and before the model ran on it: the checkpoint's loader
+    position is before that batch, so the resumed run trains on it as the uninterrupted one does (9.0e-3 apart
+    after 6 steps before)."""
+    path = tmp_path / "top.pt"
+    engine, model, optimizer, loader = private()
+    criterion = nn.CrossEntropyLoss()
+    for done, (xb, yb) in enumerate(loader):
+        if done == 3:
+            dpclip.save_checkpoint(path, engine)
+        optimizer.zero_grad()
+        criterion(model(xb), yb).backward()
+        optimizer.step()
+        if engine.steps == 6:
+            break
+    resumed_engine, resumed, optimizer, loader = private()
+    dpclip.load_checkpoint(path, resumed_engine)
+    assert resumed_engine.steps == 3
+    train(resumed, optimizer, loader, steps=3)
+    assert resumed_engine.get_epsilon(1e-5) == engine.get_epsilon(1e-5)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_step_abandoned_mid_batch_skips_its_other_micro_batches():
+    """A non-finite gradient in a logical batch's first micro-batch abandons the step; the loop that catches it
+    goes on at the next logical batch (before, each remaining micro-batch was refused as 'outside a batch')."""
+    x, y = data().tensors
+    x = x.clone()
+    x[5, 0] = float("inf")
+    model = mlp()
+    engine = PrivacyEngine(seed=1)
+    m, optimizer, loader = engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                               DataLoader(TensorDataset(x, y), batch_size=20), noise_multiplier=1.0,
+                                               max_grad_norm=1.0, max_physical_batch_size=7)
+    refused = 0
+    for xb, yb in loader:
+        try:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(m(xb), yb).backward()
+            optimizer.step()
+        except NonFiniteGradientError:
+            refused += 1
+    assert refused >= 1 and engine.nonfinite_refusals == refused
+    assert engine.steps + refused == len(loader)  # every logical batch: released or refused, none half-used
+
+
+def test_an_engine_that_has_stepped_refuses_another_runs_checkpoint(tmp_path):
+    """Engine A has released 4 steps; loading run B's 5-step checkpoint reported B's ε alone (the 4 releases of A
+    on the same data were dropped). Refused; A's own checkpoint at its current step still loads."""
+    own, other = tmp_path / "own.pt", tmp_path / "other.pt"
+    engine_b, model_b, optimizer_b, loader_b = private(seed=1)
+    train(model_b, optimizer_b, loader_b, steps=5)
+    dpclip.save_checkpoint(other, engine_b)
+    engine, model, optimizer, loader = private(seed=0)
+    train(model, optimizer, loader, steps=4)
+    dpclip.save_checkpoint(own, engine)
+    epsilon = engine.get_epsilon(1e-5)
+    with pytest.raises(dpclip.CheckpointError, match="already released 4 steps of its own run.*another run"):
+        dpclip.load_checkpoint(other, engine)
+    assert engine.steps == 4 and engine.get_epsilon(1e-5) == epsilon
+    dpclip.load_checkpoint(own, engine)
+    assert engine.steps == 4
+
+
 def test_progress_bar_shows_epsilon():
     engine, model, optimizer, loader = private()
     bar = engine.progress(loader, delta=1e-5, disable=False, file=io.StringIO())

@@ -71,6 +71,12 @@ class Recorder:
     def begin_micro_batch(self, index: int, last: bool, size: int | None = None, batch: object = None) -> None:
         self.events.append(("micro", index, last, size, id(batch)))
 
+    def return_unread_batch(self) -> bool:  # every batch counts as used here: none goes back
+        return False
+
+    def step_open(self) -> bool:
+        return True
+
 
 def contents(batch: object) -> tuple:
     """What a handed-out batch holds, minus the process that read it."""
