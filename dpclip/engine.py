@@ -302,7 +302,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         return out
 
     def _step(self) -> None:
-        """optimizer.step(): after the last micro-batch of a logical batch, noise, step and account."""
+        """optimizer.step(): after the last micro-batch of a logical batch, noise, account, then the optimizer's step."""
         settings = self._require_setup()
         assert self._module is not None and self._optimizer is not None and self.clipping is not None
         assert self._forwarder is not None and self._sum is not None

@@ -63,8 +63,7 @@ class StepGuard:
                    "optimizer.step() releases only after the last one: load the last checkpoint "
                    "(dpclip.load_checkpoint) to go on, and do not break out of the loop in the middle of a logical "
                    "batch. ")
-                + 
-                "To accumulate gradients over a batch too large for memory, do not skip optimizer.step(): pass "
+                + "To accumulate gradients over a batch too large for memory, do not skip optimizer.step(): pass "
                 "max_physical_batch_size=<examples that fit> to make_private; the loader then cuts each Poisson batch "
                 "into micro-batches, and optimizer.step() after each one adds noise and steps only after the last "
                 "(README § Large batches and gradient accumulation). For a larger logical batch, raise the loader's "

@@ -33,9 +33,9 @@ def model_problems(model: nn.Module) -> list[str]:
         if isinstance(layer, torch.jit.RecursiveScriptModule):
             scripted.append(name)
             problems.append(
-                f"{name or 'the model'} ({layer.original_name}) is a TorchScript module (torch.jit.script): dpclip follows each "
-                "layer's inputs and outputs with forward hooks, and TorchScript modules take none; pass the eager "
-                "module (torch.jit.script the trained model afterwards if you need it)"
+                f"{name or 'the model'} ({layer.original_name}) is a TorchScript module (torch.jit.script): dpclip "
+                "follows each layer's inputs and outputs with forward hooks, and TorchScript modules take none; pass "
+                "the eager module (torch.jit.script the trained model afterwards if you need it)"
             )
         elif isinstance(layer, _BATCH_NORMS) or isinstance(layer, nn.modules.batchnorm._LazyNormBase):
             problems.append(

@@ -595,6 +595,27 @@ def test_an_engine_that_has_stepped_refuses_another_runs_checkpoint(tmp_path):
     assert engine.steps == 4
 
 
+def test_leaving_a_logical_batch_mid_way_says_how_to_go_on(tmp_path):
+    """A break after the first of several micro-batches: step() waits for the last one, which no iteration will
+    yield. The refusal names that and the way out (before, it told to call step(), which did nothing)."""
+    engine, model, optimizer, loader = private(batch_size=40, max_physical_batch_size=7)
+    path = dpclip.save_checkpoint(tmp_path / "start.pt", engine)
+    for xb, yb in loader:
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        optimizer.step()  # a no-op: not the last micro-batch
+        break
+    with pytest.raises(EngineUsageError, match="left a logical batch before its last micro-batch.*load the last checkpoint"):
+        next(iter(loader))
+    dpclip.load_checkpoint(path, engine)
+    for xb, yb in loader:  # micro-batches until the logical batch is released
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        optimizer.step()
+        if engine.steps == 1:
+            break
+    assert engine.steps == 1
+
+
 def test_progress_bar_shows_epsilon():
     engine, model, optimizer, loader = private()
     bar = engine.progress(loader, delta=1e-5, disable=False, file=io.StringIO())
