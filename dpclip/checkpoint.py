@@ -242,7 +242,8 @@ def engine_state(engine: PrivacyEngine, *, key: Key | None = None, extra: Mappin
         "budget": engine.budget,
         "steps": engine.steps,
         "noise": engine.noise.state_dict(),
-        "loader": engine._loader.state_dict(unread_step_returns=engine.guard.open),  # open here: not used yet
+        # open here: handed out, not used yet (a secure-mode draw cannot be repeated: it stays consumed)
+        "loader": engine._loader.state_dict(unread_step_returns=engine.guard.open and not engine.secure_mode),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "extra": extra,
@@ -352,9 +353,10 @@ def _check_locally(engine: PrivacyEngine, state: Mapping[str, Any], key: Key | N
             "engine once nothing the later steps released is kept (load_state_dict(..., fresh_randomness=True) for "
             "a branch whose releases you keep: its ε then composes with theirs)"
         )
-    if engine.steps > 0 and int(state["noise"]["seed"]) != engine.noise.seed:
+    own = engine.steps - engine.steps_at_load  # released by this engine since it was made or last loaded
+    if own > 0 and int(state["noise"]["seed"]) != engine.noise.seed:
         raise CheckpointError(
-            f"this engine has already released {engine.steps} steps of its own run and the checkpoint is of another "
+            f"this engine has already released {own} steps of its own run and the checkpoint is of another "
             "run (its noise seed differs): loading it would drop those releases from ε although they were computed "
             "on the same data. Resume the checkpoint in a new PrivacyEngine (one that has not stepped yet), or keep "
             "training this one"
@@ -564,6 +566,7 @@ def _apply(engine: PrivacyEngine, parsed: _Parsed, state: Mapping[str, Any]) -> 
     torch.set_rng_state(parsed.torch_rng)
     if parsed.cuda_rng is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(parsed.cuda_rng)
+    engine.steps_at_load = engine.steps
     engine._abandon_step()
 
 

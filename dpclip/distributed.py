@@ -122,6 +122,7 @@ PHASES: dict[str, str] = {
     "end of epoch": "at the end of an epoch of the private loader",
     "load_state_dict": "in engine.load_state_dict",
     "assert_in_sync": "in assert_in_sync",
+    "skipped batch": "refusing a batch its loop skipped without optimizer.step()",
 }
 _PHASE_CODES = {name: code for code, name in enumerate(PHASES, start=1)}
 _PHASE_NAMES = {code: name for name, code in _PHASE_CODES.items()}

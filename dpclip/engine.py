@@ -92,6 +92,9 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         self.budget: tuple[float, float] | None = None
         self.budget_guard: BudgetGuard | None = None  # counts the steps left within the budget (report.py)
         self.steps = 0
+        #: ``steps`` right after the last checkpoint load (0 before any): the steps this engine released itself
+        #: since are ``steps - steps_at_load``
+        self.steps_at_load = 0
         #: steps refused with NonFiniteGradientError (nonfinite="error"): each refusal tells, without noise, that its
         #: batch held an example with a non-finite gradient, which ε does not cover (the privacy report says so)
         self.nonfinite_refusals = 0
@@ -265,11 +268,33 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
 
     def return_unread_batch(self) -> bool:
         """Called by the Poisson loader when a new iteration starts: True if the batch it last handed out goes back
-        to it unread (the model never ran on it, no step released it), see :meth:`StepGuard.return_unread`."""
+        to it unread (the model never ran on it, no step released it), see :meth:`StepGuard.return_unread`. In
+        secure mode a draw cannot be repeated, so such a batch is refused instead (nothing changes)."""
+        if self.secure_mode and self.guard.open and not self.guard.read_data:
+            raise EngineUsageError(
+                "the private loader's last batch was handed out and never used (a loop left before the model ran on "
+                "it), and in secure mode its draw cannot be repeated: handing out a fresh one would let a loop choose "
+                "among draws. Load the last checkpoint (dpclip.load_checkpoint) to go on; with secure_mode, leave "
+                "the loop only after optimizer.step()."
+            )
         returned = self.guard.return_unread()
         if returned:
             self._clear_step()
         return returned
+
+    def check_skipped(self) -> None:
+        """Called by the Poisson loader before it hands out the next batch, and when an iteration ends: a batch it
+        handed out that no optimizer.step() released and the model never ran on was skipped, which is refused
+        (on every rank at once in distributed training: the others meet this at their next collective)."""
+        if not (self.guard.open and not self.guard.read_data):
+            return
+        error = self.guard.skipped_error()
+        if self.distributed is not None:
+            try:
+                self.distributed.exchange_header("skipped batch")
+            except EngineUsageError as out_of_step:
+                raise error from out_of_step
+        raise error
 
     def step_open(self) -> bool:
         """Whether the current logical step is still open (False once released or abandoned): the loader skips the
@@ -338,7 +363,8 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
             raise EngineUsageError(
                 f"the optimizer's own step() failed after this batch's noisy gradient was released: "
                 f"{type(error).__name__}: {error}. The release is charged (ε counts it) and the batch's step is "
-                "closed; the parameters and the optimizer's state may be partly updated, so load the last checkpoint "
-                "(dpclip.load_checkpoint) before training on, with an optimizer whose step() works on these "
-                "parameters (their device and dtype)."
+                "closed, so a retry releases nothing. Fix the cause (an optimizer whose step() works on these "
+                "parameters' device and dtype) and go on with this engine; the failed step may have updated part of "
+                "the parameters or the optimizer's state. A checkpoint taken before it does not undo the release: "
+                "resumed elsewhere, add this run's ε to the resumed one's."
             ) from error

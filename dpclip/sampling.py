@@ -106,6 +106,8 @@ class StepListener(Protocol):
 
     def return_unread_batch(self) -> bool: ...
 
+    def check_skipped(self) -> None: ...
+
     def step_open(self) -> bool: ...
 
 
@@ -419,8 +421,9 @@ class PoissonDataLoader:
     def _return_unread(self) -> None:
         """At the start of an iteration: a batch the last one handed out that the model never trained on and no
         step released (the loop left at the top of its body: ``if step == max_steps: break``) goes back, so this
-        iteration hands it out again (the same draw; in secure mode a fresh one) — as a run resumed from a
-        checkpoint taken at that point does. Within one iteration a batch left without its step is refused."""
+        iteration hands it out again (the same draw) — as a run resumed from a checkpoint taken at that point does.
+        Within one iteration a batch left without its step is refused; in secure mode (draws cannot be repeated) an
+        unread batch is refused here too."""
         if self.listener is not None and self._handed_out is not None and self.listener.return_unread_batch():
             state, self.steps_done_in_epoch, self.batches_drawn = self._handed_out
             self.generator.set_state(state)
@@ -430,13 +433,15 @@ class PoissonDataLoader:
         self._return_unread()
         while self.steps_done_in_epoch < self.steps_per_epoch:
             if self.listener is not None:
+                self.listener.check_skipped()  # the batch handed out last was used or released (else refused)
+            # where a checkpoint, or the next iteration if this step comes back unread, starts: before this step
+            self._handed_out = (self.generator.get_state(), self.steps_done_in_epoch, self.batches_drawn)
+            if self.listener is not None:
                 # The listener (the engine) refuses a step past the budget here, before any example is read.
                 self.listener.begin_step()
-            handed_out = (self.generator.get_state(), self.steps_done_in_epoch, self.batches_drawn)
             parts = self._micro_batches(self.sample_indices())
             self.steps_done_in_epoch += 1
             self.batches_drawn += 1
-            self._handed_out = handed_out
             for index, part in enumerate(parts):
                 if index > 0 and self.listener is not None and not self.listener.step_open():
                     break  # the step was abandoned (e.g. a non-finite gradient): its other micro-batches are not used
@@ -444,6 +449,8 @@ class PoissonDataLoader:
                 if self.listener is not None:  # the engine checks that the model is called on this very batch
                     self.listener.begin_micro_batch(index, last=index == len(parts) - 1, size=len(part), batch=batch)
                 yield batch
+        if self.listener is not None:
+            self.listener.check_skipped()  # the epoch's last batch too
         self.steps_done_in_epoch = 0
         if self.on_epoch_end is not None:
             self.on_epoch_end()
@@ -478,6 +485,11 @@ class PoissonDataLoader:
                     self._end_run(run)
                     run = self._start_run()
                 if self.listener is not None:
+                    self.listener.check_skipped()  # the batch handed out last was used or released (else refused)
+                # before this step (the first sampled ahead and not handed out, or the generator's next draw)
+                self._handed_out = (run.states[0].clone() if run.states else self.generator.get_state(),
+                                    self.steps_done_in_epoch, self.batches_drawn)
+                if self.listener is not None:
                     # Before the step's first micro-batch is even requested: a refused step hands out nothing.
                     self.listener.begin_step()
                 if run.batches is None:
@@ -491,8 +503,7 @@ class PoissonDataLoader:
                     if meta.index == 0:
                         if meta.step != step:
                             raise RuntimeError(f"internal error: step {meta.step} came back while step {step} was due")
-                        # this step is handed out: a checkpoint now resumes after it (unless it comes back unread)
-                        self._handed_out = (run.states.popleft(), self.steps_done_in_epoch, self.batches_drawn)
+                        run.states.popleft()  # this step is handed out: a checkpoint now resumes after it
                         self.steps_done_in_epoch += 1
                         self.batches_drawn += 1
                     elif self.listener is not None and not self.listener.step_open():
@@ -502,6 +513,8 @@ class PoissonDataLoader:
                     if self.listener is not None:
                         self.listener.begin_micro_batch(meta.index, last=meta.last, size=meta.size, batch=batch)
                     yield batch
+            if self.listener is not None:
+                self.listener.check_skipped()  # the epoch's last batch too
         finally:
             self._end_run(run)
         self.steps_done_in_epoch = 0

@@ -43,17 +43,21 @@ class StepGuard:
         self.delivered = False  # per-example gradients of the current micro-batch reached the engine
 
     # -- transitions driven by the loader ---------------------------------------------------------------
+    def skipped_error(self) -> EngineUsageError:
+        """The refusal of a batch handed out and left without optimizer.step() before the model ran on it."""
+        return EngineUsageError(
+            "the loop went on without optimizer.step() for the batch the private loader handed out: skipping a "
+            "sampled batch (e.g. `if len(y) == 0: continue`, or a skip that looks at the labels) is a decision that "
+            "depends on which examples were sampled, and no noise covers it. Call optimizer.step() for every batch "
+            "the loader yields: an empty batch may skip its forward, and step() then releases the noise alone "
+            "(charged like any step). Nothing of another batch was read; a new iteration over the loader hands the "
+            "skipped batch out again. To stop early, break out of the loop (a batch the model never ran on goes "
+            "back to the loader)."
+        )
+
     def begin_step(self) -> None:
         if self.open and not self.read_data:
-            raise EngineUsageError(
-                "the loop went on to the next batch without optimizer.step() for the previous one: skipping a sampled "
-                "batch (e.g. `if len(y) == 0: continue`, or a skip that looks at the labels) is a decision that "
-                "depends on which examples were sampled, and no noise covers it. Call optimizer.step() for every "
-                "batch the loader yields: an empty batch may skip its forward, and step() then releases the noise "
-                "alone (charged like any step). Nothing of the next batch was read; a new iteration over the loader "
-                "hands the skipped batch out again. To stop early, break out of the loop (a batch the model never "
-                "ran on goes back to the loader)."
-            )
+            raise self.skipped_error()
         if self.open and self.read_data:
             raise EngineUsageError(
                 "the previous batch was used but optimizer.step() was not called: every sampled batch, even an "

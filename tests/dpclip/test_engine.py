@@ -174,6 +174,22 @@ def test_budget_guard_stops_before_reading_data_and_leaves_the_model_untouched()
     assert len(taken) == engine.steps
 
 
+def test_a_checkpoint_after_a_budget_refusal_keeps_the_loader_position(tmp_path):
+    """The refusal opened no batch: a checkpoint after it starts where the last released step left off (before,
+    it saved the position before that released batch, so a resumed run would release it again)."""
+    engine, model, optimizer, loader = private(noise_multiplier=1.0, target_epsilon=2.0, target_delta=1e-5)
+    with pytest.raises(PrivacyBudgetExceeded):
+        for _ in range(100):
+            for x, y in loader:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+                last = engine.state_dict()["loader"]
+    after = engine.state_dict()["loader"]
+    assert after["steps_done_in_epoch"] == last["steps_done_in_epoch"]
+    assert torch.equal(after["generator"], last["generator"])
+
+
 def test_make_private_with_epsilon_reaches_but_does_not_exceed_the_target():
     model = mlp()
     engine = PrivacyEngine(accountant="rdp", seed=0)  # Opacus calibrates with RDP here
@@ -498,7 +514,7 @@ def test_skipping_a_batch_the_model_never_read_is_refused(skip):
     depends on who was sampled: 80 of 200 batches went uncharged before. Refused at the next batch, nothing read."""
     engine, model, optimizer, loader = private(batch_size=2 if skip == "empty batch" else 20)
     criterion = nn.CrossEntropyLoss()
-    with pytest.raises(EngineUsageError, match="without optimizer.step\\(\\) for the previous one"):
+    with pytest.raises(EngineUsageError, match="went on without optimizer.step\\(\\) for the batch"):
         for xb, yb in loader:
             if (len(yb) == 0) if skip == "empty batch" else bool((yb == 1).any()):
                 continue
@@ -506,6 +522,40 @@ def test_skipping_a_batch_the_model_never_read_is_refused(skip):
             criterion(model(xb), yb).backward()
             optimizer.step()
     assert engine.steps == len(engine.accountant.history)
+
+
+def test_skipping_the_last_batch_of_an_epoch_is_refused():
+    """The skip of an epoch's last batch meets no next batch: the end of the iteration refuses it, and the next
+    iteration hands that batch out again."""
+    engine, model, optimizer, loader = private()
+    criterion = nn.CrossEntropyLoss()
+    with pytest.raises(EngineUsageError, match="went on without optimizer.step\\(\\) for the batch"):
+        for done, (xb, yb) in enumerate(loader):
+            if done == len(loader) - 1:
+                skipped = xb
+                continue
+            optimizer.zero_grad()
+            criterion(model(xb), yb).backward()
+            optimizer.step()
+    assert engine.steps == len(loader) - 1
+    again = [xb for xb, _ in [next(iter(loader))]]
+    assert torch.equal(again[0], skipped)
+
+
+def test_secure_mode_refuses_to_hand_out_a_fresh_draw_for_an_unread_batch():
+    """In secure mode a draw cannot be repeated: a loop that left a batch unread and starts over would otherwise
+    get a fresh draw, and could pick among draws (all 20 released steps held example 0 in the review's repro)."""
+    model = mlp()
+    engine = PrivacyEngine(secure_mode=True)
+    m, optimizer, loader = engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                               DataLoader(data(), batch_size=20), noise_multiplier=1.0, max_grad_norm=1.0)
+    for xb, yb in loader:
+        break
+    with pytest.raises(EngineUsageError, match="secure mode its draw cannot be repeated"):
+        next(iter(loader))
+    with pytest.raises(EngineUsageError, match="secure mode its draw cannot be repeated"):  # nothing changed
+        next(iter(loader))
+    assert engine.steps == 0
 
 
 def test_a_batch_left_unread_goes_back_to_the_loader():
@@ -614,6 +664,22 @@ def test_leaving_a_logical_batch_mid_way_says_how_to_go_on(tmp_path):
         if engine.steps == 1:
             break
     assert engine.steps == 1
+
+
+def test_reloading_after_a_fresh_randomness_load_is_not_another_run(tmp_path):
+    """load_checkpoint(..., fresh_randomness=True) gives the engine a fresh noise seed; loading the same checkpoint
+    again with nothing released since is not "another run" (own releases are counted since the last load)."""
+    engine, model, optimizer, loader = private()
+    train(model, optimizer, loader, steps=2)
+    path = dpclip.save_checkpoint(tmp_path / "two.pt", engine)
+    target, m2, o2, l2 = private(seed=7)
+    dpclip.load_checkpoint(path, target, fresh_randomness=True)
+    dpclip.load_checkpoint(path, target, fresh_randomness=True)
+    train(m2, o2, l2, steps=1)  # one release of the fresh-seeded branch
+    train(model, optimizer, loader, steps=2)
+    later = dpclip.save_checkpoint(tmp_path / "four.pt", engine)  # the original run, past the branch
+    with pytest.raises(dpclip.CheckpointError, match="already released 1 steps of its own run"):
+        dpclip.load_checkpoint(later, target)
 
 
 def test_progress_bar_shows_epsilon():

@@ -74,6 +74,9 @@ class Recorder:
     def return_unread_batch(self) -> bool:  # every batch counts as used here: none goes back
         return False
 
+    def check_skipped(self) -> None:
+        pass
+
     def step_open(self) -> bool:
         return True
 
