@@ -286,8 +286,11 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         """Called by the Poisson loader before it hands out the next batch, and when an iteration ends: a batch it
         handed out that no optimizer.step() released and the model never ran on was skipped, which is refused
         (on every rank at once in distributed training: the others meet this at their next collective)."""
-        if not (self.guard.open and not self.guard.read_data):
-            return
+        if self.guard.open and not self.guard.read_data:
+            self._refuse_skip()
+
+    def _refuse_skip(self) -> None:
+        """Raise the skip refusal (after telling the other ranks, in distributed training)."""
         error = self.guard.skipped_error()
         if self.distributed is not None:
             try:
@@ -302,7 +305,10 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         return self.guard.open
 
     def begin_micro_batch(self, index: int, last: bool, size: int | None = None, batch: Any = None) -> None:
-        """Called by the Poisson loader before it yields a (micro-)batch of ``size`` examples (``batch``)."""
+        """Called by the Poisson loader before it yields a (micro-)batch of ``size`` examples (``batch``). A
+        micro-batch left without optimizer.step() is a skip like a whole batch's: refused before the next one."""
+        if index > 0 and self.guard.open and not self.guard.micro_stepped:
+            self._refuse_skip()
         self.guard.begin_micro_batch(last, size, batch)
 
     def _add(self, example_grads: ExampleGradients, scale: float) -> None:
@@ -341,6 +347,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
                 raise
         self._forwarder.finish()
         if not self.guard.last:
+            self.guard.micro_stepped = True
             return
         check_budget(self)
         params = trainable_parameters(self._module)

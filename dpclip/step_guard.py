@@ -41,6 +41,7 @@ class StepGuard:
         self.yielded: Any = None  # the tensors the loader yielded for it
         self.forwarded = False
         self.delivered = False  # per-example gradients of the current micro-batch reached the engine
+        self.micro_stepped = False  # optimizer.step() was called for the current (not last) micro-batch
 
     # -- transitions driven by the loader ---------------------------------------------------------------
     def skipped_error(self) -> EngineUsageError:
@@ -86,7 +87,7 @@ class StepGuard:
 
     def begin_micro_batch(self, last: bool, size: int | None, batch: Any) -> None:
         self.last, self.size, self.yielded = last, size, batch
-        self.forwarded = self.delivered = False
+        self.forwarded = self.delivered = self.micro_stepped = False
 
     # -- the model's training forward -------------------------------------------------------------------
     def before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

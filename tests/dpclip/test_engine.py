@@ -558,6 +558,20 @@ def test_secure_mode_refuses_to_hand_out_a_fresh_draw_for_an_unread_batch():
     assert engine.steps == 0
 
 
+def test_skipping_a_micro_batch_is_refused():
+    """With max_physical_batch_size, a micro-batch left without forward and step while the next one trains dropped
+    its examples from the release (63 of 221 in the review's repro), a skip like a whole batch's: refused."""
+    engine, model, optimizer, loader = private(batch_size=40, max_physical_batch_size=7)
+    with pytest.raises(EngineUsageError, match="went on without optimizer.step\\(\\) for the batch"):
+        for index, (xb, yb) in enumerate(loader):
+            if index == 1:
+                continue
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            optimizer.step()
+    assert engine.steps == 0
+
+
 def test_a_batch_left_unread_goes_back_to_the_loader():
     """The loop leaves at the top of its body (`if done == k: break`) and a new loop goes on: the batch handed out
     but never used comes first again, so the run is the uninterrupted one (same parameters, same ε)."""
