@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import EngineUsageError, PrivacyParameterError
 from .module import PrivateModule
-from .optimizer import DPOptimizer
+from .optimizer import DPOptimizer, outside_parameters_message
 from .validation import validate_model
 
 Tensor = torch.Tensor
@@ -82,13 +82,8 @@ def check_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer, paramet
             "the model."
         )
     if outside:
-        shapes = ", ".join(str(tuple(p.shape)) for p in outside[:3])
-        raise PrivacyParameterError(
-            f"the optimizer holds {len(outside)} parameter(s) that are not the model's (shapes {shapes}), e.g. a "
-            "learnable temperature in the loss: they would be stepped with their raw, non-private batch gradient. "
-            "Make them parameters of the model (then they are clipped and noised with the rest) or leave them out "
-            "of the optimizer."
-        )
+        raise PrivacyParameterError(outside_parameters_message("the optimizer holds", outside, "or leave them out of "
+                                                               "the optimizer."))
     if missing:
         raise PrivacyParameterError(
             f"the optimizer does not hold the trainable parameter(s) {', '.join(missing[:5])}: they would never "

@@ -13,6 +13,14 @@ from .errors import EngineUsageError
 _ENGINE_SETTINGS = frozenset({"noise_multiplier", "max_grad_norm", "sample_rate", "expected_batch_size"})
 
 
+def outside_parameters_message(who: str, outside: list[torch.Tensor], fix: str) -> str:
+    """Why parameters outside the model may not be stepped by the private optimizer, and the fix."""
+    shapes = ", ".join(str(tuple(p.shape)) for p in outside[:3])
+    return (f"{who} {len(outside)} parameter(s) that are not the model's (shapes {shapes}), e.g. a learnable "
+            "temperature in the loss: they would be stepped with their raw, non-private batch gradient. Make them "
+            f"parameters of the model (then they are clipped and noised with the rest) {fix}")
+
+
 class DPOptimizer(torch.optim.Optimizer):
     """Shares the wrapped optimizer's parameter groups and state (so LR schedulers work) and routes
     ``step()`` through the engine: noise is added once per logical batch, then the original optimizer steps."""
@@ -131,13 +139,8 @@ class DPOptimizer(torch.optim.Optimizer):
             model_ids = {id(p) for p in module.parameters()}
             outside = [p for p in params if id(p) not in model_ids]
             if outside:
-                shapes = ", ".join(str(tuple(p.shape)) for p in outside[:3])
-                raise EngineUsageError(
-                    f"add_param_group: {len(outside)} parameter(s) are not the model's (shapes {shapes}), e.g. a "
-                    "learnable temperature in the loss: they would be stepped with their raw, non-private batch "
-                    "gradient. Make them parameters of the model before make_private (then they are clipped and "
-                    "noised with the rest). Nothing was added."
-                )
+                raise EngineUsageError(outside_parameters_message("add_param_group was given", outside,
+                                                                  "before make_private. Nothing was added."))
         self.original_optimizer.add_param_group({**param_group, "params": params})
 
     def __repr__(self) -> str:
