@@ -263,7 +263,11 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         """Called by the Poisson loader before it samples a logical batch: the budget guard lives here."""
         self._require_setup()
         self.guard.begin_step()  # refuses a sampled batch left without its step; opens this one
-        check_budget(self)
+        try:
+            check_budget(self)
+        except Exception:
+            self.guard.reset()  # refused before sampling: no batch is open (none to hand out again)
+            raise
         self._clear_step()
 
     def return_unread_batch(self) -> bool:

@@ -460,6 +460,7 @@ def _skip_worker(rank: int, port: int, tmp: str) -> None:
         raise
     finally:
         torch.save(out, Path(tmp) / f"skip{rank}.pt")
+        dist.barrier()  # both ranks are done with gloo before either tears it down (else, rarely, an abort)
         dist.destroy_process_group()
 
 

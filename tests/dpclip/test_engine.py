@@ -572,6 +572,21 @@ def test_skipping_a_micro_batch_is_refused():
     assert engine.steps == 0
 
 
+def test_a_budget_refusal_leaves_no_batch_open_in_secure_mode():
+    """The budget refusal comes before any batch is drawn: a new iteration in secure mode meets the budget again,
+    not a refusal of an unread batch that never existed."""
+    model = mlp()
+    engine = PrivacyEngine(secure_mode=True)
+    m, optimizer, loader = engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                               DataLoader(data(), batch_size=20), noise_multiplier=1.0,
+                                               max_grad_norm=1.0, target_epsilon=2.0, target_delta=1e-5)
+    with pytest.raises(PrivacyBudgetExceeded):
+        for _ in range(100):
+            train(m, optimizer, loader)
+    with pytest.raises(PrivacyBudgetExceeded):
+        next(iter(loader))
+
+
 def test_a_batch_left_unread_goes_back_to_the_loader():
     """The loop leaves at the top of its body (`if done == k: break`) and a new loop goes on: the batch handed out
     but never used comes first again, so the run is the uninterrupted one (same parameters, same ε)."""
