@@ -262,6 +262,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
     def begin_step(self) -> None:
         """Called by the Poisson loader before it samples a logical batch: the budget guard lives here."""
         self._require_setup()
+        self.check_skipped()  # the batch handed out last was used or released
         self.guard.begin_step()  # refuses a sampled batch left without its step; opens this one
         try:
             check_budget(self)
@@ -287,8 +288,8 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         return returned
 
     def check_skipped(self) -> None:
-        """Called by the Poisson loader before it hands out the next batch, and when an iteration ends: a batch it
-        handed out that no optimizer.step() released and the model never ran on was skipped, which is refused
+        """Called by :meth:`begin_step` before the next batch is drawn, and by the Poisson loader when an iteration
+        ends: a batch it handed out that no optimizer.step() released and the model never ran on was skipped, which is refused
         (on every rank at once in distributed training: the others meet this at their next collective)."""
         if self.guard.open and not self.guard.read_data:
             self._refuse_skip()

@@ -433,12 +433,11 @@ class PoissonDataLoader:
         self._return_unread()
         while self.steps_done_in_epoch < self.steps_per_epoch:
             if self.listener is not None:
-                self.listener.check_skipped()  # the batch handed out last was used or released (else refused)
+                # The listener (the engine) refuses a skipped batch and a step past the budget here, before any
+                # example is read.
+                self.listener.begin_step()
             # where a checkpoint, or the next iteration if this step comes back unread, starts: before this step
             self._handed_out = (self.generator.get_state(), self.steps_done_in_epoch, self.batches_drawn)
-            if self.listener is not None:
-                # The listener (the engine) refuses a step past the budget here, before any example is read.
-                self.listener.begin_step()
             parts = self._micro_batches(self.sample_indices())
             self.steps_done_in_epoch += 1
             self.batches_drawn += 1
@@ -485,13 +484,11 @@ class PoissonDataLoader:
                     self._end_run(run)
                     run = self._start_run()
                 if self.listener is not None:
-                    self.listener.check_skipped()  # the batch handed out last was used or released (else refused)
+                    # Before the step's first micro-batch is even requested: a refused step hands out nothing.
+                    self.listener.begin_step()
                 # before this step (the first sampled ahead and not handed out, or the generator's next draw)
                 self._handed_out = (run.states[0].clone() if run.states else self.generator.get_state(),
                                     self.steps_done_in_epoch, self.batches_drawn)
-                if self.listener is not None:
-                    # Before the step's first micro-batch is even requested: a refused step hands out nothing.
-                    self.listener.begin_step()
                 if run.batches is None:
                     run.batches = iter(self.workers_loader)
                 step = self.steps_done_in_epoch

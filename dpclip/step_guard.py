@@ -57,8 +57,8 @@ class StepGuard:
         )
 
     def begin_step(self) -> None:
-        if self.open and not self.read_data:
-            raise self.skipped_error()
+        """Open the next logical step; a previous one the model read and no step released is refused (one it
+        never read is the engine's ``check_skipped``, which tells the other ranks first)."""
         if self.open and self.read_data:
             raise EngineUsageError(
                 "the previous batch was used but optimizer.step() was not called: every sampled batch, even an "
