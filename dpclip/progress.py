@@ -40,11 +40,16 @@ class PrivacyProgress:
     - ``"bar"``: always the tqdm bar (as tqdm itself would draw it);
     - ``"lines"``: plain lines, ``"<desc>: step n/total, eps=…, loss=…"``: the first once ``every_seconds``
       (default 30) have passed, then at most one per ``every_seconds``, and one at the end of the iteration (or
-      at :meth:`close`, if the loop was left early). ``step`` counts the items iterated so far, like the bar.
+      at :meth:`close`, if the loop was left early). ``step`` is where the iteration stands, like the bar.
     - ``"off"``: nothing is printed, and ε is never computed.
 
     ``disable=True`` means ``"off"`` whatever ``mode`` says. The other keywords (``desc``, ``total``, ``file``,
     ``leave``, …) go to tqdm; ``clock`` (default :func:`time.monotonic`) is there for tests.
+
+    ``done``: where the iteration stands, in the units of ``len(iterable)`` (the bar's total), read after each
+    item; by default the number of items handed out. A loader that hands out several micro-batches per logical
+    batch counts logical batches (``engine.progress`` passes the loader's own count), so the bar reads
+    ``10/10`` at the end of such an epoch, not one count per micro-batch.
 
     Call ``.log(loss=...)`` to show more values. Note: a training loss shown here is computed without noise;
     do not publish it as if it were private.
@@ -59,6 +64,7 @@ class PrivacyProgress:
         mode: Mode = "auto",
         every_seconds: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        done: Callable[[], int] | None = None,
         **tqdm_kwargs: Any,
     ) -> None:
         if mode not in MODES:
@@ -77,7 +83,14 @@ class PrivacyProgress:
         self.mode: str = mode
         self.every_seconds = float(every_seconds)
         # Always a tqdm object (``.bar``, with its postfix), but a disabled one that draws nothing unless mode is "bar".
-        self.bar = tqdm(iterable, disable=mode != "bar", **tqdm_kwargs)
+        # With ``done`` the bar is moved by hand to that count, so it wraps no iterable (it would count items).
+        self._iterable = iterable
+        self._done = done
+        if done is None:
+            self.bar = tqdm(iterable, disable=mode != "bar", **tqdm_kwargs)
+        else:
+            tqdm_kwargs.setdefault("total", len(iterable) if hasattr(iterable, "__len__") else None)
+            self.bar = tqdm(disable=mode != "bar", **tqdm_kwargs)
         self._stream = stream
         self._desc = tqdm_kwargs.get("desc")
         self._epsilon = epsilon
@@ -87,7 +100,7 @@ class PrivacyProgress:
         self._eps = 0.0
         self._clock = clock
         self._last_print = clock()
-        self._count = 0  # items iterated so far
+        self._count = 0  # where the iteration stands (items handed out, or ``done``)
         self._printed_count = -1  # the count at the last plain line
         self._closed = False
 
@@ -123,8 +136,13 @@ class PrivacyProgress:
             self._print_line()
 
     def __iter__(self) -> Iterator[Any]:
-        for item in self.bar:
-            self._count += 1  # counted when handed out: a loop left with break still counts its last item
+        for item in self.bar if self._done is None else self._iterable:
+            # counted when handed out: a loop left with break still counts its last item
+            if self._done is None:
+                self._count += 1
+            else:
+                self._count = self._done()
+                self.bar.update(self._count - self.bar.n)
             yield item
             if self.mode == "bar":
                 self._refresh()
@@ -133,7 +151,7 @@ class PrivacyProgress:
         self._final_line()
 
     def __len__(self) -> int:
-        return len(self.bar)
+        return len(self.bar) if self._done is None else len(self._iterable)  # type: ignore[arg-type]
 
     def close(self) -> None:
         """Close the bar; in ``"lines"`` mode print the last line if the loop was left before its end."""

@@ -169,5 +169,11 @@ class PrivacyReporting:
         return privacy_report(self, self._delta(delta))
 
     def progress(self: Any, iterable: Iterable, delta: float | None = None, **tqdm_kwargs: Any) -> PrivacyProgress:
-        """A tqdm bar over ``iterable`` showing ε spent (and whatever you pass to ``.log(loss=...)``)."""
+        """A tqdm bar over ``iterable`` showing ε spent (and whatever you pass to ``.log(loss=...)``). Over dpclip's
+        Poisson loader it counts the epoch's logical batches handed out (micro-batches of one batch count once, and
+        an epoch resumed from a checkpoint starts where it stands), out of ``len(loader)``."""
+        from .sampling import PoissonDataLoader
+
+        if isinstance(iterable, PoissonDataLoader):
+            tqdm_kwargs.setdefault("done", lambda: iterable.steps_done_in_epoch)
         return PrivacyProgress(iterable, lambda: self.get_epsilon(delta), lambda: self.steps, **tqdm_kwargs)

@@ -169,3 +169,43 @@ def test_engine_progress_in_a_log_shows_the_engines_epsilon() -> None:
     assert line["desc"] == "epoch 1" and int(line["n"]) == len(loader) == engine.steps
     assert float(line["eps"]) == pytest.approx(engine.get_epsilon(1e-5), abs=1e-3)
     assert line["rest"].startswith(", loss=")
+
+
+def _micro_batched(max_physical_batch_size: int):
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(96, 4), torch.randint(0, 2, (96,)))
+    model = nn.Linear(4, 2)
+    engine = PrivacyEngine(accountant="rdp", seed=0)
+    model, optimizer, loader = engine.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data, batch_size=24), noise_multiplier=1.0,
+        max_grad_norm=1.0, max_physical_batch_size=max_physical_batch_size)
+    return engine, model, optimizer, loader
+
+
+def _train_micro(model, optimizer, bar) -> int:
+    """One epoch through ``bar`` with micro-batches (step after the last one of each logical batch); returns
+    how many micro-batches it saw."""
+    seen = 0
+    for x, y in bar:
+        seen += 1
+        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["lines", "bar"])
+def test_micro_batches_of_one_logical_batch_count_once(mode: str) -> None:
+    """With max_physical_batch_size the loader hands out several micro-batches per logical batch; the bar's count
+    is logical batches out of len(loader) (it read "step 37/10" before: one count per micro-batch)."""
+    engine, model, optimizer, loader = _micro_batched(max_physical_batch_size=5)
+    out = TTY() if mode == "bar" else io.StringIO()
+    bar = engine.progress(loader, delta=1e-5, file=out, mode=mode, every_seconds=3600)
+    seen = _train_micro(model, optimizer, bar)
+    bar.close()
+    assert seen > len(loader) == engine.steps == 4  # several micro-batches per step, 4 steps
+    if mode == "lines":
+        (line,) = lines_of(out)
+        assert (int(line["n"]), int(line["total"])) == (4, 4)
+    else:
+        assert bar.bar.n == 4 and "4/4" in out.getvalue() and f"{seen}/4" not in out.getvalue()
