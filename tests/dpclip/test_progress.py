@@ -209,3 +209,29 @@ def test_micro_batches_of_one_logical_batch_count_once(mode: str) -> None:
         assert (int(line["n"]), int(line["total"])) == (4, 4)
     else:
         assert bar.bar.n == 4 and "4/4" in out.getvalue() and f"{seen}/4" not in out.getvalue()
+
+
+def test_an_epoch_resumed_from_a_checkpoint_counts_from_where_it_stands() -> None:
+    """Two of four logical batches trained, checkpointed, loaded into a fresh engine: its bar goes 3/4, 4/4."""
+    engine, model, optimizer, loader = _micro_batched(max_physical_batch_size=5)
+    for x, y in loader:
+        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if engine.steps == 2:
+            break
+    state = engine.state_dict()
+    engine2, model2, optimizer2, loader2 = _micro_batched(max_physical_batch_size=5)
+    engine2.load_state_dict(state)
+    counts = []
+    out = io.StringIO()
+    bar = engine2.progress(loader2, delta=1e-5, file=out, mode="lines", every_seconds=3600)
+    for x, y in bar:
+        counts.append(bar._count)
+        nn.functional.cross_entropy(model2(x), y, reduction="sum").backward()
+        optimizer2.step()
+        optimizer2.zero_grad()
+    bar.close()
+    assert engine2.steps == 4 and sorted(set(counts)) == [3, 4]
+    (line,) = lines_of(out)
+    assert (int(line["n"]), int(line["total"])) == (4, 4)
