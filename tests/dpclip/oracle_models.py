@@ -1454,6 +1454,9 @@ def oracle_per_example(setup: Setup) -> list[dict[str, Tensor]]:
         if setup.after_wrap is not None:
             setup.after_wrap(model)
         params = _trainable(model)
+        for p in params.values():
+            if not p.is_leaf:  # a deep-copied torch.jit.trace module's parameters: .grad only when retained
+                p.retain_grad()
         if setup.collate_fn is not None:
             batch = list(setup.collate_fn([tuple(t[i] for t in setup.tensors)]))
         else:

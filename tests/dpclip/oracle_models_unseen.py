@@ -898,6 +898,22 @@ class ScriptedMLP(nn.Module):
         return self.body(x)
 
 
+class TracedPart(nn.Module):
+    """A torch.jit.trace'd Sequential inside an eager model (a deep copy of it has non-leaf parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.traced = torch.jit.trace(nn.Sequential(nn.Linear(6, 8), nn.Tanh()), randn(2, 6, seed=9))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.traced(x))
+
+
+def build_traced(red="mean"):
+    return Setup(TracedPart(), (randn(N, 6), labels(N)), ce_loss(red))
+
+
 def build_scripted(whole: bool, red="mean"):
     model = torch.jit.script(ScriptedMLP()) if whole else ScriptedPart()
     return Setup(model, (randn(N, 6), labels(N)), ce_loss(red))
@@ -949,6 +965,9 @@ def _more_cases():
              notes="torch.jit.script(Sequential) inside an eager model (torch's hook error escaped)"),
         Case("jit_script_whole_model", "N", P(build_scripted, True), REFUSED, ("ScriptedMLP",),
              refuse_at="make_private"),
+        Case("jit_trace_submodule", "N", build_traced, EXACT, ("traced", "TracedPart"),
+             notes="torch.jit.trace(Sequential) inside an eager model: its weights get gradients only through the "
+                   "traced graph (the oracle's deep copy has non-leaf parameters, read with retain_grad)"),
     ]
 
 
