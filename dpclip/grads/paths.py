@@ -244,7 +244,8 @@ class PerExampleForward:
         candidates = {path: run for path in self.paths if (run := runners[path]) is not None}
         whole_batch = {"layerwise": tape_runner(self.tape, learn=False)} if self.tape is not None else {}
         with PaddingLookups() as lookups:
-            path = verify_paths(module, args, kwargs, batch, candidates, self.trainable, whole_batch)
+            path = verify_paths(module, args, kwargs, batch, candidates, self.trainable, whole_batch,
+                                layerwise_chosen=self.paths == ["layerwise"])
         self.padding_lookups = lookups.seen or any(
             isinstance(m, nn.Embedding) and m.padding_idx is not None for m in module.modules())
         return path

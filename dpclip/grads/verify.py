@@ -27,6 +27,7 @@ trains on nothing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from typing import Any
@@ -51,17 +52,76 @@ _RUNTIME_TRIES = 4  # probe sizes tried against the shapes the layers see at run
 
 _DROPOUTS = {
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout,
+    torch.feature_dropout, torch.alpha_dropout, torch.feature_alpha_dropout,
 }
+# Ops that draw from torch's random number generators (functions, and Tensor methods, which torch-function modes
+# see too). A forward that calls one outside the dropouts above is refused (:class:`RandomDraw`).
+_RANDOM_OPS = {
+    torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like, torch.randn_like, torch.randint_like,
+    torch.bernoulli, torch.normal, torch.poisson, torch.multinomial, torch.rrelu, torch.rrelu_, F.rrelu, F.rrelu_,
+    torch.native_dropout, Tensor.bernoulli, Tensor.bernoulli_, Tensor.normal_, Tensor.uniform_, Tensor.random_,
+    Tensor.exponential_, Tensor.geometric_, Tensor.log_normal_, Tensor.cauchy_, Tensor.multinomial,
+    # torch's Python functions that draw inside (a torch-function mode sees the outer call only)
+    F.gumbel_softmax,
+}
+# Fractional max pooling draws its pooling regions unless they are passed in (``_random_samples``).
+_FRACTIONAL_POOLS = {F.fractional_max_pool2d, F.fractional_max_pool3d, F.fractional_max_pool2d_with_indices,
+                     F.fractional_max_pool3d_with_indices}
+
+
+class RandomDraw(Exception):
+    """Raised inside verification when the model's forward draws random numbers from torch's generators
+    (``op``, in layer ``where``; "" in the model's own forward) outside the dropouts :class:`NoDropout` switches
+    off."""
+
+    def __init__(self, op: str, where: str) -> None:
+        super().__init__(f"{op} in {where or 'the model'}")
+        self.op, self.where = op, where
+
+    def message(self, root: str, model: nn.Module) -> str:
+        where = (f"{self.where} draws random numbers in its forward" if self.where else
+                 f"{type(model).__name__}'s own forward (outside its layers) draws random numbers")
+        return (
+            f"{root}: {where} ({self.op}) other than dropout's, so dpclip can "
+            "neither check that examples stay apart (a batch and an example alone draw different numbers) nor "
+            "trust the vmap path to draw them as the batch does (a mask shaped from x.shape[0] is one value per "
+            "example in a batch but one per channel under vmap). A dropout-like layer (torchvision's "
+            "StochasticDepth, timm's DropPath): set its probability to 0 (torchvision models: "
+            "stochastic_depth_prob=0), or use nn.Dropout, which dpclip supports. Noise the model needs (e.g. a "
+            "reparameterisation): draw it in the training loop and pass it in as an input, one row per example"
+        )
+
+
+def _op_name(func: Any) -> str:
+    """``torch.rand``, ``Tensor.bernoulli_``, ``torch.nn.functional.rrelu``: how a user would write the op."""
+    name = getattr(func, "__qualname__", None) or str(func)
+    if "<locals>" in name:  # a dispatcher built by a factory (F.fractional_max_pool2d): its given name
+        name = getattr(func, "__name__", name)
+    if name.startswith("_VariableFunctionsClass."):  # torch.rand and the other torch.* functions
+        return "torch." + name.split(".", 1)[1]
+    if "." in name:
+        return name.replace("TensorBase.", "Tensor.")
+    module = getattr(func, "__module__", None) or "torch"
+    return f"{'torch' if module.startswith('torch._') else module}.{name}"
 
 
 class NoDropout(TorchFunctionMode):
     """Dropout as the identity (and attention dropout 0) inside the block, so a batch and each of its examples
-    run alone compute the same function; every other op runs as in training."""
+    run alone compute the same function; every other op runs as in training, except a draw from torch's random
+    number generators (no ``generator=`` given: the checks' own draws pass one), which raises :class:`RandomDraw`
+    naming the innermost layer ``where()`` reports."""
+
+    def __init__(self, where: Callable[[], str] = lambda: "") -> None:
+        super().__init__()
+        self.where = where
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func in _DROPOUTS:
             return args[0] if args else kwargs["input"]
+        if func in _RANDOM_OPS and kwargs.get("generator") is None or (
+                func in _FRACTIONAL_POOLS and kwargs.get("_random_samples") is None and (len(args) < 6 or args[5] is None)):
+            raise RandomDraw(_op_name(func), self.where())
         if func is F.scaled_dot_product_attention:
             if len(args) > 4:
                 args = (*args[:4], 0.0, *args[5:])
@@ -72,6 +132,42 @@ class NoDropout(TorchFunctionMode):
             else:
                 kwargs = {**kwargs, "dropout_p": 0.0}
         return func(*args, **kwargs)
+
+
+class _LayerStack:
+    """The layers entered and not yet left while a model runs (forward pre- and post-hooks on every module), for
+    naming where an error or a random draw happened; removed on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.entered: list[str] = []
+        self._names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _LayerStack:
+        def enter(module: nn.Module, inputs: Any) -> None:
+            if module is self.model:  # a new forward: layers left by an exception in an earlier one are gone
+                self.entered.clear()
+            self.entered.append(f"{self._names.get(id(module), type(module).__name__)} ({type(module).__name__})")
+
+        def leave(module: nn.Module, inputs: Any, output: Any) -> None:
+            if self.entered:
+                self.entered.pop()
+
+        self._handles = [h for m in self.model.modules()
+                         for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def innermost(self) -> str:
+        return self.entered[-1] if self.entered else describe(self.model)
+
+    def innermost_layer(self) -> str:
+        """The innermost layer running, or "" in the model's own forward (outside its layers)."""
+        return self.entered[-1] if len(self.entered) > 1 else ""
 
 
 def probe_size(model: nn.Module, args: tuple, kwargs: dict, batch: int) -> int:
@@ -102,6 +198,8 @@ def _layer_dims(model: nn.Module, args: tuple, kwargs: dict) -> set[int] | None:
     try:
         with torch.no_grad():
             model(*args, **kwargs)
+    except RandomDraw:
+        raise
     except Exception:
         return None
     finally:
@@ -279,10 +377,12 @@ def verify_paths(
     candidates: Mapping[str, PathRunner],
     names: list[str],
     whole_batch: Mapping[str, PathRunner] | None = None,
+    layerwise_chosen: bool = False,
 ) -> str:
     """The first candidate path that passes the checks on a probe of this batch; ModelNotSupportedError if none.
     ``whole_batch``: for a path whose result may depend on the batch size, a runner that repeats the check on the
-    whole batch (when it holds more examples than the probe) without learning layouts anew."""
+    whole batch (when it holds more examples than the probe) without learning layouts anew. ``layerwise_chosen``:
+    the user asked for the layerwise path alone (a refusal then points to the vmap path)."""
     params = dict(model.named_parameters())
     trainable = [params[n] for n in names]
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
@@ -296,12 +396,15 @@ def verify_paths(
             stack.enter_context(torch.autocast("cpu", enabled=False))
             if devices:
                 stack.enter_context(torch.autocast("cuda", enabled=False))
-            stack.enter_context(NoDropout())
+            layers = stack.enter_context(_LayerStack(model))
+            stack.enter_context(NoDropout(layers.innermost_layer))
             k = probe_size(model, args, kwargs, batch)
             index = torch.arange(k) % batch
             probe_args, probe_kwargs = _take(args, batch, index), _take(kwargs, batch, index)
             try:
                 expected = _reference(model, probe_args, probe_kwargs, k, batch, index, args, kwargs, trainable)
+            except RandomDraw:
+                raise
             except ModelNotSupportedError as error:
                 if (random := _random_layer(model, probe_args, probe_kwargs)) is not None:
                     raise ModelNotSupportedError(
@@ -333,6 +436,8 @@ def verify_paths(
                 if reason is None:
                     return path
                 failures[path] = reason
+    except RandomDraw as draw:
+        raise ModelNotSupportedError(draw.message(root, model)) from None
     finally:
         guard.check()  # a forward that wrote into the model: restored, and refused (over any other reason)
     raise ModelNotSupportedError(
@@ -341,6 +446,10 @@ def verify_paths(
         + "\nFixes: give the model batch-first inputs and outputs (one row per example), keep examples apart "
         "(no batch statistics), call layers through their forward, or register a layer rule "
         "(dpclip.register_layer) for a custom layer."
+        + ("\nOnly the layerwise path was tried (grad_sample_mode='layerwise'): grad_sample_mode='auto' (the "
+           "default) also tries the vmap path, which runs the whole model on each example alone and needs no layer "
+           "rules." if layerwise_chosen else "")
+        + _rounding_hint(failures)
     )
 
 
@@ -373,27 +482,15 @@ def _try_path(model: nn.Module, run: PathRunner, run_args: tuple, run_kwargs: di
               expected: _Reference, names: list[str], guard: StateGuard) -> str | None:
     """None if the path passes on a batch of ``size`` whose first ``k`` rows are the probe, else why not (a torch
     error inside it counts as its failure)."""
-    stack: list[str] = []  # the layers entered and not yet left: where a torch error inside a path happened
-    names_of = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
-
-    def enter(module: nn.Module, inputs: Any) -> None:
-        stack.append(f"{names_of[id(module)]} ({type(module).__name__})")
-
-    def leave(module: nn.Module, inputs: Any, output: Any) -> None:
-        if stack:
-            stack.pop()
-
-    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    try:
-        reason = _check_path(model, run, run_args, run_kwargs, size, k, expected, names)
-    except ModelNotSupportedError as error:
-        reason = str(error)
-    except Exception as error:
-        where = stack[-1] if stack else describe(model)
-        reason = f"{type(error).__name__} in {where} under this path: {error}" + fix_hint(error)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with _LayerStack(model) as layers:  # where a torch error inside the path happened
+        try:
+            reason = _check_path(model, run, run_args, run_kwargs, size, k, expected, names)
+        except ModelNotSupportedError as error:
+            reason = str(error)
+        except RandomDraw:
+            raise
+        except Exception as error:
+            reason = f"{type(error).__name__} in {layers.innermost()} under this path: {error}" + fix_hint(error)
     if changed := guard.changed():
         guard.check(changed)
     return reason
@@ -419,6 +516,8 @@ def _layer_outputs(model: nn.Module, calls: list[tuple[tuple, dict]], root: bool
             for record, (args, kwargs) in zip(records, calls):
                 current[0] = record
                 model(*args, **kwargs)
+    except RandomDraw:
+        raise
     except Exception:
         return None
     finally:
@@ -529,6 +628,38 @@ def _reference(model: nn.Module, probe_args: tuple, probe_kwargs: dict, k: int, 
 
 
 _FLOAT32_TOLERANCE = 2e-4
+#: A float32 norm mismatch at most this fraction of the norms gets the rounding hint (:func:`_rounding_hint`).
+_SMALL_MISMATCH = 1e-2
+
+
+class _NormMismatch(str):
+    """A path's failure reason for per-example norms that differ from the brute force's, with the largest
+    difference relative to the norms and whether the float32 tolerance applied."""
+
+    relative: float
+    float32: bool
+
+    def __new__(cls, text: str, *, relative: float, float32: bool) -> _NormMismatch:
+        reason = super().__new__(cls, text)
+        reason.relative, reason.float32 = relative, float32
+        return reason
+
+
+def _rounding_hint(failures: Mapping[str, str]) -> str:
+    """Where a path failed only by a small float32 norm difference: how to tell rounding from examples mixing.
+    A deep or ill-conditioned float32 network (e.g. torchvision's GoogLeNet with transform_input, Inception3)
+    sums a batch and an example alone in different orders, and its gradients can differ by more than the check's
+    tolerance (2e-4 of the norms) without any example reaching another; in float64 the same check is 1e-9."""
+    small = [r.relative for r in failures.values() if isinstance(r, _NormMismatch) and r.float32 and r.relative <= _SMALL_MISMATCH]
+    if not small:
+        return ""
+    return (
+        f"\nThe norm differences are small (at most {max(small):.2g} of the norms, the float32 check allows 2e-4): in a "
+        "deep or ill-conditioned network float32 rounding alone can cause them (a batch and an example alone are "
+        "summed in different orders). To tell: make_private a copy converted with model.double(), fed float64 inputs. "
+        "If dpclip accepts it, the model keeps examples apart and training it in float64 is exact; if it refuses it "
+        "too, examples do mix."
+    )
 
 
 def _tolerance(t: Tensor) -> float:
@@ -577,10 +708,11 @@ def _check_path(model: nn.Module, run: PathRunner, run_args: tuple, run_kwargs: 
         excess = norms[:, j] - expected.norms[:, j]
         bounded = bool((excess >= -tol * scale).all()) and bool((excess <= allowance * expected.norms[:, j] + tol * scale).all())
         if not (bounded or _same(norms[:, j], expected.norms[:, j], scale, tol)):  # (_same: non-finite examples too)
-            return (
+            difference = float((norms[:, j] - expected.norms[:, j]).abs().nan_to_num(nan=math.inf).max())
+            return _NormMismatch(
                 f"per-example gradient norms of {name} (in {_owner(name)}) differ from those of each example "
-                f"computed alone (max difference {float((norms[:, j] - expected.norms[:, j]).abs().max()):.3g} "
-                f"on norms up to {scale:.3g})"
+                f"computed alone (max difference {difference:.3g} on norms up to {scale:.3g})",
+                relative=difference / scale, float32=tol == _FLOAT32_TOLERANCE,
             )
     if size > k:  # (the tensors behind the gradients serve one weighted sum)
         return _check_every_row(model, run_args, run_kwargs, size, cotangents, gradients, names)

@@ -1275,9 +1275,9 @@ def _cases() -> list[Case]:
              "Linear on x.reshape(B*T, d), reshaped back"),
         Case("batch_mean_mixing", "B", build_batch_mixing, REFUSED, ("batch_centre", "BatchCentre", "MixesBatch"),
              "subtracts the batch mean of an activation (mixes examples without BatchNorm): must be refused"),
-        Case("random_forward_reparameterised", "B", build_reparameterised, REFUSED, ("head",),
-             "draws torch.randn_like in forward (a VAE's latent sample): refused as random, naming the first layer "
-             "whose output differs between two passes"),
+        Case("random_forward_reparameterised", "B", build_reparameterised, REFUSED, ("Reparameterised",),
+             "draws torch.randn_like in forward (a VAE's latent sample): refused as random, naming where the draw "
+             "is (the model's own forward) and the op"),
         Case("batch_flip_mixing", "B", P(build_batch_mixing, mixer=BatchFlip), REFUSED, ("batch_centre", "BatchFlip"),
              "reverses the batch order of an activation (leaves example 0's row as it was on a cycled probe): "
              "refused, naming the layer"),

@@ -914,6 +914,61 @@ def build_traced(red="mean"):
     return Setup(TracedPart(), (randn(N, 6), labels(N)), ce_loss(red))
 
 
+class DropPath(nn.Module):
+    """Drop-path as torchvision's StochasticDepth ("row") and timm's DropPath write it: one Bernoulli draw per row
+    of x.shape[0], which under vmap becomes one per channel."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class ResidualDropPath(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.inp, self.branch, self.drop, self.head = nn.Linear(6, 8), nn.Linear(8, 8), DropPath(p), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.head(h + self.drop(torch.tanh(self.branch(h))))
+
+
+def build_drop_path(p: float, red="mean"):
+    return Setup(ResidualDropPath(p), (randn(N, 6), labels(N)), ce_loss(red))
+
+
+class FractionalPoolNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.FractionalMaxPool2d(2, output_size=3), nn.Linear(27, 3)
+
+    def forward(self, x):
+        return self.head(self.pool(torch.tanh(self.conv(x))).flatten(1))
+
+
+class GumbelHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(nn.functional.gumbel_softmax(self.fc(x), tau=0.5))
+
+
+def build_fractional_pool(red="mean"):
+    return Setup(FractionalPoolNet(), (randn(N, 2, 6, 6), labels(N)), ce_loss(red))
+
+
+def build_gumbel(red="mean"):
+    return Setup(GumbelHead(), (randn(N, 6), labels(N)), ce_loss(red))
+
+
 def build_scripted(whole: bool, red="mean"):
     model = torch.jit.script(ScriptedMLP()) if whole else ScriptedPart()
     return Setup(model, (randn(N, 6), labels(N)), ce_loss(red))
@@ -965,6 +1020,14 @@ def _more_cases():
              notes="torch.jit.script(Sequential) inside an eager model (torch's hook error escaped)"),
         Case("jit_script_whole_model", "N", P(build_scripted, True), REFUSED, ("ScriptedMLP",),
              refuse_at="make_private"),
+        Case("drop_path_rare", "N", P(build_drop_path, 1e-6), REFUSED, ("DropPath",),
+             notes="a drop-path that almost never drops (p = 1e-6): two passes agree, so only watching the RNG "
+                   "calls refuses it (before: accepted, and under vmap its mask is one per channel, not per example)"),
+        Case("drop_path", "N", P(build_drop_path, 0.5), REFUSED, ("DropPath",)),
+        Case("fractional_max_pool", "N", build_fractional_pool, REFUSED, ("FractionalMaxPool2d",),
+             notes="nn.FractionalMaxPool2d draws its pooling regions in every forward"),
+        Case("gumbel_softmax_in_forward", "N", build_gumbel, REFUSED, ("GumbelHead",),
+             notes="F.gumbel_softmax draws Gumbel noise inside (seen as the one call)"),
         Case("jit_trace_submodule", "N", build_traced, EXACT, ("traced", "TracedPart"),
              notes="torch.jit.trace(Sequential) inside an eager model: its weights get gradients only through the "
                    "traced graph (the oracle's deep copy has non-leaf parameters, read with retain_grad)"),

@@ -3,7 +3,6 @@ non-finite gradients, checkpoints, empty and virtual batches, optimizers."""
 
 import copy
 import io
-import math
 
 import numpy as np
 import pytest
@@ -232,7 +231,7 @@ def test_random_forward_is_refused_as_random():
                                                      noise_multiplier=1.0, max_grad_norm=1.0)
     before = [p.detach().clone() for p in model.parameters()]
     xb, yb = next(iter(loader))
-    with pytest.raises(ModelNotSupportedError, match=r"random numbers outside dropout.*head \(Linear\)|head \(Linear\).*random numbers"):
+    with pytest.raises(ModelNotSupportedError, match=r"Reparameterised's own forward \(outside its layers\) draws random numbers \(torch\.randn_like\)"):
         nn.functional.cross_entropy(model_p(xb), yb).backward()
     assert engine.steps == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
@@ -251,7 +250,7 @@ def test_noise_added_after_every_layer_names_the_model():
     model_p, _, loader = engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                              DataLoader(data(), batch_size=20), noise_multiplier=1.0, max_grad_norm=1.0)
     xb, yb = next(iter(loader))
-    with pytest.raises(ModelNotSupportedError, match=r"differ, first in the output of NoisyOutput \(NoisyOutput\)"):
+    with pytest.raises(ModelNotSupportedError, match=r"NoisyOutput's own forward \(outside its layers\) draws random numbers \(torch\.randn\)"):
         nn.functional.cross_entropy(model_p(xb), yb).backward()
 
 
@@ -417,7 +416,7 @@ def test_any_torch_optimizer_and_lr_scheduler_work(make_optimizer):
 ])
 def test_misuse_of_the_loop_is_refused(misuse):
     engine, model, optimizer, loader = private()
-    x, y = data().tensors[0][:20], data().tensors[1][:20]
+    x = data().tensors[0][:20]
     criterion = nn.CrossEntropyLoss()
     if misuse == "forward outside the loader":
         with pytest.raises(EngineUsageError, match="outside a batch"):
@@ -822,3 +821,46 @@ def test_model_problems_reports_what_make_private_refuses(layer: nn.Module) -> N
     with pytest.raises(dpclip.ModelNotSupportedError, match=r"0 \(Embedding\)"):
         dpclip.PrivacyEngine(seed=0).make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
                                                   noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_a_refusal_on_the_layerwise_path_alone_points_to_auto():
+    """grad_sample_mode='layerwise' on a model only the vmap path handles (a raw parameter used outside any layer
+    with a dropout inside the layer that owns it): the refusal says that 'auto' also tries vmap, and 'auto'
+    accepts the model."""
+
+    class RawScale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(10))
+            self.fc = nn.Linear(10, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(nn.functional.dropout(x * self.scale, 0.1, self.training))
+
+    def step(mode: str) -> PrivacyEngine:
+        torch.manual_seed(0)
+        model = RawScale()
+        engine = PrivacyEngine(seed=0)
+        model_p, optimizer, loader = engine.make_private(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data(), batch_size=20), noise_multiplier=1.0,
+            max_grad_norm=1.0, grad_sample_mode=mode)
+        xb, yb = next(iter(loader))
+        nn.functional.cross_entropy(model_p(xb), yb).backward()
+        optimizer.step()
+        return engine
+
+    with pytest.raises(ModelNotSupportedError, match=r"Only the layerwise path was tried.*grad_sample_mode='auto'"):
+        step("layerwise")
+    assert step("auto").grad_sample_path == "vmap"
+
+
+def test_a_small_float32_norm_difference_gets_the_rounding_hint():
+    from dpclip.grads.verify import _NormMismatch, _rounding_hint
+
+    small = _NormMismatch("norms differ", relative=7e-4, float32=True)
+    assert "at most 0.0007 of the norms" in _rounding_hint({"vmap": small, "layerwise": "a torch error"})
+    assert "model.double()" in _rounding_hint({"vmap": small})
+    # a large difference is mixing, not rounding; a float64 check has no rounding excuse; a plain reason neither
+    assert _rounding_hint({"vmap": _NormMismatch("x", relative=0.3, float32=True)}) == ""
+    assert _rounding_hint({"vmap": _NormMismatch("x", relative=7e-4, float32=False)}) == ""
+    assert _rounding_hint({"vmap": "per-example gradient norms differ"}) == ""

@@ -436,9 +436,9 @@ def _count_verifications(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = paths.verify_paths
 
-    def counted(model: nn.Module, args: tuple, kwargs: dict, batch: int, *rest: Any) -> str:
+    def counted(model: nn.Module, args: tuple, kwargs: dict, batch: int, *rest: Any, **options: Any) -> str:
         calls.append(batch)
-        return real(model, args, kwargs, batch, *rest)
+        return real(model, args, kwargs, batch, *rest, **options)
 
     monkeypatch.setattr(paths, "verify_paths", counted)
     return calls
