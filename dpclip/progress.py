@@ -146,8 +146,9 @@ class PrivacyProgress:
             yield item
             if self.mode == "bar":
                 self._refresh()
-            elif self.mode == "lines" and self._clock() - self._last_print >= self.every_seconds:
-                self._print_line()
+            elif (self.mode == "lines" and self._count != self._printed_count
+                  and self._clock() - self._last_print >= self.every_seconds):
+                self._print_line()  # (micro-batches of one logical batch share a count: one line for them)
         self._final_line()
 
     def __len__(self) -> int:

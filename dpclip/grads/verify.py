@@ -53,20 +53,48 @@ _RUNTIME_TRIES = 4  # probe sizes tried against the shapes the layers see at run
 _DROPOUTS = {
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout,
     torch.feature_dropout, torch.alpha_dropout, torch.feature_alpha_dropout,
+    torch.dropout_, torch.feature_dropout_, torch.alpha_dropout_, torch.feature_alpha_dropout_,
 }
 # Ops that draw from torch's random number generators (functions, and Tensor methods, which torch-function modes
 # see too). A forward that calls one outside the dropouts above is refused (:class:`RandomDraw`).
 _RANDOM_OPS = {
     torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like, torch.randn_like, torch.randint_like,
-    torch.bernoulli, torch.normal, torch.poisson, torch.multinomial, torch.rrelu, torch.rrelu_, F.rrelu, F.rrelu_,
-    torch.native_dropout, Tensor.bernoulli, Tensor.bernoulli_, Tensor.normal_, Tensor.uniform_, Tensor.random_,
-    Tensor.exponential_, Tensor.geometric_, Tensor.log_normal_, Tensor.cauchy_, Tensor.multinomial,
-    # torch's Python functions that draw inside (a torch-function mode sees the outer call only)
-    F.gumbel_softmax,
+    torch.bernoulli, torch.normal, torch.poisson, torch.multinomial, torch.binomial, torch._standard_gamma,
+    torch._sample_dirichlet, torch._fused_dropout, Tensor.bernoulli, Tensor.bernoulli_, Tensor.normal_,
+    Tensor.uniform_, Tensor.random_, Tensor.exponential_, Tensor.geometric_, Tensor.log_normal_, Tensor.cauchy_,
+    Tensor.multinomial, torch._C._nn.rrelu_with_noise,
+    # Python functions that draw inside (a torch-function mode sees the outer call only)
+    F.gumbel_softmax, nn.init.uniform_, nn.init.normal_, nn.init.trunc_normal_, nn.init.xavier_uniform_,
+    nn.init.xavier_normal_, nn.init.kaiming_uniform_, nn.init.kaiming_normal_, nn.init.orthogonal_, nn.init.sparse_,
+}
+# Ops that draw only in training: (keyword, position) of the flag and its default.
+_RANDOM_IF_TRAINING = {
+    F.rrelu: ("training", 3, False), F.rrelu_: ("training", 3, False), torch.rrelu: ("training", 3, False),
+    torch.rrelu_: ("training", 3, False), torch.native_dropout: ("train", 2, True),
 }
 # Fractional max pooling draws its pooling regions unless they are passed in (``_random_samples``).
 _FRACTIONAL_POOLS = {F.fractional_max_pool2d, F.fractional_max_pool3d, F.fractional_max_pool2d_with_indices,
                      F.fractional_max_pool3d_with_indices}
+
+
+def _global_generator(generator: Any) -> bool:
+    """No generator given, or torch's default one (the same draws as none)."""
+    if generator is None or generator is torch.default_generator:
+        return True
+    return torch.cuda.is_initialized() and any(generator is g for g in torch.cuda.default_generators)
+
+
+def _draws(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether this call draws from torch's global random number generators."""
+    if func in _RANDOM_OPS:
+        return _global_generator(kwargs.get("generator"))
+    if func in _RANDOM_IF_TRAINING:
+        key, position, default = _RANDOM_IF_TRAINING[func]
+        flag = kwargs[key] if key in kwargs else args[position] if len(args) > position else default
+        return flag is None or bool(flag)
+    if func in _FRACTIONAL_POOLS:
+        return kwargs.get("_random_samples") is None and (len(args) < 6 or args[5] is None)
+    return False
 
 
 class RandomDraw(Exception):
@@ -108,7 +136,8 @@ def _op_name(func: Any) -> str:
 class NoDropout(TorchFunctionMode):
     """Dropout as the identity (and attention dropout 0) inside the block, so a batch and each of its examples
     run alone compute the same function; every other op runs as in training, except a draw from torch's random
-    number generators (no ``generator=`` given: the checks' own draws pass one), which raises :class:`RandomDraw`
+    number generators (no ``generator=`` or torch's default one: the checks' own draws pass their own), which
+    raises :class:`RandomDraw`
     naming the innermost layer ``where()`` reports."""
 
     def __init__(self, where: Callable[[], str] = lambda: "") -> None:
@@ -119,8 +148,7 @@ class NoDropout(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _DROPOUTS:
             return args[0] if args else kwargs["input"]
-        if func in _RANDOM_OPS and kwargs.get("generator") is None or (
-                func in _FRACTIONAL_POOLS and kwargs.get("_random_samples") is None and (len(args) < 6 or args[5] is None)):
+        if _draws(func, args, kwargs):
             raise RandomDraw(_op_name(func), self.where())
         if func is F.scaled_dot_product_attention:
             if len(args) > 4:
@@ -146,16 +174,15 @@ class _LayerStack:
 
     def __enter__(self) -> _LayerStack:
         def enter(module: nn.Module, inputs: Any) -> None:
-            if module is self.model:  # a new forward: layers left by an exception in an earlier one are gone
-                self.entered.clear()
             self.entered.append(f"{self._names.get(id(module), type(module).__name__)} ({type(module).__name__})")
 
         def leave(module: nn.Module, inputs: Any, output: Any) -> None:
             if self.entered:
                 self.entered.pop()
 
+        # always_call: a layer that raises (and is caught by the forward around it) is left all the same
         self._handles = [h for m in self.model.modules()
-                         for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+                         for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave, always_call=True))]
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -432,7 +459,7 @@ def verify_paths(
                         expected.past = _rows_alone(model, args, kwargs, batch, k)
                     reason = _try_path(model, again, args, kwargs, batch, k, expected, names, guard)
                     if reason is not None:
-                        reason = f"on the whole batch of {batch} (the probe of {k} passed): {reason}"
+                        reason = _prefixed(f"on the whole batch of {batch} (the probe of {k} passed): ", reason)
                 if reason is None:
                     return path
                 failures[path] = reason
@@ -643,6 +670,13 @@ class _NormMismatch(str):
         reason = super().__new__(cls, text)
         reason.relative, reason.float32 = relative, float32
         return reason
+
+
+def _prefixed(prefix: str, reason: str) -> str:
+    """``prefix + reason``, keeping what a :class:`_NormMismatch` knows."""
+    if isinstance(reason, _NormMismatch):
+        return _NormMismatch(prefix + reason, relative=reason.relative, float32=reason.float32)
+    return prefix + reason
 
 
 def _rounding_hint(failures: Mapping[str, str]) -> str:

@@ -961,6 +961,57 @@ class GumbelHead(nn.Module):
         return self.head(nn.functional.gumbel_softmax(self.fc(x), tau=0.5))
 
 
+class RReLUEval(nn.Module):
+    """An RReLU in eval mode (a fixed slope, no draw) inside a model that trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.head = nn.Linear(6, 8), nn.RReLU(0.1, 0.3).eval(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.act(self.fc(x)))
+
+
+class DefaultGeneratorDraw(nn.Module):
+    """A rare drop-path drawn with generator=torch.default_generator: the global generator, so still a draw."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        keep = torch.bernoulli(torch.full((h.shape[0], 1), 1 - 1e-6), generator=torch.default_generator)
+        return self.head(h * keep)
+
+
+class DrawAfterCaughtError(nn.Module):
+    """A layer that raises on batches (caught by the forward), then a draw in the model's own forward: the
+    refusal must name the model's forward, not the layer that raised."""
+
+    class Fragile(nn.Module):
+        def forward(self, h):
+            if h.shape[0] > 1:
+                raise RuntimeError("batch too big")
+            return h
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.fragile, self.head = nn.Linear(6, 8), self.Fragile(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        try:
+            h = self.fragile(h)
+        except RuntimeError:
+            pass
+        return self.head(h + 1e-9 * torch.randn_like(h))
+
+
+def build_plain(model_class, red="mean"):
+    return Setup(model_class(), (randn(N, 6), labels(N)), ce_loss(red))
+
+
 def build_fractional_pool(red="mean"):
     return Setup(FractionalPoolNet(), (randn(N, 2, 6, 6), labels(N)), ce_loss(red))
 
@@ -1028,6 +1079,13 @@ def _more_cases():
              notes="nn.FractionalMaxPool2d draws its pooling regions in every forward"),
         Case("gumbel_softmax_in_forward", "N", build_gumbel, REFUSED, ("GumbelHead",),
              notes="F.gumbel_softmax draws Gumbel noise inside (seen as the one call)"),
+        Case("rrelu_eval_in_training_model", "N", P(build_plain, RReLUEval), {"auto": EXACT, "vmap": EXACT_OR_REFUSED},
+             notes="nn.RReLU in eval mode draws nothing (refused as a draw by the first version of the watch)"),
+        Case("bernoulli_default_generator", "N", P(build_plain, DefaultGeneratorDraw), REFUSED, ("DefaultGeneratorDraw",),
+             notes="generator=torch.default_generator is the global generator: a draw like no generator"),
+        Case("draw_after_caught_layer_error", "N", P(build_plain, DrawAfterCaughtError), REFUSED,
+             ("DrawAfterCaughtError's own forward",),
+             notes="the layer that raised is left (always_call hook), so the draw is placed in the model's forward"),
         Case("jit_trace_submodule", "N", build_traced, EXACT, ("traced", "TracedPart"),
              notes="torch.jit.trace(Sequential) inside an eager model: its weights get gradients only through the "
                    "traced graph (the oracle's deep copy has non-leaf parameters, read with retain_grad)"),

@@ -235,3 +235,15 @@ def test_an_epoch_resumed_from_a_checkpoint_counts_from_where_it_stands() -> Non
     assert engine2.steps == 4 and sorted(set(counts)) == [3, 4]
     (line,) = lines_of(out)
     assert (int(line["n"]), int(line["total"])) == (4, 4)
+
+
+def test_micro_batches_print_one_line_per_logical_batch() -> None:
+    """every_seconds=0 prints at every count; the micro-batches of one logical batch share a count, so one line
+    each (it printed the same "step n/4" once per micro-batch)."""
+    engine, model, optimizer, loader = _micro_batched(max_physical_batch_size=2)
+    out = io.StringIO()
+    bar = engine.progress(loader, delta=1e-5, file=out, mode="lines", every_seconds=0)
+    seen = _train_micro(model, optimizer, bar)
+    bar.close()
+    counts = [int(line["n"]) for line in lines_of(out)]
+    assert seen > 4 and counts == [1, 2, 3, 4]
