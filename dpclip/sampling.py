@@ -429,8 +429,23 @@ class PoissonDataLoader:
             self.generator.set_state(state)
         self._handed_out = None
 
+    def _end_epoch(self) -> None:
+        """The epoch's last batch is handed out: refuse it if its step was skipped, then start the next epoch."""
+        if self.listener is not None:
+            self.listener.check_skipped()
+        self.steps_done_in_epoch = 0
+        if self.on_epoch_end is not None:
+            self.on_epoch_end()
+
+    def _close_finished_epoch(self) -> None:
+        """At the start of an iteration: an epoch whose last batch the previous iteration handed out before the loop
+        left it (``break`` after the last step) ends here, so this iteration is the next epoch, not an empty one."""
+        if self.steps_done_in_epoch >= self.steps_per_epoch:
+            self._end_epoch()
+
     def _iter_main(self) -> Iterator[Any]:
         self._return_unread()
+        self._close_finished_epoch()
         while self.steps_done_in_epoch < self.steps_per_epoch:
             if self.listener is not None:
                 # The listener (the engine) refuses a skipped batch and a step past the budget here, before any
@@ -448,11 +463,7 @@ class PoissonDataLoader:
                 if self.listener is not None:  # the engine checks that the model is called on this very batch
                     self.listener.begin_micro_batch(index, last=index == len(parts) - 1, size=len(part), batch=batch)
                 yield batch
-        if self.listener is not None:
-            self.listener.check_skipped()  # the epoch's last batch too
-        self.steps_done_in_epoch = 0
-        if self.on_epoch_end is not None:
-            self.on_epoch_end()
+        self._end_epoch()  # (the epoch's last batch is checked for a skipped step too)
 
     # -- worker-backed iteration (see the class docstring) -------------------------------------------------
     def _start_run(self) -> _Run:
@@ -477,6 +488,7 @@ class PoissonDataLoader:
     def _iter_workers(self) -> Iterator[Any]:
         assert self.workers_loader is not None
         self._return_unread()
+        self._close_finished_epoch()
         run = self._start_run()
         try:
             while self.steps_done_in_epoch < self.steps_per_epoch:
@@ -510,13 +522,9 @@ class PoissonDataLoader:
                     if self.listener is not None:
                         self.listener.begin_micro_batch(meta.index, last=meta.last, size=meta.size, batch=batch)
                     yield batch
-            if self.listener is not None:
-                self.listener.check_skipped()  # the epoch's last batch too
         finally:
             self._end_run(run)
-        self.steps_done_in_epoch = 0
-        if self.on_epoch_end is not None:
-            self.on_epoch_end()
+        self._end_epoch()  # (the epoch's last batch is checked for a skipped step too)
 
     def state_dict(self, unread_step_returns: bool = False) -> dict:
         """The sampling generator's state before the first step not yet handed out, and the steps handed out in

@@ -154,6 +154,11 @@ class _Use:
                         base.register_hook(self._hook(index))
                         leaf = base.clone()
                 else:
+                    if leaf._is_view() and not self.layout.shared:
+                        # A hook on a view never fires once a later layer modifies the view in place (InstanceNorm's
+                        # output is a view: a clamp_ after it, on a later batch only, dropped its parameters'
+                        # gradients from that step's release). A copy keeps the hook firing.
+                        leaf = leaf.clone()
                     leaf.register_hook(self._hook(index))
             out.append(leaf)
         self.tape.uses.append(self)

@@ -864,3 +864,34 @@ def test_a_small_float32_norm_difference_gets_the_rounding_hint():
     assert _rounding_hint({"vmap": _NormMismatch("x", relative=0.3, float32=True)}) == ""
     assert _rounding_hint({"vmap": _NormMismatch("x", relative=7e-4, float32=False)}) == ""
     assert _rounding_hint({"vmap": "per-example gradient norms differ"}) == ""
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_loop_left_right_after_an_epochs_last_batch_gets_a_full_next_epoch(workers: int) -> None:
+    """``break`` after the epoch's last step (a max-steps check) left the epoch marked unfinished, so the next
+    ``for batch in loader`` handed out nothing: a whole epoch lost without a word. Now that iteration is the next
+    epoch, and the run equals an uninterrupted one."""
+    def run(leave_at_last: bool) -> tuple[list[int], list[torch.Tensor], int]:
+        torch.manual_seed(0)
+        model = mlp()
+        engine = PrivacyEngine(seed=0)
+        loader = DataLoader(data(), batch_size=50, num_workers=workers)
+        model, optimizer, loader = engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                                                       noise_multiplier=1.0, max_grad_norm=1.0)
+        counts = []
+        for _ in range(3):
+            seen = 0
+            for x, y in loader:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+                seen += 1
+                if leave_at_last and seen == len(loader):
+                    break
+            counts.append(seen)
+        return counts, [p.detach().clone() for p in model.parameters()], engine.steps
+
+    counts, weights, steps = run(leave_at_last=True)
+    plain_counts, plain_weights, plain_steps = run(leave_at_last=False)
+    assert counts == plain_counts == [4, 4, 4] and steps == plain_steps == 12
+    assert all(torch.equal(a, b) for a, b in zip(weights, plain_weights))
