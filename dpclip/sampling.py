@@ -467,6 +467,10 @@ class PoissonDataLoader:
 
     # -- worker-backed iteration (see the class docstring) -------------------------------------------------
     def _start_run(self) -> _Run:
+        if self._run is not None:
+            # An earlier iteration is still alive (an iterator kept by hand, or a loop nested in another over this
+            # loader): end it first, so the generator goes back to before the steps its workers read ahead.
+            self._end_run(self._run)
         self._run = _Run(first_step=self.steps_done_in_epoch)
         return self._run
 

@@ -385,8 +385,22 @@ class LayerwiseTape:
                 )
         return layout
 
+    def _check_not_recomputed(self, where: str) -> None:
+        """A recorded layer running inside the backward of a step still to finish is gradient checkpointing's
+        recompute (``torch.utils.checkpoint``): the recorded graph and the recomputed one differ (torch would stop
+        with its own CheckpointError), so it is refused here, by name. Verification refuses a model that always
+        checkpoints; this catches one that checkpoints only on some batches."""
+        if self.uses and not self.finished and torch._C._current_graph_task_id() != -1:
+            raise ModelNotSupportedError(
+                f"{where} ran again inside backward: gradient checkpointing (torch.utils.checkpoint) recomputes "
+                "layers the layerwise path records, which dpclip does not support. Nothing of this batch was "
+                "released. Remove the checkpointing (if memory is why it is there, grad_sample_mode='vmap' with a "
+                "smaller chunk_size bounds it) and start again from your last checkpoint"
+            )
+
     def _record(self, where: str, module: nn.Module, rule: LayerRule, args: tuple, kwargs: dict, output: Any) -> Any:
         if not self.recording or not torch.is_grad_enabled():
+            self._check_not_recomputed(where)
             return None
         leaves = _tensors_in([*args, *kwargs.values()])  # as _Use.call arranges them
         outputs = float_leaves(output)
@@ -404,6 +418,7 @@ class LayerwiseTape:
         b = None if bias is None else (bias if rows is None else bias[rows])
         out = F.linear(x, w, b)
         if not self.recording or not torch.is_grad_enabled():
+            self._check_not_recomputed(where)
             return out
         if x.shape[0] != self.batch:
             raise LayoutError(f"{where}: its input {tuple(x.shape)} does not hold the {self.batch} examples in dim 0")

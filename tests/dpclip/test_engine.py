@@ -3,6 +3,8 @@ non-finite gradients, checkpoints, empty and virtual batches, optimizers."""
 
 import copy
 import io
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -895,3 +897,52 @@ def test_a_loop_left_right_after_an_epochs_last_batch_gets_a_full_next_epoch(wor
     plain_counts, plain_weights, plain_steps = run(leave_at_last=False)
     assert counts == plain_counts == [4, 4, 4] and steps == plain_steps == 12
     assert all(torch.equal(a, b) for a, b in zip(weights, plain_weights))
+
+
+def _indexed_run(workers: int, loop: Callable[[Any, Callable[[Any], None]], None]) -> tuple[list[list[int]], int]:
+    """The example indices of each step a loop (``loop(loader, train)``) trains on, and the engine's steps."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    dataset = TensorDataset(torch.randn(24, 4, generator=g), torch.randint(0, 2, (24,), generator=g), torch.arange(24))
+    model = nn.Linear(4, 2)
+    engine = PrivacyEngine(seed=0)
+    model, optimizer, loader = engine.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(dataset, batch_size=6, num_workers=workers),
+        noise_multiplier=1.0, max_grad_norm=1.0)
+    seen: list[list[int]] = []
+
+    def train(batch: Any) -> None:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+        optimizer.step()
+        seen.append(batch[2].tolist())
+
+    loop(loader, train)
+    return seen, engine.steps
+
+
+def _kept_iterator(loader: Any, train: Callable[[Any], None]) -> None:
+    it = iter(loader)  # kept alive by the user (a warm-up of two steps)
+    train(next(it))
+    train(next(it))
+    for batch in loader:
+        train(batch)
+
+
+def _nested(loader: Any, train: Callable[[Any], None]) -> None:
+    for i, batch in enumerate(loader):
+        train(batch)
+        if i == 0:
+            for inner in loader:  # the outer iteration stays suspended meanwhile
+                train(inner)
+            break
+
+
+@pytest.mark.parametrize("loop", [_kept_iterator, _nested])
+def test_a_live_earlier_iteration_does_not_shift_the_batches_with_workers(loop: Callable) -> None:
+    """With workers, a new iteration while an earlier one was still alive (an iterator kept by hand, a nested loop)
+    dropped the steps the earlier one's workers had read ahead: the run went on with later draws (the steps of the
+    uninterrupted run 2 further on), unlike the main-process loader and the engine's own checkpoint."""
+    main_process = _indexed_run(0, loop)
+    with_workers = _indexed_run(2, loop)
+    assert with_workers == main_process and main_process[1] == len(main_process[0]) >= 4

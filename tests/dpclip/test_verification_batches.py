@@ -961,3 +961,30 @@ def test_a_layer_output_view_modified_in_place_on_a_later_batch_keeps_its_gradie
     y = torch.randint(0, 3, (24,), generator=torch.Generator().manual_seed(2))
     errors = run_steps(build(), (x, y), _ce, [list(range(12)), list(range(12, 24))], mode="layerwise")
     assert max(errors) < TOL, errors
+
+
+class CheckpointOnLargeInputs(nn.Module):
+    """torch.utils.checkpoint (non-reentrant) only on batches with a large value: the verified first batch has none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.norm, self.head = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+
+    def block(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.norm(self.fc(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x.abs() > 8).any()):
+            return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
+        return self.head(self.block(x))
+
+
+@pytest.mark.parametrize("mode", ["auto", "layerwise"])
+def test_checkpointing_that_starts_on_a_later_batch_is_refused_by_dpclip(mode: str) -> None:
+    """The recompute re-ran recorded layers inside backward and torch stopped with its own CheckpointError; now a
+    dpclip refusal names the layer, and nothing of that batch is released."""
+    torch.manual_seed(0)
+    x, y = _data(24)
+    x[12:, 0] = 30.0
+    with pytest.raises(ModelNotSupportedError, match=r"fc ran again inside backward: gradient checkpointing"):
+        run_steps(CheckpointOnLargeInputs(), (x, y), _ce, [list(range(12)), list(range(12, 24))], mode=mode)
