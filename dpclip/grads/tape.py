@@ -139,6 +139,7 @@ class _Use:
         """The output with a gradient hook on each floating tensor (expanded per example for a shared call)."""
         leaves, spec = tree_flatten(output)
         out = []
+        bases = [id(leaf._base) for leaf in leaves if isinstance(leaf, Tensor) and leaf._is_view()]
         for leaf in leaves:
             if isinstance(leaf, Tensor) and leaf.is_floating_point():
                 index = len(self.grads)
@@ -153,16 +154,38 @@ class _Use:
                         base = leaf.detach().requires_grad_()
                         base.register_hook(self._hook(index))
                         leaf = base.clone()
+                elif (leaf._is_view() and not self.layout.shared and bases.count(id(leaf._base)) == 1
+                      and leaf._base.is_contiguous() and not self._aliases_inputs(leaf)):
+                    # A hook on a view never fires once a later op modifies the view in place, and many layer
+                    # outputs are views of a tensor the layer made (F.linear with a bias on [B, T, d], InstanceNorm,
+                    # batch-first attention): a masked_fill_ or clamp_ acting on a later batch only dropped the
+                    # layer's gradients from that step's release. The hook goes on the view's base instead (its old
+                    # version's gradient, read through the view's strides), which fires either way; no copy.
+                    leaf._base.register_hook(self._through_view(index, leaf))
                 else:
-                    if leaf._is_view() and not self.layout.shared:
-                        # A hook on a view never fires once a later layer modifies the view in place (InstanceNorm's
-                        # output is a view: a clamp_ after it, on a later batch only, dropped its parameters'
-                        # gradients from that step's release). A copy keeps the hook firing.
-                        leaf = leaf.clone()
                     leaf.register_hook(self._hook(index))
             out.append(leaf)
         self.tape.uses.append(self)
         return tree_unflatten(out, spec)
+
+    def _aliases_inputs(self, view: Tensor) -> bool:
+        """Whether ``view`` shares memory with the call's inputs or the layer's own tensors (a layer returning a
+        view of its input or of a parameter): its base is then not the layer's alone, so the hook stays on it."""
+        module = self.module
+        own = [*module.parameters(), *module.buffers()] if isinstance(module, nn.Module) else []
+        pointer = view.untyped_storage().data_ptr()
+        return any(t.untyped_storage().data_ptr() == pointer for t in [*_tensors_in([*self.args, *self.kwargs.values()]), *own])
+
+    def _through_view(self, index: int, view: Tensor) -> Callable[[Tensor], None]:
+        """The hook for output ``index`` placed on its (contiguous) base: the base's gradient, read at the view's
+        size, strides and offset."""
+        size, stride, offset = view.size(), view.stride(), view.storage_offset() - view._base.storage_offset()
+        on_grad = self._hook(index)
+
+        def on_base_grad(grad: Tensor) -> None:
+            on_grad(grad.contiguous().as_strided(size, stride, offset))
+
+        return on_base_grad
 
     def _hook(self, index: int) -> Callable[[Tensor], None]:
         def on_grad(grad: Tensor) -> None:
@@ -386,11 +409,12 @@ class LayerwiseTape:
         return layout
 
     def _check_not_recomputed(self, where: str) -> None:
-        """A recorded layer running inside the backward of a step still to finish is gradient checkpointing's
-        recompute (``torch.utils.checkpoint``): the recorded graph and the recomputed one differ (torch would stop
-        with its own CheckpointError), so it is refused here, by name. Verification refuses a model that always
-        checkpoints; this catches one that checkpoints only on some batches."""
-        if self.uses and not self.finished and torch._C._current_graph_task_id() != -1:
+        """A recorded layer running with gradients on inside the backward of a step still to finish is gradient
+        checkpointing's recompute (``torch.utils.checkpoint``): the recorded graph and the recomputed one differ
+        (torch would stop with its own CheckpointError), so it is refused here, by name. Verification refuses a
+        model that always checkpoints; this catches one that checkpoints only on some batches. (A custom backward
+        that calls a layer under ``no_grad`` is not a recompute and passes.)"""
+        if self.uses and not self.finished and torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1:
             raise ModelNotSupportedError(
                 f"{where} ran again inside backward: gradient checkpointing (torch.utils.checkpoint) recomputes "
                 "layers the layerwise path records, which dpclip does not support. Nothing of this batch was "

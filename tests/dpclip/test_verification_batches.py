@@ -949,12 +949,23 @@ class AttentionThenClamp(nn.Module):
         return self.head(self.clamp(self.attention(tokens, tokens, tokens, need_weights=False)[0]).mean(1))
 
 
-@pytest.mark.parametrize("build", [InstanceNormThenClamp, AttentionThenClamp])
+class TokensLinearThenClamp(nn.Module):
+    """Two Linear layers on [B, T, d]: with a bias, F.linear's output there is a view of the [B·T, out] product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0, self.fc, self.clamp, self.head = nn.Linear(6, 6), nn.Linear(6, 6), ClampWhenLarge(), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.clamp(self.fc(self.fc0(x.view(-1, 6, 6)))).mean(1))
+
+
+@pytest.mark.parametrize("build", [InstanceNormThenClamp, AttentionThenClamp, TokensLinearThenClamp])
 def test_a_layer_output_view_modified_in_place_on_a_later_batch_keeps_its_gradients(build: type) -> None:
-    """InstanceNorm's output is a view; a later layer's in-place clamp, only on the second batch (the first is
-    verified), made the tape's hook on the view miss: its parameters got no gradient in that step's release (0.66
-    of the scale off). Batch-first MultiheadAttention also returns a view (its rule records other tensors; kept
-    here as a guard)."""
+    """Layer outputs that are views of a tensor the layer made (InstanceNorm; F.linear with a bias on [B, T, d];
+    batch-first attention): a later in-place clamp, only on the second batch (the first is verified), made the
+    tape's hook on the view miss, and the layer got no gradient in that step's release (InstanceNorm 0.66, the
+    token Linear 0.46 of the scale off). The hook now sits on the view's base."""
     torch.manual_seed(0)
     x = torch.randn(24, 36, generator=torch.Generator().manual_seed(1))
     x[12:, ::7] = 40.0  # large values in the second batch's examples: the clamp acts on that batch only
@@ -988,3 +999,40 @@ def test_checkpointing_that_starts_on_a_later_batch_is_refused_by_dpclip(mode: s
     x[12:, 0] = 30.0
     with pytest.raises(ModelNotSupportedError, match=r"fc ran again inside backward: gradient checkpointing"):
         run_steps(CheckpointOnLargeInputs(), (x, y), _ce, [list(range(12)), list(range(12, 24))], mode=mode)
+
+
+class _GateInBackward(torch.autograd.Function):
+    """Identity forward; its backward scales the gradient by a layer of the model, called under no_grad."""
+
+    @staticmethod
+    def forward(h: torch.Tensor, gate: nn.Module) -> torch.Tensor:
+        return h.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.gate = inputs[1]
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (h,) = ctx.saved_tensors
+        with torch.no_grad():
+            return grad * torch.sigmoid(ctx.gate(h)), None
+
+
+class LayerCalledInBackward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.gate, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = _GateInBackward.apply(torch.tanh(self.fc(x)), self.gate)
+        return self.head(h) + 0 * self.gate(h).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("mode", ["auto", "layerwise"])
+def test_a_layer_called_under_no_grad_inside_a_custom_backward_is_not_taken_for_a_recompute(mode: str) -> None:
+    """The checkpoint-recompute refusal looks only at recorded layers run with gradients on inside backward."""
+    torch.manual_seed(0)
+    errors = run_steps(LayerCalledInBackward(), _data(24), _ce, [list(range(12)), list(range(12, 24))], mode=mode)
+    assert max(errors) < TOL, errors
