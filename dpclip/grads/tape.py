@@ -183,7 +183,8 @@ class _Use:
         on_grad = self._hook(index)
 
         def on_base_grad(grad: Tensor) -> None:
-            on_grad(grad.contiguous().as_strided(size, stride, offset))
+            whole = grad.contiguous()  # the base's layout (contiguous); it may itself start past its storage's start
+            on_grad(whole.as_strided(size, stride, whole.storage_offset() + offset))
 
         return on_base_grad
 
