@@ -430,9 +430,13 @@ class PoissonDataLoader:
         self._handed_out = None
 
     def _end_epoch(self) -> None:
-        """The epoch's last batch is handed out: refuse it if its step was skipped, then start the next epoch."""
+        """The epoch's last batch is handed out: refuse it if its step was skipped, then start the next epoch. A
+        worker run still alive in another iteration (iterators alternated by hand) has sampled this epoch to its
+        end: it is ended, so that iteration starts a run of the next epoch when it resumes."""
         if self.listener is not None:
             self.listener.check_skipped()
+        if self._run is not None:
+            self._end_run(self._run)
         self.steps_done_in_epoch = 0
         if self.on_epoch_end is not None:
             self.on_epoch_end()

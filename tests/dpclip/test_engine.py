@@ -938,11 +938,20 @@ def _nested(loader: Any, train: Callable[[Any], None]) -> None:
             break
 
 
-@pytest.mark.parametrize("loop", [_kept_iterator, _nested])
+def _alternated(loader: Any, train: Callable[[Any], None]) -> None:
+    iterators = [iter(loader), iter(loader)]  # used in turn, across the end of the epoch (4 steps)
+    for k in range(7):
+        batch = next(iterators[k % 2], None)
+        if batch is not None:
+            train(batch)
+
+
+@pytest.mark.parametrize("loop", [_kept_iterator, _nested, _alternated])
 def test_a_live_earlier_iteration_does_not_shift_the_batches_with_workers(loop: Callable) -> None:
     """With workers, a new iteration while an earlier one was still alive (an iterator kept by hand, a nested loop)
     dropped the steps the earlier one's workers had read ahead: the run went on with later draws (the steps of the
-    uninterrupted run 2 further on), unlike the main-process loader and the engine's own checkpoint."""
+    uninterrupted run 2 further on), unlike the main-process loader and the engine's own checkpoint. Iterators
+    used in turn failed past the epoch's end ('generator raised StopIteration')."""
     main_process = _indexed_run(0, loop)
     with_workers = _indexed_run(2, loop)
     assert with_workers == main_process and main_process[1] == len(main_process[0]) >= 4
