@@ -275,7 +275,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         """Called by the Poisson loader when a new iteration starts: True if the batch it last handed out goes back
         to it unread (the model never ran on it, no step released it), see :meth:`StepGuard.return_unread`. In
         secure mode a draw cannot be repeated, so such a batch is refused instead (nothing changes)."""
-        if self.secure_mode and self.guard.open and not self.guard.read_data:
+        if self.secure_mode and self.guard.unread:
             raise EngineUsageError(
                 "the private loader's last batch was handed out and never used (a loop left before the model ran on "
                 "it), and in secure mode its draw cannot be repeated: handing out a fresh one would let a loop choose "
@@ -291,7 +291,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         """Called by :meth:`begin_step` before the next batch is drawn, and by the Poisson loader when an iteration
         ends: a batch it handed out that no optimizer.step() released and the model never ran on was skipped, which is refused
         (on every rank at once in distributed training: the others meet this at their next collective)."""
-        if self.guard.open and not self.guard.read_data:
+        if self.guard.unread:
             self._refuse_skip()
 
     def _refuse_skip(self) -> None:

@@ -43,6 +43,11 @@ class StepGuard:
         self.delivered = False  # per-example gradients of the current micro-batch reached the engine
         self.micro_stepped = False  # optimizer.step() was called for the current (not last) micro-batch
 
+    @property
+    def unread(self) -> bool:
+        """A logical batch was handed out, the model never ran on it and no step released it."""
+        return self.open and not self.read_data
+
     # -- transitions driven by the loader ---------------------------------------------------------------
     def skipped_error(self) -> EngineUsageError:
         """The refusal of a batch handed out and left without optimizer.step() before the model ran on it."""
@@ -80,7 +85,7 @@ class StepGuard:
     def return_unread(self) -> bool:
         """At the start of a new iteration over the loader: the batch it last handed out goes back if the model
         never ran on it and no step released it (nothing of it was used). True if it went back."""
-        if self.open and not self.read_data:
+        if self.unread:
             self.reset()
             return True
         return False
