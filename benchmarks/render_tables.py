@@ -281,7 +281,10 @@ FASHION_ANCHORS = ROOT / "benchmarks" / "fashion_mnist_anchors.json"
 UTILITY_MODELS = {"scatternet": "ScatterNet features + linear", "cnn": "end-to-end CNN (tanh)"}
 # When a model's configuration in benchmarks/utility.py last changed (and how): its runs made by invocations started
 # before then stay in the results file but are not shown, so every figure is of the configuration listed.
-UTILITY_CONFIG_SINCE = {"cnn": ("2026-11-30T12:13", "the first convolution now starts as a Gabor bank, init = gabor")}
+UTILITY_CONFIG_SINCE = {
+    "cnn": ("2026-11-30T12:13", "the first convolution now starts as a Gabor bank, init = gabor"),
+    "scatternet": ("2026-12-01T02:19", "the features are now centred on their private mean, center_noise = 20"),
+}
 
 
 def current_utility_runs(report: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -9,7 +9,10 @@ Data)"):
   ``groupnorm`` (GroupNorm without affine parameters over groups of channels, per example: a fixed function of
   each example alone, so it costs no privacy — Tramèr & Boneh's choice on Fashion-MNIST) or ``data`` (per-channel
   mean and variance of the features released with the Gaussian mechanism, as their "data normalisation": that
-  release is charged to the run's accounting, see :func:`private_normalisation`).
+  release is charged to the run's accounting, see :func:`private_normalisation`). With ``center_noise`` > 0 (the
+  configuration: 20) the group-normalised features are then centred on their mean, released with the Gaussian
+  mechanism at that noise multiplier and charged like the statistics (:func:`private_centre`, DPSGD-F's
+  preprocessing): on the validation split at ε = 3 this gave 90.84 % against 90.58 % (3 seeds).
 - ``cnn``: an end-to-end CNN of tanh units (Tramèr & Boneh's MNIST/Fashion-MNIST CNN; optional GroupNorm and
   width) trained with DP-SGD on the pixels.
 
@@ -74,11 +77,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "scatternet": {
         "batch": 8192, "epochs": 40, "lr": 16.0, "momentum": 0.9, "max_grad_norm": 0.1, "ema": 0.0, "schedule": "constant",
         "normalization": "groupnorm", "groups": 27, "flip": False,
+        "center_noise": 20.0,  # > 0: centre the group-normalised features on their private mean (private_centre)
         "norm_noise": 8.0, "norm_clip_mean": 1.0, "norm_clip_square": 1.0,  # used by normalization="data"
     },
     "cnn": {
         "batch": 2048, "epochs": 40, "lr": 4.0, "momentum": 0.9, "max_grad_norm": 0.1, "ema": 0.0, "schedule": "constant",
         "width": 16, "groupnorm": False, "init": "gabor",
+        "center_noise": 0.0,  # > 0: centre the pixels on the private mean image (private_centre)
     },
 }
 # Opacus's per-example gradient mode per model: the ScatterNet's linear layer has 39,700 weights, so "hooks" forms
@@ -190,6 +195,32 @@ def private_normalisation(x: torch.Tensor, noise: float, clip_mean: float, clip_
     info = {"event": event.to_dict(), "noise_multiplier": noise, "clip_mean": clip_mean, "clip_square": clip_square,
             "released_mean": mean.tolist(), "released_variance": var.tolist()}
     return mean.to(torch.float32), var.to(torch.float32), info
+
+
+def private_centre(x: torch.Tensor, noise: float, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The mean of the features ``x`` [N, ...] (each example's whole feature vector), released with the Gaussian
+    mechanism, to subtract from every example: DPSGD-F's private centring (Sun, Suresh & Menon 2023, "The importance
+    of feature preprocessing for differentially private linear optimization", Alg. 2).
+
+    DP-SGD's noise on a linear model scales with the features' largest norm, its signal with their spread around
+    the mean; centring shrinks the first, not the second. Each example's vector is clipped to L2 norm ≤ √d (d: the
+    number of features), the most a group-normalised example can have (each group's squares sum to its size
+    times v/(v + eps) < 1) or an image of pixels in [−1, 1], so the clip changes nothing there and bounds the
+    sensitivity anywhere. The sum gets
+    Gaussian noise of std ``noise`` × √d and is divided by N (public, as :func:`private_normalisation` does):
+    one Gaussian mechanism of noise multiplier ``noise`` on the whole data set (add/remove adjacency), the
+    returned ``event``.
+    """
+    from accountants import Gaussian
+
+    n = len(x)
+    flat = x.reshape(n, -1).to(torch.float64)
+    bound = math.sqrt(flat.shape[1])
+    total = _clip_rows(flat, bound).sum(0)
+    mean = (total + noise * bound * torch.randn(flat.shape[1], generator=generator, dtype=torch.float64)) / n
+    info = {"event": Gaussian(noise).to_dict(), "noise_multiplier": noise, "clip_norm": bound,
+            "released_mean_norm": float(mean.norm())}
+    return mean.to(torch.float32).view(x.shape[1:]), info
 
 
 def standardise(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -465,15 +496,16 @@ def prepare(model: str, config: dict[str, Any], split: dict[str, Any], seed: int
     """(train x, y), (evaluation x, y), the prior release event (or None) and its record, for one seed."""
     xt, yt, xe, ye = split[model]
     if model != "scatternet":
-        return (xt, yt), (xe, ye), None, None
+        return _centred(xt, yt, xe, ye, config, seed)
     if config["flip"]:  # each example: [image, mirror image], normalised view by view
         ft, _, fe, _ = split["scatternet-flipped"]
         views = {"groupnorm": lambda v: group_normalise(v, int(config["groups"]))}.get(config["normalization"])
-        if views is None:
-            raise ValueError("flip is implemented with normalization=groupnorm")
+        if views is None or float(config["center_noise"]) > 0:
+            raise ValueError("flip is implemented with normalization=groupnorm and center_noise=0")
         return (torch.stack([views(xt), views(ft)], 1), yt), (torch.stack([views(xe), views(fe)], 1), ye), None, None
     if config["normalization"] == "groupnorm":
-        return (group_normalise(xt, int(config["groups"])), yt), (group_normalise(xe, int(config["groups"])), ye), None, None
+        return _centred(group_normalise(xt, int(config["groups"])), yt, group_normalise(xe, int(config["groups"])), ye,
+                        config, seed)
     if config["normalization"] == "data":
         from accountants import event_from_dict
 
@@ -484,6 +516,19 @@ def prepare(model: str, config: dict[str, Any], split: dict[str, Any], seed: int
     if config["normalization"] == "none":
         return (xt, yt), (xe, ye), None, None
     raise ValueError(f"unknown normalization {config['normalization']!r}")
+
+
+def _centred(xt: torch.Tensor, yt: torch.Tensor, xe: torch.Tensor, ye: torch.Tensor, config: dict[str, Any],
+             seed: int) -> tuple[tuple, tuple, Any, dict | None]:
+    """Both splits less the training features' private mean (:func:`private_centre`) when ``center_noise`` > 0,
+    with the release's event and record; as they are (no release) otherwise."""
+    if float(config["center_noise"]) <= 0:
+        return (xt, yt), (xe, ye), None, None
+    from accountants import event_from_dict
+
+    generator = torch.Generator().manual_seed(10_007 * seed + 29)
+    mean, info = private_centre(xt, float(config["center_noise"]), generator)
+    return (xt - mean, yt), (xe - mean, ye), event_from_dict(info["event"]), info
 
 
 def load_split(models: list[str], args: argparse.Namespace, flip: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -344,3 +344,53 @@ def test_gabor_init_sets_only_the_first_convolution() -> None:
     assert all(torch.equal(p, dict(default.named_parameters())[n]) for n, p in others)
     with pytest.raises(ValueError, match="unknown init"):
         utility.build_model("cnn", {**config, "init": "orthogonal"}, (1, 28, 28))
+
+
+def test_private_centre_clips_to_root_d_and_adds_the_stated_noise() -> None:
+    """The released mean: the exact mean of rows clipped to norm √d (here two rows of norm 2√d are halved), plus
+    Gaussian noise whose per-coordinate std is noise·√d/N (checked over 20,000 coordinates, a ±3 % band)."""
+    utility = _utility()
+    n, d = 50, 20_000
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True) * math.sqrt(d) * 0.5  # inside the bound: kept as they are
+    x[:2] *= 4.0  # norm 2√d: clipped to √d, i.e. halved
+    expected = (x[2:].sum(0) + x[:2].sum(0) / 2) / n
+    mean, info = utility.private_centre(x.float(), 5.0, torch.Generator().manual_seed(1))
+    noise = (mean.double() - expected) * n / math.sqrt(d)
+    assert float(noise.mean()) == pytest.approx(0.0, abs=0.15)
+    assert float(noise.std()) == pytest.approx(5.0, rel=0.03)
+    assert info["event"] == {"type": "gaussian", "noise_multiplier": 5.0} and info["clip_norm"] == math.sqrt(d)
+
+
+def test_group_normalised_features_never_reach_the_centring_bound() -> None:
+    """The sensitivity √d holds without clipping anything: a group-normalised example's squared norm is below d."""
+    utility = _utility()
+    x = torch.rand(64, 81, 7, 7, generator=torch.Generator().manual_seed(2)) ** 4 * 3
+    x[0] = 0.0  # a blank example: all zeros after normalisation
+    normalised = utility.group_normalise(x, 27).flatten(1).double()
+    assert float(normalised.norm(dim=1).max()) <= math.sqrt(81 * 49)
+
+
+def test_centred_features_charge_their_release_before_the_steps() -> None:
+    """prepare() with center_noise: the training and evaluation features lose the same released mean, the release
+    is one Gaussian mechanism, and plan() calibrates σ so that dp_accounting's PLD ε of (release, then T
+    Poisson-sampled steps) is the target."""
+    dpa = pytest.importorskip("dp_accounting")
+    utility = _utility()
+    g = torch.Generator().manual_seed(3)
+    xt, xe = torch.rand(600, 81, 7, 7, generator=g), torch.rand(100, 81, 7, 7, generator=g)
+    yt, ye = torch.randint(0, 10, (600,), generator=g), torch.randint(0, 10, (100,), generator=g)
+    config = {**utility.CONFIGS["scatternet"], "center_noise": 4.0, "batch": 64, "epochs": 2}
+    (ct, _), (ce, _), prior, info = utility.prepare("scatternet", config, {"scatternet": (xt, yt, xe, ye)}, seed=0)
+    shift_train = utility.group_normalise(xt, 27) - ct
+    shift_eval = utility.group_normalise(xe, 27) - ce
+    assert torch.allclose(shift_train, shift_train[:1].expand_as(shift_train), atol=1e-5)
+    assert torch.allclose(shift_eval[:1], shift_train[:1], atol=1e-5)  # one released mean for both
+    assert info["event"] == {"type": "gaussian", "noise_multiplier": 4.0}
+    planned = utility.plan(3.0, 600, config, prior)
+    steps = dpa.SelfComposedDpEvent(
+        dpa.PoissonSampledDpEvent(planned["sample_rate"], dpa.GaussianDpEvent(planned["sigma"])), planned["steps"])
+    oracle = dpa.pld.PLDAccountant(value_discretization_interval=1e-4)
+    assert oracle.compose(dpa.ComposedDpEvent([dpa.GaussianDpEvent(4.0), steps])).get_epsilon(1e-5) == pytest.approx(3.0, abs=0.02)
+    plain = dpa.pld.PLDAccountant(value_discretization_interval=1e-4).compose(steps).get_epsilon(1e-5)
+    assert plain < 2.9  # the release is charged: without it the same σ spends clearly less

@@ -110,6 +110,12 @@ def test_utility_runs_of_an_earlier_configuration_are_set_aside() -> None:
     before, after = "2026-01-01T00:00:00+00:00", since[:10] + "T23:59:59+00:00"
     report = {"settings": {"date": after}, "invocations": [{"date": before}, {"date": after}], "runs": [
         {"model": "cnn", "invocation": 0, "seed": 0}, {"model": "cnn", "invocation": 1, "seed": 1},
-        {"model": "scatternet", "invocation": 0, "seed": 2}]}
+        {"model": "no-such-model", "invocation": 0, "seed": 2}]}  # a model never changed: every run shown
     shown, aside = render_tables.current_utility_runs(report)
     assert [r["seed"] for r in shown] == [1, 2] and [r["seed"] for r in aside] == [0]
+    # each model has its own date: the ScatterNet changed later, so a run made between the two changes is set aside
+    scatter_since = render_tables.UTILITY_CONFIG_SINCE["scatternet"][0]
+    assert scatter_since > after
+    report["runs"] = [{"model": "scatternet", "invocation": 1, "seed": 3}, {"model": "cnn", "invocation": 1, "seed": 4}]
+    shown, aside = render_tables.current_utility_runs(report)
+    assert [r["seed"] for r in shown] == [4] and [r["seed"] for r in aside] == [3]
