@@ -8,6 +8,7 @@ ExampleGradients`, from either per-example path), computes every example's norm 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -76,6 +77,26 @@ def noisy_release(clipped: ClippedSum, params: Mapping[str, Tensor], collective:
         return noisy, None
     total = torch.tensor(count, dtype=torch.float64)  # the adaptive-clipping count: Gaussian, charged in the step event
     return noisy, float(collective.release(lambda: noise.noisy(total, mechanism.count_noise_multiplier, "gaussian"), total))  # type: ignore[arg-type]
+
+
+def release_checksum(noisy: Mapping[str, Tensor]) -> float:
+    """A fingerprint of one release: Σ_k k·‖r_k‖² over its tensors r_1, r_2, … in name order (a DTensor: this
+    rank's shard), each norm taken on its own device, summed in float64 on the CPU. Two branches of one run
+    continued from the same checkpoint draw the same noise; where they released anything different their
+    fingerprints differ (but for exact ties of measure zero), so the running sums a checkpoint carries tell an
+    engine's own line from another branch (dpclip.checkpoint)."""
+    from .sharded import local  # sharded imports this module
+
+    names = sorted(noisy)
+    by_device: dict[torch.device, list[int]] = {}
+    for k, name in enumerate(names):
+        by_device.setdefault(local(noisy[name]).device, []).append(k)
+    squares = [0.0] * len(names)
+    for device, positions in by_device.items():
+        norms = torch.stack([torch.linalg.vector_norm(local(noisy[names[k]]).detach().float()) for k in positions])
+        for k, value in zip(positions, norms.cpu().tolist()):
+            squares[k] = value * value
+    return math.fsum((k + 1) * value for k, value in enumerate(squares))
 
 
 def nonfinite_message(detail: str) -> str:

@@ -241,6 +241,7 @@ def engine_state(engine: PrivacyEngine, *, key: Key | None = None, extra: Mappin
         "clipping": {"max_norm": engine.clipping.max_norm, "history": [float(c) for c in engine.clip_history]},
         "budget": engine.budget,
         "steps": engine.steps,
+        "release_trail": list(engine.release_trail),
         "noise": engine.noise.state_dict(),
         # open here: handed out, not used yet (a secure-mode draw cannot be repeated: it stays consumed)
         "loader": engine._loader.state_dict(unread_step_returns=engine.guard.open and not engine.secure_mode),
@@ -290,6 +291,7 @@ class _Parsed:
     clip_history: list[float]
     budget: tuple[float, float] | None
     steps: int
+    release_trail: list[float]
     loader_generator: Tensor
     steps_in_epoch: int
     torch_rng: Tensor
@@ -361,10 +363,42 @@ def _check_locally(engine: PrivacyEngine, state: Mapping[str, Any], key: Key | N
             "on the same data. Resume the checkpoint in a new PrivacyEngine (one that has not stepped yet), or keep "
             "training this one"
         )
+    if own > 0 and not _continues_this_engine(engine, parsed):
+        raise CheckpointError(
+            f"this engine has already released {own} steps of its own since it was made or last loaded, and the "
+            f"checkpoint (step {parsed.steps}) does not continue its current state (step {engine.steps}): its "
+            "releases up to that step differ from this engine's, so it is another run or another branch of this "
+            "one (another engine that resumed an earlier checkpoint with the same noise seed). Loading it would drop "
+            "this engine's releases from ε, while branches of one run draw the same noise (their difference then "
+            "carries none). Resume the checkpoint in a new PrivacyEngine (one that has not stepped yet), or keep "
+            "training this one"
+        )
     if fresh_randomness and (engine.distributed is not None or engine._sharded is not None):
         raise CheckpointError("fresh_randomness is for one process: in distributed training every rank must draw the "
                               "shared noise and batches from one seed")
     return parsed, fresh_randomness
+
+
+def _continues_this_engine(engine: PrivacyEngine, parsed: _Parsed) -> bool:
+    """Whether the checkpoint is of the engine's current state or of a later state of the same line: it agrees
+    with the engine's running release checksum at the engine's step (the releases so far are the same, but for
+    exact ties of measure zero)."""
+    mine = engine.release_trail
+    if not mine or len(parsed.release_trail) < len(mine):
+        return False
+    return parsed.release_trail[len(mine) - 1] == mine[-1]
+
+
+def _release_trail(state: Mapping[str, Any], steps: int) -> list[float]:
+    """The checkpoint's running release checksums, one per step; zeros for a checkpoint written before dpclip kept
+    them (the line then starts there: an engine with releases of its own has nonzero checksums, so it refuses such
+    a checkpoint, and branches continued from it still differ from their first own step)."""
+    if "release_trail" not in state:
+        return [0.0] * steps
+    trail = state["release_trail"]
+    if not isinstance(trail, list) or not all(isinstance(v, float) for v in trail):
+        raise ValueError("release_trail must be a list of floats (one per step)")
+    return list(trail)
 
 
 def _check_format(state: Any) -> None:
@@ -418,6 +452,7 @@ def _parse(engine: PrivacyEngine, state: Mapping[str, Any]) -> _Parsed:
             clip_history=[check_positive("clip_history entry", c) for c in state["clipping"]["history"]],
             budget=budget,
             steps=check_count("steps", state["steps"], minimum=0),
+            release_trail=_release_trail(state, check_count("steps", state["steps"], minimum=0)),
             loader_generator=loader_generator,
             steps_in_epoch=check_count("steps_done_in_epoch", state["loader"]["steps_done_in_epoch"], minimum=0),
             torch_rng=torch_rng,
@@ -524,6 +559,11 @@ def _check_history(engine: PrivacyEngine, parsed: _Parsed) -> None:
             f"corrupt checkpoint: the accountant history does not match the step count ({accountant.steps} recorded "
             f"events, steps = {steps})"
         )
+    if len(parsed.release_trail) != steps:
+        raise CheckpointError(
+            f"corrupt checkpoint: the release trail does not match the step count ({len(parsed.release_trail)} "
+            f"entries, steps = {steps})"
+        )
     foreign = [str(entry.event) for entry in accountant.history if entry.event != engine._step_event]
     if foreign:
         raise CheckpointError(
@@ -548,6 +588,7 @@ def _apply(engine: PrivacyEngine, parsed: _Parsed, state: Mapping[str, Any]) -> 
     """Change the engine, model, optimizer, RNGs and loader to the (fully checked) checkpoint."""
     assert engine._module is not None and engine._optimizer is not None and engine._loader is not None
     assert engine.clipping is not None
+    released_own = engine.steps > engine.steps_at_load
     # the optimizer would keep the checkpoint's own tensors (torch copies only the outer dict) and training would
     # then change the caller's checkpoint: it gets a copy
     parsed.optimizer_state = copy.deepcopy(parsed.optimizer_state)
@@ -561,12 +602,14 @@ def _apply(engine: PrivacyEngine, parsed: _Parsed, state: Mapping[str, Any]) -> 
     engine.clipping.restore(parsed.max_norm, parsed.clip_history)
     engine.budget = _combined_budget(engine.budget, parsed.budget)
     engine.steps = parsed.steps
+    engine.release_trail = list(parsed.release_trail)
     engine.noise.load_state_dict(state["noise"])
     engine._loader.load_state_dict({"generator": parsed.loader_generator, "steps_done_in_epoch": parsed.steps_in_epoch})
     torch.set_rng_state(parsed.torch_rng)
     if parsed.cuda_rng is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(parsed.cuda_rng)
-    engine.steps_at_load = engine.steps
+    if not released_own:  # an engine with releases of its own loaded its own line (checked): they stay its own
+        engine.steps_at_load = engine.steps
     engine._abandon_step()
 
 

@@ -18,7 +18,7 @@ from accountants import ACCOUNTANTS, make_accountant
 from accountants.checks import check_count, check_flag
 from accountants.errors import PrivacyParameterError
 
-from .aggregation import ClippedSum, noisy_release
+from .aggregation import ClippedSum, noisy_release, release_checksum
 from .clipping import ClippingPolicy, check_bound
 from .collective import Collective, LocalCollective
 from .distributed import DistributedContext, unwrap_model
@@ -95,6 +95,10 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         #: ``steps`` right after the last checkpoint load (0 before any): the steps this engine released itself
         #: since are ``steps - steps_at_load``
         self.steps_at_load = 0
+        #: after each released step, the running sum of :func:`~dpclip.aggregation.release_checksum` over the steps
+        #: so far (one entry per step; 0 up to the step of a checkpoint written without it). Checkpoints carry it,
+        #: so an engine tells its own line (its state and continuations of it) from another branch (dpclip.checkpoint)
+        self.release_trail: list[float] = []
         #: steps refused with NonFiniteGradientError (nonfinite="error"): each refusal tells, without noise, that its
         #: batch held an example with a non-finite gradient, which ε does not cover (the privacy report says so)
         self.nonfinite_refusals = 0
@@ -362,7 +366,9 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
             self._abandon_step()
             self.nonfinite_refusals += 1
             raise
+        fingerprint = release_checksum(noisy)  # before anything is released: nothing after it may fail uncharged
         self.collective.assign_gradients(params, noisy)
+        self.release_trail.append((self.release_trail[-1] if self.release_trail else 0.0) + fingerprint)
         # released (p.grad holds it) from here on: charged before the optimizer runs, so a failing optimizer step
         # can neither leave an uncharged release nor let a retry release the same batch again
         self.accountant.compose(self._step_event)

@@ -91,7 +91,8 @@ class NoiseSource:
                        distributed: bool) -> NoiseSource:
         """Noise drawn from the user's ``generator`` (Opacus's ``noise_generator``), which must live on the device
         of the trainable parameters; refused in secure mode (OS seeds only) and in distributed training (every
-        rank draws the same noise from a shared seed: use ``PrivacyEngine(seed=...)``)."""
+        rank draws the same noise from a shared seed: use ``PrivacyEngine(seed=...)``), and refused when never seeded
+        (torch's default seed is public)."""
         if not isinstance(generator, torch.Generator):
             raise PrivacyParameterError(f"noise_generator must be a torch.Generator, got {type(generator).__name__}")
         if secure_mode:
@@ -109,6 +110,15 @@ class NoiseSource:
                 f"noise_generator is on {generator.device} but the trainable parameters are on "
                 f"{', '.join(sorted(map(str, devices)))}: noise is drawn where the parameters live; create the "
                 "generator there, e.g. torch.Generator(device=...)"
+            )
+        unseeded = torch.Generator().initial_seed()  # every torch.Generator() starts from this public seed
+        if generator.initial_seed() == unseeded:
+            raise PrivacyParameterError(
+                f"noise_generator was never seeded: every torch.Generator() starts from the same public seed "
+                f"({unseeded}), so anyone can regenerate its noise and subtract it from the released gradients (no "
+                "privacy at all). Seed it secretly, e.g. generator.seed() (from the OS) or "
+                "generator.manual_seed(secrets.randbits(63)), or leave noise_generator out (dpclip then seeds its "
+                "noise from the OS, or from PrivacyEngine(seed=...)), or use secure_mode=True"
             )
         source = cls(seed=generator.initial_seed())
         source._generators[generator.device] = generator

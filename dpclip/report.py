@@ -36,6 +36,12 @@ def privacy_report(engine: PrivacyEngine, delta: float) -> dict[str, Any]:
             f"Per-layer clipping: each parameter's gradient is clipped to its own bound; the noise is calibrated to "
             f"their combined bound C = {engine.clipping.max_norm:.4g}."
         )
+    if not engine.secure_mode:
+        extra = (extra + " " if extra else "") + (
+            "The noise and the batches come from seeded generators (PrivacyEngine(seed=...), noise_generator, or a "
+            "seed drawn from the OS, which checkpoints keep): this ε assumes those seeds stay secret, since anyone "
+            "who knows them can regenerate the noise (secure_mode=True draws every value from the OS)."
+        )
     if engine.nonfinite_refusals:
         extra = (extra + " " if extra else "") + (
             f"{engine.nonfinite_refusals} step(s) were refused for non-finite gradients: each refusal revealed, "

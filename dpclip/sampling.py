@@ -41,6 +41,8 @@ from accountants import steps_per_epoch as _steps_per_epoch
 from accountants.errors import PrivacyParameterError
 from accountants.checks import check_count, check_sample_rate
 
+from .errors import EngineUsageError
+
 
 #: Bits of the uniform integer U that decides an inclusion (two 31-bit halves; see :func:`bernoulli_indices`).
 INCLUSION_BITS = 62
@@ -308,7 +310,7 @@ class PoissonDataLoader:
         see the class docstring for how workers are used."""
         self.dataset_size = map_style_size(dataset)
         self.dataset = dataset
-        self.sample_rate = check_sample_rate(sample_rate)
+        self._sample_rate = check_sample_rate(sample_rate)
         self.steps_per_epoch = (
             _steps_per_epoch(self.sample_rate) if steps_per_epoch is None else check_count("steps_per_epoch", steps_per_epoch)
         )
@@ -374,6 +376,20 @@ class PoissonDataLoader:
             persistent_workers=bool(data_loader.persistent_workers) if workers > 0 else False,
             worker_init_fn=data_loader.worker_init_fn, timeout=data_loader.timeout,
             multiprocessing_context=data_loader.multiprocessing_context if workers > 0 else None,
+        )
+
+    @property
+    def sample_rate(self) -> float:
+        """q, each example's probability of joining a batch: fixed when the loader is made (the engine charges
+        every step at it)."""
+        return self._sample_rate
+
+    @sample_rate.setter
+    def sample_rate(self, value: float) -> None:
+        raise EngineUsageError(
+            f"loader.sample_rate cannot be set (to {value!r}): every step's batch is drawn at q = {self._sample_rate} "
+            "and the accountant charges that q, so another rate would spend more privacy than ε reports (or less, "
+            "unreported). To sample at another rate, pass sample_rate= to make_private in a new PrivacyEngine."
         )
 
     @property

@@ -262,7 +262,7 @@ def test_a_keyed_checkpoint_needs_its_key_and_resists_a_forger() -> None:
     # A forger who empties the history (ε → 0) and recomputes a plain SHA-256: the unkeyed check cannot tell,
     # which is why the threat model (README "Checkpoints") is corruption and accidental edits; the key can.
     forged = copy.deepcopy(signed)
-    forged.update(steps=0, accountant={**forged["accountant"], "history": []})
+    forged.update(steps=0, accountant={**forged["accountant"], "history": []}, release_trail=[])
     forged["clipping"]["history"] = forged["clipping"]["history"][:1]
     forged["integrity"] = {"algorithm": "sha256", "digest": state_digest(forged)}
     with pytest.raises(CheckpointError, match="not signed"):

@@ -675,6 +675,46 @@ def test_an_engine_that_has_stepped_refuses_another_runs_checkpoint(tmp_path):
     assert engine.steps == 4
 
 
+def test_an_engine_that_has_stepped_refuses_another_branch_of_its_own_run(tmp_path):
+    """Engine E saves at step 5 and releases steps 6–8; engine F (same noise seed) resumes E's step-5 checkpoint
+    and releases another steps 6–8 (lr 0.5 against 0.1: other weights, so other clipped sums) with the same noise.
+    Loading F's step-8 checkpoint into E was accepted (same seed, same step count): E's own releases were dropped
+    from ε, and the difference of the two branches' releases carries no noise. Refused now, before anything
+    changes, also after E reloaded its own state; E's own step-8 checkpoint still loads, a fresh engine loads F's,
+    and an engine that released E's first 5 steps itself loads F's continuation of them."""
+    engine, model, optimizer, loader = private(seed=3)
+    train(model, optimizer, loader, steps=5)
+    start = dpclip.save_checkpoint(tmp_path / "five.pt", engine)
+    other, model_f, optimizer_f, loader_f = private(seed=3)
+    dpclip.load_checkpoint(start, other)
+    for group in optimizer_f.param_groups:  # after the load, which restores the optimizer's own lr
+        group["lr"] = 0.5
+    train(model, optimizer, loader, steps=3)
+    train(model_f, optimizer_f, loader_f, steps=3)
+    mine = dpclip.save_checkpoint(tmp_path / "mine.pt", engine)
+    branch = dpclip.save_checkpoint(tmp_path / "branch.pt", other)
+    assert engine.steps == other.steps == 8 and engine.noise.seed == other.noise.seed
+    weights, epsilon = [p.detach().clone() for p in model.parameters()], engine.get_epsilon(1e-5)
+    with pytest.raises(dpclip.CheckpointError, match="released 8 steps of its own.*does not continue its current state.*new PrivacyEngine"):
+        dpclip.load_checkpoint(branch, engine)
+    dpclip.load_checkpoint(mine, engine)  # reloading its own state keeps its releases its own: still refused
+    with pytest.raises(dpclip.CheckpointError, match="released 8 steps of its own"):
+        dpclip.load_checkpoint(branch, engine)
+    assert engine.steps == 8 and engine.get_epsilon(1e-5) == epsilon
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    dpclip.load_checkpoint(mine, engine)  # its own current state
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    fresh, model_n, _, _ = private(seed=3)
+    dpclip.load_checkpoint(branch, fresh)
+    assert fresh.steps == 8 and fresh.release_trail == other.release_trail != engine.release_trail
+    assert fresh.release_trail[:5] == engine.release_trail[:5]  # one line up to the branch point
+    # an engine that released the same 5 steps itself (same seed, weights, data) may load a continuation of them
+    same, model_s, optimizer_s, loader_s = private(seed=3)
+    train(model_s, optimizer_s, loader_s, steps=5)
+    dpclip.load_checkpoint(branch, same)
+    assert same.steps == 8 and same.release_trail == other.release_trail
+
+
 def test_leaving_a_logical_batch_mid_way_says_how_to_go_on(tmp_path):
     """A break after the first of several micro-batches: step() waits for the last one, which no iteration will
     yield. The refusal names that and the way out (before, it told to call step(), which did nothing)."""
@@ -955,3 +995,74 @@ def test_a_live_earlier_iteration_does_not_shift_the_batches_with_workers(loop: 
     main_process = _indexed_run(0, loop)
     with_workers = _indexed_run(2, loop)
     assert with_workers == main_process and main_process[1] == len(main_process[0]) >= 4
+
+
+def test_the_loaders_sample_rate_cannot_be_changed_behind_the_accountant():
+    """Setting loader.sample_rate = 0.5 after make_private drew batches of ~100 of 200 examples while every step
+    was charged at q = 0.1 (ε 0.45 reported against 15 at the q that ran). Refused now; the loader keeps q."""
+    engine, model, optimizer, loader = private()
+    with pytest.raises(EngineUsageError, match=r"loader.sample_rate cannot be set.*q = 0.1.*new PrivacyEngine"):
+        loader.sample_rate = 0.5
+    assert loader.sample_rate == 0.1 and loader.expected_batch_size == pytest.approx(20.0)
+    sizes = []
+    for x, y in loader:
+        sizes.append(len(x))
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert sum(sizes) / len(sizes) <= 40  # Poisson(q = 0.1) batches of 200 examples (mean 20), not q = 0.5's ~100
+    assert engine.accountant.history[-1].event == PoissonSampled(0.1, Gaussian(1.0))
+
+
+def test_an_unseeded_noise_generator_is_refused():
+    """torch.Generator() always starts from torch's public default seed, so noise drawn from it can be regenerated
+    by anyone and subtracted from the release (two runs drew bit-identical noise). Refused, naming the fix; a
+    seeded generator is accepted, and the report then says ε assumes the seeds stay secret."""
+    with pytest.raises(dpclip.PrivacyParameterError, match=r"never seeded.*public seed.*\.seed\(\)"):
+        private(noise_generator=torch.Generator())
+    generator = torch.Generator()
+    generator.seed()  # from the OS
+    engine, model, optimizer, loader = private(noise_generator=generator)
+    train(model, optimizer, loader, steps=1)
+    assert "assumes those seeds stay secret" in engine.privacy_report(1e-5)["statement"]
+
+
+def test_the_report_names_the_seed_assumption_outside_secure_mode():
+    """Outside secure mode the noise and the batches come from seeded generators (the caller's seed, or one drawn
+    from the OS and kept in checkpoints): the statement says ε assumes the seeds stay secret. In secure mode, where
+    every value comes from the OS, it does not."""
+    for seed, secure, caveat in ((0, False, True), (None, False, True), (None, True, False)):
+        model = mlp()
+        engine = PrivacyEngine(seed=seed, secure_mode=secure)
+        m, optimizer, loader = engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                   DataLoader(data(), batch_size=20), noise_multiplier=1.0,
+                                                   max_grad_norm=1.0)
+        train(m, optimizer, loader, steps=1)
+        assert ("assumes those seeds stay secret" in engine.privacy_report(1e-5)["statement"]) == caveat, (seed, secure)
+
+
+def test_a_checkpoint_written_before_the_release_trail_resumes_and_starts_its_line_there(tmp_path):
+    """A checkpoint without "release_trail" (an earlier dpclip; its digest recomputed) loads into a new engine,
+    which then saves and reloads its own checkpoints (its line starts at the old step) and still refuses another
+    branch continued from the same old checkpoint; an engine with releases of its own refuses the old file."""
+    from dpclip.checkpoint import state_digest
+
+    engine, model, optimizer, loader = private(seed=4)
+    train(model, optimizer, loader, steps=3)
+    old = engine.state_dict()
+    del old["release_trail"]
+    old["integrity"] = {"algorithm": "sha256", "digest": state_digest({k: v for k, v in old.items() if k != "integrity"})}
+    resumed, model_r, optimizer_r, loader_r = private(seed=4)
+    resumed.load_state_dict(copy.deepcopy(old))
+    assert resumed.release_trail == [0.0, 0.0, 0.0]
+    train(model_r, optimizer_r, loader_r, steps=2)
+    resumed.load_state_dict(resumed.state_dict())  # its own state
+    branch, model_b, optimizer_b, loader_b = private(seed=4)
+    branch.load_state_dict(copy.deepcopy(old))
+    for group in optimizer_b.param_groups:
+        group["lr"] = 0.7
+    train(model_b, optimizer_b, loader_b, steps=2)
+    with pytest.raises(dpclip.CheckpointError, match="does not continue its current state"):
+        resumed.load_state_dict(branch.state_dict())
+    with pytest.raises(dpclip.CheckpointError, match="does not continue its current state"):
+        engine.load_state_dict(copy.deepcopy(old))  # engine released 3 steps itself; the old file's trail is unknown
