@@ -400,7 +400,15 @@ class PoissonDataLoader:
         return self.steps_per_epoch
 
     def sample_indices(self) -> torch.Tensor:
-        """Indices of one Poisson batch (with ``shard``: this rank's part of the global batch)."""
+        """Indices of one Poisson batch (with ``shard``: this rank's part of the global batch). Refused, before
+        anything is drawn, when the data set no longer has the size the loader was made for."""
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if size != self.dataset_size:
+            raise EngineUsageError(
+                f"the data set changed size after make_private ({self.dataset_size} examples then, {size} now): the "
+                "batches are drawn over the examples it had, and the expected batch size that scales the release was "
+                "planned for them. Keep the data set fixed while training, or make a new PrivacyEngine for the new one"
+            )
         if self.secure_mode:
             self.generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
         indices = bernoulli_indices(self.dataset_size, self.sample_rate, self.generator)

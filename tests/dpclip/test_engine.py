@@ -1066,3 +1066,16 @@ def test_a_checkpoint_written_before_the_release_trail_resumes_and_starts_its_li
         resumed.load_state_dict(branch.state_dict())
     with pytest.raises(dpclip.CheckpointError, match="does not continue its current state"):
         engine.load_state_dict(copy.deepcopy(old))  # engine released 3 steps itself; the old file's trail is unknown
+
+
+def test_a_data_set_that_changes_size_is_refused_before_a_draw():
+    """Shrinking the TensorDataset after make_private let torch's IndexError escape from the loader (a list-backed
+    one that grew was sampled over its first N only). Refused now with dpclip's message, nothing drawn."""
+    engine, model, optimizer, loader = private()
+    train(model, optimizer, loader, steps=1)
+    dataset = loader.dataset
+    dataset.tensors = tuple(t[:100] for t in dataset.tensors)
+    state = loader.generator.get_state()
+    with pytest.raises(EngineUsageError, match=r"changed size after make_private \(200 examples then, 100 now\)"):
+        next(iter(loader))
+    assert torch.equal(loader.generator.get_state(), state) and engine.steps == 1
