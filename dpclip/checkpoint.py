@@ -242,6 +242,7 @@ def engine_state(engine: PrivacyEngine, *, key: Key | None = None, extra: Mappin
         "budget": engine.budget,
         "steps": engine.steps,
         "release_trail": list(engine.release_trail),
+        "nonfinite_refusals": engine.nonfinite_refusals,
         "noise": engine.noise.state_dict(),
         # open here: handed out, not used yet (a secure-mode draw cannot be repeated: it stays consumed)
         "loader": engine._loader.state_dict(unread_step_returns=engine.guard.open and not engine.secure_mode),
@@ -292,6 +293,7 @@ class _Parsed:
     budget: tuple[float, float] | None
     steps: int
     release_trail: list[float]
+    nonfinite_refusals: int
     loader_generator: Tensor
     steps_in_epoch: int
     torch_rng: Tensor
@@ -453,6 +455,8 @@ def _parse(engine: PrivacyEngine, state: Mapping[str, Any]) -> _Parsed:
             budget=budget,
             steps=check_count("steps", state["steps"], minimum=0),
             release_trail=_release_trail(state, check_count("steps", state["steps"], minimum=0)),
+            # written by dpclip since it kept the count (0 before: the earlier file's statement named its refusals)
+            nonfinite_refusals=check_count("nonfinite_refusals", state.get("nonfinite_refusals", 0), minimum=0),
             loader_generator=loader_generator,
             steps_in_epoch=check_count("steps_done_in_epoch", state["loader"]["steps_done_in_epoch"], minimum=0),
             torch_rng=torch_rng,
@@ -603,6 +607,9 @@ def _apply(engine: PrivacyEngine, parsed: _Parsed, state: Mapping[str, Any]) -> 
     engine.budget = _combined_budget(engine.budget, parsed.budget)
     engine.steps = parsed.steps
     engine.release_trail = list(parsed.release_trail)
+    # refusals told something of this data set without noise; a load does not undo that (the checkpoint's line
+    # may include this engine's own): the larger count stays, so the report keeps saying ε does not cover them
+    engine.nonfinite_refusals = max(engine.nonfinite_refusals, parsed.nonfinite_refusals)
     engine.noise.load_state_dict(state["noise"])
     engine._loader.load_state_dict({"generator": parsed.loader_generator, "steps_done_in_epoch": parsed.steps_in_epoch})
     torch.set_rng_state(parsed.torch_rng)

@@ -1079,3 +1079,27 @@ def test_a_data_set_that_changes_size_is_refused_before_a_draw():
     with pytest.raises(EngineUsageError, match=r"changed size after make_private \(200 examples then, 100 now\)"):
         next(iter(loader))
     assert torch.equal(loader.generator.get_state(), state) and engine.steps == 1
+
+
+def test_nonfinite_refusals_survive_a_checkpoint():
+    """A refusal for non-finite gradients tells, without noise, that its batch held such an example; the report
+    says ε does not cover it. A checkpoint dropped the count, so a resumed run's report no longer said so. It is
+    kept now, in the resumed engine and in one that reloads its own line."""
+    x, y = data().tensors
+    x = x.clone()
+    x[::7, 0] = float("nan")
+    model = mlp()
+    engine = PrivacyEngine(seed=0)
+    m, optimizer, loader = engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                               DataLoader(TensorDataset(x, y), batch_size=100),
+                                               noise_multiplier=1.0, max_grad_norm=1.0)
+    xb, yb = next(iter(loader))
+    with pytest.raises(NonFiniteGradientError):
+        nn.functional.cross_entropy(m(xb), yb).backward()
+    state = engine.state_dict()
+    fresh, *_ = private(seed=0, batch_size=100)
+    fresh.load_state_dict(state)
+    report = fresh.privacy_report(1e-5)
+    assert report["nonfinite_refusals"] == 1 and "this ε does not cover" in report["statement"]
+    engine.load_state_dict(state)
+    assert engine.nonfinite_refusals == 1
