@@ -357,7 +357,7 @@ def _check_locally(engine: PrivacyEngine, state: Mapping[str, Any], key: Key | N
             "engine once nothing the later steps released is kept (load_state_dict(..., fresh_randomness=True) for "
             "a branch whose releases you keep: its ε then composes with theirs)"
         )
-    own = engine.steps - engine.steps_at_load  # released by this engine since it was made or last loaded
+    own = engine.steps - engine.steps_at_load  # on this engine's line since it was made or loaded another line
     if own > 0 and int(state["noise"]["seed"]) != engine.noise.seed:
         raise CheckpointError(
             f"this engine has already released {own} steps of its own run and the checkpoint is of another "
@@ -367,10 +367,12 @@ def _check_locally(engine: PrivacyEngine, state: Mapping[str, Any], key: Key | N
         )
     if own > 0 and not _continues_this_engine(engine, parsed):
         raise CheckpointError(
-            f"this engine has already released {own} steps of its own since it was made or last loaded, and the "
+            f"this engine has already released {own} steps of its own line (since it was made or loaded another "
+            "line), and the "
             f"checkpoint (step {parsed.steps}) does not continue its current state (step {engine.steps}): its "
-            "releases up to that step differ from this engine's, so it is another run or another branch of this "
-            "one (another engine that resumed an earlier checkpoint with the same noise seed). Loading it would drop "
+            "releases up to that step differ from this engine's (or it was written by a dpclip without release "
+            "fingerprints), so it may be another run or another branch of this one (another engine that resumed an "
+            "earlier checkpoint with the same noise seed). Loading it would drop "
             "this engine's releases from ε, while branches of one run draw the same noise (their difference then "
             "carries none). Resume the checkpoint in a new PrivacyEngine (one that has not stepped yet), or keep "
             "training this one"

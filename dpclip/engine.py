@@ -92,8 +92,9 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         self.budget: tuple[float, float] | None = None
         self.budget_guard: BudgetGuard | None = None  # counts the steps left within the budget (report.py)
         self.steps = 0
-        #: ``steps`` right after the last checkpoint load (0 before any): the steps this engine released itself
-        #: since are ``steps - steps_at_load``
+        #: ``steps`` right after the last checkpoint load that did not continue this engine's own line (0 before
+        #: any): the steps of its own line are ``steps - steps_at_load`` (loading its own state, or a continuation
+        #: of it, keeps them its own: dpclip.checkpoint)
         self.steps_at_load = 0
         #: after each released step, the running sum of :func:`~dpclip.aggregation.release_checksum` over the steps
         #: so far (one entry per step; 0 up to the step of a checkpoint written without it). Checkpoints carry it,
