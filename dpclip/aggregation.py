@@ -92,7 +92,7 @@ def release_checksum(noisy: Mapping[str, Tensor]) -> float:
     for k, name in enumerate(names):
         by_device.setdefault(local(noisy[name]).device, []).append(k)
     squares = [0.0] * len(names)
-    for device, positions in by_device.items():
+    for positions in by_device.values():
         norms = torch.stack([torch.linalg.vector_norm(local(noisy[names[k]]).detach().float()) for k in positions])
         for k, value in zip(positions, norms.cpu().tolist()):
             squares[k] = value * value

@@ -442,6 +442,7 @@ def _parse(engine: PrivacyEngine, state: Mapping[str, Any]) -> _Parsed:
         torch_rng = _cpu_byte_state(state["torch_rng"], "torch")
         torch.Generator().set_state(torch_rng)
         cuda_rng = state["cuda_rng"]
+        steps = check_count("steps", state["steps"], minimum=0)
         integrity = state["integrity"]
         if set(integrity) != {"algorithm", "digest"}:
             raise ValueError(f"the integrity entry must hold exactly 'algorithm' and 'digest', got {sorted(integrity)}")
@@ -455,8 +456,8 @@ def _parse(engine: PrivacyEngine, state: Mapping[str, Any]) -> _Parsed:
             max_norm=check_positive("max_grad_norm", state["clipping"]["max_norm"]),
             clip_history=[check_positive("clip_history entry", c) for c in state["clipping"]["history"]],
             budget=budget,
-            steps=check_count("steps", state["steps"], minimum=0),
-            release_trail=_release_trail(state, check_count("steps", state["steps"], minimum=0)),
+            steps=steps,
+            release_trail=_release_trail(state, steps),
             # written by dpclip since it kept the count (0 before: the earlier file's statement named its refusals)
             nonfinite_refusals=check_count("nonfinite_refusals", state.get("nonfinite_refusals", 0), minimum=0),
             loader_generator=loader_generator,
