@@ -394,3 +394,39 @@ def test_centred_features_charge_their_release_before_the_steps() -> None:
     assert oracle.compose(dpa.ComposedDpEvent([dpa.GaussianDpEvent(4.0), steps])).get_epsilon(1e-5) == pytest.approx(3.0, abs=0.02)
     plain = dpa.pld.PLDAccountant(value_discretization_interval=1e-4).compose(steps).get_epsilon(1e-5)
     assert plain < 2.9  # the release is charged: without it the same σ spends clearly less
+
+
+def test_cnn_losses_match_closed_forms_and_are_per_example() -> None:
+    """The CNN's optional losses at uniform logits over 10 classes: SSE = (1 − 0.1)² + 9·0.1² = 0.9, focal =
+    −(1 − 0.1)²·ln 0.1; a batch's loss is the mean of its examples' (so DP-SGD clips one gradient per example)."""
+    utility = _utility()
+    zeros, labels = torch.zeros(4, 10), torch.tensor([0, 3, 5, 9])
+    assert float(utility._criterion("sse")(zeros, labels)) == pytest.approx(0.9, rel=1e-6)
+    assert float(utility._criterion("focal")(zeros, labels)) == pytest.approx(0.81 * math.log(10), rel=1e-6)
+    assert float(utility._criterion("sse+focal:2")(zeros, labels)) == pytest.approx(0.9 + 1.62 * math.log(10), rel=1e-6)
+    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(6)
+    for name in ("ce", "sse", "focal", "sse+focal:1"):
+        loss = utility._criterion(name)
+        each = torch.stack([loss(logits[i:i + 1], labels[i:i + 1]) for i in range(6)])
+        assert float(loss(logits, labels)) == pytest.approx(float(each.mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="unknown loss"):
+        utility._criterion("hinge")
+
+
+def test_cnn_views_and_random_flip() -> None:
+    """On [N, 2, 1, 28, 28] the CNN returns the mean of the image's and the mirror's logits; the random-flip collate
+    mirrors about half the images of a batch, each either unchanged or exactly mirrored, labels untouched."""
+    utility = _utility()
+    torch.manual_seed(0)
+    cnn = utility.FashionCNN()
+    x = torch.randn(5, 1, 28, 28)
+    views = torch.stack([x, x.flip(-1)], 1)
+    torch.testing.assert_close(cnn(views), (cnn(x) + cnn(x.flip(-1))) / 2)
+    flip = utility._RandomFlip(0, lambda batch: batch)
+    images, labels = torch.randn(400, 1, 28, 28), torch.arange(400)
+    out, out_labels = flip((images, labels))
+    mirrored = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, images)])
+    kept = torch.tensor([torch.equal(o, i) for o, i in zip(out, images)])
+    assert bool((mirrored | kept).all()) and 150 < int(mirrored.sum()) < 250
+    assert torch.equal(out_labels, labels)

@@ -167,3 +167,25 @@ def test_compare_opacus_bf16_autocast_smoke(tmp_path):
     assert report["settings"]["autocast"] == "bf16"
     assert [(r["library"], "error" in r) for r in report["results"]] == [("nonprivate", False), ("dpclip", False)]
     assert "bf16 autocast" in (tmp_path / "compare_opacus_smoke_cpu_bf16.md").read_text()
+
+
+def test_channels_last_exactness():
+    """dpclip's step on the Fashion-MNIST CNN with channels-last activations equals the brute-force clipped mean
+    (each example's gradient alone, clipped at C, summed), as it does in the default layout; C clips most examples."""
+    import runpy
+
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "channels_last.py"))
+    rows = bench["exactness"](["dpclip"])
+    assert {r["layout"] for r in rows} == {"default", "channels_last"}
+    assert all(r["relative_error"] < 1e-4 and r["max_abs_reference"] > 0 for r in rows)
+    model = bench["build"]("channels_last")
+    x = torch.randn(8, 1, 28, 28)
+    assert not model.features[2](model.features[1](model.features[0](x))).is_contiguous()  # really channels-last
+    plain = bench["build"]("default")
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(x), plain(x))  # the same function
+    # the clip is active: most examples' gradients are longer than C, so an unclipped mean would not pass
+    norms = [torch.sqrt(sum(g.pow(2).sum() for g in torch.autograd.grad(
+        torch.nn.functional.cross_entropy(plain(x[i:i + 1]), torch.tensor([i % 10])), list(plain.parameters()))))
+        for i in range(8)]
+    assert sum(float(n) > bench["CLIP"] for n in norms) >= 6
