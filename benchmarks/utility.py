@@ -283,8 +283,8 @@ def gabor_bank(out_channels: int, size: int, scales: tuple[float, ...] = (2.0, 3
 class ChannelsLast(nn.Module):
     """The identity on values, returning its input in channels-last memory order. Placed after the first
     convolution, it keeps the layers after it in that order, where torch's CPU max-pooling kernel is several times
-    faster than in the default order (a 2×2 window at stride 1: about 80 ms against 10 ms forward on a batch of
-    2,048 [16, 13, 13] maps, one thread)."""
+    faster than in the default order (2×2 windows at stride 1, in a dpclip step at batch 2,048 on one thread:
+    79 against 14 ms per pooling call on average, torch.profiler)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last)
