@@ -21,7 +21,7 @@ that order.
 from __future__ import annotations
 
 import argparse
-import copy
+import functools
 import json
 import os
 import runpy
@@ -45,10 +45,15 @@ CLIP = 0.05
 EXACT_BATCH = 64
 
 
+@functools.cache
+def _utility() -> SimpleNamespace:
+    """benchmarks/utility.py (a script, not a package), run once for its FashionCNN."""
+    return SimpleNamespace(**runpy.run_path(str(HERE / "utility.py")))
+
+
 def build(layout: str, seed: int = 0) -> nn.Module:
-    utility = SimpleNamespace(**runpy.run_path(str(HERE / "utility.py")))
     torch.manual_seed(seed)
-    return utility.FashionCNN(channels_last=layout == "channels_last")
+    return _utility().FashionCNN(channels_last=layout == "channels_last")
 
 
 def brute_force_mean(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float) -> list[torch.Tensor]:
