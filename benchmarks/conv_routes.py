@@ -4,7 +4,7 @@ For each Conv2d shape (batch 256, one thread by default) it times what dpclip's 
 :class:`~dpclip.grads.ConvWeight` (the convolution's weight backward vmapped over the examples, which torch runs as
 one grouped convolution) and :class:`~dpclip.grads.ConvPatches` (the patches of the input, then one batched matrix
 product with the output gradients), each from the layer's input and output gradient to the per-example norms.
-It records which route the rule picks (positions T ≤ C_out) and whether that was the faster one. The two routes
+It records which route the rule picks (positions T ≤ C_out, or patches built by phases) and whether that was the faster one. The two routes
 give the same gradients; the script checks that too.
 
     OMP_NUM_THREADS=1 python benchmarks/conv_routes.py          # writes benchmarks/results/conv_routes.{json,md}
@@ -63,6 +63,7 @@ def median_ms(work: Callable[[], Any], repeats: int, calls: int) -> float:
 
 def measure(shape: tuple, batch: int, repeats: int, calls: int) -> dict[str, Any]:
     from dpclip.grads import ConvPatches, ConvWeight
+    from dpclip.grads.contributions import phases_pay
     from dpclip.grads.rules.conv import prefers_patches
 
     label, c_in, c_out, kernel, stride, padding, side = shape
@@ -83,6 +84,7 @@ def measure(shape: tuple, batch: int, repeats: int, calls: int) -> dict[str, Any
     positions = g.shape[2] * g.shape[3]
     return {"label": label, "c_in": c_in, "c_out": c_out, "kernel": kernel, "stride": stride, "padding": padding,
             "side": side, "positions": positions, "ms": times, "picked": picked, "faster": faster,
+            "patches_built": "phases" if phases_pay(conv, g) else "channels-last",
             "picked_is_faster": picked == faster, "same_gradients": agree,
             "speedup_of_pick": times["weight_backward" if picked == "patches" else "patches"] / times[picked]}
 
@@ -96,13 +98,13 @@ def render(report: dict[str, Any]) -> str:
         f"{s['torch']}; batch {report['batch']}, from the layer's input and output gradient to the per-example L2 "
         f"norms, median of {report['repeats']} repeats × {report['calls']} calls, in ms.",
         "",
-        "| layer | C_in → C_out | kernel, stride | output positions T | weight backward (vmap) | patches + bmm | rule picks (T ≤ C_out) | pick is faster |",
+        "| layer | C_in → C_out | kernel, stride | output positions T | weight backward (vmap) | patches + bmm (patches built by) | rule picks | pick is faster |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["shapes"]:
         ms = r["ms"]
         lines.append(f"| {r['label']} | {r['c_in']} → {r['c_out']} | {r['kernel']}, {r['stride']} | {r['positions']} | "
-                     f"{ms['weight_backward']:.2f} | {ms['patches']:.2f} | {r['picked'].replace('_', ' ')} | "
+                     f"{ms['weight_backward']:.2f} | {ms['patches']:.2f} ({r['patches_built']}) | {r['picked'].replace('_', ' ')} | "
                      f"{'yes' if r['picked_is_faster'] else 'no'} ({r['speedup_of_pick']:.2f}×) |")
     return "\n".join(lines) + "\n"
 

@@ -8,6 +8,7 @@ weighted sum Σ_i c_i g_i — without necessarily forming every g_i ("book-keepi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -325,39 +326,108 @@ def conv_patches(conv: nn.Module, x: Tensor) -> Tensor:
     return view.reshape(last.shape[0], math.prod(out), -1)
 
 
-def patch_overlap(conv: nn.Module) -> int:
-    """The most patches one input entry of a ConvNd sits in. Per spatial dim, entry p is read by output position
-    t through kernel offset j when t·stride + j·dilation = p: the offsets j < k with j·dilation ≡ p (mod stride),
-    one in every stride / gcd(stride, dilation), so ⌈k·gcd / stride⌉ of them at most (k if that is more)."""
+def phase_patches(conv: nn.Module, x: Tensor) -> Tensor:
+    """The same patches as :func:`conv_patches`, columns ordered (C_in, phases r_1…r_d, taps a_1…a_d), for a
+    ConvNd without dilation whose kernel is a multiple of its stride in every dim; returned as a transposed view
+    [B, T, K] of a [B, K, T] tensor (so :class:`ConvPatches` multiplies it untransposed: Σ_t p_t g_tᵀ, [K, C_out]).
+
+    Polyphase form: with stride s, kernel offset j = a·s + r (r < s, a < k/s) reads input s·t + j = s·(t + a) + r,
+    entry t + a of phase r (the input's entries ≡ r mod s). So the input is split once into its s_1·…·s_d phases,
+    and each (channel, phase, tap) column is a window of a phase shifted by a: its copy reads runs of out_d
+    contiguous values — longer than :func:`conv_patches`' runs of k_d·C_in on layers with few input channels and
+    wide outputs (a first layer on one grey channel: 7× faster on 1→16, k 3, at 28×28)."""
+    dims = x.dim() - 2
+    pad = [p for size in reversed(conv.padding) for p in (size, size)]  # type: ignore[union-attr]
+    padded = nn.functional.pad(x, pad) if any(pad) else x
+    kernel, stride = conv.kernel_size, conv.stride  # type: ignore[union-attr]
+    batch, channels = padded.shape[:2]
+    out = [(padded.shape[2 + i] - kernel[i]) // stride[i] + 1 for i in range(dims)]
+    taps = [kernel[i] // stride[i] for i in range(dims)]
+    reach = [out[i] + taps[i] - 1 for i in range(dims)]  # the entries of each phase the windows read
+    cropped = padded[(slice(None), slice(None), *(slice(0, reach[i] * stride[i]) for i in range(dims)))]
+    split = cropped.reshape(batch, channels, *(v for i in range(dims) for v in (reach[i], stride[i])))
+    order = [0, 1, *(3 + 2 * i for i in range(dims)), *(2 + 2 * i for i in range(dims))]
+    phases = split.permute(order).contiguous()  # [B, C, *phases, *reach]
+    steps = phases.stride()
+    inner = steps[2 + dims:]
+    windows = phases.as_strided((batch, channels, *stride, *taps, *out), (*steps[: 2 + dims], *inner, *inner))
+    return windows.reshape(batch, -1, math.prod(out)).transpose(1, 2)
+
+
+def phases_pay(conv: nn.Module, g: Tensor) -> bool:
+    """Whether :class:`ConvPatches` builds its patches by :func:`phase_patches`: possible without dilation and
+    with every kernel side a multiple of its stride; chosen when its copy's contiguous runs (the last side of the
+    output gradient ``g``) are longer than :func:`conv_patches`' (k_d·C_in), measured by ``benchmarks/conv_routes.py``."""
     kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation  # type: ignore[union-attr]
-    return math.prod(min(k, -(-k * math.gcd(s, d) // s)) for k, s, d in zip(kernel, stride, dilation))
+    if any(d != 1 for d in dilation) or any(k % s for k, s in zip(kernel, stride)):
+        return False
+    return g.shape[-1] > kernel[-1] * conv.in_channels  # type: ignore[union-attr, operator]
+
+
+@functools.lru_cache(maxsize=256)
+def _reads(spatial: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
+           padding: tuple[int, ...]) -> Tensor:
+    """n(p): how many patches read input entry p, [*spatial] (float64). Per dim, entry p is read by output t
+    through kernel offset j when t·s + j·d = p + pad; the count over all dims is the product of the dims' counts."""
+    counts = []
+    for i, (size, k, s, d, pad) in enumerate(zip(spatial, kernel, stride, dilation, padding)):
+        out = (size + 2 * pad - d * (k - 1) - 1) // s + 1
+        padded = torch.zeros(size + 2 * pad, dtype=torch.float64)
+        for j in range(k):
+            padded[j * d: j * d + s * (out - 1) + 1: s] += 1
+        counts.append(padded[pad: pad + size].reshape([-1 if a == i else 1 for a in range(len(spatial))]))
+    return functools.reduce(torch.mul, counts)
+
+
+def patch_norms(conv: nn.Module, x: Tensor, u: float) -> Tensor:
+    """Each example's ‖patches‖_F (:func:`conv_patches`), from the input without forming them: ‖P‖² = Σ_p n(p)·x_p²
+    with n(p) the patches that read entry p (zero padding adds nothing). An upper bound: x·√n rounds each entry by
+    at most (1 + u)², and the norm covers its own rounding (:func:`_frobenius`)."""
+    reads = _reads(tuple(x.shape[2:]), *(tuple(getattr(conv, a)) for a in ("kernel_size", "stride", "dilation", "padding")))
+    return _frobenius(x * reads.sqrt().to(x.device, x.dtype), u) * (1 + 3 * u)
 
 
 class ConvPatches(LinearWeight):
     """A ConvNd weight gradient as the linear map it is on the input's patches: Σ_t g_t p_tᵀ, with p_t the patch
-    under output position t (:func:`conv_patches`) and g_t the output gradient there.
+    under output position t (:func:`conv_patches`, or :func:`phase_patches` where :func:`phases_pay`) and g_t the
+    output gradient there.
 
     Everything :class:`LinearWeight` does follows: per-example gradients formed and kept when they fit, the ghost
     identity ‖Σ_t g_t p_tᵀ‖² = Σ_{t,s} (p_t·p_s)(g_t·g_s) when T² ≤ |W| (Bu et al. 2023's mixed ghost clipping
     for convolutions), its rounding bound, and the clipped sum as one matrix product over all rows. The columns are
-    in (kernel offset, channel) order, so the results are permuted back to the weight's (C_out, C_in, *kernel)."""
+    in (kernel offset, channel) or (channel, phase, tap) order, so the results are permuted back to the weight's
+    (C_out, C_in, *kernel); norms do not depend on the order."""
 
     #: The largest patch tensor the rule builds (it is held from the backward pass to the clipped sum).
     patch_bytes = 256 * 2**20
 
     def __init__(self, name: str, conv: nn.Module, x: Tensor, g: Tensor) -> None:
         weight = conv.weight  # type: ignore[union-attr]
-        layout = torch.Size((weight.shape[0], *weight.shape[2:], weight.shape[1]))  # (C_out, *kernel, C_in)
-        super().__init__(name, None, conv_patches(conv, x), g.flatten(2).transpose(1, 2), layout)
-        # ‖patches‖_F from the (smaller) input, formed now so the input need not be held: each input entry sits in
-        # at most m = patch_overlap(conv) patches, so ‖P‖₂ ≤ √m‖x‖₂ (zero padding adds nothing).
-        self._patch_norm = _frobenius(x if x.dtype == torch.float64 else x.float(), self.u) * math.sqrt(patch_overlap(conv))
+        self.phased = phases_pay(conv, g)
+        if self.phased:  # (C_in, *phases, *taps, C_out): stored transposed, [K, C_out], read from the [B, K, T] patches
+            stride = conv.stride  # type: ignore[union-attr]
+            taps = [k // s for k, s in zip(weight.shape[2:], stride)]
+            layout = torch.Size((weight.shape[1], *stride, *taps, weight.shape[0]))
+            patches = phase_patches(conv, x)
+        else:  # (C_out, *kernel, C_in)
+            layout = torch.Size((weight.shape[0], *weight.shape[2:], weight.shape[1]))
+            patches = conv_patches(conv, x)
+        self.weight_shape = weight.shape
+        super().__init__(name, None, patches, g.flatten(2).transpose(1, 2), layout, transposed=self.phased)
+        # ‖patches‖_F from the (smaller) input, formed now so the input need not be held
+        self._patch_norm = patch_norms(conv, x if x.dtype == torch.float64 else x.float(), self.u)
 
     def _input_norm(self) -> Tensor:
         return self._patch_norm
 
     def _shaped(self, rows: Tensor) -> Tensor:
-        return super()._shaped(rows).movedim(-1, rows.dim() - 1)  # C_in from last to after C_out
+        shaped = super()._shaped(rows)
+        lead = rows.dim() - 2
+        if not self.phased:
+            return shaped.movedim(-1, lead + 1)  # C_in from last to after C_out
+        dims = len(self.weight_shape) - 2  # (C_out, C_in, then per dim the kernel offset a·s + r: tap a, phase r)
+        order = [*range(lead), lead + 1 + 2 * dims, lead, *(v for i in range(dims) for v in (lead + 1 + dims + i, lead + 1 + i))]
+        return shaped.permute(order).reshape(*rows.shape[:-2], *self.weight_shape)
 
     def weighted(self, factors: Tensor) -> Tensor:
         return super().weighted(factors).contiguous()

@@ -109,8 +109,10 @@ def test_conv_routes_smoke(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "conv_routes.py"), "--smoke", "--repeats", "1", "--calls", "2",
                     "--out", str(tmp_path)], check=True, capture_output=True, timeout=300)
     report = json.loads((tmp_path / "conv_routes.json").read_text())
-    picks = {r["label"]: r["picked"] for r in report["shapes"]}
-    assert picks == {"DP CNN conv 1": "weight_backward", "DP CNN conv 2": "patches"}  # T = 196 > 16; T = 25 ≤ 32
+    picks = {r["label"]: (r["picked"], r["patches_built"]) for r in report["shapes"]}
+    # conv 1: T = 196 > 16 at stride 2 (its patches would be built by phases: rows of 14 > k·C_in = 8);
+    # conv 2: T = 25 ≤ 32 (rows of 5 < k·C_in = 64: channels-last)
+    assert picks == {"DP CNN conv 1": ("weight_backward", "phases"), "DP CNN conv 2": ("patches", "channels-last")}
     assert all(r["same_gradients"] and min(r["ms"].values()) > 0 for r in report["shapes"])
     assert (tmp_path / "conv_routes.md").read_text().startswith("# A convolution's per-example weight gradients")
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dpclip.grads.contributions import ConvPatches, ConvWeight, LinearWeight, Summed, conv_patches, patch_overlap
+from dpclip.grads.contributions import (
+    ConvPatches, ConvWeight, LinearWeight, Summed, _reads, conv_patches, phase_patches, phases_pay,
+)
 
 
 def _brute_force(grads: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -110,6 +112,8 @@ def test_one_budget_for_all_the_layers_kept_gradients():
     nn.Conv2d(3, 4, 3, 2, padding=1), nn.Conv2d(2, 5, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1)),
     nn.Conv1d(2, 5, 4, padding=3), nn.Conv3d(2, 3, 2, stride=2, padding=1), nn.Conv2d(3, 2, 4, bias=False),
     nn.Conv2d(4, 6, 3, stride=3), nn.Conv1d(3, 4, 5, stride=4, padding=1),  # T² ≤ |W|: the ghost identity
+    nn.Conv2d(1, 3, (4, 2), stride=2, padding=1), nn.Conv1d(1, 2, 2),  # patches by phases (phases_pay)
+    nn.Conv3d(1, 2, (1, 2, 2), stride=(1, 1, 2), padding=(0, 0, 1)),
 ])
 @pytest.mark.parametrize("route", ["kept", "ghost", "formed per norm"])
 def test_conv_patches_against_the_per_example_weight_backward(conv, route, monkeypatch):
@@ -140,30 +144,59 @@ def test_conv_patches_against_the_per_example_weight_backward(conv, route, monke
     torch.testing.assert_close(part.norm("l1")[kept], exact[kept].flatten(1).abs().sum(dim=1), rtol=1e-9, atol=0)
 
 
-@pytest.mark.parametrize("kernel, stride, dilation", [
-    (3, 1, 1), (4, 2, 1), (8, 2, 1), (3, 2, 2), (5, 3, 2), (2, 3, 1), ((3, 4), (1, 3), (2, 1)), (7, 2, 3),
+@pytest.mark.parametrize("c_in, kernel, stride, padding, side, phased", [
+    (1, 8, 2, 3, 28, True),  # the DP CNN's first layer
+    (1, 3, 1, 1, 12, True), (2, (4, 2), (2, 1), (1, 2), 11, True), (1, (6, 3), (3, 3), 0, 14, True),
+    (16, 4, 2, 0, 13, False),  # the DP CNN's second layer: runs of k·C_in = 64 beat rows of 5
+    (1, 3, 2, 1, 12, False),  # kernel not a multiple of the stride
 ])
-def test_patch_overlap_is_the_most_patches_an_input_entry_sits_in(kernel, stride, dilation):
+def test_phase_patches_are_unfolds_patches_in_another_column_order(c_in, kernel, stride, padding, side, phased):
+    """Oracle: F.unfold's patches (columns (channel, kernel row, kernel column)). phase_patches' column
+    (channel, r_1, r_2, a_1, a_2) is kernel offset (a_1·s_1 + r_1, a_2·s_2 + r_2); the route choice as documented."""
+    conv = nn.Conv2d(c_in, 3, kernel, stride, padding)
+    x = torch.randn(3, c_in, side, side + 1, dtype=torch.float64)
+    g = torch.randn_like(conv.double()(x))
+    assert phases_pay(conv, g) == phased
+    if not phased:
+        return
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    unfolded = nn.functional.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)  # [B, C·kh·kw, T]
+    columns = [c * kh * kw + (a1 * sh + r1) * kw + (a2 * sw + r2)
+               for c in range(c_in) for r1 in range(sh) for r2 in range(sw) for a1 in range(kh // sh) for a2 in range(kw // sw)]
+    torch.testing.assert_close(phase_patches(conv, x), unfolded[:, columns].transpose(1, 2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel, stride, dilation, padding", [
+    (3, 1, 1, 1), (4, 2, 1, 0), (8, 2, 1, 3), (3, 2, 2, 2), (5, 3, 2, 1), (2, 3, 1, 0), ((3, 4), (1, 3), (2, 1), (1, 2)),
+    (7, 2, 3, 4),
+])
+def test_patch_reads_count_the_patches_that_read_each_input_entry(kernel, stride, dilation, padding):
     """Oracle: fold(unfold(ones)) counts, for every input entry, the patches that read it."""
-    conv = nn.Conv2d(1, 1, kernel, stride, dilation=dilation)
-    ones = torch.ones(1, 1, 40, 40)
-    spec = dict(kernel_size=conv.kernel_size, stride=conv.stride, dilation=conv.dilation)
-    counts = nn.functional.fold(nn.functional.unfold(ones, **spec), ones.shape[2:], **spec)
-    assert patch_overlap(conv) == int(counts.max())
+    conv = nn.Conv2d(1, 1, kernel, stride, padding, dilation=dilation)
+    ones = torch.ones(1, 1, 23, 30)
+    spec = dict(kernel_size=conv.kernel_size, stride=conv.stride, dilation=conv.dilation, padding=conv.padding)
+    counts = nn.functional.fold(nn.functional.unfold(ones, **spec), ones.shape[2:], **spec)[0, 0]
+    reads = _reads((23, 30), conv.kernel_size, conv.stride, conv.dilation, conv.padding)
+    torch.testing.assert_close(reads, counts.double(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("conv", [
     nn.Conv2d(3, 4, 3, 2, padding=1), nn.Conv2d(2, 5, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1)),
     nn.Conv1d(2, 5, 4, padding=3), nn.Conv3d(2, 3, 2, stride=2, padding=1), nn.Conv2d(1, 16, 8, 2, padding=3),
 ])
-def test_the_patch_norm_bound_from_the_input_is_an_upper_bound(conv):
-    """‖patches‖ (the rounding slack's scale) bounded through the input: never below the patches' own norm."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_patch_norm_from_the_input_is_a_tight_upper_bound(conv, dtype):
+    """‖patches‖ (the rounding slack's scale) from the input: never below the patches' own norm (computed in
+    float64 from the same values), and above it by no more than the norm's rounding allowance (the former bound,
+    √(most patches one entry sits in)·‖x‖, was up to 3× the norm on 3 × 3 kernels)."""
     torch.manual_seed(5)
-    x = torch.randn(4, conv.in_channels, *([9] * (conv.weight.dim() - 2)), dtype=torch.float64)
-    g = torch.randn_like(conv.double()(x))
-    bound = ConvPatches("weight", conv.double(), x, g)._input_norm()
-    exact = conv_patches(conv, x).flatten(1).norm(dim=1)
+    x = torch.randn(4, conv.in_channels, *([9] * (conv.weight.dim() - 2)), dtype=dtype) * 1e3
+    g = torch.randn_like(conv.to(dtype)(x))
+    bound = ConvPatches("weight", conv, x, g)._input_norm()
+    exact = conv_patches(conv, x.double()).flatten(1).norm(dim=1)
     assert bool((bound >= exact).all()), (bound, exact)
+    allowance = (x[0].numel() + 16) * (2.0**-24 if dtype == torch.float32 else 2.0**-53)  # the norm's own inflation
+    assert bool((bound <= exact * (1 + allowance)).all()), (bound / exact - 1, allowance)
 
 
 @pytest.mark.parametrize("norm", ["l2", "l1"])

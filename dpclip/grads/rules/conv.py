@@ -1,11 +1,13 @@
 """nn.Conv1d/2d/3d and transposed convolutions with zero padding; biases as sums of the output gradient.
 
-Weights: where a layer has no more output positions than output channels (deep, small-resolution layers), as the
-linear map on the input's patches (:class:`ConvPatches`: its per-example gradients, or their norms by the ghost
-identity, cost less there than the vmapped weight backward, which torch runs as a grouped convolution); elsewhere
-by the vmapped convolution weight backward (:class:`ConvWeight`), which forms no patches. The threshold is measured
-by ``benchmarks/conv_routes.py`` (``benchmarks/results/conv_routes.md``). Patches are held until the clipped sum,
-so they are drawn from the step's budget like kept per-example gradients: ``memory="low"`` (no budget) forms none."""
+Weights: where a layer has no more output positions than output channels (deep, small-resolution layers), or
+is a stride-1 first layer on one channel (whose patches :func:`~dpclip.grads.contributions.phase_patches` builds
+fast), as the linear map on the input's patches
+(:class:`ConvPatches`: its per-example gradients, or their norms by the ghost identity, cost less there than the
+vmapped weight backward, which torch runs as a grouped convolution); elsewhere by the vmapped convolution weight
+backward (:class:`ConvWeight`), which forms no patches. The choice is measured by ``benchmarks/conv_routes.py``
+(``benchmarks/results/conv_routes.md``). Patches are held until the clipped sum, so they are drawn from the
+step's budget like kept per-example gradients: ``memory="low"`` (no budget) forms none."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..contributions import Contribution, ConvPatches, ConvWeight, Summed
+from ..contributions import Contribution, ConvPatches, ConvWeight, Summed, phases_pay
 from ..registry import LayerCall, LayerRule, register_layer
 
 
@@ -49,13 +51,20 @@ def _weight(name: str, call: LayerCall) -> Contribution:
 
 def prefers_patches(conv: nn.Module, x: torch.Tensor, g: torch.Tensor) -> bool:
     """Whether :class:`ConvPatches` is the cheaper route: an ordinary convolution (groups = 1, not transposed)
-    with positions T ≤ C_out, whose patches [B, T, |kernel|·C_in] fit in ``ConvPatches.patch_bytes``. T ≤ C_out
-    also keeps the patches no larger than the per-example gradients. On one CPU thread at batch 256
-    (benchmarks/results/conv_routes.md) the patches were up to 11× faster on such layers, and the weight backward
-    1.1–3.0× faster on the layers with T > C_out but one (a near-tie: kernel 8, stride 2, one input channel)."""
+    whose patches [B, T, |kernel|·C_in] fit in ``ConvPatches.patch_bytes``, with positions T ≤ C_out (which also
+    keeps the patches no larger than the per-example gradients), or a stride-1 layer on one input channel whose
+    patches are built by phases (:func:`phases_pay`: a first layer on grey images). On one CPU thread at batch 256
+    the patches were 9–12× faster on the deep 4 × 4 layers (benchmarks/results/conv_routes.md); on one-channel
+    stride-1 first layers at 28 × 28 (kernel 3 and 5) 1.05–1.21× faster, in interleaved runs of the whole norm and
+    clipped sum. The weight backward stays faster elsewhere: 1.2–3.3× on the other layers with T > C_out measured,
+    1.2–1.4× on a three-channel 3 × 3 first layer, and the DP CNN's first layer (1 → 16, kernel 8, stride 2) was a
+    tie (0.88–1.03×; inside whole training steps 16.0 / 17.7, 22.0 / 22.2 and 23.0 / 23.7 ms for the step's norms,
+    weight backward / patches), where the weight backward holds B·|W| values instead of 12.8 MB of patches."""
     if isinstance(conv, nn.modules.conv._ConvTransposeNd) or conv.groups != 1:  # type: ignore[union-attr]
         return False
-    return math.prod(g.shape[2:]) <= g.shape[1] and _patch_size(conv, x, g) <= ConvPatches.patch_bytes
+    wide_first_layer = conv.in_channels == 1 and all(s == 1 for s in conv.stride) and phases_pay(conv, g)  # type: ignore[union-attr]
+    pays = math.prod(g.shape[2:]) <= g.shape[1] or wide_first_layer
+    return pays and _patch_size(conv, x, g) <= ConvPatches.patch_bytes
 
 
 def _patch_size(conv: nn.Module, x: torch.Tensor, g: torch.Tensor) -> int:
