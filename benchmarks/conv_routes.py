@@ -4,8 +4,9 @@ For each Conv2d shape (batch 256, one thread by default) it times what dpclip's 
 :class:`~dpclip.grads.ConvWeight` (the convolution's weight backward vmapped over the examples, which torch runs as
 one grouped convolution) and :class:`~dpclip.grads.ConvPatches` (the patches of the input, then one batched matrix
 product with the output gradients), each from the layer's input and output gradient to the per-example norms.
-It records which route the rule picks (positions T ≤ C_out, or patches built by phases) and whether that was the faster one. The two routes
-give the same gradients; the script checks that too.
+It records which route the rule picks (positions T ≤ C_out, or a stride-1 layer on one channel whose patches are
+built by phases), how the patches are built, and whether the pick was the faster route. The two routes give the
+same gradients; the script checks that too.
 
     OMP_NUM_THREADS=1 python benchmarks/conv_routes.py          # writes benchmarks/results/conv_routes.{json,md}
     python benchmarks/conv_routes.py --repeats 2 --out /tmp/routes --smoke   # a quick look (small batch)

@@ -305,6 +305,12 @@ class ConvWeight(Contribution):
             return self._weight_backward(kept_rows(self.x, factors), masked_scale(self.g, factors))
 
 
+def _zero_padded(conv: nn.Module, x: Tensor) -> Tensor:
+    """``x`` with the convolution's zero padding on every spatial side (``x`` itself without padding)."""
+    pad = [p for size in reversed(conv.padding) for p in (size, size)]  # type: ignore[union-attr]
+    return nn.functional.pad(x, pad) if any(pad) else x
+
+
 def conv_patches(conv: nn.Module, x: Tensor) -> Tensor:
     """The patches a ConvNd (groups = 1, not transposed) multiplies its weight with: [B, T, k_1·…·k_d·C_in], one
     row per output position, columns ordered (kernel offsets, then input channel).
@@ -312,8 +318,7 @@ def conv_patches(conv: nn.Module, x: Tensor) -> Tensor:
     Built as a strided view of the zero-padded input in channels-last order, so the one copy that forms the rows
     reads runs of C_in contiguous values (about twice as fast as ``F.unfold``'s channel-major order on CPU)."""
     dims = x.dim() - 2
-    pad = [p for size in reversed(conv.padding) for p in (size, size)]  # type: ignore[union-attr]
-    padded = nn.functional.pad(x, pad) if any(pad) else x
+    padded = _zero_padded(conv, x)
     last = padded.movedim(1, -1).contiguous()  # [B, *spatial, C]
     spatial = last.shape[1:-1]
     kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation  # type: ignore[union-attr]
@@ -337,8 +342,7 @@ def phase_patches(conv: nn.Module, x: Tensor) -> Tensor:
     contiguous values — longer than :func:`conv_patches`' runs of k_d·C_in on layers with few input channels and
     wide outputs (a first layer on one grey channel: 7× faster on 1→16, k 3, at 28×28)."""
     dims = x.dim() - 2
-    pad = [p for size in reversed(conv.padding) for p in (size, size)]  # type: ignore[union-attr]
-    padded = nn.functional.pad(x, pad) if any(pad) else x
+    padded = _zero_padded(conv, x)
     kernel, stride = conv.kernel_size, conv.stride  # type: ignore[union-attr]
     batch, channels = padded.shape[:2]
     out = [(padded.shape[2 + i] - kernel[i]) // stride[i] + 1 for i in range(dims)]
@@ -379,12 +383,19 @@ def _reads(spatial: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int,
     return functools.reduce(torch.mul, counts)
 
 
+@functools.lru_cache(maxsize=256)
+def _root_reads(spatial: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
+                padding: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """√n(p) (:func:`_reads`) on ``device`` in ``dtype``, formed once per shape: no host-to-device copy per step."""
+    return _reads(spatial, kernel, stride, dilation, padding).sqrt().to(device, dtype)
+
+
 def patch_norms(conv: nn.Module, x: Tensor, u: float) -> Tensor:
     """Each example's ‖patches‖_F (:func:`conv_patches`), from the input without forming them: ‖P‖² = Σ_p n(p)·x_p²
     with n(p) the patches that read entry p (zero padding adds nothing). An upper bound: x·√n rounds each entry by
     at most (1 + u)², and the norm covers its own rounding (:func:`_frobenius`)."""
-    reads = _reads(tuple(x.shape[2:]), *(tuple(getattr(conv, a)) for a in ("kernel_size", "stride", "dilation", "padding")))
-    return _frobenius(x * reads.sqrt().to(x.device, x.dtype), u) * (1 + 3 * u)
+    geometry = tuple(tuple(getattr(conv, a)) for a in ("kernel_size", "stride", "dilation", "padding"))
+    return _frobenius(x * _root_reads(tuple(x.shape[2:]), *geometry, x.device, x.dtype), u) * (1 + 3 * u)
 
 
 class ConvPatches(LinearWeight):
