@@ -371,6 +371,16 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 20
     return correct / len(y)
 
 
+def shifted_views(x: torch.Tensor, pixels: int = 1) -> torch.Tensor:
+    """[N, 1, H, W] → [N, 5, 1, H, W]: each image, then its copies moved by ``pixels`` down, up, right and left
+    (zero fill). Evaluated through :class:`FashionCNN`'s view averaging: test-time augmentation, which touches no
+    training data (no privacy cost)."""
+    padded = F.pad(x, (pixels,) * 4)
+    h, w = x.shape[-2:]
+    crops = [(pixels, pixels), (0, pixels), (2 * pixels, pixels), (pixels, 0), (pixels, 2 * pixels)]
+    return torch.stack([padded[..., i:i + h, j:j + w] for i, j in crops], 1)
+
+
 def plan(epsilon: float, n: int, config: dict[str, Any], prior: Any | None) -> dict[str, Any]:
     """q = 1/⌈n/batch⌉, T = epochs/q steps, and the smallest σ (PLD) with ε(prior, then T steps) ≤ ``epsilon``."""
     from accountants import Composed, PoissonSampled, Gaussian, calibrate_noise, noise_multiplier_for
@@ -392,7 +402,8 @@ def train_one(model_name: str, library: str, epsilon: float, seed: int, config: 
               prior: Any | None, planned: dict[str, Any], track_ema: tuple[float, ...] = ()) -> dict[str, Any]:
     """Train ``model_name`` privately with ``library`` at ``planned`` (q, σ, T); ``prior``: an accountants event
     already released about the training data (the normalisation statistics), charged before the first step.
-    ``track_ema``: decays of weight averages also evaluated at the end (post-processing; for --tune)."""
+    ``track_ema``: decays of weight averages also evaluated at the end (post-processing; for --tune), where the
+    CNN's final and averaged weights are also evaluated on :func:`shifted_views` (test-time augmentation)."""
     from dpclip_examples.digits import EMA  # weight averaging: post-processing, no privacy cost
     x, y = train
     q, sigma, steps = planned["sample_rate"], planned["sigma"], planned["steps"]
@@ -483,6 +494,10 @@ def train_one(model_name: str, library: str, epsilon: float, seed: int, config: 
         "path": engine.grad_sample_path if library == "dpclip" else OPACUS_MODE[model_name],
         "accuracy": accuracy(final, *evaluate), "wall_s": round(wall, 2), "privacy_report": report,
         **({"ema_accuracy": {str(d): accuracy(a.model, *evaluate) for d, a in tracked.items()}} if tracked else {}),
+        **({"shift_views_accuracy": {"final": accuracy(final, shifted_views(evaluate[0]), evaluate[1]),
+                                     **{str(d): accuracy(a.model, shifted_views(evaluate[0]), evaluate[1])
+                                        for d, a in tracked.items()}}}
+           if tracked and model_name == "cnn" and evaluate[0].dim() == 4 else {}),
     }
 
 

@@ -430,3 +430,19 @@ def test_cnn_views_and_random_flip() -> None:
     kept = torch.tensor([torch.equal(o, i) for o, i in zip(out, images)])
     assert bool((mirrored | kept).all()) and 150 < int(mirrored.sum()) < 250
     assert torch.equal(out_labels, labels)
+
+
+def test_shifted_views_are_the_image_and_its_four_one_pixel_moves() -> None:
+    """Against hand-indexed shifts of a 4 × 5 image (zero fill): up, down, left, right by one pixel."""
+    utility = _utility()
+    x = torch.arange(1.0, 21.0).view(1, 1, 4, 5)
+    views = utility.shifted_views(x)
+    assert views.shape == (1, 5, 1, 4, 5)
+    image = x[0, 0]
+    expected = torch.zeros(5, 4, 5)
+    expected[0] = image
+    expected[1, 1:] = image[:-1]  # content moved down: row r shows row r - 1
+    expected[2, :-1] = image[1:]  # moved up
+    expected[3, :, 1:] = image[:, :-1]  # moved right
+    expected[4, :, :-1] = image[:, 1:]  # moved left
+    assert torch.equal(views[0, :, 0], expected)
