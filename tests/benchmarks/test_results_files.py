@@ -113,4 +113,12 @@ def test_utility_runs_of_an_earlier_configuration_are_set_aside() -> None:
         {"model": "no-such-model", "invocation": 0, "seed": 2}]}  # a model never changed: every run shown
     shown, aside = render_tables.current_utility_runs(report)
     assert [r["seed"] for r in shown] == [1, 2] and [r["seed"] for r in aside] == [0]
-    # each model has its own date: the ScatterNet changed later, so a run made between the two changes is set aside
+    # each model has its own date: a run made between the two changes is set aside for the model that changed later
+    # and shown for the other
+    (earlier, early_since), (later, late_since) = sorted(
+        ((m, render_tables.UTILITY_CONFIG_SINCE[m][0]) for m in ("cnn", "scatternet")), key=lambda item: item[1])
+    assert early_since[:16] < late_since[:16]
+    report["invocations"][1]["date"] = early_since[:16] + ":30+00:00"
+    report["runs"] = [{"model": later, "invocation": 1, "seed": 3}, {"model": earlier, "invocation": 1, "seed": 4}]
+    shown, aside = render_tables.current_utility_runs(report)
+    assert [r["seed"] for r in shown] == [4] and [r["seed"] for r in aside] == [3]
