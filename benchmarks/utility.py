@@ -101,7 +101,7 @@ OPACUS_MODE = {"scatternet": "ghost", "cnn": "hooks"}
 # by a cosine over the run, shuffled batches; checked on the validation split (utility_tuning.json) like the rest.
 NONPRIVATE = {"lr": 1e-3, "batch": 256, "epochs": {"scatternet": 15, "cnn": 20}}
 SMOKE_OVERRIDES = {"batch": 64, "epochs": 2}
-TRACKED_EMA = (0.9, 0.99, 0.999)  # --tune also reports these weight averages' validation accuracy
+TRACKED_EMA = (0.9, 0.99, 0.995, 0.999)  # --tune also reports these weight averages' validation accuracy
 SMOKE_SIZES = (384, 128)  # training, test examples in --smoke
 
 # Published anchors (test accuracy, %) for the table and the plot.
@@ -312,9 +312,8 @@ class FashionCNN(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(2 * width * 16, hidden), nn.Tanh(), nn.Linear(hidden, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 5:
-            n, v = x.shape[:2]
-            return self.forward(x.flatten(0, 1)).unflatten(0, (n, v)).mean(1)
+        if x.dim() == 5:  # one call per view, so every layer call keeps one row per example (dpclip's layerwise path)
+            return torch.stack([self.forward(x[:, v]) for v in range(x.shape[1])], 1).mean(1)
         return self.classifier(self.features(x).flatten(1))
 
 

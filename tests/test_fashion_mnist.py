@@ -432,6 +432,46 @@ def test_cnn_views_and_random_flip() -> None:
     assert torch.equal(out_labels, labels)
 
 
+def test_cnn_on_views_is_clipped_per_example_like_a_brute_force_loop() -> None:
+    """The two-view CNN (image and mirror image, channels-last, SSE + focal loss) under dpclip without noise: one
+    step moves the weights by exactly Σ_i clip(g_i, C) / (qN), each g_i computed on example i's two views alone,
+    and on the layerwise path (one layer call per view, every call one row per example)."""
+    import warnings
+
+    import dpclip
+    from torch.utils.data import DataLoader, TensorDataset
+
+    utility = _utility()
+    torch.manual_seed(0)
+    cnn, reference = (utility.FashionCNN(width=4, hidden=8, channels_last=True) for _ in range(2))
+    reference.load_state_dict(cnn.state_dict())
+    x = torch.randn(12, 1, 28, 28)
+    views, y = torch.stack([x, x.flip(-1)], 1), torch.arange(12) % 10
+    loss, C, batch = utility._criterion("sse+focal:1"), 0.05, 12
+    params = list(reference.parameters())
+    expected = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for i in range(len(y)):
+        grads = torch.autograd.grad(loss(reference(views[i:i + 1]), y[i:i + 1]), params)
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+        for total, g in zip(expected, grads):
+            total += g.double() * min(1.0, C / norm) / batch
+    engine = dpclip.PrivacyEngine(seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # noise 0: the loud non-private warning
+        model, optimizer, loader = engine.make_private(
+            cnn, torch.optim.SGD(cnn.parameters(), lr=1.0), DataLoader(TensorDataset(views, y), batch_size=batch),
+            noise_multiplier=0.0, max_grad_norm=C, sample_rate=1.0)
+    for xb, yb in loader:  # q = 1: every example
+        assert len(yb) == batch
+        optimizer.zero_grad()
+        loss(model(xb), yb).backward()
+        optimizer.step()
+        break
+    assert engine.grad_sample_path == "layerwise"
+    for p, q, update in zip(cnn.parameters(), reference.parameters(), expected):
+        torch.testing.assert_close(q.detach().double() - p.detach().double(), update, rtol=1e-4, atol=1e-7)
+
+
 def test_shifted_views_are_the_image_and_its_four_one_pixel_moves() -> None:
     """Against hand-indexed shifts of a 4 × 5 image (zero fill): up, down, left, right by one pixel."""
     utility = _utility()
