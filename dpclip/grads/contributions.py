@@ -8,6 +8,7 @@ weighted sum Σ_i c_i g_i — without necessarily forming every g_i ("book-keepi
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -74,6 +75,12 @@ class Contribution:
     def weighted(self, factors: Tensor) -> Tensor:
         """Σ_i factors[i] · g_i, shaped like the block; examples with factor 0 contribute exactly 0."""
         return weighted_example_sum(self.materialize(), factors)
+
+    def joined(self, others: list[Contribution]) -> Contribution | None:
+        """One contribution equal to the sum of this one and ``others`` (further uses of the same block: a layer
+        called more than once per example), or None where this kind cannot join them (the caller then adds their
+        per-example gradients up in full)."""
+        return None
 
 
 class Materialized(Contribution):
@@ -185,6 +192,24 @@ class LinearWeight(Contribution):
             rounding[loose] = (2 * positions + d_in + d_out + 8) * _U64 * spread[loose].square()
         return (squared + rounding).clamp_min(0).sqrt() + slack
 
+    def _joins(self, other: Contribution) -> bool:
+        return (type(other) is type(self) and other.rows == self.rows and other.shape == self.shape  # type: ignore[attr-defined]
+                and other.transposed == self.transposed and other._cached is None  # type: ignore[attr-defined]
+                and all(o.dtype == s.dtype and o.device == s.device and o.shape[0] == s.shape[0]
+                        for o, s in ((other.a, self.a), (other.g, self.g))))  # type: ignore[attr-defined]
+
+    def joined(self, others: list[Contribution]) -> Contribution | None:
+        """Σ_c Σ_t g_ct a_ctᵀ over calls c is one linear-map gradient over the calls' positions side by side: the
+        same norms (the ghost identity then covers the cross-call terms) without forming per-example gradients."""
+        if self._cached is not None or not all(self._joins(other) for other in others):
+            return None
+        parts = [self, *others]
+        out = copy.copy(self)
+        out.a = torch.cat([part.a for part in parts], dim=1)  # type: ignore[attr-defined]
+        out.g = torch.cat([part.g for part in parts], dim=1)  # type: ignore[attr-defined]
+        out.positions = out.a.shape[1]
+        return out
+
     def weighted(self, factors: Tensor) -> Tensor:
         if self._cached is not None:  # the per-example gradients the norm formed
             return self._shaped(weighted_example_sum(self._cached, factors))
@@ -206,6 +231,17 @@ class Summed(Contribution):
             self._sum = self.values.sum(dim=1)
             del self.values  # only the sum is read again
         return self._sum
+
+    def joined(self, others: list[Contribution]) -> Contribution | None:
+        """Several calls' values side by side along the positions: their sum is the same sum."""
+        def joins(other: Contribution) -> bool:
+            return (type(other) is Summed and other.rows == self.rows and other._sum is None  # type: ignore[attr-defined]
+                    and other.values.shape[:1] + other.values.shape[2:] == self.values.shape[:1] + self.values.shape[2:]  # type: ignore[attr-defined]
+                    and other.values.dtype == self.values.dtype and other.values.device == self.values.device)  # type: ignore[attr-defined]
+
+        if self._sum is not None or not all(joins(other) for other in others):
+            return None
+        return Summed(self.name, torch.cat([self.values, *(other.values for other in others)], dim=1), self.rows)  # type: ignore[attr-defined]
 
 
 class EmbeddingWeight(Contribution):
@@ -439,6 +475,18 @@ class ConvPatches(LinearWeight):
         dims = len(self.weight_shape) - 2  # (C_out, C_in, then per dim the kernel offset a·s + r: tap a, phase r)
         order = [*range(lead), lead + 1 + 2 * dims, lead, *(v for i in range(dims) for v in (lead + 1 + dims + i, lead + 1 + i))]
         return shaped.permute(order).reshape(*rows.shape[:-2], *self.weight_shape)
+
+    def joined(self, others: list[Contribution]) -> Contribution | None:
+        """As :meth:`LinearWeight.joined` over the calls' patches; ‖patches‖_F of the whole is √Σ_c ‖patches_c‖_F²
+        (upper bounds in, an upper bound out: the float64 combination's rounding is covered by 4u₆₄)."""
+        if not all(isinstance(other, ConvPatches) and other.weight_shape == self.weight_shape
+                   and other.phased == self.phased for other in others):
+            return None
+        out = super().joined(others)
+        if isinstance(out, ConvPatches):
+            squares = torch.stack([part._patch_norm for part in (self, *others)]).square().sum(dim=0)  # type: ignore[attr-defined]
+            out._patch_norm = squares.sqrt() * (1 + 4 * _U64)
+        return out
 
     def weighted(self, factors: Tensor) -> Tensor:
         return super().weighted(factors).contiguous()

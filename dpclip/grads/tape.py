@@ -640,10 +640,16 @@ class LayerwiseGradients:
         wanted = set(names)
         self.params = {name: p for name, p in model.named_parameters() if name in wanted}
         self._summed = False
-        self.by_name: dict[str, list[Contribution]] = defaultdict(list)
+        grouped: dict[str, list[Contribution]] = defaultdict(list)
         for part in parts:
-            part.budget = budget
-            self.by_name[part.name].append(part)
+            grouped[part.name].append(part)
+        self.by_name: dict[str, list[Contribution]] = {}
+        for name, group in grouped.items():
+            if self._overlapping(group) and (one := group[0].joined(group[1:])) is not None:
+                group = [one]  # a block used by several calls, as one contribution (Contribution.joined)
+            for part in group:
+                part.budget = budget
+            self.by_name[name] = group
 
     @staticmethod
     def _overlapping(parts: list[Contribution]) -> bool:

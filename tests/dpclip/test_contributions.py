@@ -212,3 +212,41 @@ def test_kept_float32_norms_cover_their_rounding(norm, monkeypatch):
     exact = torch.linalg.vector_norm(torch.bmm(g.double().transpose(1, 2), a.double()).flatten(1), ord=1 if norm == "l1" else 2, dim=1)
     assert bool((norms >= exact).all())
     torch.testing.assert_close(norms, exact, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(3, 4, 3, 2, padding=1), nn.Conv2d(1, 3, (4, 2), stride=2, padding=1),
+                                  nn.Conv1d(2, 5, 4)])
+@pytest.mark.parametrize("route", ["kept", "ghost or formed per norm"])
+def test_calls_of_one_layer_join_into_one_contribution_with_the_summed_gradients(conv, route, monkeypatch):
+    """A layer called three times (views of each example): the joined contribution's per-example gradients,
+    norms (never below the exact ones) and clipped sums against the three calls' per-example weight backwards
+    added up; calls of another kind, or on other rows, are not joined."""
+    monkeypatch.setattr(LinearWeight, "cache_bytes", 2**40 if route == "kept" else 0)
+    torch.manual_seed(6)
+    conv = conv.double()
+    xs = [torch.randn(5, conv.in_channels, *([7] * (conv.weight.dim() - 2)), dtype=torch.float64) for _ in range(3)]
+    gs = [torch.randn_like(conv(x)) for x in xs]
+    exact = sum(ConvWeight("weight", conv, x, g).materialize() for x, g in zip(xs, gs))
+    factors = torch.rand(5, dtype=torch.float64) + 0.1
+    calls = [ConvPatches("weight", conv, x, g) for x, g in zip(xs, gs)]
+    joined = calls[0].joined(calls[1:])
+    assert isinstance(joined, ConvPatches) and joined.positions == 3 * calls[0].positions
+    torch.testing.assert_close(joined.materialize(), exact, rtol=1e-12, atol=1e-12)
+    norms, true = joined.norm("l2"), exact.flatten(1).norm(dim=1)
+    assert bool((norms >= true).all())
+    torch.testing.assert_close(norms, true, rtol=1e-9, atol=0)
+    torch.testing.assert_close(joined.weighted(factors), _brute_force(exact, factors), rtol=1e-10, atol=1e-12)
+
+    a = [torch.randn(5, 2, 4, dtype=torch.float64) for _ in range(2)]
+    g = [torch.randn(5, 2, 3, dtype=torch.float64) for _ in range(2)]
+    linear = [LinearWeight("w", None, ai, gi, torch.Size([3, 4])) for ai, gi in zip(a, g)]
+    summed = sum(torch.einsum("bto,bti->boi", gi, ai) for ai, gi in zip(a, g))
+    one = linear[0].joined(linear[1:])
+    torch.testing.assert_close(one.norm("l2"), summed.flatten(1).norm(dim=1), rtol=1e-9, atol=0)
+    torch.testing.assert_close(one.weighted(factors), _brute_force(summed, factors), rtol=1e-10, atol=1e-12)
+    bias = Summed("b", g[0]).joined([Summed("b", g[1])])
+    torch.testing.assert_close(bias.materialize(), g[0].sum(1) + g[1].sum(1), rtol=1e-12, atol=1e-12)
+    assert linear[0].joined([Summed("w", g[1])]) is None
+    assert LinearWeight("w", slice(0, 3), a[0], g[0], torch.Size([3, 4])).joined(
+        [LinearWeight("w", slice(3, 6), a[1], g[1], torch.Size([3, 4]))]) is None
+    assert calls[0].joined([LinearWeight("weight", None, calls[1].a, calls[1].g, calls[1].shape)]) is None

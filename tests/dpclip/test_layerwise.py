@@ -204,7 +204,9 @@ def test_layers_without_a_rule_fall_back_to_vmap_alone_and_shared_weights_are_su
     _compare(*_both(_scale_model(), torch.randn(7, 4), torch.randint(0, 3, (7,))))
     shared = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 3))
     shared[2].weight = shared[0].weight  # one parameter used by two layers
-    _compare(*_both(shared, torch.randn(7, 4), torch.randint(0, 3, (7,))))
+    reference, fast = _both(shared, torch.randn(7, 4), torch.randint(0, 3, (7,)))
+    assert len(fast.by_name["0.weight"]) == 1  # the two uses joined (Contribution.joined): no per-example gradients
+    _compare(reference, fast)
 
 
 def test_a_user_registered_rule_is_used_and_equals_the_brute_force_loop():
