@@ -282,7 +282,7 @@ UTILITY_MODELS = {"scatternet": "ScatterNet features + linear", "cnn": "end-to-e
 # When a model's configuration in benchmarks/utility.py last changed (and how): its runs made by invocations started
 # before then stay in the results file but are not shown, so every figure is of the configuration listed.
 UTILITY_CONFIG_SINCE = {
-    "cnn": ("2026-12-02T01:45", "SSE + focal loss, 128 hidden units, a 0.99 weight average (loss, hidden, ema)"),
+    "cnn": ("2026-12-02T08:50", "first convolution of width 24, 256 hidden units (width, hidden)"),
     "scatternet": ("2026-12-01T02:19", "the features are now centred on their private mean, center_noise = 20"),
 }
 

@@ -82,13 +82,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
     "cnn": {
         "batch": 2048, "epochs": 40, "lr": 4.0, "momentum": 0.9, "max_grad_norm": 0.1, "ema": 0.99, "schedule": "constant",
-        "width": 16, "groupnorm": False, "init": "gabor",
+        "width": 24, "groupnorm": False, "init": "gabor", "activation": "tanh",  # or "selu", "hardtanh"
+        "pixels": "pm1",  # pixel scale: "pm1", [-1, 1] (background -1); "unit", [0, 1] (background 0, as zero padding)
         "center_noise": 0.0,  # > 0: centre the pixels on the private mean image (private_centre)
         # "flip_views": the logits averaged over the image and its mirror image; "random_flip": each drawn batch's
         # images mirrored at random (data-independent), both evaluated on the two views' mean logits
-        "augment": "none",
+        # "multiplicity": the loss averaged over `views` random views of each image, each moved by up to `shift`
+        # pixels and mirrored at random (augmentation multiplicity, De et al. 2022)
+        "augment": "none", "views": 2, "shift": 2,
         "loss": "sse+focal:1",  # or "ce", "sse", "focal", "sse+focal:<weight>" (_criterion)
-        "hidden": 128,  # units of the hidden linear layer (Tramèr & Boneh: 32)
+        "hidden": 256,  # units of the hidden linear layer (Tramèr & Boneh: 32)
         # activations in channels-last order after conv 1: same values, faster pooling (Opacus runs the default order)
         "channels_last": True,
     },
@@ -299,21 +302,25 @@ class FashionCNN(nn.Module):
     GroupNorm after each conv; ``channels_last``: the activations after conv 1 in channels-last memory order (:class:`ChannelsLast`). On
     [N, V, 1, 28, 28] (V views of each image) it returns the mean of the views' logits."""
 
-    def __init__(self, width: int = 16, groupnorm: bool = False, channels_last: bool = False, hidden: int = 32) -> None:
+    def __init__(self, width: int = 16, groupnorm: bool = False, channels_last: bool = False, hidden: int = 32,
+                 view_logits: bool = False, activation: str = "tanh") -> None:
         super().__init__()
+        act = {"tanh": nn.Tanh, "selu": nn.SELU, "hardtanh": nn.Hardtanh}[activation]
+        self.view_logits = view_logits  # on [N, V, ...]: each view's logits [N, V, 10] (the loss averages them)
 
         def norm(channels: int) -> nn.Module:
             return nn.GroupNorm(min(4, channels), channels) if groupnorm else nn.Identity()
 
         self.features = nn.Sequential(
-            nn.Conv2d(1, width, 8, stride=2, padding=2), ChannelsLast() if channels_last else nn.Identity(), norm(width), nn.Tanh(), nn.MaxPool2d(2, 1),  # 28 → 13 → 12
-            nn.Conv2d(width, 2 * width, 4, stride=2), norm(2 * width), nn.Tanh(), nn.MaxPool2d(2, 1),  # 12 → 5 → 4
+            nn.Conv2d(1, width, 8, stride=2, padding=2), ChannelsLast() if channels_last else nn.Identity(), norm(width), act(), nn.MaxPool2d(2, 1),  # 28 → 13 → 12
+            nn.Conv2d(width, 2 * width, 4, stride=2), norm(2 * width), act(), nn.MaxPool2d(2, 1),  # 12 → 5 → 4
         )
-        self.classifier = nn.Sequential(nn.Linear(2 * width * 16, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+        self.classifier = nn.Sequential(nn.Linear(2 * width * 16, hidden), act(), nn.Linear(hidden, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 5:  # one call per view, so every layer call keeps one row per example (dpclip's layerwise path)
-            return torch.stack([self.forward(x[:, v]) for v in range(x.shape[1])], 1).mean(1)
+            logits = torch.stack([self.forward(x[:, v]) for v in range(x.shape[1])], 1)
+            return logits if self.view_logits else logits.mean(1)
         return self.classifier(self.features(x).flatten(1))
 
 
@@ -321,7 +328,8 @@ def build_model(model: str, config: dict[str, Any], input_shape: tuple[int, ...]
     if model == "scatternet":
         return ScatterLinear(int(np.prod(input_shape[-3:])))
     cnn = FashionCNN(width=int(config["width"]), groupnorm=bool(config["groupnorm"]),
-                     channels_last=bool(config["channels_last"]), hidden=int(config["hidden"]))
+                     channels_last=bool(config["channels_last"]), hidden=int(config["hidden"]),
+                     view_logits=config["augment"] == "multiplicity", activation=str(config["activation"]))
     if config["init"] == "gabor":  # the first convolution starts as a Gabor bank, at the default init's mean norm
         conv = cnn.features[0]
         with torch.no_grad():
@@ -363,11 +371,42 @@ class _RandomFlip:
         return torch.where(mirror[:, None, None, None], x.flip(-1), x), y
 
 
+class _RandomViews:
+    """A collate function that turns each image of a batch [N, C, H, W] into ``views`` random views
+    [N, views, C, H, W]: each moved by up to ``shift`` pixels in each direction (the uncovered border filled with
+    ``fill``, the background) and mirrored left–right with probability 1/2, from its own seeded generator. Data-
+    independent augmentation inside the per-example function DP-SGD clips (no privacy cost)."""
+
+    def __init__(self, seed: int, collate: Any, views: int, shift: int, fill: float = -1.0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.collate, self.views, self.shift, self.fill = collate, views, shift, fill
+
+    def __call__(self, samples: Any) -> Any:
+        x, y = self.collate(samples)
+        return torch.stack([self._view(x) for _ in range(self.views)], 1), y
+
+    def _view(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        s = self.shift
+        padded = F.pad(x, (s, s, s, s), value=self.fill)
+        dy, dx = (torch.randint(0, 2 * s + 1, (n,), generator=self.generator) for _ in range(2))
+        rows, cols = dy[:, None] + torch.arange(h), dx[:, None] + torch.arange(w)
+        moved = padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        mirror = torch.rand(n, generator=self.generator) < 0.5
+        return torch.where(mirror[:, None, None, None], moved.flip(-1), moved).contiguous()
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits on ``x``; where it returns each view's logits [N, V, classes], their mean over views."""
+    logits = model(x)
+    return logits.mean(1) if logits.dim() == 3 else logits
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> float:
     was = model.training
     model.eval()
-    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+    correct = sum(int((_logits(model, x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
     model.train(was)
     return correct / len(y)
 
@@ -420,6 +459,8 @@ def train_one(model_name: str, library: str, epsilon: float, seed: int, config: 
         nn.init.zeros_(model.fc.bias)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     criterion: Any = _criterion(str(config.get("loss", "ce")))  # the ScatterNet has no "loss" entry: cross-entropy
+    if config.get("augment") == "multiplicity":
+        criterion = _per_view(criterion)
     start = time.perf_counter()
     if library == "dpclip":
         import dpclip
@@ -427,7 +468,7 @@ def train_one(model_name: str, library: str, epsilon: float, seed: int, config: 
         engine = dpclip.PrivacyEngine(seed=seed)  # PLD, the default
         if prior is not None:
             engine.accountant.compose(prior)  # the normalisation release, charged before any step
-        collate = _RandomFlip(seed, torch.utils.data.default_collate) if config.get("augment") == "random_flip" else None
+        collate = _augmenter(config, seed, torch.utils.data.default_collate)
         loader = DataLoader(TensorDataset(x, y), batch_size=int(config["batch"]), collate_fn=collate)
         model, optimizer, loader = engine.make_private(
             model, optimizer, loader, noise_multiplier=sigma, max_grad_norm=C, sample_rate=q,
@@ -441,7 +482,7 @@ def train_one(model_name: str, library: str, epsilon: float, seed: int, config: 
         if prior is not None:
             for noise, rate, count in _opacus_history(prior):
                 engine.accountant.history.append((noise, rate, count))
-        collate = _RandomFlip(seed + 7, _as_batch) if config.get("augment") == "random_flip" else _as_batch
+        collate = _augmenter(config, seed + 7, _as_batch) or _as_batch
         loader = DataLoader(_Batches(x, y), batch_size=int(config["batch"]), collate_fn=collate)
         torch.manual_seed(seed + 1_000_003)  # Opacus draws its noise and batches from the global generator
         mode = OPACUS_MODE[model_name]
@@ -503,6 +544,17 @@ def train_one(model_name: str, library: str, epsilon: float, seed: int, config: 
     }
 
 
+def _augmenter(config: dict[str, Any], seed: int, collate: Any) -> Any:
+    """The collate function of ``config["augment"]`` on top of ``collate`` (None where it augments nothing)."""
+    augment = config.get("augment", "none")
+    if augment == "random_flip":
+        return _RandomFlip(seed, collate)
+    if augment == "multiplicity":
+        return _RandomViews(seed, collate, int(config["views"]), int(config["shift"]),
+                            fill=0.0 if config["pixels"] == "unit" else -1.0)
+    return None
+
+
 def _shift_views_accuracy(final: nn.Module, tracked: dict[float, Any], evaluate: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
     """The final and averaged weights' accuracy on :func:`shifted_views` of single-view evaluation images (built
     once), under ``shift_views_accuracy``; nothing where the images already carry views."""
@@ -511,6 +563,16 @@ def _shift_views_accuracy(final: nn.Module, tracked: dict[float, Any], evaluate:
     views = shifted_views(evaluate[0])
     return {"shift_views_accuracy": {"final": accuracy(final, views, evaluate[1]),
                                      **{str(d): accuracy(a.model, views, evaluate[1]) for d, a in tracked.items()}}}
+
+
+def _per_view(criterion: Any) -> Any:
+    """``criterion`` (a batch mean of per-example terms) that on per-view logits [N, V, classes] averages each
+    example's term over its V views: still the batch mean of one term per example."""
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if logits.dim() == 3:
+            return criterion(logits.flatten(0, 1), y.repeat_interleave(logits.shape[1]))
+        return criterion(logits, y)
+    return loss
 
 
 def _criterion(name: str) -> Any:
@@ -585,13 +647,17 @@ def prepare(model: str, config: dict[str, Any], split: dict[str, Any], seed: int
     """(train x, y), (evaluation x, y), the prior release event (or None) and its record, for one seed."""
     xt, yt, xe, ye = split[model]
     if model != "scatternet":
+        if config["pixels"] == "unit":  # a fixed rescaling of [-1, 1] (no privacy cost)
+            xt, xe = (xt + 1) / 2, (xe + 1) / 2
+        elif config["pixels"] != "pm1":
+            raise ValueError(f"unknown pixels {config['pixels']!r}: pm1 or unit")
         train, evaluate, prior, info = _centred(xt, yt, xe, ye, config, seed)
         if config["augment"] in ("flip_views", "random_flip"):
             views = lambda v: torch.stack([v, v.flip(-1)], 1)  # noqa: E731
             evaluate = (views(evaluate[0]), evaluate[1])
             if config["augment"] == "flip_views":
                 train = (views(train[0]), train[1])
-        elif config["augment"] != "none":
+        elif config["augment"] not in ("none", "multiplicity"):
             raise ValueError(f"unknown augment {config['augment']!r}")
         return train, evaluate, prior, info
     if config["flip"]:  # each example: [image, mirror image], normalised view by view

@@ -339,7 +339,7 @@ def test_gabor_init_sets_only_the_first_convolution() -> None:
     gabor = utility.build_model("cnn", {**config, "init": "gabor"}, (1, 28, 28))
     first, same = gabor.features[0].weight, default.features[0].weight
     scale = same.flatten(1).norm(dim=1).mean()
-    assert torch.allclose(first, utility.gabor_bank(16, 8) * scale)
+    assert torch.allclose(first, utility.gabor_bank(int(config["width"]), 8) * scale)
     others = [(n, p) for n, p in gabor.named_parameters() if n != "features.0.weight"]
     assert all(torch.equal(p, dict(default.named_parameters())[n]) for n, p in others)
     with pytest.raises(ValueError, match="unknown init"):
@@ -432,9 +432,11 @@ def test_cnn_views_and_random_flip() -> None:
     assert torch.equal(out_labels, labels)
 
 
-def test_cnn_on_views_is_clipped_per_example_like_a_brute_force_loop() -> None:
-    """The two-view CNN (image and mirror image, channels-last, SSE + focal loss) under dpclip without noise: one
-    step moves the weights by exactly Σ_i clip(g_i, C) / (qN), each g_i computed on example i's two views alone,
+@pytest.mark.parametrize("averaged", ["logits", "loss"])
+def test_cnn_on_views_is_clipped_per_example_like_a_brute_force_loop(averaged: str) -> None:
+    """The CNN on views of each image (channels-last, SSE + focal loss) under dpclip without noise — the mean of
+    the image's and its mirror's logits, or the loss averaged over three random views (augmentation multiplicity):
+    one step moves the weights by exactly Σ_i clip(g_i, C) / (qN), each g_i computed on example i's views alone,
     and on the layerwise path (one layer call per view, every call one row per example)."""
     import warnings
 
@@ -443,11 +445,17 @@ def test_cnn_on_views_is_clipped_per_example_like_a_brute_force_loop() -> None:
 
     utility = _utility()
     torch.manual_seed(0)
-    cnn, reference = (utility.FashionCNN(width=4, hidden=8, channels_last=True) for _ in range(2))
+    cnn, reference = (utility.FashionCNN(width=4, hidden=8, channels_last=True, view_logits=averaged == "loss")
+                      for _ in range(2))
     reference.load_state_dict(cnn.state_dict())
-    x = torch.randn(12, 1, 28, 28)
-    views, y = torch.stack([x, x.flip(-1)], 1), torch.arange(12) % 10
-    loss, C, batch = utility._criterion("sse+focal:1"), 0.05, 12
+    x, y = torch.randn(12, 1, 28, 28), torch.arange(12) % 10
+    if averaged == "logits":
+        views = torch.stack([x, x.flip(-1)], 1)
+        loss = utility._criterion("sse+focal:1")
+    else:
+        views, _ = utility._RandomViews(0, lambda batch: batch, views=3, shift=2)((x, y))
+        loss = utility._per_view(utility._criterion("sse+focal:1"))
+    C, batch = 0.05, 12
     params = list(reference.parameters())
     expected = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     for i in range(len(y)):
@@ -470,6 +478,42 @@ def test_cnn_on_views_is_clipped_per_example_like_a_brute_force_loop() -> None:
     assert engine.grad_sample_path == "layerwise"
     for p, q, update in zip(cnn.parameters(), reference.parameters(), expected):
         torch.testing.assert_close(q.detach().double() - p.detach().double(), update, rtol=1e-4, atol=1e-7)
+
+
+def test_random_views_are_moves_and_mirrors_of_the_image_within_the_shift() -> None:
+    """Every view of the multiplicity collate is the image moved by (dy, dx) with |dy|, |dx| ≤ shift (border filled
+    with the background −1), mirrored or not, checked against hand-indexed moves; across a batch every move and
+    both orientations occur, and the labels are untouched."""
+    utility = _utility()
+    images, labels = torch.rand(300, 1, 6, 7), torch.arange(300)
+    views, out_labels = utility._RandomViews(3, lambda batch: batch, views=2, shift=1)((images, labels))
+    assert views.shape == (300, 2, 1, 6, 7) and torch.equal(out_labels, labels)
+
+    def moved(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+        out = torch.full_like(image, -1.0)
+        h, w = image.shape[-2:]
+        out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+            image[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+        return out
+
+    seen = set()
+    for image, pair in zip(images, views):
+        for view in pair:
+            found = [(dy, dx, m) for dy in (-1, 0, 1) for dx in (-1, 0, 1) for m in (False, True)
+                     if torch.equal(view, moved(image, dy, dx).flip(-1) if m else moved(image, dy, dx))]
+            assert len(found) == 1
+            seen.add(found[0])
+    assert len(seen) == 18
+
+
+def test_per_view_loss_is_the_batch_mean_of_each_examples_mean_over_its_views() -> None:
+    """Against a loop over examples and views of cross-entropy (log-softmax by hand); 2-D logits pass through."""
+    utility = _utility()
+    logits, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.tensor([0, 3, 1, 2, 3])
+    per_view = utility._per_view(torch.nn.CrossEntropyLoss())
+    expected = sum(float(-(logits[i, v] - logits[i, v].exp().sum().log())[y[i]]) for i in range(5) for v in range(3)) / 15
+    assert float(per_view(logits, y)) == pytest.approx(expected, rel=1e-12)
+    assert float(per_view(logits[:, 0], y)) == pytest.approx(float(torch.nn.functional.cross_entropy(logits[:, 0], y)))
 
 
 def test_shifted_views_are_the_image_and_its_four_one_pixel_moves() -> None:
