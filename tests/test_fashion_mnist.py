@@ -410,6 +410,10 @@ def test_cnn_losses_match_closed_forms_and_are_per_example() -> None:
         loss = utility._criterion(name)
         each = torch.stack([loss(logits[i:i + 1], labels[i:i + 1]) for i in range(6)])
         assert float(loss(logits, labels)) == pytest.approx(float(each.mean()), rel=1e-6)
+        loss.reduction = "none"  # as Opacus's ghost clipping sets it: the per-example terms
+        torch.testing.assert_close(loss(logits, labels), each)
+        loss.reduction = "sum"
+        assert float(loss(logits, labels)) == pytest.approx(float(each.sum()), rel=1e-6)
     with pytest.raises(ValueError, match="unknown loss"):
         utility._criterion("hinge")
 
