@@ -301,8 +301,9 @@ class FashionCNN(nn.Module):
     """Tramèr & Boneh's MNIST / Fashion-MNIST CNN (after Papernot et al. 2021): conv(width, 8×8, stride 2,
     pad 2) → tanh → maxpool(2, stride 1) → conv(2·width, 4×4, stride 2) → tanh → maxpool(2, stride 1) →
     linear(``hidden``) → tanh → linear(10); 26k parameters at width 16 and 32 hidden units. ``groupnorm``:
-    GroupNorm after each conv; ``channels_last``: the activations after conv 1 in channels-last memory order (:class:`ChannelsLast`). On
-    [N, V, 1, 28, 28] (V views of each image) it returns the mean of the views' logits."""
+    GroupNorm after each conv; ``channels_last``: the activations after conv 1 in channels-last memory order (:class:`ChannelsLast`);
+    ``activation``: tanh (the default), SELU or hardtanh in place of each tanh. On [N, V, 1, 28, 28] (V views of
+    each image) it returns the mean of the views' logits, or with ``view_logits`` each view's logits [N, V, 10]."""
 
     def __init__(self, width: int = 16, groupnorm: bool = False, channels_last: bool = False, hidden: int = 32,
                  view_logits: bool = False, activation: str = "tanh") -> None:
@@ -567,14 +568,19 @@ def _shift_views_accuracy(final: nn.Module, tracked: dict[float, Any], evaluate:
                                      **{str(d): accuracy(a.model, views, evaluate[1]) for d, a in tracked.items()}}}
 
 
-def _per_view(criterion: Any) -> Any:
-    """``criterion`` (a batch mean of per-example terms) that on per-view logits [N, V, classes] averages each
-    example's term over its V views: still the batch mean of one term per example."""
-    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if logits.dim() == 3:
-            return criterion(logits.flatten(0, 1), y.repeat_interleave(logits.shape[1]))
-        return criterion(logits, y)
-    return loss
+def _per_view(criterion: nn.Module) -> nn.Module:
+    """``criterion`` (a torch-style loss with ``reduction``) whose per-example term, on per-view logits
+    [N, V, classes], is the mean of the example's V view terms: still one term per example, reduced the same way."""
+    def term(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        saved, criterion.reduction = criterion.reduction, "none"
+        try:
+            if logits.dim() == 3:
+                n, v = logits.shape[:2]
+                return criterion(logits.flatten(0, 1), y.repeat_interleave(v)).view(n, v).mean(1)
+            return criterion(logits, y)
+        finally:
+            criterion.reduction = saved
+    return _PerExampleLoss(term)
 
 
 class _PerExampleLoss(nn.Module):

@@ -511,13 +511,18 @@ def test_random_views_are_moves_and_mirrors_of_the_image_within_the_shift() -> N
 
 
 def test_per_view_loss_is_the_batch_mean_of_each_examples_mean_over_its_views() -> None:
-    """Against a loop over examples and views of cross-entropy (log-softmax by hand); 2-D logits pass through."""
+    """Against a loop over examples and views of cross-entropy (log-softmax by hand), reduced by mean and
+    per example; 2-D logits pass through."""
     utility = _utility()
     logits, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.tensor([0, 3, 1, 2, 3])
     per_view = utility._per_view(torch.nn.CrossEntropyLoss())
     expected = sum(float(-(logits[i, v] - logits[i, v].exp().sum().log())[y[i]]) for i in range(5) for v in range(3)) / 15
     assert float(per_view(logits, y)) == pytest.approx(expected, rel=1e-12)
     assert float(per_view(logits[:, 0], y)) == pytest.approx(float(torch.nn.functional.cross_entropy(logits[:, 0], y)))
+    per_view.reduction = "none"  # as Opacus's ghost clipping sets it: one term per example, the mean of its views'
+    each = torch.tensor([sum(float(-(logits[i, v] - logits[i, v].exp().sum().log())[y[i]]) for v in range(3)) / 3
+                         for i in range(5)], dtype=torch.float64)
+    torch.testing.assert_close(per_view(logits, y), each)
 
 
 def test_shifted_views_are_the_image_and_its_four_one_pixel_moves() -> None:
