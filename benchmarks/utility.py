@@ -83,7 +83,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "cnn": {
         "batch": 2048, "epochs": 40, "lr": 4.0, "momentum": 0.9, "max_grad_norm": 0.1, "ema": 0.99, "schedule": "constant",
         "width": 24, "groupnorm": False, "init": "gabor", "activation": "tanh",  # or "selu", "hardtanh"
-        "pixels": "pm1",  # pixel scale: "pm1", [-1, 1] (background -1); "unit", [0, 1] (background 0, as zero padding)
+        "pixels": "pm1",  # pixel scale (PIXEL_BACKGROUND): "pm1", [-1, 1]; "unit", [0, 1] (background 0, as zero padding)
         "center_noise": 0.0,  # > 0: centre the pixels on the private mean image (private_centre)
         # "flip_views": the logits averaged over the image and its mirror image; "random_flip": each drawn batch's
         # images mirrored at random (data-independent), both evaluated on the two views' mean logits
@@ -96,6 +96,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "channels_last": True,
     },
 }
+# The CNN's pixel scales by name, each with its background (blank pixel) value: [-1, 1] or [0, 1].
+PIXEL_BACKGROUND = {"pm1": -1.0, "unit": 0.0}
 # Opacus's per-example gradient mode per model: the ScatterNet's linear layer has 39,700 weights, so "hooks" forms
 # 8,192 × 39,700 per-example gradients (1.3 GB) every step (~1.7 s); ghost clipping computes their norms without
 # forming them (the same clipped sum). The CNN's hidden layer (768 × 256 weights) likewise: at batch 2,048 hooks
@@ -554,7 +556,7 @@ def _augmenter(config: dict[str, Any], seed: int, collate: Any) -> Any:
         return _RandomFlip(seed, collate)
     if augment == "multiplicity":
         return _RandomViews(seed, collate, int(config["views"]), int(config["shift"]),
-                            fill=0.0 if config["pixels"] == "unit" else -1.0)
+                            fill=PIXEL_BACKGROUND[config["pixels"]])
     return None
 
 
@@ -668,10 +670,10 @@ def prepare(model: str, config: dict[str, Any], split: dict[str, Any], seed: int
     """(train x, y), (evaluation x, y), the prior release event (or None) and its record, for one seed."""
     xt, yt, xe, ye = split[model]
     if model != "scatternet":
+        if config["pixels"] not in PIXEL_BACKGROUND:
+            raise ValueError(f"unknown pixels {config['pixels']!r}: {' or '.join(PIXEL_BACKGROUND)}")
         if config["pixels"] == "unit":  # a fixed rescaling of [-1, 1] (no privacy cost)
             xt, xe = (xt + 1) / 2, (xe + 1) / 2
-        elif config["pixels"] != "pm1":
-            raise ValueError(f"unknown pixels {config['pixels']!r}: pm1 or unit")
         train, evaluate, prior, info = _centred(xt, yt, xe, ye, config, seed)
         if config["augment"] in ("flip_views", "random_flip"):
             views = lambda v: torch.stack([v, v.flip(-1)], 1)  # noqa: E731

@@ -516,12 +516,11 @@ def test_per_view_loss_is_the_batch_mean_of_each_examples_mean_over_its_views() 
     utility = _utility()
     logits, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.tensor([0, 3, 1, 2, 3])
     per_view = utility._per_view(torch.nn.CrossEntropyLoss())
-    expected = sum(float(-(logits[i, v] - logits[i, v].exp().sum().log())[y[i]]) for i in range(5) for v in range(3)) / 15
-    assert float(per_view(logits, y)) == pytest.approx(expected, rel=1e-12)
-    assert float(per_view(logits[:, 0], y)) == pytest.approx(float(torch.nn.functional.cross_entropy(logits[:, 0], y)))
-    per_view.reduction = "none"  # as Opacus's ghost clipping sets it: one term per example, the mean of its views'
     each = torch.tensor([sum(float(-(logits[i, v] - logits[i, v].exp().sum().log())[y[i]]) for v in range(3)) / 3
-                         for i in range(5)], dtype=torch.float64)
+                         for i in range(5)], dtype=torch.float64)  # one term per example: the mean of its views'
+    assert float(per_view(logits, y)) == pytest.approx(float(each.mean()), rel=1e-12)
+    assert float(per_view(logits[:, 0], y)) == pytest.approx(float(torch.nn.functional.cross_entropy(logits[:, 0], y)))
+    per_view.reduction = "none"  # as Opacus's ghost clipping sets it
     torch.testing.assert_close(per_view(logits, y), each)
 
 
