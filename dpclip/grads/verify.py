@@ -221,18 +221,29 @@ def _layer_dims(model: nn.Module, args: tuple, kwargs: dict) -> set[int] | None:
     def record(module: nn.Module, inputs: Any, output: Any) -> None:
         dims.update(s for t in tree_flatten((inputs, output))[0] if isinstance(t, Tensor) for s in t.shape[1:])
 
-    handles = [m.register_forward_hook(record) for m in model.modules()]
+    return dims if _run_hooked(model, record, [(args, kwargs)], root=True) else None
+
+
+def _run_hooked(model: nn.Module, hook: Callable[[nn.Module, Any, Any], None], calls: list[tuple[tuple, dict]],
+                root: bool, before_call: Callable[[int], None] | None = None) -> bool:
+    """Run ``model`` on each call (args, kwargs) without gradients, ``hook`` a forward hook on every sub-layer (and
+    on the model itself with ``root``), ``before_call(i)`` before call i; False if a forward fails (a random
+    draw's refusal still propagates). The hooks are removed either way."""
+    handles = [m.register_forward_hook(hook) for m in model.modules() if root or m is not model]
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            for i, (args, kwargs) in enumerate(calls):
+                if before_call is not None:
+                    before_call(i)
+                model(*args, **kwargs)
     except RandomDraw:
         raise
     except Exception:
-        return None
+        return False
     finally:
         for handle in handles:
             handle.remove()
-    return dims
+    return True
 
 
 def _take(values: Any, batch: int, index: Tensor) -> Any:
@@ -537,20 +548,10 @@ def _layer_outputs(model: nn.Module, calls: list[tuple[tuple, dict]], root: bool
             where = names.get(id(module), "?") or type(module).__name__
             current[0].setdefault(f"{where} ({type(module).__name__})", floats[0].detach())
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if root or m is not model]
-    try:
-        with torch.no_grad():
-            for record, (args, kwargs) in zip(records, calls):
-                current[0] = record
-                model(*args, **kwargs)
-    except RandomDraw:
-        raise
-    except Exception:
-        return None
-    finally:
-        for handle in handles:
-            handle.remove()
-    return records
+    def select(i: int) -> None:
+        current[0] = records[i]
+
+    return records if _run_hooked(model, hook, calls, root, before_call=select) else None
 
 
 def _random_layer(model: nn.Module, probe_args: tuple, probe_kwargs: dict) -> str | None:
