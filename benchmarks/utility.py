@@ -840,7 +840,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         if reference:
             ax.axhline(statistics.mean(reference), color=colours[m], linestyle=":", linewidth=1.2,
                        label=f"{m} (non-private, same model)")
-    offsets = {("scatternet", 3.0): (-10, 6), ("cnn", 3.0): (-10, -12), ("cnn", 2.93): (-10, 5)}
+    offsets = {("scatternet", 3.0): (-10, 6), ("cnn", 3.0): (-10, -12), ("cnn", 2.93): (-10, -26)}
     for a in ANCHORS:
         ax.plot([a["epsilon"]], [a["accuracy"]], marker="*", markersize=12, linestyle="none", color=colours[a["model"]],
                 markeredgecolor="black", zorder=5)
@@ -852,13 +852,24 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_title("Fashion-MNIST, DP-SGD: mean ± sd over seeds (stars: published)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: no point hidden
-    s = report["settings"]
-    commands = [i["command"] for i in report.get("invocations", [s])]
-    footer = "\n".join(commands + [f"torch {s['torch']}, {s['threads']} thread(s), {s['date'][:10]}"])
-    fig.text(0.01, 0.01, footer, fontsize=5.5)
-    fig.tight_layout(rect=(0, 0.015 * (len(commands) + 2), 1, 1))
+    fig.text(0.01, 0.01, plot_footer(report, path.with_suffix(".md").name), fontsize=6)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_footer(report: dict[str, Any], listing: str) -> str:
+    """Two lines under the plot, however many ``--append`` invocations made the file: the command (or how many
+    commands and their dates, with where they are listed) and the environment."""
+    s = report["settings"]
+    invocations = report.get("invocations", [s])
+    if len(invocations) == 1:
+        made = invocations[0]["command"]
+    else:
+        dates = sorted(i["date"][:10] for i in invocations)
+        made = (f"benchmarks/utility.py, {len(invocations)} invocations ({dates[0]} to {dates[-1]}); "
+                f"their commands are listed in {listing}")
+    return f"{made}\ntorch {s['torch']}, {s['threads']} thread(s) per run, {s['cpu']}, {s['cpus']} CPUs"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -906,6 +917,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "appends to benchmarks/results/utility_tuning.json")
     parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2", help="with --tune: values to sweep")
     parser.add_argument("--tuning-file", type=Path, default=TUNING_FILE)
+    parser.add_argument("--render-only", action="store_true",
+                        help="train nothing: rewrite the markdown table and the plot from the results file in --out")
     parser.add_argument("--append", action="store_true",
                         help="add these runs to the results file already in --out (replacing runs of the same model, "
                         "library, ε and seed); each command's settings are kept under 'invocations'")
@@ -914,6 +927,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = make_parser().parse_args(argv)
+    if args.render_only:
+        return render_only(args.out / f"{REPORT_STEM}_smoke.json" if args.smoke else args.out / f"{REPORT_STEM}.json")
     compare = SimpleNamespace(**runpy.run_path(str(HERE / "compare_opacus.py")))  # command line, versions, git
     args.threads = compare.resolve_threads(args.threads, dict(os.environ))
     torch.set_num_threads(args.threads)
@@ -986,6 +1001,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"delta": DELTA, "settings": settings, "data": data_info, "configs": configs, "runs": runs}
     report = write_results(args, settings, data_info, configs, runs, final=True)
     print(render_markdown(report))
+    return report
+
+
+def render_only(path: Path) -> dict[str, Any]:
+    """Rewrite ``path``'s markdown table and plot from its runs (after a change to how they are drawn)."""
+    if not path.exists():
+        raise SystemExit(f"no results file at {path}: run benchmarks/utility.py first (or pass --out)")
+    report = json.loads(path.read_text())
+    path.with_suffix(".md").write_text(render_markdown(report))
+    plot(report, path.with_suffix(".png"))
     return report
 
 

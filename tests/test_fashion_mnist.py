@@ -261,6 +261,29 @@ def test_utility_smoke_run(tmp_path: Path) -> None:
     assert table.startswith("# Fashion-MNIST") and "| cnn | non-private (adam, cosine learning rate) |" in table
     assert (out / "utility_fashion_mnist_smoke.png").stat().st_size > 1000
     assert math.isfinite(report["settings"]["duration_s"])
+    # --render-only redraws the table and the plot from the results file alone, the same table as the run wrote
+    (out / "utility_fashion_mnist_smoke.md").unlink()
+    (out / "utility_fashion_mnist_smoke.png").unlink()
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "utility.py"), "--smoke", "--render-only", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=120)
+    assert (out / "utility_fashion_mnist_smoke.md").read_text() == table
+    assert (out / "utility_fashion_mnist_smoke.png").stat().st_size > 1000
+
+
+def test_the_plot_footer_stays_two_lines_however_many_invocations() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("utility_footer", ROOT / "benchmarks" / "utility.py")
+    utility = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utility)
+    settings = {"command": "python benchmarks/utility.py --models cnn", "date": "2026-12-02T10:00:00+00:00",
+                "torch": "2.13.0+cpu", "threads": 1, "cpu": "AMD EPYC", "cpus": 2}
+    one = utility.plot_footer({"settings": settings, "invocations": [settings]}, "table.md")
+    assert one.splitlines() == ["python benchmarks/utility.py --models cnn", "torch 2.13.0+cpu, 1 thread(s) per run, AMD EPYC, 2 CPUs"]
+    many = [dict(settings, date=f"2026-11-{day:02d}T08:00:00+00:00") for day in range(30, 0, -1)]
+    footer = utility.plot_footer({"settings": settings, "invocations": many}, "table.md")
+    assert footer.splitlines()[0] == "benchmarks/utility.py, 30 invocations (2026-11-01 to 2026-11-30); their commands are listed in table.md"
+    assert len(footer.splitlines()) == 2
 
 
 def test_a_stopped_sweep_keeps_the_runs_it_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
