@@ -36,6 +36,7 @@ the end.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import hashlib
 import itertools
@@ -372,8 +373,13 @@ class _RandomFlip:
 
     def __call__(self, samples: Any) -> Any:
         x, y = self.collate(samples)
-        mirror = torch.rand(len(x), generator=self.generator) < 0.5
-        return torch.where(mirror[:, None, None, None], x.flip(-1), x), y
+        return _mirrored_at_random(x, self.generator), y
+
+
+def _mirrored_at_random(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image of ``x`` [N, C, H, W] mirrored left–right with probability 1/2 (one uniform draw per image)."""
+    mirror = torch.rand(len(x), generator=generator) < 0.5
+    return torch.where(mirror[:, None, None, None], x.flip(-1), x)
 
 
 class _RandomViews:
@@ -397,8 +403,7 @@ class _RandomViews:
         dy, dx = (torch.randint(0, 2 * s + 1, (n,), generator=self.generator) for _ in range(2))
         rows, cols = dy[:, None] + torch.arange(h), dx[:, None] + torch.arange(w)
         moved = padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-        mirror = torch.rand(n, generator=self.generator) < 0.5
-        return torch.where(mirror[:, None, None, None], moved.flip(-1), moved).contiguous()
+        return _mirrored_at_random(moved, self.generator).contiguous()
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -573,15 +578,14 @@ def _shift_views_accuracy(final: nn.Module, tracked: dict[float, Any], evaluate:
 def _per_view(criterion: nn.Module) -> nn.Module:
     """``criterion`` (a torch-style loss with ``reduction``) whose per-example term, on per-view logits
     [N, V, classes], is the mean of the example's V view terms: still one term per example, reduced the same way."""
+    per_example = copy.copy(criterion)  # a shallow copy: the same loss, with its own reduction
+    per_example.reduction = "none"
+
     def term(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        saved, criterion.reduction = criterion.reduction, "none"
-        try:
-            if logits.dim() == 3:
-                n, v = logits.shape[:2]
-                return criterion(logits.flatten(0, 1), y.repeat_interleave(v)).view(n, v).mean(1)
-            return criterion(logits, y)
-        finally:
-            criterion.reduction = saved
+        if logits.dim() == 3:
+            n, v = logits.shape[:2]
+            return per_example(logits.flatten(0, 1), y.repeat_interleave(v)).view(n, v).mean(1)
+        return per_example(logits, y)
     return _PerExampleLoss(term)
 
 
@@ -928,7 +932,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = make_parser().parse_args(argv)
     if args.render_only:
-        return render_only(args.out / f"{REPORT_STEM}_smoke.json" if args.smoke else args.out / f"{REPORT_STEM}.json")
+        return render_only(_results_path(args))
     compare = SimpleNamespace(**runpy.run_path(str(HERE / "compare_opacus.py")))  # command line, versions, git
     args.threads = compare.resolve_threads(args.threads, dict(os.environ))
     torch.set_num_threads(args.threads)
@@ -1009,9 +1013,19 @@ def render_only(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise SystemExit(f"no results file at {path}: run benchmarks/utility.py first (or pass --out)")
     report = json.loads(path.read_text())
+    _draw(report, path)
+    return report
+
+
+def _results_path(args: argparse.Namespace) -> Path:
+    """The results file in ``args.out`` (``_smoke`` for smoke runs); its table and plot sit beside it."""
+    return args.out / f"{REPORT_STEM}_smoke.json" if args.smoke else args.out / f"{REPORT_STEM}.json"
+
+
+def _draw(report: dict[str, Any], path: Path) -> None:
+    """The markdown table and the plot of ``report``, beside its results file ``path``."""
     path.with_suffix(".md").write_text(render_markdown(report))
     plot(report, path.with_suffix(".png"))
-    return report
 
 
 def write_results(args: argparse.Namespace, settings: dict[str, Any], data_info: dict[str, Any],
@@ -1022,8 +1036,7 @@ def write_results(args: argparse.Namespace, settings: dict[str, Any], data_info:
     seed are replaced, and this invocation's entry under ``invocations`` (told apart by ``settings["started"]``) is
     updated in place, so writing after every run leaves one entry per invocation. ``final``: the invocation ended
     (a stopped one stays marked ``"finished": false``)."""
-    stem = f"{REPORT_STEM}_smoke" if args.smoke else REPORT_STEM
-    path = args.out / f"{stem}.json"
+    path = _results_path(args)
     settings["finished"] = final
     report: dict[str, Any] = {"delta": DELTA, "settings": settings, "data": data_info, "configs": configs,
                               "runs": list(runs), "invocations": [settings]}
@@ -1044,8 +1057,7 @@ def write_results(args: argparse.Namespace, settings: dict[str, Any], data_info:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # this process's own: another --append run may write beside it
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, path)
-    (args.out / f"{stem}.md").write_text(render_markdown(report))
-    plot(report, args.out / f"{stem}.png")
+    _draw(report, path)
     return report
 
 
