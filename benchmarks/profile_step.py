@@ -14,6 +14,13 @@ The models, sizes and synthetic data are those of ``benchmarks/compare_opacus.py
 - ``optimizer``: the rest of ``optimizer.step()`` (dpclip: setting .grad, the SGD update, the accountant's step);
 - ``other``: ``optimizer.zero_grad()`` and the Python between the timers.
 
+``floor`` (the MLP only): the least work any exact DP-SGD step of that model needs, written by hand in plain
+PyTorch (:class:`FloorStep`) — Poisson sampling, the forward, the backward to the layers' outputs only, each
+example's norm from ‖g_i a_iᵀ‖ = ‖g_i‖‖a_i‖ (one position per example), and the clipped sum multiplied straight
+into the noise buffer (one ``addmm_`` per weight), then SGD. No engine, no checks, no rounding slack: the measured
+bar for the MLP on the machine at hand, where the non-private step leaves out the noise and the clipping
+altogether. Its phases are timed like dpclip's (the noise draw apart from the clipped sum it is fused with).
+
 The wrappers are installed by this script only (monkeypatching, nothing in dpclip changes); the JSON also keeps
 two parts of ``norms + clipped sum`` (``LayerwiseGradients.norms`` and ``.weighted_sum``) and the forward hooks'
 own time. One thread (``torch.set_num_threads``), every (model, library) pair run ``--repeats`` times interleaved
@@ -53,14 +60,18 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+
+Tensor = torch.Tensor
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 compare_opacus = SimpleNamespace(**runpy.run_path(str(HERE / "compare_opacus.py")))  # a script, not a package: defines only
 
 MODELS = ["mlp", "cnn", "transformer", "resnet"]
-LIBRARIES = ["nonprivate", "dpclip"]
+LIBRARIES = ["nonprivate", "dpclip", "floor"]
+FLOOR_MODELS = {"mlp"}  #: the models FloorStep is written for
 SIGMA, CLIP, LR = 1.0, 1.0, 0.05
 #: (key, title) of the phases, in step order; their sum is the step's total
 PHASES = [
@@ -181,11 +192,115 @@ def timed_steps(model: nn.Module, optimizer: Any, loader: Any, count: int) -> li
     return steps
 
 
+class FloorStep:
+    """A hand-written exact DP-SGD step for an ``nn.Sequential`` of ``nn.Linear`` layers and elementwise
+    activations, doing only the work the algorithm needs (Abadi et al. 2016, Alg. 1, with Poisson sampling):
+    per-example gradients of a linear layer with one position per example are rank one, g_i a_iᵀ (and g_i for the
+    bias), so ‖∇_i‖² = Σ_layers ‖g_i‖²(‖a_i‖² + 1) (Goodfellow 2015) costs O(B·width), and
+    Σ_i c_i g_i a_iᵀ is one matrix product, as in the non-private weight gradient, here accumulated into the
+    Gaussian noise N(0, σ²C²) drawn first. The release is divided by the expected batch, as dpclip's is."""
+
+    def __init__(self, model: nn.Sequential, inputs: Tensor, labels: Tensor, batch: int, sigma: float, clip: float,
+                 lr: float, seed: int = 0) -> None:
+        if not all(isinstance(m, nn.Linear) or not any(True for _ in m.parameters()) for m in model):
+            raise ValueError("FloorStep handles nn.Sequential stacks of nn.Linear and parameter-free layers only")
+        self.model, self.inputs, self.labels = model, inputs, labels
+        self.sample_rate, self.batch = batch / len(inputs), batch
+        self.sigma, self.clip = sigma, clip
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self) -> tuple[Tensor, Tensor]:
+        """A Poisson batch: each example independently with probability q."""
+        chosen = (torch.rand(len(self.inputs), generator=self.generator) < self.sample_rate).nonzero().flatten()
+        return self.inputs[chosen], self.labels[chosen]
+
+    def gradients(self, x: Tensor, y: Tensor, clock: Callable[[], float] = time.perf_counter) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """The noisy clipped mean gradient of the batch ({parameter name: tensor}) and the seconds per phase."""
+        t0 = clock()
+        inputs, outputs, layers, h = [], [], [], x
+        for module in self.model:
+            if isinstance(module, nn.Linear):
+                inputs.append(h)
+                h = F.linear(h, module.weight.detach(), module.bias.detach() if module.bias is not None else None)
+                if not h.requires_grad:
+                    h.requires_grad_()
+                outputs.append(h)
+                layers.append(module)
+            else:
+                h = module(h)
+        loss = F.cross_entropy(h, y, reduction="sum")  # each example's own loss: its gradient is its own
+        t1 = clock()
+        grads = torch.autograd.grad(loss, outputs)
+        t2 = clock()
+        inputs = [a.detach() for a in inputs]
+        squares = sum(g.square().sum(dim=1) * (a.square().sum(dim=1) + (m.bias is not None))
+                      for g, a, m in zip(grads, inputs, layers))
+        factors = (self.clip / squares.sqrt()).clamp(max=1.0)
+        t3 = clock()
+        std, scale = self.sigma * self.clip, 1.0 / self.batch
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        noise = {}
+        for module in layers:
+            for p in (module.weight, module.bias):
+                if p is not None:
+                    noise[names[id(p)]] = torch.empty_like(p).normal_(0.0, std, generator=self.generator)
+        t4 = clock()
+        for module, a, g in zip(layers, inputs, grads):
+            clipped = g * factors[:, None]
+            noise[names[id(module.weight)]].addmm_(clipped.t(), a).mul_(scale)
+            if module.bias is not None:
+                noise[names[id(module.bias)]].add_(clipped.sum(dim=0)).mul_(scale)
+        t5 = clock()
+        return noise, {"forward": t1 - t0, "backward_autograd": t2 - t1, "norms": t3 - t2, "noise": t4 - t3,
+                       "weighted_sum": t5 - t4}
+
+    def step(self, x: Tensor, y: Tensor, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+        """One training step on the batch: the noisy gradient, then SGD; the seconds per phase."""
+        released, phases = self.gradients(x, y, clock)
+        t0 = clock()
+        for name, p in self.model.named_parameters():
+            p.grad = released[name]
+        self.optimizer.step()
+        phases["optimizer"] = clock() - t0
+        return phases
+
+
+def floor_steps(model_name: str, size: str, count: int) -> list[dict[str, float]]:
+    """``count`` FloorStep steps of ``model_name`` on compare_opacus.py's model and data, as {phase: seconds}."""
+    torch.manual_seed(0)
+    batch = compare_opacus.SIZES[size]["batch"]
+    model, make_batch = compare_opacus.build(model_name, size)
+    inputs, labels = make_batch(batch * 50, torch.Generator().manual_seed(0))
+    floor = FloorStep(model, inputs, labels, batch, SIGMA, CLIP, LR)
+    clock = time.perf_counter
+    steps = []
+    for _ in range(count):
+        t0 = clock()
+        x, y = floor.sample()
+        t1 = clock()
+        floor.optimizer.zero_grad()
+        t2 = clock()
+        phases = floor.step(x, y, clock)
+        t3 = clock()
+        steps.append({
+            "load": t1 - t0, "forward": phases["forward"], "backward_autograd": phases["backward_autograd"],
+            "norms_clipped_sum": phases["norms"] + phases["weighted_sum"], "noise": phases["noise"],
+            "optimizer": phases["optimizer"], "other": t2 - t1, "total": t3 - t0, "tape_hooks": 0.0,
+            "norms": phases["norms"], "weighted_sum": phases["weighted_sum"], "batch": float(len(x)),
+        })
+    return steps
+
+
 def run_one(model_name: str, library: str, size: str, warmup: int, steps: int) -> dict[str, Any]:
     """One (model, library) run: ``warmup`` untimed steps, then ``steps`` timed ones; medians per phase, in ms."""
-    model, optimizer, loader, engine = setup(model_name, library, size)
     start = time.perf_counter()
-    first = timed_steps(model, optimizer, loader, warmup + steps)
+    if library == "floor":
+        model = optimizer = loader = engine = None
+        first = floor_steps(model_name, size, warmup + steps)
+    else:
+        model, optimizer, loader, engine = setup(model_name, library, size)
+        first = timed_steps(model, optimizer, loader, warmup + steps)
     measured = first[warmup:]
     keys = [k for k, _ in PHASES] + ["total"] + [k for k, _ in DETAILS]
     result = {
@@ -194,7 +309,7 @@ def run_one(model_name: str, library: str, size: str, warmup: int, steps: int) -
         "first_step_ms": first[0]["total"] * 1e3,
         "batch_sizes": [int(s["batch"]) for s in measured],
         "wall_s": time.perf_counter() - start,
-        "path": None if engine is None else engine.grad_sample_path,
+        "path": None if engine is None else engine.grad_sample_path,  # type: ignore[attr-defined]
     }
     del model, optimizer, loader, engine
     gc.collect()
@@ -375,11 +490,26 @@ def made_by(s: dict[str, Any]) -> str:
             "total is the median of the step totals, so the phases need not add up to it exactly).")
 
 
+def floor_lines(results: list[dict[str, Any]]) -> list[str]:
+    """Per model with a ``floor`` row: how far dpclip's step is from it, and it from the non-private step."""
+    totals = {(r["model"], r["library"]): r["phases_ms"]["total"] for r in results}
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in results):
+        floor, dp, base = (totals.get((model, lib)) for lib in ("floor", "dpclip", "nonprivate"))
+        if floor is None or dp is None or base is None:
+            continue
+        lines.append(f"- {model}: the floor (the least work an exact DP-SGD step of it needs, `FloorStep`) takes "
+                     f"{floor / base:.2f}× the non-private step; dpclip's step takes {dp / floor:.2f}× the floor's "
+                     f"({dp - floor:+.1f} ms).")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     s, results = report["settings"], report["results"]
     return "\n".join([
         f"# Where the DP step's time goes ({s['label']})", "",
         "Per phase, ms per step (median over repeats of each repeat's median):", "", phase_table(results), "",
+        *floor_lines(results), "",
         "dpclip minus non-private, per phase (ms), and the parts timed inside dpclip's phases:", "",
         overhead_table(results), "", made_by(s), "",
         "## torch.profiler: top operators by self CPU time", "", profile_tables(report["profiles"]),
@@ -400,7 +530,7 @@ def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> str:
                     continue
                 base = rows.get((model, "nonprivate", which))
                 ratio = f"{r['phases_ms']['total'] / base['phases_ms']['total']:.2f}×" if base else "—"
-                name = "non-private" if library == "nonprivate" else "dpclip"
+                name = {"nonprivate": "non-private"}.get(library, library)
                 lines.append(f"| {model} | {name}, {tag(rep)} | " + " | ".join(_phase_cells(r)) +
                              f" | {_ms(r['phases_ms']['total'])} | {ratio} |")
     return "\n".join(lines)
@@ -438,7 +568,7 @@ def main(argv: list[str] | None = None) -> None:
     install_timers()
     settings = settings_of(args, size, torch.get_num_threads())
     start = time.perf_counter()
-    pairs = [(m, lib) for m in args.models for lib in LIBRARIES]
+    pairs = [(m, lib) for m in args.models for lib in LIBRARIES if lib != "floor" or m in FLOOR_MODELS]
     runs: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for repeat in range(args.repeats):
         shift = repeat % len(pairs)
