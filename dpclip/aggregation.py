@@ -53,9 +53,15 @@ class ClippedSum:
         else:
             factors = clip_factors(norms, bound)[:, None].expand(-1, per_param.shape[1])
         factors = torch.where(finite[:, None], factors, 0.0)  # nonfinite="drop": those examples contribute 0
-        for name, contribution in example_grads.weighted_sum(factors * scale).items():
-            self.sums[name] = contribution if name not in self.sums else self.sums[name] + contribution
+        for name, contribution in example_grads.weighted_sum(factors * scale, sparse_rows=True).items():
+            self.sums[name] = contribution if name not in self.sums else accumulate(self.sums[name], contribution)
         self.count += self.clipping.observe(norms)
+
+
+def accumulate(total: Tensor, more: Tensor) -> Tensor:
+    """``total + more`` where either may be a sparse COO sum (an embedding's rows): torch adds sparse to dense
+    (dense result) and sparse to sparse, not dense to sparse in that order."""
+    return more + total if total.is_sparse and not more.is_sparse else total + more
 
 
 def noisy_release(clipped: ClippedSum, params: Mapping[str, Tensor], collective: Any, noise: NoiseSource,

@@ -66,6 +66,7 @@ import torch
 import torch.nn as nn
 
 from .errors import EngineUsageError, ModelNotSupportedError, PrivacyParameterError
+from .example_grads import as_dense
 from .collective import assign_gradients
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -298,6 +299,7 @@ class DistributedContext:
             here = f" (here: {local_error})" if local_error else ""
             return {}, 0.0, f"examples with NaN/inf gradients on rank(s) {bad}{here}; the step was abandoned on every rank"
         total = sum(float(header[rank, _COUNT].item()) for rank in range(self.world_size))  # same order everywhere
+        summed = {name: as_dense(s) for name, s in summed.items()}  # (a sparse sum: an embedding's rows)
         return self._reduce_sums(summed), total, None
 
     def _reduce_sums(self, summed: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -25,9 +25,16 @@ class ExampleGradients(Protocol):
         """Per-example, per-parameter norms: shape [batch, len(names)]."""
         ...
 
-    def weighted_sum(self, factors: Tensor) -> dict[str, Tensor]:
-        """Σ_i factors[i, j] · g_i[names[j]] for every parameter j; rows with factor 0 contribute exactly 0."""
+    def weighted_sum(self, factors: Tensor, sparse_rows: bool = False) -> dict[str, Tensor]:
+        """Σ_i factors[i, j] · g_i[names[j]] for every parameter j; rows with factor 0 contribute exactly 0.
+        ``sparse_rows``: a sum may be a sparse COO tensor of the parameter's shape (rows of an embedding)."""
         ...
+
+
+def as_dense(values: Tensor) -> Tensor:
+    """A clipped sum as a dense tensor: a sparse COO one (``weighted_sum(..., sparse_rows=True)``) summed into
+    its rows, any other returned as it is."""
+    return values.to_dense() if values.is_sparse else values
 
 
 def masked_scale(values: Tensor, factors: Tensor) -> Tensor:
@@ -67,5 +74,5 @@ class MaterializedGradients:
     def norms(self, norm: Norm) -> Tensor:
         return layer_norms(self.grads, norm)
 
-    def weighted_sum(self, factors: Tensor) -> dict[str, Tensor]:
+    def weighted_sum(self, factors: Tensor, sparse_rows: bool = False) -> dict[str, Tensor]:
         return {name: weighted_example_sum(g, factors[:, j]) for j, (name, g) in enumerate(self.grads.items())}

@@ -31,6 +31,7 @@ from accountants.errors import PrivacyParameterError
 
 from .clipping import Norm
 from .errors import ModelNotSupportedError
+from .example_grads import as_dense
 from .norms import NoiseLaw, clip_norm
 
 Tensor = torch.Tensor
@@ -146,8 +147,8 @@ class NoiseSource:
         gen = self.generator(like.device)
         if self.secure_mode:
             return (secure_standard_laplace(like.shape, gen, like.device) * scale).to(like.dtype)
-        first = torch.empty_like(like).exponential_(generator=gen)
-        second = torch.empty_like(like).exponential_(generator=gen)
+        first = torch.empty(like.shape, device=like.device, dtype=like.dtype).exponential_(generator=gen)
+        second = torch.empty(like.shape, device=like.device, dtype=like.dtype).exponential_(generator=gen)
         return (first - second) * scale
 
     def noisy(self, values: Tensor, scale: float, law: NoiseLaw, factor: float = 1.0) -> Tensor:
@@ -165,10 +166,12 @@ class NoiseSource:
             raise ModelNotSupportedError(f"dpclip adds noise to real tensors only, got {values.dtype}: store the "
                                          "parameter as a real tensor with a trailing dimension of 2 and use "
                                          "torch.view_as_complex on it in forward")
+        if self.secure_mode:  # (a sparse sum, an embedding's rows, is clamped and snapped densely below)
+            values = as_dense(values)
         if values.dtype in (torch.bfloat16, torch.float16):  # half-precision sums: noise drawn, added and scaled in
             return self.noisy(values.float(), scale, law, factor).to(values.dtype)  # float32; the release cast once
         if not self.secure_mode:  # factor·(values + noise(scale)) = noise(factor·scale) + factor·values: one pass
-            draw = self.gaussian if law == "gaussian" else self.laplace
+            draw = self.gaussian if law == "gaussian" else self.laplace  # (sparse values: only their rows are read)
             return draw(values, scale * factor).add_(values, alpha=factor)
         grid, bound = snapping_grid(scale), snapping_bound(scale)
         sampler = secure_standard_gaussian if law == "gaussian" else secure_standard_laplace
@@ -203,7 +206,7 @@ def add_noise(
     gives the averaged gradient). ``noise_multiplier=0`` (the non-private baseline, charged ε = ∞) returns the
     sums times ``factor``."""
     if noise_multiplier == 0:
-        return {name: s * factor for name, s in summed.items()}
+        return {name: as_dense(s) * factor for name, s in summed.items()}
     scale = noise_multiplier * max_norm
     law = clip_norm(norm).noise
     return {name: source.noisy(s, scale, law, factor) for name, s in summed.items()}

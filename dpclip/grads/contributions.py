@@ -76,6 +76,12 @@ class Contribution:
         """Σ_i factors[i] · g_i, shaped like the block; examples with factor 0 contribute exactly 0."""
         return weighted_example_sum(self.materialize(), factors)
 
+    def weighted_rows(self, factors: Tensor) -> Tensor:
+        """:meth:`weighted`, or the same sum as a sparse COO tensor of the block's shape where only some rows of the
+        block receive gradient (an embedding's looked-up rows): the noisy release adds it into the noise without
+        forming or reading a dense block of zeros. Dense here; a contribution overrides it where rows pay."""
+        return self.weighted(factors)
+
     def joined(self, others: list[Contribution]) -> Contribution | None:
         """One contribution equal to the sum of this one and ``others`` (further uses of the same block: a layer
         called more than once per example), or None where this kind cannot join them (the caller then adds their
@@ -272,6 +278,14 @@ class EmbeddingWeight(Contribution):
     def weighted(self, factors: Tensor) -> Tensor:
         out = self.g.new_zeros(self.num_embeddings, self.g.shape[2])
         return out.index_add_(0, self.ids.reshape(-1), masked_scale(self.g, factors).reshape(-1, self.g.shape[2]))
+
+    def weighted_rows(self, factors: Tensor) -> Tensor:
+        """The clipped sum as the B·T scaled rows at their ids (a sparse COO tensor [vocab, E], duplicates not yet
+        added up): with a large vocabulary, the dense zeros and the pass that adds them to the noise cost more than
+        the rows themselves. The ids index the table already (F.embedding refused any other in the forward)."""
+        rows = masked_scale(self.g, factors).reshape(-1, self.g.shape[2])
+        return torch.sparse_coo_tensor(self.ids.reshape(1, -1), rows, (self.num_embeddings, self.g.shape[2]),
+                                       check_invariants=False)
 
 
 class ConvWeight(Contribution):

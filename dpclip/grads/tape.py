@@ -677,8 +677,10 @@ class LayerwiseGradients:
             return torch.zeros(self.batch, 0, dtype=torch.float64)
         return torch.stack([self._param_norm(name, norm) for name in self.names], dim=1)
 
-    def weighted_sum(self, factors: Tensor) -> dict[str, Tensor]:
-        """Σ_i factors[i, j] · g_i[names[j]]; single use: it frees the recorded tensors as it goes."""
+    def weighted_sum(self, factors: Tensor, sparse_rows: bool = False) -> dict[str, Tensor]:
+        """Σ_i factors[i, j] · g_i[names[j]]; single use: it frees the recorded tensors as it goes.
+        ``sparse_rows``: a parameter with one whole contribution may come back as a sparse COO tensor of its
+        shape (:meth:`Contribution.weighted_rows`: an embedding's rows); dense otherwise."""
         if self._summed:
             raise EngineUsageError("LayerwiseGradients.weighted_sum can be called once (its tensors are freed)")
         self._summed = True
@@ -686,8 +688,10 @@ class LayerwiseGradients:
         for j, name in enumerate(self.names):
             param = self.params[name]
             total: Tensor | None = None  # a whole-parameter block is the sum itself (fresh): no zeros, no copy
-            for part in self.by_name.pop(name, []):  # once summed, a part's tensors can be freed
-                block = part.weighted(factors[:, j]).to(param.dtype)
+            parts = self.by_name.pop(name, [])  # once summed, a part's tensors can be freed
+            as_rows = sparse_rows and len(parts) == 1 and parts[0].rows is None
+            for part in parts:
+                block = (part.weighted_rows(factors[:, j]) if as_rows else part.weighted(factors[:, j])).to(param.dtype)
                 if part.rows is None:
                     total = block if total is None else total.add_(block)
                 else:

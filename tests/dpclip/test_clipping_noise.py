@@ -103,3 +103,37 @@ def test_complex_gradients_are_refused_by_the_norm_and_the_noise():
         per_example_norms(grads)
     with pytest.raises(ModelNotSupportedError, match="complex.*view_as_complex"):
         NoiseSource(seed=0).noisy(grads["w"][0], 1.0, "gaussian")
+
+
+@pytest.mark.parametrize("law, secure", [("gaussian", False), ("laplace", False), ("gaussian", True), ("laplace", True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_sparse_sum_gets_the_release_of_its_dense_form(law, secure, dtype):
+    """A clipped sum handed over as a sparse COO tensor (an embedding's rows, duplicates not added up) is released
+    as its dense form would be: the same draws (same seed), the same values up to the order of two additions; in
+    secure mode (made dense before clamping and snapping) on the snapping grid."""
+    from dpclip.noise import snapping_grid
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[0, 3, 3, 7, 1, 3]])
+    rows = torch.randn(6, 4, dtype=dtype)
+    sparse = torch.sparse_coo_tensor(ids, rows, (9, 4))
+    dense = sparse.to_dense()
+    source = (lambda: NoiseSource(secure_mode=True)) if secure else (lambda: NoiseSource(seed=5))
+    got = source().noisy(sparse, 0.7, law, factor=0.25)
+    expected = source().noisy(dense, 0.7, law, factor=0.25)
+    assert not got.is_sparse and got.dtype == dtype and got.shape == (9, 4)
+    if secure:  # fresh OS draws each time: the release is the snapped sum on the grid Λ, times the factor
+        assert bool(torch.isfinite(got).all())
+        if dtype != torch.bfloat16:
+            steps = got.double() / 0.25 / snapping_grid(0.7)
+            torch.testing.assert_close(steps, steps.round(), atol=1e-3, rtol=0)
+    else:
+        tolerance = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
+        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_a_sparse_sum_without_noise_is_released_dense():
+    sparse = torch.sparse_coo_tensor(torch.tensor([[2, 2, 0]]), torch.ones(3, 2), (4, 2))
+    released = add_noise({"w": sparse}, 0.0, 1.0, "l2", NoiseSource(seed=0), factor=0.5)["w"]
+    assert not released.is_sparse
+    torch.testing.assert_close(released, torch.tensor([[0.5, 0.5], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]))

@@ -250,3 +250,31 @@ def test_calls_of_one_layer_join_into_one_contribution_with_the_summed_gradients
     assert LinearWeight("w", slice(0, 3), a[0], g[0], torch.Size([3, 4])).joined(
         [LinearWeight("w", slice(3, 6), a[1], g[1], torch.Size([3, 4]))]) is None
     assert calls[0].joined([LinearWeight("weight", None, calls[1].a, calls[1].g, calls[1].shape)]) is None
+
+
+@pytest.mark.parametrize("scale_grad_by_freq", [False, True])
+@pytest.mark.parametrize("drop", [False, True])
+def test_embedding_rows_sum_equals_the_materialised_sum(scale_grad_by_freq, drop):
+    """EmbeddingWeight.weighted_rows (a sparse COO tensor of the looked-up rows, duplicates not added up) is the
+    same Σ_i c_i g_i as the per-example [vocab, E] gradients summed one by one; a dropped example (factor 0) adds
+    exactly nothing, even with non-finite rows."""
+    from dpclip.grads.contributions import EmbeddingWeight
+
+    torch.manual_seed(4)
+    ids = torch.randint(0, 9, (5, 6))
+    ids[1, :3] = 2  # an id repeated inside one example and shared with others
+    g = torch.randn(5, 6, 3, dtype=torch.float64)
+    factors = torch.rand(5, dtype=torch.float64) + 0.1
+    if drop:
+        factors[3] = 0.0
+        g[3].fill_(float("nan"))
+    part = EmbeddingWeight("w", ids, g, 11, scale_grad_by_freq)
+    per_example = torch.zeros(5, 11, 3, dtype=torch.float64)
+    counts = (ids[:, :, None] == ids[:, None, :]).sum(dim=2)
+    for i in range(5):
+        for t in range(6):
+            per_example[i, ids[i, t]] += g[i, t] / (counts[i, t] if scale_grad_by_freq else 1)
+    rows = part.weighted_rows(factors)
+    assert rows.is_sparse and rows.shape == (11, 3)
+    torch.testing.assert_close(rows.to_dense(), _brute_force(per_example, factors), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rows.to_dense(), part.weighted(factors), rtol=1e-12, atol=1e-12)

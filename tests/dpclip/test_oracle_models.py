@@ -62,3 +62,23 @@ if __name__ == "__main__":
     from tests.dpclip.oracle_models import main
 
     raise SystemExit(main())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(max_physical_batch_size=4), dict(norm="l1"), dict(max_physical_batch_size=4, norm="l1", per_layer=True)],
+    ids=["micro_batches", "l1", "micro_batches_l1_per_layer"],
+)
+def test_embedding_rows_released_as_sparse_sums_are_exact(options):
+    """An embedding's clipped sum travels from the layerwise path to the noisy release as a sparse COO tensor of
+    its looked-up rows (``weighted_sum(sparse_rows=True)``): added up over micro-batches (sparse + sparse, and with
+    the dense sums of other micro-batches), through the Laplace release, per-layer clipping: the step still releases
+    exactly the brute-force oracle's Σ clip(g_i, C) / N."""
+    from functools import partial
+
+    from tests.dpclip.oracle_models import EXACT, Case, build_embedding
+
+    case = Case("embedding_rows", "L", partial(build_embedding), EXACT, options=options)
+    result = run_case(case, "layerwise")
+    failure = verdict(case, "layerwise", result)
+    assert failure is None, failure
