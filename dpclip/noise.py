@@ -147,8 +147,8 @@ class NoiseSource:
         gen = self.generator(like.device)
         if self.secure_mode:
             return (secure_standard_laplace(like.shape, gen, like.device) * scale).to(like.dtype)
-        first = torch.empty(like.shape, device=like.device, dtype=like.dtype).exponential_(generator=gen)
-        second = torch.empty(like.shape, device=like.device, dtype=like.dtype).exponential_(generator=gen)
+        first = torch.empty_like(like).exponential_(generator=gen)
+        second = torch.empty_like(like).exponential_(generator=gen)
         return (first - second) * scale
 
     def noisy(self, values: Tensor, scale: float, law: NoiseLaw, factor: float = 1.0) -> Tensor:
@@ -171,8 +171,11 @@ class NoiseSource:
         if values.dtype in (torch.bfloat16, torch.float16):  # half-precision sums: noise drawn, added and scaled in
             return self.noisy(values.float(), scale, law, factor).to(values.dtype)  # float32; the release cast once
         if not self.secure_mode:  # factor·(values + noise(scale)) = noise(factor·scale) + factor·values: one pass
-            draw = self.gaussian if law == "gaussian" else self.laplace  # (sparse values: only their rows are read)
-            return draw(values, scale * factor).add_(values, alpha=factor)
+            draw = self.gaussian if law == "gaussian" else self.laplace
+            # a sparse sum (an embedding's rows) is added into dense noise, only its rows read; the draw is asked for
+            # a dense tensor of its shape (a stride-0 stand-in, no memory), as a subclass's gaussian() expects
+            like = values if not values.is_sparse else torch.empty((), dtype=values.dtype, device=values.device).expand(values.shape)
+            return draw(like, scale * factor).add_(values, alpha=factor)
         grid, bound = snapping_grid(scale), snapping_bound(scale)
         sampler = secure_standard_gaussian if law == "gaussian" else secure_standard_laplace
         noise = sampler(values.shape, self.generator(values.device), values.device) * scale
