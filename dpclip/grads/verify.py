@@ -392,19 +392,39 @@ def _stand_in_for_stored(model: nn.Module, from_batch: FromBatch) -> None:
             scan(tensor, f"{name}.{tensor_name}" if name else tensor_name, 1, seen)
 
 
+#: Entries compared at a time by :func:`_same` and :func:`_scale`: their float64 temporaries stay a few MB however
+#: large the parameter (whole-tensor temporaries of a 30,000-row embedding's sums had doubled the first step's heap).
+_CHUNK = 2**20
+
+
+def _chunks(t: Tensor) -> list[Tensor]:
+    flat = t.reshape(-1)
+    return [flat[start:start + _CHUNK] for start in range(0, flat.numel(), _CHUNK)]
+
+
+def _norm64(t: Tensor) -> Tensor:
+    """‖t‖₂ accumulated in float64, a chunk at a time (no float64 copy of the whole tensor)."""
+    return torch.stack([part.double().square().sum() for part in _chunks(t)]).sum().sqrt() if t.numel() else t.new_zeros((), dtype=torch.float64)
+
+
 def _same(a: Tensor, b: Tensor, scale: float, tol: float) -> bool:
     """Equal within tol·scale (NaN matching NaN, an infinity matching itself)."""
     if a.shape != b.shape:
         return False
-    a, b = a.double(), b.double().to(a.device)
-    close = (a == b) | ((a - b).abs() <= tol * scale + 1e-30) | (a.isnan() & b.isnan())
-    return bool(close.all())
+    for x, y in zip(_chunks(a), _chunks(b.to(a.device))):
+        x, y = x.double(), y.double()
+        if not bool(((x == y) | ((x - y).abs() <= tol * scale + 1e-30) | (x.isnan() & y.isnan())).all()):
+            return False
+    return True
 
 
 def _scale(t: Tensor) -> float:
     """Largest finite magnitude in ``t`` (a floor of 1e-12)."""
-    finite = t[torch.isfinite(t)] if t.numel() else t
-    return max(float(finite.abs().max()) if finite.numel() else 0.0, 1e-12)
+    largest = 0.0
+    for part in _chunks(t):
+        finite = part.abs().masked_fill_(~torch.isfinite(part), 0)
+        largest = max(largest, float(finite.max()) if finite.numel() else 0.0)
+    return max(largest, 1e-12)
 
 
 def verify_paths(
@@ -650,8 +670,9 @@ def _reference(model: nn.Module, probe_args: tuple, probe_kwargs: dict, k: int, 
         loss = sum((out * cot[i : i + 1]).sum() for out, cot in zip(single, cotangents))
         grads = torch.autograd.grad(loss, trainable, allow_unused=True) if loss.requires_grad else [None] * len(trainable)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, trainable)]
-        norms.append(torch.stack([g.double().norm() for g in grads]) if grads else torch.zeros(0, dtype=torch.float64))
-        total = [t + g for t, g in zip(total, grads)]
+        norms.append(torch.stack([_norm64(g) for g in grads]) if grads else torch.zeros(0, dtype=torch.float64))
+        for t, g in zip(total, grads):
+            t.add_(g)
     return _Reference(outputs, cotangents, torch.stack(norms), total)
 
 

@@ -1038,3 +1038,24 @@ def test_a_layer_called_under_no_grad_inside_a_custom_backward_is_not_taken_for_
     torch.manual_seed(0)
     errors = run_steps(LayerCalledInBackward(), _data(24), _ce, [list(range(12)), list(range(12, 24))], mode=mode)
     assert max(errors) < TOL, errors
+
+
+def test_verification_comparisons_read_large_tensors_a_chunk_at_a_time(monkeypatch) -> None:
+    """The verification's comparisons (equal within a tolerance, NaN matching NaN; the largest finite magnitude;
+    the float64 norm) give what the whole-tensor formulas give when the tensors span many chunks, with the
+    non-finite entries and the differences placed in later chunks."""
+    from dpclip.grads import verify
+
+    monkeypatch.setattr(verify, "_CHUNK", 7)
+    torch.manual_seed(0)
+    a = torch.randn(5, 9)
+    a[3, 4], a[4, 8], a[2, 1] = float("nan"), float("inf"), -50.0
+    b = a.clone()
+    assert verify._same(a, b, 1.0, 1e-6)
+    b[4, 7] += 1e-3  # entry 43 of 45: the last chunk
+    assert not verify._same(a, b, 1.0, 1e-6) and verify._same(a, b, 1.0, 2e-3)
+    b[3, 4] = 0.0  # NaN against a number
+    assert not verify._same(a, b, 1.0, 1.0)
+    assert verify._scale(a) == 50.0 and verify._scale(torch.full((20,), float("nan"))) == 1e-12
+    finite = torch.randn(4, 11, dtype=torch.float32)
+    torch.testing.assert_close(verify._norm64(finite), finite.double().norm(), rtol=1e-15, atol=0)
