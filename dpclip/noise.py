@@ -174,7 +174,8 @@ class NoiseSource:
             draw = self.gaussian if law == "gaussian" else self.laplace
             # a sparse sum (an embedding's rows) is added into dense noise, only its rows read; the draw is asked for
             # a dense tensor of its shape (a stride-0 stand-in, no memory), as a subclass's gaussian() expects
-            like = values if not values.is_sparse else torch.empty((), dtype=values.dtype, device=values.device).expand(values.shape)
+            like = (values if not values.is_sparse
+                    else torch.empty((), dtype=values.dtype, device=values.device).expand(values.shape))
             return draw(like, scale * factor).add_(values, alpha=factor)
         grid, bound = snapping_grid(scale), snapping_bound(scale)
         sampler = secure_standard_gaussian if law == "gaussian" else secure_standard_laplace

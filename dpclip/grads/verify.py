@@ -404,7 +404,9 @@ def _chunks(t: Tensor) -> list[Tensor]:
 
 def _norm64(t: Tensor) -> Tensor:
     """‖t‖₂ accumulated in float64, a chunk at a time (no float64 copy of the whole tensor)."""
-    return torch.stack([part.double().square().sum() for part in _chunks(t)]).sum().sqrt() if t.numel() else t.new_zeros((), dtype=torch.float64)
+    if not t.numel():
+        return t.new_zeros((), dtype=torch.float64)
+    return torch.stack([part.double().square().sum() for part in _chunks(t)]).sum().sqrt()
 
 
 def _same(a: Tensor, b: Tensor, scale: float, tol: float) -> bool:
