@@ -198,7 +198,8 @@ class FloorStep:
     per-example gradients of a linear layer with one position per example are rank one, g_i a_iᵀ (and g_i for the
     bias), so ‖∇_i‖² = Σ_layers ‖g_i‖²(‖a_i‖² + 1) (Goodfellow 2015) costs O(B·width), and
     Σ_i c_i g_i a_iᵀ is one matrix product, as in the non-private weight gradient, here accumulated into the
-    Gaussian noise N(0, σ²C²) drawn first. The release is divided by the expected batch, as dpclip's is."""
+    Gaussian noise drawn first. The release is divided by the expected batch B, as dpclip's is, without a pass of
+    its own: the noise is drawn with std σC/B and the products are scaled by 1/B."""
 
     def __init__(self, model: nn.Sequential, inputs: Tensor, labels: Tensor, batch: int, sigma: float, clip: float,
                  lr: float, seed: int = 0) -> None:
@@ -211,8 +212,10 @@ class FloorStep:
         self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self) -> tuple[Tensor, Tensor]:
-        """A Poisson batch: each example independently with probability q."""
-        chosen = (torch.rand(len(self.inputs), generator=self.generator) < self.sample_rate).nonzero().flatten()
+        """A Poisson batch: each example independently with probability q (dpclip's sampler function, no loader)."""
+        from dpclip.sampling import bernoulli_indices
+
+        chosen = bernoulli_indices(len(self.inputs), self.sample_rate, self.generator)
         return self.inputs[chosen], self.labels[chosen]
 
     def gradients(self, x: Tensor, y: Tensor, clock: Callable[[], float] = time.perf_counter) -> tuple[dict[str, Tensor], dict[str, float]]:
@@ -238,19 +241,20 @@ class FloorStep:
                       for g, a, m in zip(grads, inputs, layers))
         factors = (self.clip / squares.sqrt()).clamp(max=1.0)
         t3 = clock()
-        std, scale = self.sigma * self.clip, 1.0 / self.batch
+        scale = 1.0 / self.batch  # the release's factor, taken into the noise's std and the products' alpha
         names = {id(p): n for n, p in self.model.named_parameters()}
         noise = {}
         for module in layers:
             for p in (module.weight, module.bias):
                 if p is not None:
-                    noise[names[id(p)]] = torch.empty_like(p).normal_(0.0, std, generator=self.generator)
+                    noise[names[id(p)]] = torch.empty_like(p).normal_(0.0, self.sigma * self.clip * scale,
+                                                                      generator=self.generator)
         t4 = clock()
         for module, a, g in zip(layers, inputs, grads):
             clipped = g * factors[:, None]
-            noise[names[id(module.weight)]].addmm_(clipped.t(), a).mul_(scale)
+            noise[names[id(module.weight)]].addmm_(clipped.t(), a, alpha=scale)
             if module.bias is not None:
-                noise[names[id(module.bias)]].add_(clipped.sum(dim=0)).mul_(scale)
+                noise[names[id(module.bias)]].add_(clipped.sum(dim=0), alpha=scale)
         t5 = clock()
         return noise, {"forward": t1 - t0, "backward_autograd": t2 - t1, "norms": t3 - t2, "noise": t4 - t3,
                        "weighted_sum": t5 - t4}

@@ -58,12 +58,6 @@ def test_zoo_is_large_and_covers_every_group():
             assert case.notes, f"{case.name}: a case that may be refused must say why in its notes"
 
 
-if __name__ == "__main__":
-    from tests.dpclip.oracle_models import main
-
-    raise SystemExit(main())
-
-
 @pytest.mark.parametrize(
     "options",
     [dict(max_physical_batch_size=4), dict(norm="l1"), dict(max_physical_batch_size=4, norm="l1", per_layer=True)],
@@ -82,3 +76,9 @@ def test_embedding_rows_released_as_sparse_sums_are_exact(options):
     result = run_case(case, "layerwise")
     failure = verdict(case, "layerwise", result)
     assert failure is None, failure
+
+
+if __name__ == "__main__":
+    from tests.dpclip.oracle_models import main
+
+    raise SystemExit(main())
