@@ -37,30 +37,35 @@ def as_dense(values: Tensor) -> Tensor:
     return values.to_dense() if values.is_sparse else values
 
 
-def masked_scale(values: Tensor, factors: Tensor) -> Tensor:
-    """values[i] · factors[i] over the batch dim, with exact zeros where the factor is 0 (even if values are NaN)."""
+def masked_scale(values: Tensor, factors: Tensor, kept: bool | None = None) -> Tensor:
+    """values[i] · factors[i] over the batch dim, with exact zeros where the factor is 0 (even if values are NaN).
+    ``kept``: :func:`all_kept` of ``factors`` where the caller has it already."""
     shaped = factors.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
-    if all_kept(factors):  # the usual case: one multiplication, no masking pass
+    if all_kept(factors) if kept is None else kept:  # the usual case: one multiplication, no masking pass
         return values * shaped
     return torch.where(shaped != 0, values * shaped, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 def all_kept(factors: Tensor) -> bool:
     """Whether no example has factor 0 (none was dropped as non-finite): then nothing needs masking."""
-    return bool((factors != 0).all())
+    return bool(factors.all())
 
 
-def kept_rows(values: Tensor, factors: Tensor) -> Tensor:
-    """``values`` with the rows of dropped examples (factor 0) set to exactly 0 (``values`` itself if none was)."""
-    return values if all_kept(factors) else masked_scale(values, (factors != 0).to(factors.dtype))
+def kept_rows(values: Tensor, factors: Tensor, kept: bool | None = None) -> Tensor:
+    """``values`` with the rows of dropped examples (factor 0) set to exactly 0 (``values`` itself if none was).
+    ``kept``: :func:`all_kept` of ``factors`` where the caller has it already."""
+    if all_kept(factors) if kept is None else kept:
+        return values
+    return masked_scale(values, (factors != 0).to(factors.dtype), kept=False)
 
 
 def weighted_example_sum(values: Tensor, factors: Tensor) -> Tensor:
     """Σ_i factors[i] · values[i] over the batch dim; examples with factor 0 contribute exactly 0 (even NaN ones).
 
-    Without dropped examples one contraction (no scaled copy of ``values``), else the masked product summed."""
+    Without dropped examples one matrix-vector product (no scaled copy of ``values``), else the masked product summed."""
     if all_kept(factors):
-        return torch.tensordot(factors.to(values.dtype), values, dims=1)
+        rows = values.reshape(values.shape[0], -1)
+        return torch.mv(rows.t(), factors.to(values.dtype)).reshape(values.shape[1:])
     return masked_scale(values, factors).sum(dim=0)
 
 

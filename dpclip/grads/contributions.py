@@ -14,9 +14,10 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..clipping import Norm
-from ..example_grads import kept_rows, masked_scale, weighted_example_sum
+from ..example_grads import all_kept, kept_rows, masked_scale, weighted_example_sum
 from ..norms import clip_norm
 
 Tensor = torch.Tensor
@@ -103,7 +104,7 @@ class Materialized(Contribution):
 def _frobenius(values: Tensor, u: float) -> Tensor:
     """Each example's L2 norm of ``values`` [B, ...] over all its entries, in float64, inflated to an upper bound
     on the exact norm (Higham 2002, §3.1: |fl(x·y) − x·y| ≤ γ_n |x|·|y|, n the entries summed)."""
-    entries = values[0].numel() if values.shape[0] else 0
+    entries = math.prod(values.shape[1:])
     return torch.linalg.vector_norm(values, dim=tuple(range(1, values.dim()))).double() * (1 + (entries + 4) * u)
 
 
@@ -178,9 +179,10 @@ class LinearWeight(Contribution):
             slack = (positions + 2) * u * self._spread(2 if norm == "l2" else 1)  # forming Σ_t g_t a_tᵀ in that precision
             return vector_norms(rows, norm).double() + 2 * slack
         if positions == 1:  # ‖g aᵀ‖ = ‖a‖‖g‖, with a's own norm (not a subclass's bound on it: ConvPatches')
-            a, g = self._widened()
-            spread = _frobenius(a, u) * _frobenius(g, u)
-            return spread + (positions + 2) * u * spread
+            a, g = self._widened()  # each norm inflated as _frobenius does, times 1 + 3u: forming g aᵀ's one product
+            inflation = (1 + (d_in + 4) * u) * (1 + (d_out + 4) * u) * (1 + (positions + 2) * u)
+            a_norms = torch.linalg.vector_norm(a, dim=(1, 2)).double()
+            return a_norms.mul_(torch.linalg.vector_norm(g, dim=(1, 2)).double()).mul_(inflation)
         a, g = self._widened()
         a_gram, g_gram = a @ a.transpose(1, 2), g @ g.transpose(1, 2)
         # Σ_t ‖a_t‖‖g_t‖ from the Grams' diagonals (each a float32 dot product: inflated as above), an upper bound
@@ -219,8 +221,9 @@ class LinearWeight(Contribution):
     def weighted(self, factors: Tensor) -> Tensor:
         if self._cached is not None:  # the per-example gradients the norm formed
             return self._shaped(weighted_example_sum(self._cached, factors))
-        g = masked_scale(self.g, factors).reshape(-1, self.g.shape[2])
-        a = kept_rows(self.a, factors).reshape(-1, self.a.shape[2])
+        kept = all_kept(factors)
+        g = masked_scale(self.g, factors, kept).reshape(-1, self.g.shape[2])
+        a = kept_rows(self.a, factors, kept).reshape(-1, self.a.shape[2])
         return self._shaped(a.transpose(0, 1) @ g if self.transposed else g.transpose(0, 1) @ a)
 
 
@@ -292,7 +295,8 @@ class ConvWeight(Contribution):
     """Per-example ConvNd weight gradients from the layer's input ``x`` and output gradient ``g``.
 
     Norms: each example's gradient is the convolution's own weight backward on that example alone, vmapped (torch
-    batches it as one grouped convolution, cheaper than unfolding the input into patches). When all of them fit in
+    batches it as one grouped convolution, cheaper than unfolding the input into patches); on one input channel,
+    one grouped forward convolution of the input with the output gradients (:func:`single_channel_grads`). When all of them fit in
     ``cache_bytes`` (and in what is left of the step's budget) they are kept, and the clipped sum is one contraction Σ_i c_i ∇W_i over them (B × |W| work).
     Otherwise they are computed chunk by chunk for the norms and dropped, and the clipped sum is one ordinary batched
     weight backward with each g_i scaled by c_i (the weight gradient is linear in the output gradient; Bu et al.
@@ -322,6 +326,8 @@ class ConvWeight(Contribution):
 
     def _grads(self, start: int, stop: int) -> Tensor:
         with torch.no_grad():
+            if single_channel(self.module):
+                return single_channel_grads(self.module, self.x[start:stop], self.g[start:stop])
             return torch.func.vmap(lambda xi, gi: self._weight_backward(xi[None], gi[None]))(self.x[start:stop], self.g[start:stop])
 
     def _kept(self) -> bool:
@@ -352,7 +358,35 @@ class ConvWeight(Contribution):
         if self._kept():  # the norm formed them
             return super().weighted(factors)
         with torch.no_grad():
-            return self._weight_backward(kept_rows(self.x, factors), masked_scale(self.g, factors))
+            kept = all_kept(factors)
+            return self._weight_backward(kept_rows(self.x, factors, kept), masked_scale(self.g, factors, kept))
+
+
+def single_channel(conv: nn.Module) -> bool:
+    """Whether ``conv`` is an ordinary convolution (groups = 1, not transposed) on one input channel: its
+    per-example weight gradients come from :func:`single_channel_grads`."""
+    return (not isinstance(conv, nn.modules.conv._ConvTransposeNd) and conv.groups == 1  # type: ignore[union-attr]
+            and conv.in_channels == 1)  # type: ignore[union-attr]
+
+
+def single_channel_grads(conv: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+    """Per-example weight gradients [B, C_out, 1, *kernel] of a :func:`single_channel` ConvNd from its input ``x``
+    and output gradient ``g``, as one grouped convolution: ∇W_i[o, 0, k] = Σ_t g_i[o, t] x_i[t·s + k·d − p] is
+    the correlation of x_i with g_i[o] dilated by the stride s, read at steps of the dilation d (Rochette et al.
+    2019, "Efficient Per-Example Gradient Computations in Convolutional Neural Networks", §3). With one input
+    channel the examples become the channels of one input, one group each (the vmapped weight backward runs a
+    grouped weight backward instead: 1.6× slower on the DP CNN's first layer, 1 → 16, kernel 8, stride 2, and
+    1.15–1.3× on one-channel 3 × 3 and 5 × 5 layers at 28 × 28, batch 256, one thread; with three or more input
+    channels the vmapped one was as fast or faster, up to 5×).
+    The correlation's output is at least the kernel's size; the entries past it are not gradients and are cut."""
+    batch, out_channels = g.shape[:2]
+    dims = g.dim() - 2
+    correlate = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    kernels = g.reshape(batch * out_channels, 1, *g.shape[2:])
+    grads = correlate(x.transpose(0, 1), kernels, None, conv.dilation, conv.padding, conv.stride, batch)  # type: ignore[union-attr]
+    kernel = conv.kernel_size  # type: ignore[union-attr]
+    grads = grads[(slice(None), slice(None), *(slice(0, k) for k in kernel))]
+    return grads.reshape(batch, out_channels, 1, *kernel)
 
 
 def _zero_padded(conv: nn.Module, x: Tensor) -> Tensor:

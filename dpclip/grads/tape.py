@@ -669,6 +669,8 @@ class LayerwiseGradients:
             for part in parts:
                 full[(slice(None), part.rows) if part.rows is not None else slice(None)] += part.materialize().to(full.dtype)
             return vector_norms(full, norm).double()
+        if len(parts) == 1:  # the norm of the one part is the parameter's
+            return parts[0].norm(norm).double()
         return clip_norm(norm).combine(torch.stack([part.norm(norm).double() for part in parts], dim=1))
 
     def norms(self, norm: Norm) -> Tensor:

@@ -36,6 +36,42 @@ def test_conv_weighted_sum_drops_exactly(conv, drop):
     torch.testing.assert_close(part.norm("l2")[kept], grads[kept].flatten(1).norm(dim=1), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(1, 16, 8, 2, padding=3),  # the DP CNN's first layer
+    nn.Conv1d(1, 4, 3, 2, padding=1, dilation=2), nn.Conv2d(1, 4, (3, 5), (2, 1), (0, 2), dilation=(1, 2), bias=False),
+    nn.Conv3d(1, 3, (2, 3, 2), (1, 2, 1), (1, 0, 1), dilation=(2, 1, 1)),
+])
+def test_single_channel_convolutions_against_each_examples_own_backward(conv):
+    """Oracle: each example's weight gradient from its own forward and backward (autograd, one at a time). A
+    convolution on one input channel forms them as one grouped convolution (single_channel_grads); its norms and
+    clipped sum, with a dropped non-finite example, follow from them."""
+    from dpclip.grads.contributions import single_channel
+
+    torch.manual_seed(3)
+    conv = conv.double()
+    x = torch.randn(5, 1, *([17] * (conv.weight.dim() - 2)), dtype=torch.float64)
+    grads, outputs = [], []
+    for example in x:
+        conv.zero_grad()
+        out = conv(example[None])
+        out_grad = torch.randn_like(out)
+        (out * out_grad).sum().backward()
+        grads.append(conv.weight.grad.clone())
+        outputs.append(out_grad)
+    exact, g = torch.stack(grads), torch.cat(outputs)
+    assert single_channel(conv)
+    part = ConvWeight("weight", conv, x, g)
+    torch.testing.assert_close(part.materialize(), exact, rtol=1e-12, atol=1e-12)
+    factors = torch.rand(5, dtype=torch.float64) + 0.1
+    factors[1] = 0.0
+    x[1, 0].fill_(float("nan"))
+    g[1].fill_(float("inf"))
+    part = ConvWeight("weight", conv, x, g)
+    kept = factors != 0
+    torch.testing.assert_close(part.norm("l2")[kept], exact[kept].flatten(1).norm(dim=1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(part.weighted(factors), _brute_force(exact, factors), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("drop", [False, True])
 def test_linear_and_summed_weighted_sums(drop):
     torch.manual_seed(1)
