@@ -295,9 +295,10 @@ class ConvWeight(Contribution):
     """Per-example ConvNd weight gradients from the layer's input ``x`` and output gradient ``g``.
 
     Norms: each example's gradient is the convolution's own weight backward on that example alone, vmapped (torch
-    batches it as one grouped convolution, cheaper than unfolding the input into patches); on one input channel,
-    one grouped forward convolution of the input with the output gradients (:func:`single_channel_grads`). When all of them fit in
-    ``cache_bytes`` (and in what is left of the step's budget) they are kept, and the clipped sum is one contraction Σ_i c_i ∇W_i over them (B × |W| work).
+    batches it as one grouped convolution, cheaper than unfolding the input into patches); on one input channel
+    (on CPU), one grouped forward convolution of the input with the output gradients (:func:`single_channel_grads`).
+    When all of them fit in ``cache_bytes`` (and in what is left of the step's budget) they are kept, and the clipped
+    sum is one contraction Σ_i c_i ∇W_i over them (B × |W| work).
     Otherwise they are computed chunk by chunk for the norms and dropped, and the clipped sum is one ordinary batched
     weight backward with each g_i scaled by c_i (the weight gradient is linear in the output gradient; Bu et al.
     2023's book-keeping), the cost of the non-private weight gradient.

@@ -41,12 +41,15 @@ def test_conv_weighted_sum_drops_exactly(conv, drop):
     nn.Conv1d(1, 4, 3, 2, padding=1, dilation=2), nn.Conv2d(1, 4, (3, 5), (2, 1), (0, 2), dilation=(1, 2), bias=False),
     nn.Conv3d(1, 3, (2, 3, 2), (1, 2, 1), (1, 0, 1), dilation=(2, 1, 1)),
 ])
-def test_single_channel_convolutions_against_each_examples_own_backward(conv):
+@pytest.mark.parametrize("kept", [True, False])
+def test_single_channel_convolutions_against_each_examples_own_backward(conv, kept, monkeypatch):
     """Oracle: each example's weight gradient from its own forward and backward (autograd, one at a time). A
     convolution on one input channel forms them as one grouped convolution (single_channel_grads); its norms and
     clipped sum, with a dropped non-finite example, follow from them."""
     from dpclip.grads.contributions import single_channel
 
+    if not kept:  # nothing fits: the norms come two examples at a time, the clipped sum from a batched backward
+        monkeypatch.setattr(ConvWeight, "cache_bytes", 2 * conv.weight.numel() * 8)
     torch.manual_seed(3)
     conv = conv.double()
     x = torch.randn(5, 1, *([17] * (conv.weight.dim() - 2)), dtype=torch.float64)
@@ -67,8 +70,9 @@ def test_single_channel_convolutions_against_each_examples_own_backward(conv):
     x[1, 0].fill_(float("nan"))
     g[1].fill_(float("inf"))
     part = ConvWeight("weight", conv, x, g)
-    kept = factors != 0
-    torch.testing.assert_close(part.norm("l2")[kept], exact[kept].flatten(1).norm(dim=1), rtol=1e-12, atol=0)
+    rows = factors != 0
+    torch.testing.assert_close(part.norm("l2")[rows], exact[rows].flatten(1).norm(dim=1), rtol=1e-12, atol=0)
+    assert part._kept() == kept
     torch.testing.assert_close(part.weighted(factors), _brute_force(exact, factors), rtol=1e-10, atol=1e-12)
 
 

@@ -57,8 +57,8 @@ def prefers_patches(conv: nn.Module, x: torch.Tensor, g: torch.Tensor) -> bool:
     the patches were 9–12× faster on the deep 4 × 4 layers (benchmarks/results/conv_routes.md); on one-channel
     stride-1 first layers at 28 × 28 (kernel 3 and 5) 1.05–1.21× faster, in interleaved runs of the whole norm and
     clipped sum. The weight backward stays faster elsewhere: 1.2–3.3× on the other layers with T > C_out measured,
-    1.2–1.4× on a three-channel 3 × 3 first layer (on the Intel machine; the patches were faster there on an AMD
-    one), and on the DP CNN's first layer (1 → 16, kernel 8, stride 2), once a tie, the one-channel weight route
+    1.2–1.4× on a three-channel 3 × 3 first layer (on the Intel machine; on an AMD one the patches were faster
+    there), and on the DP CNN's first layer (1 → 16, kernel 8, stride 2), once a tie, the one-channel weight route
     (:func:`~dpclip.grads.contributions.single_channel_grads`) is now 1.4× faster than the patches, and holds
     B·|W| values instead of 12.8 MB of patches."""
     if isinstance(conv, nn.modules.conv._ConvTransposeNd) or conv.groups != 1:  # type: ignore[union-attr]
