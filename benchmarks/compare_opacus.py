@@ -318,10 +318,17 @@ def scaled_peak(step: dict[str, Any], expected: int) -> float:
 
 
 def run_one(model_name: str, library: str, size: str, device: str, steps: int, warmup: int, threads: int = 1,
-            autocast: str = "off") -> dict[str, Any]:
+            autocast: str = "off", retain_memory: bool = False) -> dict[str, Any]:
     """Time ``steps`` training steps (after ``warmup``) of one library on one model, in this process; ``autocast``
-    "bf16" runs each forward and loss under torch.autocast(device, bfloat16) (float32 weights)."""
+    "bf16" runs each forward and loss under torch.autocast(device, bfloat16) (float32 weights); ``retain_memory``
+    first calls dpclip.retain_freed_memory() (glibc keeps freed memory for the next step), whatever the library."""
     from torch.utils.data import DataLoader, TensorDataset
+
+    if retain_memory:
+        from dpclip.allocator import retain_freed_memory
+
+        if not retain_freed_memory():
+            raise SystemExit("--retain-memory: this C library is not glibc (nothing to set)")
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -367,6 +374,7 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times: list[float] = []
+    faults: list[int] = []  # page faults per step (the kernel's count: fresh pages the step took)
     heap: list[dict[str, Any]] = []  # the measured steps: batch size, heap in use at the start, peak
     seen = 0
     while len(times) < warmup + steps + 1:  # the first and the last step (untimed) run under HeapPeak
@@ -374,6 +382,7 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
             x, y = x.to(device), y.to(device)
             untimed = len(times) in (0, warmup + steps)
             with HeapPeak() if untimed and device == "cpu" else contextlib.nullcontext() as sampler:
+                faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 start = time.perf_counter()
                 optimizer.zero_grad()
                 with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast == "bf16"):
@@ -383,6 +392,7 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted)
             if sampler is not None and sampler.peak_mb is not None:
                 heap.append({"batch": len(x), "start_mb": sampler.start_mb, "peak_mb": sampler.peak_mb})
             seen += len(x)
@@ -408,6 +418,7 @@ def run_one(model_name: str, library: str, size: str, device: str, steps: int, w
         "first_step_ms": times[0] * 1e3,  # dpclip: includes the first-step verification
         "note": note,
         "threads": torch.get_num_threads(),
+        "page_faults_per_step": statistics.median(faults[warmup:warmup + len(measured)]),
         "step_ms": [round(t * 1e3, 3) for t in measured],
     }
     if device == "cuda":
@@ -477,7 +488,7 @@ def accuracy_run(library: str, epsilon: float, seed: int, epochs: int, threads: 
 def spawn(model: str, library: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     command = [sys.executable, __file__, "--worker", model, library, "--size", args.size, "--device", args.device,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-               "--autocast", args.autocast]
+               "--autocast", args.autocast] + (["--retain-memory"] if args.retain_memory else [])
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -488,13 +499,14 @@ def spawn(model: str, library: str, args: argparse.Namespace, env: dict[str, str
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-REPEAT_KEYS = ("ms_per_step", "first_step_ms", "peak_rss_mb", "peak_heap_mb", "heap_steps", "steps_timed", "threads", "step_ms", "started_s")
+REPEAT_KEYS = ("ms_per_step", "first_step_ms", "peak_rss_mb", "peak_heap_mb", "heap_steps", "steps_timed", "threads", "step_ms",
+               "page_faults_per_step", "started_s")
 
 
 def combine(model: str, library: str, runs: list[dict[str, Any]], batch: int) -> dict[str, Any]:
     """One row from a pair's repeats: the lowest of the repeats' median step times (a stall or a busy neighbour
-    only ever slows a repeat down); peak RSS and peak heap are the highest of the repeats'; each repeat's figures
-    are kept."""
+    only ever slows a repeat down); peak RSS and peak heap are the highest of the repeats', page faults per step
+    their median; each repeat's figures are kept."""
     repeats = [{k: r[k] for k in REPEAT_KEYS if k in r} if "error" not in r else {"error": r["error"]} for r in runs]
     ok = [r for r in runs if "error" not in r]
     if not ok:
@@ -510,6 +522,7 @@ def combine(model: str, library: str, runs: list[dict[str, Any]], batch: int) ->
         "epsilon": ok[0]["epsilon"],
         "steps_timed": ok[0]["steps_timed"],
         "first_step_ms": statistics.median(r["first_step_ms"] for r in ok),
+        "page_faults_per_step": statistics.median(r["page_faults_per_step"] for r in ok),
         "note": ok[0]["note"],
         "repeats": repeats,
     }
@@ -576,6 +589,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
     parser.add_argument("--autocast", choices=["off", "bf16"], default="off",
                         help="bf16: forward and loss under torch.autocast(device, bfloat16), float32 weights (results: *_bf16)")
+    parser.add_argument("--retain-memory", action="store_true",
+                        help="every run (every library) first calls dpclip.retain_freed_memory(): glibc keeps the memory a "
+                        "step frees for the next one (results: *_retained)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps, one repeat, in this process: checks that everything runs")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "LIBRARY"), help=argparse.SUPPRESS)
     parser.add_argument(
@@ -597,7 +613,8 @@ def main() -> None:
     if args.smoke:
         args.size, args.steps, args.warmup, args.repeats = "smoke", 2, 1, 1
     if args.worker:
-        print(json.dumps(run_one(*args.worker, args.size, args.device, args.steps, args.warmup, args.threads, args.autocast)))
+        print(json.dumps(run_one(*args.worker, args.size, args.device, args.steps, args.warmup, args.threads, args.autocast,
+                                 args.retain_memory)))
         return
     render_tables = SimpleNamespace(**runpy.run_path(str(Path(__file__).resolve().parent / "render_tables.py")))
 
@@ -629,7 +646,8 @@ def main() -> None:
         for i, (m, lib) in enumerate(pairs[shift:] + pairs[:shift]):
             at = time.perf_counter() - started
             if args.smoke:  # in this process: checks that every library runs, not what it costs
-                result = run_one(m, lib, args.size, args.device, args.steps, args.warmup, args.threads, args.autocast)
+                result = run_one(m, lib, args.size, args.device, args.steps, args.warmup, args.threads, args.autocast,
+                                 args.retain_memory)
             else:
                 result = spawn(m, lib, args, worker_env)
             result["started_s"] = round(at, 1)
@@ -646,9 +664,12 @@ def main() -> None:
         stem = f"compare_opacus_{args.suite}_{args.device}" if args.size == "full" else f"compare_opacus_{args.suite}_{args.size}_{args.device}"
     if args.autocast != "off":
         stem += f"_{args.autocast}"
+    if args.retain_memory:
+        stem += "_retained"
     settings.update({
         "suite": args.suite, "size": args.size, "device": args.device, "batch": batch, "sigma": SIGMA, "max_grad_norm": CLIP,
         "delta": DELTA, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "autocast": args.autocast,
+        "retain_memory": args.retain_memory,
         "in_process": args.smoke, "models": {m: describe(m, args.size) for m in args.models},
         "heap": any(r.get("peak_heap_mb") for r in results), "heap_scaled": True,
         "duration_s": round(time.perf_counter() - started, 1),

@@ -69,18 +69,22 @@ def _baselines(results: list[dict[str, Any]]) -> dict[str, float]:
 def compare_table(results: list[dict[str, Any]]) -> str:
     """Every (model, library) row."""
     base = _baselines(results)
-    lines = ["| model | library | ms/step | each repeat's median | examples/s | × non-private | peak RSS MB | peak heap MB | ε (δ=1e-5) | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    faults = any("page_faults_per_step" in r for r in results)  # (results files made before it was counted: none)
+    lines = ["| model | library | ms/step | each repeat's median | examples/s | × non-private | peak RSS MB | peak heap MB | "
+             + ("page faults/step | " if faults else "") + "ε (δ=1e-5) | note |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if faults else "")]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['library']} | — | — | — | — | — | — | — | {r['error']} |")
+            lines.append(f"| {r['model']} | {r['library']} | — | — | — | — | — | — | " + ("— | " if faults else "")
+                         + f"— | {r['error']} |")
             continue
         ratio = r["ms_per_step"] / base[r["model"]] if r["model"] in base else float("nan")
         eps = "—" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
         repeats = " / ".join("failed" if "error" in x else _ms(x["ms_per_step"]) for x in r.get("repeats", []))
         lines.append(
             f"| {r['model']} | {r['library']} | {_ms(r['ms_per_step'])} | {repeats or '—'} | {r['examples_per_s']:.0f} | "
-            f"{ratio:.2f} | {r['peak_rss_mb']:.0f} | {_heap(r) or '—'} | {eps} | {r['note']} |"
+            f"{ratio:.2f} | {r['peak_rss_mb']:.0f} | {_heap(r) or '—'} | "
+            + (f"{r['page_faults_per_step']:,.0f} | " if faults else "") + f"{eps} | {r['note']} |"
         )
     return "\n".join(lines)
 
@@ -97,6 +101,9 @@ def _memory(r: dict[str, Any]) -> str:
 
 def _method(s: dict[str, Any]) -> str:
     precision = "forward under bf16 autocast (float32 weights), " if s.get("autocast") == "bf16" else ""
+    if s.get("retain_memory"):
+        precision += ("every run (every library) first called `dpclip.retain_freed_memory()` (glibc keeps the memory "
+                      "a step frees for the next one), ")
     if s.get("in_process"):
         return f"All runs in one process ({precision}smoke mode: times and memory are not comparable)."
     repeats = s.get("repeats", 1)

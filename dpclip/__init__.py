@@ -5,6 +5,7 @@ functions (:mod:`dpclip.functional`) and wired for the ordinary PyTorch loop by 
 Privacy accounting lives in the torch-free sibling package :mod:`accountants`.
 """
 
+from .allocator import retain_freed_memory
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, save_checkpoint
 from .clipping import FixedClipping, MedianClipping, clip, clipped_sum, per_example_norms
 from .engine import PrivacyEngine, PrivacySettings
@@ -58,6 +59,7 @@ __all__ = [
     "per_sample_grads",
     "private_step",
     "register_layer",
+    "retain_freed_memory",
     "save_checkpoint",
     "validate_model",
 ]

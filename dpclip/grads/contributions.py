@@ -9,6 +9,7 @@ weighted sum Σ_i c_i g_i — without necessarily forming every g_i ("book-keepi
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 import functools
 import math
 
@@ -35,6 +36,53 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 def vector_norms(values: Tensor, norm: Norm) -> Tensor:
     """Norm of each example's slice of ``values`` [batch, ...], in float32 or wider."""
     return clip_norm(norm).vector(values)
+
+
+#: Per-example gradients formed in one step are formed in pieces along the batch of at most this many bytes.
+#: glibc's malloc serves a block above its mmap threshold (32 MiB at most) with fresh pages from the kernel each
+#: time and hands them back on free, so one larger block costs a page fault and a zero fill per 4 KiB in every
+#: step: 12 of the 22 ms that the benchmark transformer's 33.5 MiB feed-forward gradients took (one thread, B =
+#: 256; benchmarks/README.md, "Seventh round"). Pieces below the threshold are reused from the heap.
+PIECE_BYTES = 16 * 2**20
+
+
+def batch_pieces(batch: int, example_bytes: int) -> list[slice]:
+    """Consecutive slices of a batch, each covering at most :data:`PIECE_BYTES` of examples of ``example_bytes``
+    bytes (one example at least)."""
+    step = max(1, PIECE_BYTES // max(1, example_bytes))
+    return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
+
+
+class ExamplePieces:
+    """Per-example gradients [batch, ...] kept as pieces along the batch (:func:`batch_pieces`): the norms and the
+    clipped sum read them piece by piece, so no block larger than :data:`PIECE_BYTES` is formed."""
+
+    def __init__(self, batch: int, example_bytes: int, form: Callable[[slice], Tensor]) -> None:
+        """``form(examples)``: the gradients of the examples in that slice of the batch."""
+        self.pieces = [(examples, form(examples)) for examples in batch_pieces(batch, example_bytes)]
+
+    def whole(self) -> Tensor:
+        """All of them as one tensor [batch, ...]."""
+        if len(self.pieces) == 1:
+            return self.pieces[0][1]
+        return torch.cat([values for _, values in self.pieces])
+
+    def norms(self, norm: Norm) -> Tensor:
+        return torch.cat([vector_norms(values, norm) for _, values in self.pieces])
+
+    def weighted(self, factors: Tensor) -> Tensor:
+        """Σ_i factors[i] · g_i (:func:`weighted_example_sum`, piece by piece)."""
+        total: Tensor | None = None
+        for examples, values in self.pieces:
+            part = weighted_example_sum(values, factors[examples])
+            total = part if total is None else total.add_(part)
+        assert total is not None  # a batch has one example at least
+        return total
+
+
+def pieces_norms(batch: int, example_bytes: int, form: Callable[[slice], Tensor], norm: Norm) -> Tensor:
+    """Each example's norm of gradients formed piece by piece (:func:`batch_pieces`) and dropped after each."""
+    return torch.cat([vector_norms(form(examples), norm) for examples in batch_pieces(batch, example_bytes)])
 
 
 class CacheBudget:
@@ -129,25 +177,28 @@ class LinearWeight(Contribution):
         self.a, self.g, self.shape, self.transposed = a, g, shape, transposed
         self.positions, self.d_in, self.d_out = a.shape[1], a.shape[2], g.shape[2]
         self.u = unit_roundoff(a.dtype)  # the precision the book-keeping sum is formed in
-        self._cached: Tensor | None = None
+        self._cached: ExamplePieces | None = None
 
-    def _rows(self) -> Tensor:
-        """Every example's gradient as the matrix the layer stores: [B, out, in] ([B, in, out] if transposed)."""
-        if self.transposed:
-            return torch.bmm(self.a.transpose(1, 2), self.g)
-        return torch.bmm(self.g.transpose(1, 2), self.a)
+    def _rows(self, examples: slice = slice(None)) -> Tensor:
+        """The gradients of the examples in ``examples`` as the matrices the layer stores: [b, out, in] ([b, in,
+        out] if transposed)."""
+        a, g = self.a[examples], self.g[examples]
+        return torch.bmm(a.transpose(1, 2), g) if self.transposed else torch.bmm(g.transpose(1, 2), a)
+
+    def _example_bytes(self) -> int:
+        return self.d_in * self.d_out * max(self.a.element_size(), 4)
 
     def _shaped(self, rows: Tensor) -> Tensor:
         """``rows`` [..., out, in] (one matrix, or one per example) in the parameter's shape."""
         return rows.reshape(*rows.shape[:-2], *self.shape)
 
     def materialize(self) -> Tensor:
-        return self._shaped(self._cached if self._cached is not None else self._rows())
+        return self._shaped(self._cached.whole() if self._cached is not None else self._rows())
 
     def _keeps(self) -> bool:
         """Whether the per-example gradients are formed and kept (several positions, and they fit in cache_bytes
         and in what is left of the step's budget)."""
-        size = self.a.shape[0] * self.d_in * self.d_out * max(self.a.element_size(), 4)
+        size = self.a.shape[0] * self._example_bytes()
         return self.positions > 1 and size <= self.cache_bytes and self.budget.take(size)
 
     def _widened(self) -> tuple[Tensor, Tensor]:
@@ -172,12 +223,16 @@ class LinearWeight(Contribution):
 
     def norm(self, norm: Norm) -> Tensor:
         positions, d_in, d_out, u = self.positions, self.d_in, self.d_out, self.u
+        batch = self.a.shape[0]
         if self._cached is None and self._keeps():
-            self._cached = self._rows()
+            self._cached = ExamplePieces(batch, self._example_bytes(), self._rows)
         if self._cached is not None or norm == "l1" or positions * positions > d_in * d_out:
-            rows = self._cached if self._cached is not None else self._rows()
+            if self._cached is not None:
+                norms = self._cached.norms(norm)
+            else:  # formed for the norms only, piece by piece
+                norms = pieces_norms(batch, self._example_bytes(), self._rows, norm)
             slack = (positions + 2) * u * self._spread(2 if norm == "l2" else 1)  # forming Σ_t g_t a_tᵀ in that precision
-            return vector_norms(rows, norm).double() + 2 * slack
+            return norms.double() + 2 * slack
         if positions == 1:  # ‖g aᵀ‖ = ‖a‖‖g‖, with a's own norm (not a subclass's bound on it: ConvPatches')
             a, g = self._widened()  # each norm inflated as _frobenius does, times 1 + 3u: forming g aᵀ's one product
             inflation = (1 + (d_in + 4) * u) * (1 + (d_out + 4) * u) * (1 + (positions + 2) * u)
@@ -220,7 +275,7 @@ class LinearWeight(Contribution):
 
     def weighted(self, factors: Tensor) -> Tensor:
         if self._cached is not None:  # the per-example gradients the norm formed
-            return self._shaped(weighted_example_sum(self._cached, factors))
+            return self._shaped(self._cached.weighted(factors))
         kept = all_kept(factors)
         g = masked_scale(self.g, factors, kept).reshape(-1, self.g.shape[2])
         a = kept_rows(self.a, factors, kept).reshape(-1, self.a.shape[2])
@@ -297,11 +352,11 @@ class ConvWeight(Contribution):
     Norms: each example's gradient is the convolution's own weight backward on that example alone, vmapped (torch
     batches it as one grouped convolution, cheaper than unfolding the input into patches); on one input channel
     (on CPU), one grouped forward convolution of the input with the output gradients (:func:`single_channel_grads`).
-    When all of them fit in ``cache_bytes`` (and in what is left of the step's budget) they are kept, and the clipped
-    sum is one contraction Σ_i c_i ∇W_i over them (B × |W| work).
-    Otherwise they are computed chunk by chunk for the norms and dropped, and the clipped sum is one ordinary batched
-    weight backward with each g_i scaled by c_i (the weight gradient is linear in the output gradient; Bu et al.
-    2023's book-keeping), the cost of the non-private weight gradient.
+    When all of them fit in ``cache_bytes`` (and in what is left of the step's budget) they are kept (in pieces,
+    :class:`ExamplePieces`), and the clipped sum is one contraction Σ_i c_i ∇W_i over them (B × |W| work).
+    Otherwise they are computed piece by piece for the norms and dropped, and the clipped sum is one ordinary
+    batched weight backward with each g_i scaled by c_i (the weight gradient is linear in the output gradient; Bu
+    et al. 2023's book-keeping), the cost of the non-private weight gradient.
     """
 
     cache_bytes = 256 * 2**20
@@ -309,10 +364,11 @@ class ConvWeight(Contribution):
     def __init__(self, name: str, module: nn.Module, x: Tensor, g: Tensor) -> None:
         super().__init__(name)
         self.module, self.x, self.g = module, x, g
-        self._cached: Tensor | None = None
+        self.batch = x.shape[0]
+        self._cached: ExamplePieces | None = None
         self._keep: bool | None = None  # decided once, when first asked
         weight = module.weight  # type: ignore[union-attr]
-        self.chunk = max(1, self.cache_bytes // (weight.numel() * weight.element_size()))
+        self.example_bytes = weight.numel() * weight.element_size()
 
     def _weight_backward(self, x: Tensor, g: Tensor) -> Tensor:
         """The weight gradient of the convolution for input ``x`` and output gradient ``g`` (batched over dim 0)."""
@@ -325,42 +381,46 @@ class ConvWeight(Contribution):
             transposed, output_padding, conv.groups, [False, True, False],  # type: ignore[union-attr]
         )[1]
 
-    def _grads(self, start: int, stop: int) -> Tensor:
+    def _grads(self, examples: slice) -> Tensor:
+        """The per-example weight gradients of the examples in that slice of the batch."""
+        x, g = self.x[examples], self.g[examples]
         with torch.no_grad():
-            if single_channel(self.module) and self.x.device.type == "cpu":  # (measured on CPU only)
-                return single_channel_grads(self.module, self.x[start:stop], self.g[start:stop])
-            return torch.func.vmap(lambda xi, gi: self._weight_backward(xi[None], gi[None]))(self.x[start:stop], self.g[start:stop])
+            if single_channel(self.module) and x.device.type == "cpu":  # (measured on CPU only)
+                return single_channel_grads(self.module, x, g)
+            return torch.func.vmap(lambda xi, gi: self._weight_backward(xi[None], gi[None]))(x, g)
 
     def _kept(self) -> bool:
         """Whether every example's gradient fits in cache_bytes and the step's budget: then they are formed once
         and kept."""
         if self._keep is None:
-            weight = self.module.weight  # type: ignore[union-attr]
-            size = self.x.shape[0] * weight.numel() * weight.element_size()
-            self._keep = self.chunk >= self.x.shape[0] and self.budget.take(size)
+            size = self.batch * self.example_bytes
+            self._keep = size <= self.cache_bytes and self.budget.take(size)
         return self._keep
 
-    def materialize(self) -> Tensor:
-        if self._cached is not None:
-            return self._cached
-        grads = self._grads(0, self.x.shape[0])
-        if self._kept():
-            self._cached = grads
+    def _kept_grads(self) -> ExamplePieces | None:
+        """The kept per-example gradients (formed on first use), or None where they are not kept."""
+        if self._cached is None and self._kept():
+            self._cached = ExamplePieces(self.batch, self.example_bytes, self._grads)
             del self.x, self.g  # the clipped sum reads the kept gradients only: let the recorded tensors go
-        return grads
+        return self._cached
+
+    def materialize(self) -> Tensor:
+        kept = self._kept_grads()
+        return kept.whole() if kept is not None else self._grads(slice(None))
 
     def norm(self, norm: Norm) -> Tensor:
-        if self._kept():
-            return vector_norms(self.materialize(), norm)
-        batch = self.x.shape[0]
-        return torch.cat([vector_norms(self._grads(i, i + self.chunk), norm) for i in range(0, batch, self.chunk)])
+        kept = self._kept_grads()
+        if kept is not None:
+            return kept.norms(norm)
+        return pieces_norms(self.batch, self.example_bytes, self._grads, norm)
 
     def weighted(self, factors: Tensor) -> Tensor:
-        if self._kept():  # the norm formed them
-            return super().weighted(factors)
+        kept = self._kept_grads()
+        if kept is not None:  # the norm formed them
+            return kept.weighted(factors)
         with torch.no_grad():
-            kept = all_kept(factors)
-            return self._weight_backward(kept_rows(self.x, factors, kept), masked_scale(self.g, factors, kept))
+            kept_all = all_kept(factors)
+            return self._weight_backward(kept_rows(self.x, factors, kept_all), masked_scale(self.g, factors, kept_all))
 
 
 def single_channel(conv: nn.Module) -> bool:

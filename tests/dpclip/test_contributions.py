@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from dpclip.grads import contributions
 from dpclip.grads.contributions import (
     ConvPatches, ConvWeight, LinearWeight, Summed, _reads, conv_patches, phase_patches, phases_pay,
 )
@@ -48,8 +49,9 @@ def test_single_channel_convolutions_against_each_examples_own_backward(conv, ke
     clipped sum, with a dropped non-finite example, follow from them."""
     from dpclip.grads.contributions import single_channel
 
-    if not kept:  # nothing fits: the norms come two examples at a time, the clipped sum from a batched backward
-        monkeypatch.setattr(ConvWeight, "cache_bytes", 2 * conv.weight.numel() * 8)
+    monkeypatch.setattr(contributions, "PIECE_BYTES", 2 * conv.weight.numel() * 8)  # two examples per piece
+    if not kept:  # nothing fits: the norms come piece by piece, the clipped sum from a batched backward
+        monkeypatch.setattr(ConvWeight, "cache_bytes", 1)
     torch.manual_seed(3)
     conv = conv.double()
     x = torch.randn(5, 1, *([17] * (conv.weight.dim() - 2)), dtype=torch.float64)
@@ -91,24 +93,38 @@ def test_linear_and_summed_weighted_sums(drop):
 
 
 @pytest.mark.parametrize("cached", [True, False])
-def test_conv_weighted_sum_from_kept_or_recomputed_gradients(cached, monkeypatch):
-    """Both ways to the clipped sum (the kept per-example gradients, or one batched backward) give the same sum."""
-    if not cached:
-        monkeypatch.setattr(ConvWeight, "cache_bytes", 1)  # nothing fits: chunks of one example, never kept
-    torch.manual_seed(2)
+@pytest.mark.parametrize("piece", [1, 2, 5])
+def test_conv_weighted_sum_from_kept_or_recomputed_gradients(cached, piece, monkeypatch):
+    """Both ways to the clipped sum (the kept per-example gradients, or one batched backward) give the brute-force
+    sum, and the norms each example's own, however many examples a piece holds."""
     conv = nn.Conv2d(3, 4, 3).double()
+    monkeypatch.setattr(contributions, "PIECE_BYTES", piece * conv.weight.numel() * 8)
+    if not cached:
+        monkeypatch.setattr(ConvWeight, "cache_bytes", 1)  # nothing fits: never kept
+    torch.manual_seed(2)
     x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
     g = torch.randn_like(conv(x))
     factors = torch.rand(5, dtype=torch.float64)
+    exact = []
+    for i in range(5):  # each example's own autograd backward
+        conv.zero_grad()
+        (conv(x[i : i + 1]) * g[i : i + 1]).sum().backward()
+        exact.append(conv.weight.grad.clone())
+    exact = torch.stack(exact)
     part = ConvWeight("weight", conv, x, g)
-    assert (part.chunk >= 5) == cached
-    expected = _brute_force(part.materialize(), factors)
-    torch.testing.assert_close(part.weighted(factors), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(part.norm("l2"), exact.flatten(1).norm(dim=1), rtol=1e-12, atol=0)
+    assert (part._cached is not None) == cached
+    if cached:
+        assert [examples.stop - examples.start for examples, _ in part._cached.pieces] == [piece] * (5 // piece) + [5 % piece] * (5 % piece > 0)
+    torch.testing.assert_close(part.weighted(factors), _brute_force(exact, factors), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kept", [True, False])
-def test_linear_norms_and_sums_with_kept_or_ghost_gradients(kept, monkeypatch):
-    """Kept per-example gradients (small layers) and the ghost identity (large ones) give the same norms and sums."""
+@pytest.mark.parametrize("piece", [1, 3, 7])
+def test_linear_norms_and_sums_with_kept_or_ghost_gradients(kept, piece, monkeypatch):
+    """Kept per-example gradients (small layers, in pieces of ``piece`` examples) and the ghost identity (large
+    ones) give the norms and sums of the exact per-example gradients."""
+    monkeypatch.setattr(contributions, "PIECE_BYTES", piece * 5 * 6 * 4)
     if not kept:
         monkeypatch.setattr(LinearWeight, "cache_bytes", 0)
     torch.manual_seed(3)
@@ -118,9 +134,14 @@ def test_linear_norms_and_sums_with_kept_or_ghost_gradients(kept, monkeypatch):
     exact = torch.einsum("bto,bti->boi", g.double(), a.double())
     norms = linear.norm("l2")
     assert (linear._cached is not None) == kept
+    if kept:
+        assert [len(values) for _, values in linear._cached.pieces] == [piece] * (7 // piece) + [7 % piece] * (7 % piece > 0)
     assert bool((norms >= exact.flatten(1).norm(dim=1)).all())  # an upper bound, never below the exact norm
     torch.testing.assert_close(norms, exact.flatten(1).norm(dim=1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(linear.weighted(factors).double(), torch.tensordot(factors.double(), exact, dims=1), rtol=1e-5, atol=1e-6)
+    l1 = linear.norm("l1")  # formed piece by piece for the norms where not kept
+    assert bool((l1 >= exact.flatten(1).abs().sum(dim=1)).all())
+    torch.testing.assert_close(l1, exact.flatten(1).abs().sum(dim=1), rtol=1e-5, atol=1e-6)
 
 
 def test_one_budget_for_all_the_layers_kept_gradients():

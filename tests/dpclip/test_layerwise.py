@@ -239,9 +239,10 @@ def test_a_user_registered_rule_is_used_and_equals_the_brute_force_loop():
 
 
 def test_conv_gradients_recomputed_in_chunks_when_too_large_to_keep(monkeypatch):
-    from dpclip.grads import ConvWeight
+    from dpclip.grads import ConvWeight, contributions
 
-    monkeypatch.setattr(ConvWeight, "cache_bytes", 3 * 4 * 2 * 4 * 9)  # 3 examples per chunk
+    monkeypatch.setattr(ConvWeight, "cache_bytes", 3 * 4 * 2 * 4 * 9)  # room for 3 examples of 7: not kept
+    monkeypatch.setattr(contributions, "PIECE_BYTES", 3 * 4 * 2 * 4 * 9)  # the norms 3 examples at a time
     torch.manual_seed(3)
     _compare(*_both(GroupedConv(), torch.randn(7, 2, 7, 7), torch.randint(0, 3, (7,))))
 
