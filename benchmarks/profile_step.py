@@ -419,6 +419,7 @@ def settings_of(args: argparse.Namespace, size: str, threads: int) -> dict[str, 
         "repeats": args.repeats,
         "profile_steps": args.profile_steps,
         "threads": threads,
+        "retain_memory": args.retain_memory,
         "env": {name: os.environ.get(name) for name in ENV_RECORDED},
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -488,7 +489,9 @@ def made_by(s: dict[str, Any]) -> str:
         load = f"; 1-min load average {s['loadavg_start'][0]:.2f} at the start, {s['loadavg_end'][0]:.2f} at the end"
     return (f"Made by `{s['command']}` ({s['date']}{minutes}), label `{s['label']}`, dpclip from `{s['dpclip_file']}` "
             f"(git {s['dpclip_git']}{', diff ' + s['dpclip_diff_sha1'] if s.get('dpclip_diff_sha1') else ''}), on "
-            f"{s['cpu']}, {s['cpus']} CPUs, {s['threads']} thread, torch {s['torch']}{load}. Batch {s['batch']} "
+            f"{s['cpu']}, {s['cpus']} CPUs, {s['threads']} thread, torch {s['torch']}{load}. "
+            + ("The process first called `dpclip.retain_freed_memory()` (glibc keeps the memory a step frees for the "
+               "next one; every library alike). " if s.get("retain_memory") else "") + f"Batch {s['batch']} "
             f"(dpclip: Poisson-sampled, expected size), {s['repeats']} repeats interleaved, each the median of "
             f"{s['steps']} timed steps after {s['warmup']} warm-up; figures are medians over repeats, in ms (the "
             "total is the median of the step totals, so the phases need not add up to it exactly).")
@@ -553,6 +556,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
                         help="a folder (writes profile_step.json and .md there) or a .json path (and the .md beside it)")
     parser.add_argument("--label", default=None, help="a name stored in the results (default: the timed dpclip's git revision)")
+    parser.add_argument("--retain-memory", action="store_true",
+                        help="call dpclip.retain_freed_memory() first (glibc keeps the memory a step frees for the next one)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repeat of 2 steps; prints, writes nothing")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
                         help="print the before/after markdown table of two results files, and exit")
@@ -569,6 +574,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         size, args.steps, args.warmup, args.repeats, args.profile_steps = "smoke", 2, 1, 1, 1
     torch.set_num_threads(args.threads)
+    if args.retain_memory:
+        import dpclip
+
+        if not dpclip.retain_freed_memory():
+            raise SystemExit("--retain-memory: this C library is not glibc (nothing to set)")
     install_timers()
     settings = settings_of(args, size, torch.get_num_threads())
     start = time.perf_counter()

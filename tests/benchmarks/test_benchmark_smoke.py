@@ -48,6 +48,26 @@ def test_compare_opacus_smoke(tmp_path):
     assert report["settings"]["suite"] == "default"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="retain_freed_memory needs glibc")
+def test_compare_opacus_retained_memory_smoke(tmp_path):
+    """--retain-memory: every run (every library) retains freed memory; its own results file; page faults counted."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_opacus.py"), "--smoke", "--retain-memory",
+                    "--models", "mlp", "--out", str(tmp_path)], check=True, capture_output=True, timeout=600)
+    report = _check_compare_smoke(tmp_path, "compare_opacus_smoke_cpu_retained", ["mlp"])
+    assert report["settings"]["retain_memory"] is True
+    assert all(r["page_faults_per_step"] >= 0 for r in report["results"])
+    assert "retain_freed_memory" in (tmp_path / "compare_opacus_smoke_cpu_retained.md").read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="retain_freed_memory needs glibc")
+def test_page_faults_smoke():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "page_faults.py"), "--smoke", "--models", "mlp", "cnn"],
+                          check=True, capture_output=True, text=True, timeout=600)
+    rows = [line.split(" | ")[:2] for line in done.stdout.splitlines() if line.startswith("| mlp") or line.startswith("| cnn")]
+    assert rows == [[f"| {m}", s] for m in ("mlp", "cnn") for s in
+                    ("nonprivate", "nonprivate-retained", "dpclip-whole", "dpclip", "dpclip-whole-retained", "dpclip-retained")]
+
+
 def test_compare_opacus_scale_suite_smoke(tmp_path):
     """--suite scale: the larger transformer and the embedding-heavy model (smoke sizes), in their own file."""
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_opacus.py"), "--suite", "scale", "--smoke",

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 render_tables = SimpleNamespace(**runpy.run_path(str(ROOT / "benchmarks" / "render_tables.py")))  # a script, not a package
 
 FULL = ROOT / "benchmarks" / "results" / "compare_opacus_full_cpu.json"
+RETAINED = ROOT / "benchmarks" / "results" / "compare_opacus_full_cpu_retained.json"  # --retain-memory
 ACCURACY = ROOT / "benchmarks" / "results" / "accuracy_digits.json"
 
 
@@ -40,7 +41,8 @@ def test_readme_and_markdown_tables_are_rendered_from_the_results_files() -> Non
 def test_the_comparison_section_holds_no_hand_typed_figures() -> None:
     section = _section((ROOT / "README.md").read_text(), "## dpclip vs Opacus")
     names = [m["name"] for m in render_tables.BLOCK.finditer(section)]
-    assert names == ["compare_opacus_full_cpu", "compare_opacus_scale_cpu", "compare_opacus_embedding_cpu", "accuracy_digits"]
+    assert names == ["compare_opacus_full_cpu", "compare_opacus_full_cpu_retained", "compare_opacus_scale_cpu",
+                     "compare_opacus_embedding_cpu", "accuracy_digits"]
     prose = render_tables.BLOCK.sub("", section)
     prose = re.sub(r"`[^`]*`", "", prose)  # file names and commands may hold digits
     assert not re.search(r"\d", prose), "figures in this section come from benchmarks/render_tables.py"
@@ -73,7 +75,7 @@ def _parse_command(command: str) -> tuple[dict[str, str], list[str]]:
     return env, words[2:]
 
 
-@pytest.mark.parametrize("path", [FULL, ACCURACY], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [FULL, RETAINED, ACCURACY], ids=lambda p: p.stem)
 def test_results_files_record_how_they_were_made(path: Path) -> None:
     settings = json.loads(path.read_text())["settings"]
     for key in ("command", "argv", "threads", "thread_env", "torch", "opacus", "cpu", "cpus", "date", "duration_s"):
@@ -83,14 +85,16 @@ def test_results_files_record_how_they_were_made(path: Path) -> None:
     assert all(settings["thread_env"].get(name) == value for name, value in env.items() if name != "OMP_NUM_THREADS")
 
 
-def test_full_results_are_what_their_command_makes() -> None:
+@pytest.mark.parametrize("path", [FULL, RETAINED], ids=lambda p: p.stem)
+def test_full_results_are_what_their_command_makes(path: Path) -> None:
     compare_opacus = SimpleNamespace(**runpy.run_path(str(ROOT / "benchmarks" / "compare_opacus.py")))  # defines only: nothing runs
 
-    report = json.loads(FULL.read_text())
+    report = json.loads(path.read_text())
     s = report["settings"]
     env, argv = _parse_command(s["command"])
     args = compare_opacus.make_parser().parse_args(argv)
     assert not args.smoke and not args.accuracy and not args.worker
+    assert args.retain_memory == s.get("retain_memory", False) == path.stem.endswith("_retained")
     assert (args.size, args.device) == (s["size"], s["device"]) == ("full", "cpu")
     assert (args.steps, args.warmup, args.repeats) == (s["steps"], s["warmup"], s["repeats"])
     assert compare_opacus.resolve_threads(args.threads, env) == s["threads"] == 1  # one thread: see benchmarks/README.md
