@@ -5,9 +5,9 @@ from the kernel and unmaps them on free, and it hands the top of its heap back t
 trim threshold (twice the mmap threshold) lies free there. A training step frees most of what it allocated, so the
 next step takes the same memory again as fresh pages: a page fault and a zero fill per 4 KiB. A DP step holds more
 at once than a non-private one (each layer's output gradient until backward ends, per-example gradients), so it
-pays more of this: on the benchmark transformer (one thread, batch 256) ~33,000 page faults and ~50 ms of a
-~750 ms step, on the ResNet ~39,000 and ~70 ms of ~410 ms (``benchmarks/compare_opacus.py --retain-memory``
-counts them; benchmarks/README.md, "Seventh round").
+pays more of this: the benchmark transformer's DP step (one thread, batch 256) took 41,506 page faults and 765 ms
+by default, none and 650 ms with :func:`retain_freed_memory`; the ResNet's 41,213 and 419 ms against 46 and 325 ms
+(``benchmarks/results/compare_opacus_full_cpu*.md``; benchmarks/README.md, "Seventh round").
 """
 
 from __future__ import annotations

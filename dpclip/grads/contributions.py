@@ -9,9 +9,9 @@ weighted sum Σ_i c_i g_i — without necessarily forming every g_i ("book-keepi
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -40,9 +40,9 @@ def vector_norms(values: Tensor, norm: Norm) -> Tensor:
 
 #: Per-example gradients formed in one step are formed in pieces along the batch of at most this many bytes.
 #: glibc's malloc serves a block above its mmap threshold (32 MiB at most) with fresh pages from the kernel each
-#: time and hands them back on free, so one larger block costs a page fault and a zero fill per 4 KiB in every
-#: step: 12 of the 22 ms that the benchmark transformer's 33.5 MiB feed-forward gradients took (one thread, B =
-#: 256; benchmarks/README.md, "Seventh round"). Pieces below the threshold are reused from the heap.
+#: time and unmaps them on free, whatever its settings, so one larger block costs a page fault and a zero fill per
+#: 4 KiB in every step; smaller pieces come from the heap, which :func:`dpclip.retain_freed_memory` keeps for the
+#: next step (benchmarks/README.md, "Seventh round"). A 6-layer d = 256 transformer keeps blocks of up to 64 MiB.
 PIECE_BYTES = 16 * 2**20
 
 
