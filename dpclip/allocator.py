@@ -19,8 +19,9 @@ import sys
 #: glibc's ``mallopt`` parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-#: The largest mmap threshold glibc accepts on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX). dpclip forms its own
-#: per-step tensors in pieces below it (:data:`dpclip.grads.contributions.PIECE_BYTES`).
+#: The largest mmap threshold glibc accepts on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX). dpclip forms the
+#: per-example gradients it keeps or recomputes in pieces below it (:data:`dpclip.grads.contributions.PIECE_BYTES`);
+#: its other per-step tensors (patches, Grams) are formed whole.
 MMAP_THRESHOLD_MAX = 32 * 2**20
 #: The largest trim threshold mallopt takes (a C int): the heap is then handed back only past 2 GiB free at its top.
 TRIM_THRESHOLD_MAX = 2**31 - 1
@@ -46,8 +47,8 @@ def _glibc() -> ctypes.CDLL | None:
 def retain_freed_memory(trim_bytes: int = TRIM_THRESHOLD_MAX) -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel after each step.
 
-    Sets the mmap threshold to its maximum, 32 MiB (smaller blocks come from the heap and are reused; dpclip's own
-    per-step tensors always are, :data:`~dpclip.grads.contributions.PIECE_BYTES`), and the trim threshold to
+    Sets the mmap threshold to its maximum, 32 MiB (smaller blocks come from the heap and are reused; the per-example
+    gradients dpclip forms always are, :data:`~dpclip.grads.contributions.PIECE_BYTES`), and the trim threshold to
     ``trim_bytes`` (the heap is handed back only when that much lies free at its top). The same as starting Python
     with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=<trim_bytes>``. The cost: the process keeps its
     peak heap mapped between steps (its RSS stays near its peak, as PyTorch's CUDA caching allocator does on a
