@@ -125,6 +125,11 @@ class Contribution:
         """Σ_i factors[i] · g_i, shaped like the block; examples with factor 0 contribute exactly 0."""
         return weighted_example_sum(self.materialize(), factors)
 
+    def after_norm(self) -> None:
+        """The step's norm of this block is formed: let go of what only the norm reads. Called as each norm is
+        formed, so that what a block no longer needs is freed while the other blocks' norms are formed (the
+        step holds the most then: every layer's recorded tensors, plus the per-example gradients kept so far)."""
+
     def weighted_rows(self, factors: Tensor) -> Tensor:
         """:meth:`weighted`, or the same sum as a sparse COO tensor of the block's shape where only some rows of the
         block receive gradient (an embedding's looked-up rows): the noisy release adds it into the noise without
@@ -175,9 +180,10 @@ class LinearWeight(Contribution):
     def __init__(self, name: str, rows: slice | None, a: Tensor, g: Tensor, shape: torch.Size, transposed: bool = False) -> None:
         super().__init__(name, rows)
         self.a, self.g, self.shape, self.transposed = a, g, shape, transposed
-        self.positions, self.d_in, self.d_out = a.shape[1], a.shape[2], g.shape[2]
+        self.batch, self.positions, self.d_in, self.d_out = a.shape[0], a.shape[1], a.shape[2], g.shape[2]
         self.u = unit_roundoff(a.dtype)  # the precision the book-keeping sum is formed in
         self._cached: ExamplePieces | None = None
+        self._spreads: dict[int, Tensor] = {}  # _spread's, by order
 
     def _rows(self, examples: slice = slice(None)) -> Tensor:
         """The gradients of the examples in ``examples`` as the matrices the layer stores: [b, out, in] ([b, in,
@@ -198,7 +204,7 @@ class LinearWeight(Contribution):
     def _keeps(self) -> bool:
         """Whether the per-example gradients are formed and kept (several positions, and they fit in cache_bytes
         and in what is left of the step's budget)."""
-        size = self.a.shape[0] * self._example_bytes()
+        size = self.batch * self._example_bytes()
         return self.positions > 1 and size <= self.cache_bytes and self.budget.take(size)
 
     def _widened(self) -> tuple[Tensor, Tensor]:
@@ -209,21 +215,28 @@ class LinearWeight(Contribution):
         """An upper bound on Σ_t ‖a_t‖‖g_t‖ (L``order``) per example, which scales the rounding slack. L2: ‖a‖_F‖g‖_F
         (Cauchy–Schwarz) from two whole-example norms, cheap where per-position ones are not (a short, strided
         channel dim: conv output gradients) and about as tight; equal to the sum when T = 1. L1: per position (a
-        whole-example product would be up to T times looser)."""
+        whole-example product would be up to T times looser); once ``a`` and ``g`` are let go (:meth:`after_norm`),
+        √(in·out) times the L2 one (‖v‖₁ ≤ √n‖v‖₂, then Cauchy–Schwarz)."""
+        if order in self._spreads:
+            return self._spreads[order]
+        if not hasattr(self, "a"):  # let go after an L2 norm, which left its own spread
+            return self._spreads[2] * (math.sqrt(self.d_in * self.d_out) * (1 + 4 * _U64))
         if order == 2:
-            return self._input_norm() * _frobenius(self._widened()[1], self.u)
-        a, g = self._widened()
-        a_norms = a.norm(p=1, dim=2).double() * (1 + (self.d_in + 4) * self.u)
-        g_norms = g.norm(p=1, dim=2).double() * (1 + (self.d_out + 4) * self.u)
-        return (a_norms * g_norms).sum(dim=1)
+            spread = self._input_norm() * _frobenius(self._widened()[1], self.u)
+        else:
+            a, g = self._widened()
+            a_norms = a.norm(p=1, dim=2).double() * (1 + (self.d_in + 4) * self.u)
+            g_norms = g.norm(p=1, dim=2).double() * (1 + (self.d_out + 4) * self.u)
+            spread = (a_norms * g_norms).sum(dim=1)
+        self._spreads[order] = spread
+        return spread
 
     def _input_norm(self) -> Tensor:
         """Each example's ‖a‖_F over all its positions (an upper bound, float64)."""
         return _frobenius(self._widened()[0], self.u)
 
     def norm(self, norm: Norm) -> Tensor:
-        positions, d_in, d_out, u = self.positions, self.d_in, self.d_out, self.u
-        batch = self.a.shape[0]
+        positions, d_in, d_out, u, batch = self.positions, self.d_in, self.d_out, self.u, self.batch
         if self._cached is None and self._keeps():
             self._cached = ExamplePieces(batch, self._example_bytes(), self._rows)
         if self._cached is not None or norm == "l1" or positions * positions > d_in * d_out:
@@ -255,6 +268,11 @@ class LinearWeight(Contribution):
             rounding[loose] = (2 * positions + d_in + d_out + 8) * _U64 * spread[loose].square()
         return (squared + rounding).clamp_min(0).sqrt() + slack
 
+    def after_norm(self) -> None:
+        if self._cached is not None and hasattr(self, "a"):  # the clipped sum reads the kept gradients only; a
+            self._spread(2)  # later norm of them (another order) needs the L2 spread only
+            del self.a, self.g
+
     def _joins(self, other: Contribution) -> bool:
         return (type(other) is type(self) and other.rows == self.rows and other.shape == self.shape  # type: ignore[attr-defined]
                 and other.transposed == self.transposed and other._cached is None  # type: ignore[attr-defined]
@@ -268,6 +286,7 @@ class LinearWeight(Contribution):
             return None
         parts = [self, *others]
         out = copy.copy(self)
+        out._spreads = {}
         out.a = torch.cat([part.a for part in parts], dim=1)  # type: ignore[attr-defined]
         out.g = torch.cat([part.g for part in parts], dim=1)  # type: ignore[attr-defined]
         out.positions = out.a.shape[1]

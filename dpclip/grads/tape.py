@@ -669,9 +669,10 @@ class LayerwiseGradients:
             for part in parts:
                 full[(slice(None), part.rows) if part.rows is not None else slice(None)] += part.materialize().to(full.dtype)
             return vector_norms(full, norm).double()
-        if len(parts) == 1:  # the norm of the one part is the parameter's
-            return parts[0].norm(norm).double()
-        return clip_norm(norm).combine(torch.stack([part.norm(norm).double() for part in parts], dim=1))
+        norms = [part.norm(norm).double() for part in parts]
+        for part in parts:
+            part.after_norm()
+        return norms[0] if len(parts) == 1 else clip_norm(norm).combine(torch.stack(norms, dim=1))
 
     def norms(self, norm: Norm) -> Tensor:
         """Per-example, per-parameter norms [batch, parameters] (float64)."""

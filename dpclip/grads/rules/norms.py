@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,12 +19,15 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def _affine(call: LayerCall, prod: torch.Tensor, grads: torch.Tensor) -> list[Contribution]:
+    """The affine's contributions from Σ_t g ⊙ x̂ and Σ_t g, given per position ([B, T, *shape]): summed over the
+    positions here, so that what is held until the norms is [B, 1, *shape] (a transformer's g ⊙ x̂ is as large
+    as the layer's activations, and every layer's contributions are built before the first norm)."""
     module = call.module
     parts: list[Contribution] = []
     if (name := call.name(getattr(module, "weight", None))) is not None:
-        parts.append(Summed(name, prod))
+        parts.append(Summed(name, prod.sum(dim=1, keepdim=True)))
     if (name := call.name(getattr(module, "bias", None))) is not None:
-        parts.append(Summed(name, grads))
+        parts.append(Summed(name, grads.sum(dim=1, keepdim=True)))
     return parts
 
 
@@ -38,11 +43,31 @@ class LayerNormRule(LayerRule):
 
 @register_layer(nn.GroupNorm)
 class GroupNormRule(LayerRule):
+    """Each example's Σ_t g ⊙ x̂ and Σ_t g per channel from torch's own group-norm backward kernel, which computes
+    exactly these sums per channel while it reduces over the batch: run on the batch as one example whose
+    channels are the B·C (example, channel) pairs, in B·G groups (group norm normalizes each (example, group)
+    block on its own, so the statistics are the same), it returns them per example and channel without forming
+    x̂ or g ⊙ x̂ (the statistics are recomputed by the forward kernel, whose output is dropped). On the ResNet
+    benchmark's six group norms, 31–34 → 27–28 ms per step on one thread, in interleaved runs (B = 256)."""
+
     def contributions(self, call: LayerCall) -> list[Contribution]:
-        module, g = call.module, call.grad
+        module = call.module
+        # contiguous: the flat views below read it so (torch's group-norm backward has crashed on a channels-last
+        # slice of one example)
+        g, x = call.grad.contiguous(), call.input.contiguous()
+        batch, channels = x.shape[0], x.shape[1]
+        positions, blocks = math.prod(x.shape[2:]), batch * module.num_groups
+        if batch == 0:  # an empty Poisson batch: nothing to add up
+            return _affine(call, x.new_zeros(0, 1, channels), x.new_zeros(0, 1, channels))
         with torch.no_grad():
-            xhat = F.group_norm(call.input, module.num_groups, None, None, module.eps)
-        return _affine(call, _channels_last(g * xhat), _channels_last(g))
+            _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, batch, channels, positions, module.num_groups, module.eps)
+            flat = (1, batch * channels, positions)  # the batch as one example of B·C channels in B·G groups
+            _, weight_grads, bias_grads = torch.ops.aten.native_group_norm_backward(
+                g.reshape(flat), x.reshape(flat), mean.reshape(1, blocks), rstd.reshape(1, blocks),
+                x.new_ones(batch * channels), 1, batch * channels, positions, blocks, [False, True, True],
+            )
+        rows = (batch, 1, channels)  # one position per example: Summed adds nothing up
+        return _affine(call, weight_grads.reshape(rows), bias_grads.reshape(rows))
 
 
 @register_layer(FrozenBatchNorm)
