@@ -59,6 +59,8 @@ class LayerCall:
     #: the step's budget for tensors kept beyond what backward holds (per-example gradients, patches), shared by
     #: all layers; None: no limit beyond each contribution's own (``make_private(memory="low")``: 0 bytes)
     budget: CacheBudget | None = None
+    #: what the rule kept from the layer's forward (:meth:`LayerRule.forward_state`), or None
+    forward_state: Any = None
 
     @property
     def input(self) -> Tensor:
@@ -100,6 +102,13 @@ class LayerRule:
 
     def recorded_forward(self, module: nn.Module, tape: LayerwiseTape) -> Callable[..., Any] | None:
         """A forward to run instead of the layer's own while recording (it records its uses itself), or None."""
+        return None
+
+    def forward_state(self, module: nn.Module, output: Any) -> Any:
+        """What the rule keeps from a recorded call's forward for its contributions, read when the layer returns
+        (a norm layer's statistics, off its output's autograd node), or None; it reaches the rule as
+        :attr:`LayerCall.forward_state`. Rules must not rely on it being there: it is None where the output has
+        no autograd node of the expected kind (the layer's first call without gradients, another dtype...)."""
         return None
 
 

@@ -129,6 +129,7 @@ class _Use:
         self.tape, self.where, self.module, self.rule = tape, where, module, rule
         self.args, self.kwargs, self.layout, self.main = call_args, call_kwargs, layout, main
         self.grads: list[Tensor | None] = []
+        self.forward_state: Any = None  # what the rule kept from the forward (LayerRule.forward_state)
         self.released = False
         # the inputs' version counters (shared with the caller's tensors), which the rule reads in backward; a layer
         # with a rule whose only trainable parameters are biases (BitFit) needs its output gradients alone
@@ -242,7 +243,7 @@ class _Use:
             module=self.module, module_name=self.where, args=args, kwargs=kwargs, in_dims=in_dims,
             output_grads=grads, batch=batch, names=self.tape.names,
             layout_dims=None if layout.shared else (layout.in_dim, layout.out_dim),
-            unsqueeze=not layout.shared, budget=budget, main_input=main,
+            unsqueeze=not layout.shared, budget=budget, forward_state=self.forward_state, main_input=main,
         )
 
     def release(self) -> None:
@@ -251,7 +252,7 @@ class _Use:
         next step: holding them here would keep a whole step's activations and output gradients alive too."""
         self.released = True
         self.args, self.kwargs, self.main, self.grads = (), {}, None, [None] * len(self.grads)  # type: ignore[assignment]
-        self.versions = []
+        self.versions, self.forward_state = [], None
 
     def contributions(self, budget: CacheBudget | None = None) -> list[Contribution]:
         if all(g is None for g in self.grads):
@@ -435,6 +436,7 @@ class LayerwiseTape:
         layout = self._layout(where, main, outputs[0], leaves)
         detach = lambda v: v.detach() if isinstance(v, Tensor) else v  # noqa: E731
         use = _Use(self, where, module, rule, _nested_map(detach, args), {k: _nested_map(detach, v) for k, v in kwargs.items()}, layout, main.detach())
+        use.forward_state = rule.forward_state(module, output)
         return use.capture(output)
 
     def record_linear(self, where: str, x: Tensor, weight: Tensor, bias: Tensor | None, rows: slice | None) -> Tensor:

@@ -338,10 +338,12 @@ def test_a_kept_loss_keeps_no_recorded_activation_or_gradient_alive():
 
 
 class GroupNormOn(nn.Module):
-    """A group norm on inputs of any rank (the examples in dim 0, channels in dim 1), then a linear head."""
+    """A group norm on inputs of any rank (the examples in dim 0, channels in dim 1), then a linear head; with
+    ``after``, behind a Linear on the last dim (its output has an autograd node: the forward's statistics are read)."""
 
-    def __init__(self, groups, channels, features, affine_bias=True):
+    def __init__(self, groups, channels, features, affine_bias=True, after=None):
         super().__init__()
+        self.pre = nn.Linear(after, after) if after else None
         self.norm = nn.GroupNorm(groups, channels)
         self.head = nn.Linear(features, 3)
         with torch.no_grad():
@@ -350,23 +352,31 @@ class GroupNormOn(nn.Module):
         self.norm.bias.requires_grad_(affine_bias)
 
     def forward(self, x):
-        return self.head(torch.tanh(self.norm(x)).flatten(1))
+        return self.head(torch.tanh(self.norm(x if self.pre is None else self.pre(x))).flatten(1))
 
 
 @pytest.mark.parametrize("shape, groups", [
     ((4,), 2), ((6, 5), 3), ((4, 3, 5), 1), ((4, 3, 5), 4), ((6, 2, 2, 3), 2), ((8, 3), 8),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_group_norm_affine_gradients_equal_each_examples_own_backward(shape, groups, dtype):
+@pytest.mark.parametrize("behind_a_layer", [False, True])
+def test_group_norm_affine_gradients_equal_each_examples_own_backward(shape, groups, dtype, behind_a_layer, monkeypatch):
     """GroupNormRule reads each example's Σ g ⊙ x̂ and Σ g off torch's group-norm backward run on the batch as one
-    example of B·C channels. Oracle: each example's own autograd backward, one at a time; inputs far from zero
-    mean (where a careless Σ g·x − μ·Σ g would cancel), a channels-last input, a frozen bias."""
+    example of B·C channels, with the statistics the forward computed (behind a layer: read off the output's
+    autograd node) or recomputed (a first layer: no node). Oracle: each example's own autograd backward, one at a
+    time; inputs far from zero mean (where a careless Σ g·x − μ·Σ g would cancel), a channels-last input, a
+    frozen bias."""
+    from dpclip.grads.rules.norms import GroupNormRule
+
+    states = []
+    contributions = GroupNormRule.contributions
+    monkeypatch.setattr(GroupNormRule, "contributions", lambda self, call: states.append(call.forward_state) or contributions(self, call))
     torch.manual_seed(7)
     batch, channels = 5, shape[0]
     features = channels * (1 if len(shape) == 1 else int(torch.tensor(shape[1:]).prod()))
-    model = GroupNormOn(groups, channels, features, affine_bias=len(shape) != 3).to(dtype)
+    model = GroupNormOn(groups, channels, features, affine_bias=len(shape) != 3, after=shape[-1] if behind_a_layer else None).to(dtype)
     x = torch.randn(batch, *shape, dtype=dtype) * 3 + 40
-    if x.dim() == 4:
+    if x.dim() == 4 and not behind_a_layer:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 3, (batch,))
     tape = LayerwiseTape(model)
@@ -374,6 +384,7 @@ def test_group_norm_affine_gradients_equal_each_examples_own_backward(shape, gro
     out = tape.forward(model, (x,), {}, batch, captured.append)
     nn.functional.cross_entropy(out, y, reduction="sum").backward()
     gradients = captured[0]
+    assert len(states) == 1 and (states[0] is not None) == behind_a_layer
     names = [name for name, p in model.named_parameters() if p.requires_grad and name.startswith("norm.")]
     assert names == ["norm.weight"] + (["norm.bias"] if len(shape) != 3 else [])
     for i in range(batch):
