@@ -215,12 +215,16 @@ class LinearWeight(Contribution):
         """An upper bound on Σ_t ‖a_t‖‖g_t‖ (L``order``) per example, which scales the rounding slack. L2: ‖a‖_F‖g‖_F
         (Cauchy–Schwarz) from two whole-example norms, cheap where per-position ones are not (a short, strided
         channel dim: conv output gradients) and about as tight; equal to the sum when T = 1. L1: per position (a
-        whole-example product would be up to T times looser); once ``a`` and ``g`` are let go (:meth:`after_norm`),
-        √(in·out) times the L2 one (‖v‖₁ ≤ √n‖v‖₂, then Cauchy–Schwarz)."""
+        whole-example product would be up to T times looser). Once ``a`` and ``g`` are let go (:meth:`after_norm`,
+        after a norm that left its own spread), the other order's from it: L1 as √(in·out) times the L2 one
+        (‖v‖₁ ≤ √n‖v‖₂, then Cauchy–Schwarz), L2 as the L1 one (‖v‖₂ ≤ ‖v‖₁ per position, and the L1 spread bounds
+        Σ_t ‖a_t‖‖g_t‖ itself)."""
         if order in self._spreads:
             return self._spreads[order]
-        if not hasattr(self, "a"):  # let go after an L2 norm, which left its own spread
-            return self._spreads[2] * (math.sqrt(self.d_in * self.d_out) * (1 + 4 * _U64))
+        if not hasattr(self, "a"):
+            if 2 in self._spreads:
+                return self._spreads[2] * (math.sqrt(self.d_in * self.d_out) * (1 + 4 * _U64))
+            return self._spreads[1]
         if order == 2:
             spread = self._input_norm() * _frobenius(self._widened()[1], self.u)
         else:
@@ -269,8 +273,8 @@ class LinearWeight(Contribution):
         return (squared + rounding).clamp_min(0).sqrt() + slack
 
     def after_norm(self) -> None:
-        if self._cached is not None and hasattr(self, "a"):  # the clipped sum reads the kept gradients only; a
-            self._spread(2)  # later norm of them (another order) needs the L2 spread only
+        # the clipped sum reads the kept gradients only; the norm that formed them left its spread (_spread)
+        if self._cached is not None and hasattr(self, "a"):
             del self.a, self.g
 
     def _joins(self, other: Contribution) -> bool:

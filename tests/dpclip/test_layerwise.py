@@ -424,3 +424,11 @@ def test_kept_gradients_let_go_of_the_recorded_tensors_as_their_norms_are_formed
     assert bool((l1 >= exact_l1 * (1 - 1e-6)).all())
     torch.testing.assert_close(l1, exact_l1, atol=1e-5, rtol=1e-4)
     _compare(reference, fast)
+    reference, fast = _both(model, x, torch.randint(0, 3, (7,)))  # L1 first, then L2 from the L1 spread
+    exact_l1, exact_l2 = reference.norms("l1"), reference.norms("l2")
+    torch.testing.assert_close(fast.norms("l1"), exact_l1, atol=1e-5, rtol=1e-4)
+    assert all(part._cached is None or not hasattr(part, "a") for parts in fast.by_name.values() for part in parts
+               if isinstance(part, LinearWeight))
+    l2 = fast.norms("l2")
+    assert bool((l2 >= exact_l2 * (1 - 1e-6)).all())
+    torch.testing.assert_close(l2, exact_l2, atol=1e-5, rtol=1e-4)
