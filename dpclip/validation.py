@@ -11,6 +11,7 @@ import torch.nn as nn
 from .errors import LossNotPerExampleError, ModelNotSupportedError, PrivacyParameterError
 from .frozen_norm import FrozenBatchNorm, require_statistics
 from .grads.registry import refusals
+from .grads.rules.embedding import embedding_refusal
 from .per_sample import batch_size_of, batched_parameter_forward, per_sample_grads, trainable_parameters
 from .recurrent import convert as _convert_recurrent
 from .recurrent import is_convertible as _is_convertible_recurrent
@@ -55,6 +56,8 @@ def model_problems(model: nn.Module) -> list[str]:
                 "on its first forward, after the optimizer and dpclip would have to know them); run one forward "
                 "pass on a batch first (e.g. with torch.no_grad()), then build the optimizer and call make_private"
             )
+        elif isinstance(layer, nn.EmbeddingBag) and (reason := embedding_refusal(layer)) is not None:
+            problems.append(f"{where} (EmbeddingBag): {reason}")  # as nn.Embedding's rule refuses (no rule of its own)
         elif isinstance(layer, _INSTANCE_NORMS) and layer.track_running_stats:
             problems.append(
                 f"{where} ({type(layer).__name__}) keeps running statistics updated from every example; use "

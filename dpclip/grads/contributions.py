@@ -392,16 +392,15 @@ class ConvWeight(Contribution):
         self._keep: bool | None = None  # decided once, when first asked
         weight = module.weight  # type: ignore[union-attr]
         self.example_bytes = weight.numel() * weight.element_size()
+        self.transposed_conv = isinstance(module, nn.modules.conv._ConvTransposeNd)
+        self.output_padding = output_padding_of_call(module, x, g) if self.transposed_conv else [0] * (weight.dim() - 2)
 
     def _weight_backward(self, x: Tensor, g: Tensor) -> Tensor:
         """The weight gradient of the convolution for input ``x`` and output gradient ``g`` (batched over dim 0)."""
         conv = self.module
-        dims = conv.weight.dim() - 2  # type: ignore[union-attr]
-        transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
-        output_padding = list(conv.output_padding) if transposed else [0] * dims  # type: ignore[union-attr]
         return torch.ops.aten.convolution_backward(
             g, x, conv.weight, None, conv.stride, conv.padding, conv.dilation,  # type: ignore[union-attr]
-            transposed, output_padding, conv.groups, [False, True, False],  # type: ignore[union-attr]
+            self.transposed_conv, self.output_padding, conv.groups, [False, True, False],  # type: ignore[union-attr]
         )[1]
 
     def _grads(self, examples: slice) -> Tensor:
@@ -444,6 +443,15 @@ class ConvWeight(Contribution):
         with torch.no_grad():
             kept_all = all_kept(factors)
             return self._weight_backward(kept_rows(self.x, factors, kept_all), masked_scale(self.g, factors, kept_all))
+
+
+def output_padding_of_call(conv: nn.Module, x: Tensor, g: Tensor) -> list[int]:
+    """The output padding one call of a transposed ConvNd ran with, read off its input ``x`` and output gradient
+    ``g`` [B, C, *spatial]: per dim, out = (in − 1)·s − 2p + d·(k − 1) + 1 + output_padding (torch's
+    ConvTranspose2d documentation). A call with ``output_size=...`` picks its own padding, not the module's
+    ``output_padding`` attribute, so the per-example weight backward takes it from the sizes."""
+    geometry = zip(x.shape[2:], g.shape[2:], conv.stride, conv.padding, conv.dilation, conv.kernel_size)  # type: ignore[union-attr, arg-type]
+    return [out - ((size - 1) * s - 2 * p + d * (k - 1) + 1) for size, out, s, p, d, k in geometry]
 
 
 def single_channel(conv: nn.Module) -> bool:

@@ -20,7 +20,8 @@ import functools
 import math
 import weakref
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +112,27 @@ class _CaptureOutput(torch.autograd.Function):
 
 
 _ANCHOR = torch.zeros((), requires_grad=True)  # never receives a gradient (the node returns None for it)
+
+
+#: Raised inside a layer's per-example work but not a failure of it: passed on as they are.
+_PASSED_ON = (ModelNotSupportedError, EngineUsageError, MemoryError, torch.OutOfMemoryError)
+
+
+@contextmanager
+def refusing(where: str) -> Iterator[None]:
+    """Per-example work of the layer or parameter ``where`` (a rule's contributions when backward ends, or the
+    norms and clipped sums they form later): a failure inside torch reaches the user as dpclip's refusal, naming
+    it and the fixes, never as torch's own error."""
+    try:
+        yield
+    except _PASSED_ON:
+        raise
+    except Exception as error:
+        raise ModelNotSupportedError(
+            f"{where}: per-example gradients failed with {type(error).__name__}: {error}. Register a rule for this "
+            "layer (dpclip.register_layer), replace it (dpclip.fix_model replaces recurrent layers and BatchNorm), "
+            "or freeze its parameters."
+        ) from error
 
 
 def modified_input_error(what: str) -> EngineUsageError:
@@ -259,16 +281,8 @@ class _Use:
             return []
         if any(t._version != version for t, version in self.versions):
             raise modified_input_error(f"an input of {self.where} ({type(self.module).__name__})")
-        try:
+        with refusing(f"{self.where} ({type(self.module).__name__})"):
             return self.rule.contributions(self.call(budget))
-        except ModelNotSupportedError:
-            raise
-        except Exception as error:  # a rule's failure reaches the user as dpclip's, naming the layer
-            raise ModelNotSupportedError(
-                f"{self.where} ({type(self.module).__name__}): per-example gradients failed with "
-                f"{type(error).__name__}: {error}. Register a rule for this layer (dpclip.register_layer), replace it "
-                "(dpclip.fix_model replaces recurrent layers and BatchNorm), or freeze its parameters."
-            ) from error
 
 
 @dataclass
@@ -661,6 +675,10 @@ class LayerwiseGradients:
         return any(spans[i][1] > spans[i + 1][0] for i in range(len(spans) - 1))
 
     def _param_norm(self, name: str, norm: Norm) -> Tensor:
+        with refusing(name):  # the parts' deferred work (their rules ran when backward ended)
+            return self._parts_norm(name, norm)
+
+    def _parts_norm(self, name: str, norm: Norm) -> Tensor:
         parts = self.by_name.get(name, [])
         device = self.params[name].device
         if not parts:
@@ -696,7 +714,8 @@ class LayerwiseGradients:
             parts = self.by_name.pop(name, [])  # once summed, a part's tensors can be freed
             as_rows = sparse_rows and len(parts) == 1 and parts[0].rows is None
             for part in parts:
-                block = (part.weighted_rows(factors[:, j]) if as_rows else part.weighted(factors[:, j])).to(param.dtype)
+                with refusing(name):
+                    block = (part.weighted_rows(factors[:, j]) if as_rows else part.weighted(factors[:, j])).to(param.dtype)
                 if part.rows is None:
                     total = block if total is None else total.add_(block)
                 else:

@@ -186,6 +186,23 @@ def convT2d_groups():
     return nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2, output_padding=1, bias=False)
 
 
+class OutputSized(nn.Module):
+    """A transposed convolution called with ``output_size=``: torch picks the output padding for the call (1 here,
+    the module's own is 0); a grouped 1-d one whose call asks for 2 where the module says 1."""
+
+    def __init__(self, dims: int = 2) -> None:
+        super().__init__()
+        self.dims = dims
+        if dims == 2:
+            self.up = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1)
+        else:
+            self.up = nn.ConvTranspose1d(2, 4, 3, stride=3, groups=2, output_padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = [2 * n for n in x.shape[2:]] if self.dims == 2 else [3 * x.shape[-1] + 2]
+        return self.up(x, output_size=size)
+
+
 def circular():
     return nn.Conv2d(2, 4, 3, padding=1, padding_mode="circular")
 
@@ -1116,6 +1133,10 @@ def _cases():
              notes="Conv2d(groups=in_channels, bias=False) then pointwise 1x1"),
         Case("conv_transpose1d_stride_dil_outpad", "N", P(build_conv_body, convT1d, (2, 6)), EXACT),
         Case("conv_transpose2d_groups_outpad", "N", P(build_conv_body, convT2d_groups, (4, 3, 3)), EXACT),
+        Case("conv_transpose2d_output_size", "N", P(build_conv_body, OutputSized, (2, 4, 4)), EXACT,
+             notes="up(x, output_size=...): the call's output padding (1), not the module's (0)"),
+        Case("conv_transpose1d_groups_output_size", "N", P(build_conv_body, P(OutputSized, 1), (2, 5)), EXACT,
+             notes="grouped, stride 3, output_size asks for padding 2 where the module says 1"),
         Case("conv2d_circular", "N", P(build_conv_body, circular, (2, 5, 5)), EXACT),
         Case("conv1d_circular_replicate", "N", P(build_conv_body, circular1d_replicate, (2, 6)), EXACT),
         Case("unfold_linear_fold", "N", P(build_conv_body, UnfoldFold, (2, 4, 4)), EXACT,

@@ -78,6 +78,38 @@ def test_single_channel_convolutions_against_each_examples_own_backward(conv, ke
     torch.testing.assert_close(part.weighted(factors), _brute_force(exact, factors), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("conv, size, output_size", [
+    (nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1), (5, 5), (10, 10)),  # torch picks output padding 1 for the call
+    (nn.ConvTranspose1d(2, 3, 3, stride=3, dilation=2), (4,), (16,)),  # 2, with dilation
+    (nn.ConvTranspose2d(4, 6, (3, 2), stride=(2, 3), groups=2, output_padding=(1, 2)), (3, 4), (7, 11)),  # (0, 1): not the module's
+    (nn.ConvTranspose3d(1, 2, 2, stride=2), (2, 3, 2), (5, 6, 5)),  # (1, 0, 1)
+])
+@pytest.mark.parametrize("batch", [1, 6])
+@pytest.mark.parametrize("kept", [True, False])
+def test_transposed_convolutions_called_with_an_output_size(conv, size, output_size, batch, kept, monkeypatch):
+    """A transposed convolution called with ``output_size=`` runs with the output padding that call picks, not
+    the module's ``output_padding``: the per-example weight gradients (hence the norms and the clipped sum) take
+    it from the recorded sizes. Oracle: each example's own forward with that output size, and autograd."""
+    if not kept:  # the norms piece by piece, the clipped sum from one batched backward
+        monkeypatch.setattr(ConvWeight, "cache_bytes", 1)
+    torch.manual_seed(5)
+    conv = conv.double()
+    x = torch.randn(batch, conv.in_channels, *size, dtype=torch.float64)
+    grads, outputs = [], []
+    for example in x:
+        conv.zero_grad()
+        out = conv(example[None], output_size=output_size)
+        out_grad = torch.randn_like(out)
+        (out * out_grad).sum().backward()
+        grads.append(conv.weight.grad.clone())
+        outputs.append(out_grad)
+    exact, g = torch.stack(grads), torch.cat(outputs)
+    part = ConvWeight("weight", conv, x, g)
+    torch.testing.assert_close(part.norm("l2"), exact.flatten(1).norm(dim=1), rtol=1e-12, atol=0)
+    factors = torch.rand(batch, dtype=torch.float64) + 0.1
+    torch.testing.assert_close(part.weighted(factors), _brute_force(exact, factors), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("drop", [False, True])
 def test_linear_and_summed_weighted_sums(drop):
     torch.manual_seed(1)

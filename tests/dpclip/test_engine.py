@@ -851,16 +851,22 @@ def test_pld_accountant_in_the_engine_matches_dp_accounting_and_calibrates_less_
         PrivacyEngine(accountant="prv")
 
 
-@pytest.mark.parametrize("layer", [nn.Embedding(10, 4, max_norm=1.0), nn.Embedding(10, 4, sparse=True)], ids=["max_norm", "sparse"])
+@pytest.mark.parametrize("layer", [
+    nn.Embedding(10, 4, max_norm=1.0), nn.Embedding(10, 4, sparse=True),
+    nn.EmbeddingBag(10, 8, max_norm=1.0), nn.EmbeddingBag(10, 8, mode="sum", sparse=True),
+], ids=["max_norm", "sparse", "bag_max_norm", "bag_sparse"])
 def test_model_problems_reports_what_make_private_refuses(layer: nn.Module) -> None:
-    """model_problems / validate_model (Opacus's ModuleValidator) name the same layer that make_private refuses."""
+    """model_problems / validate_model (Opacus's ModuleValidator) name the same layer that make_private refuses,
+    with the fix (an EmbeddingBag, which has no rule of its own, as an Embedding)."""
+    kind = type(layer).__name__
     model = nn.Sequential(layer, nn.Flatten(), nn.Linear(8, 2))
     problems = dpclip.model_problems(model)
-    assert len(problems) == 1 and problems[0].startswith("0 (Embedding)")
-    with pytest.raises(dpclip.ModelNotSupportedError, match=r"0 \(Embedding\)"):
+    assert len(problems) == 1 and problems[0].startswith(f"0 ({kind})")
+    assert ("Use max_norm=None" if layer.max_norm is not None else "use sparse=False") in problems[0]
+    with pytest.raises(dpclip.ModelNotSupportedError, match=rf"0 \({kind}\)"):
         dpclip.validate_model(model)
     loader = DataLoader(TensorDataset(torch.randint(0, 10, (16, 2)), torch.zeros(16, dtype=torch.long)), batch_size=4)
-    with pytest.raises(dpclip.ModelNotSupportedError, match=r"0 \(Embedding\)"):
+    with pytest.raises(dpclip.ModelNotSupportedError, match=rf"0 \({kind}\)"):
         dpclip.PrivacyEngine(seed=0).make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
                                                   noise_multiplier=1.0, max_grad_norm=1.0)
 

@@ -238,6 +238,71 @@ def test_a_user_registered_rule_is_used_and_equals_the_brute_force_loop():
         torch.testing.assert_close(fast.norms("l2")[i].float(), alone, atol=1e-5, rtol=1e-4)
 
 
+class _Failing(nn.Module):
+    """y = x ⊙ s, with a rule whose contribution fails inside torch only when its norm or its clipped sum is formed
+    (work the tape defers past the rule's own call)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return x * self.s
+
+
+@pytest.mark.parametrize("fails_in", ["norm", "weighted"])
+@pytest.mark.parametrize("batch", [1, 6])
+def test_a_failure_in_deferred_per_example_work_is_refused_naming_the_parameter(fails_in, batch):
+    """A torch error raised while a part's norm or clipped sum is formed (after backward, outside the rule's own
+    call), on a step after verification passed, reaches the user as ModelNotSupportedError naming the parameter,
+    never as torch's RuntimeError, and that step changes nothing: the same parameters, nothing more spent."""
+    from dpclip.grads import LayerRule, Summed, register_layer
+
+    failing = {"on": False}
+
+    class Deferred(Summed):
+        def norm(self, norm):
+            if failing["on"] and fails_in == "norm":
+                torch.ones(2, 3) @ torch.ones(2, 3)  # a shape error from aten
+            return super().norm(norm)
+
+        def weighted(self, factors):
+            if failing["on"] and fails_in == "weighted":
+                torch.ones(2, 3) @ torch.ones(2, 3)
+            return super().weighted(factors)
+
+    @register_layer(_Failing)
+    class FailingRule(LayerRule):
+        def contributions(self, call):
+            g, x = call.grad, call.input
+            return [Deferred(call.name(call.module.s), (g * x).reshape(g.shape[0], -1, g.shape[-1]))]
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 5), _Failing(5), nn.Tanh(), nn.Linear(5, 3))
+    data = TensorDataset(torch.randn(batch, 4), torch.randint(0, 3, (batch,)))
+    engine = dpclip.PrivacyEngine(seed=0)
+    private, optimizer, loader = engine.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data, batch_size=batch),
+        noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0,
+    )
+
+    def step():
+        x, y = next(iter(loader))
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(private(x), y).backward()
+        optimizer.step()
+
+    step()  # verified: the rule's path is exact
+    assert engine.grad_sample_path == "layerwise" and len(engine.accountant.history) == 1
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    failing["on"] = True
+    with pytest.raises(dpclip.ModelNotSupportedError, match=r"^1\.s: per-example gradients failed with RuntimeError") as refused:
+        step()
+    assert "dpclip.register_layer" in str(refused.value)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert len(engine.accountant.history) == 1
+
+
 def test_conv_gradients_recomputed_in_chunks_when_too_large_to_keep(monkeypatch):
     from dpclip.grads import ConvWeight, contributions
 

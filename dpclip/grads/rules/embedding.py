@@ -8,20 +8,26 @@ from ..contributions import Contribution, EmbeddingWeight
 from ..registry import LayerCall, LayerRule, register_layer
 
 
+def embedding_refusal(module: nn.Embedding | nn.EmbeddingBag) -> str | None:
+    """Why an embedding table (``nn.Embedding`` or ``nn.EmbeddingBag``) cannot be trained privately as it is,
+    with the fix, or None."""
+    if module.max_norm is not None:
+        return (
+            "max_norm renormalises the rows of the real weight that the batch looks up, inside the forward: "
+            "the model's state would carry which tokens the private batch holds. Use max_norm=None (clip the "
+            "gradient instead: that is what DP-SGD does)"
+        )
+    if module.sparse:
+        return "sparse=True gradients cannot be noised (DP noise covers every row): use sparse=False"
+    return None
+
+
 @register_layer(nn.Embedding)
 class EmbeddingRule(LayerRule):
     fresh_outputs = True  # F.embedding creates its output
 
     def refusal(self, module: nn.Module) -> str | None:
-        if module.max_norm is not None:
-            return (
-                "max_norm renormalises the rows of the real weight that the batch looks up, inside the forward: "
-                "the model's state would carry which tokens the private batch holds. Use max_norm=None (clip the "
-                "gradient instead: that is what DP-SGD does)"
-            )
-        if module.sparse:
-            return "sparse=True gradients cannot be noised (DP noise covers every row): use sparse=False"
-        return None
+        return embedding_refusal(module)  # type: ignore[arg-type]
 
     def contributions(self, call: LayerCall) -> list[Contribution]:
         module = call.module
