@@ -245,7 +245,7 @@ class PerExampleForward:
         whole_batch = {"layerwise": tape_runner(self.tape, learn=False)} if self.tape is not None else {}
         with PaddingLookups() as lookups:
             path = verify_paths(module, args, kwargs, batch, candidates, self.trainable, whole_batch,
-                                layerwise_chosen=self.paths == ["layerwise"])
+                                chosen_path=self.paths[0] if len(self.paths) == 1 else None)
         self.padding_lookups = lookups.seen or any(
             isinstance(m, nn.Embedding) and m.padding_idx is not None for m in module.modules())
         return path

@@ -437,12 +437,12 @@ def verify_paths(
     candidates: Mapping[str, PathRunner],
     names: list[str],
     whole_batch: Mapping[str, PathRunner] | None = None,
-    layerwise_chosen: bool = False,
+    chosen_path: str | None = None,
 ) -> str:
     """The first candidate path that passes the checks on a probe of this batch; ModelNotSupportedError if none.
     ``whole_batch``: for a path whose result may depend on the batch size, a runner that repeats the check on the
-    whole batch (when it holds more examples than the probe) without learning layouts anew. ``layerwise_chosen``:
-    the user asked for the layerwise path alone (a refusal then points to the vmap path)."""
+    whole batch (when it holds more examples than the probe) without learning layouts anew. ``chosen_path``:
+    the one path the user asked for (``grad_sample_mode``; a refusal then points to the other), None for "auto"."""
     params = dict(model.named_parameters())
     trainable = [params[n] for n in names]
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
@@ -506,11 +506,21 @@ def verify_paths(
         + "\nFixes: give the model batch-first inputs and outputs (one row per example), keep examples apart "
         "(no batch statistics), call layers through their forward, or register a layer rule "
         "(dpclip.register_layer) for a custom layer."
-        + ("\nOnly the layerwise path was tried (grad_sample_mode='layerwise'): grad_sample_mode='auto' (the "
-           "default) also tries the vmap path, which runs the whole model on each example alone and needs no layer "
-           "rules." if layerwise_chosen else "")
+        + _OTHER_PATH.get(chosen_path or "", "")
         + _rounding_hint(failures)
     )
+
+
+#: What a refusal adds when the user asked for one path alone: the other, which grad_sample_mode="auto" also tries.
+_OTHER_PATH = {
+    "layerwise": "\nOnly the layerwise path was tried (grad_sample_mode='layerwise'): grad_sample_mode='auto' (the "
+                 "default) also tries the vmap path, which runs the whole model on each example alone and needs no "
+                 "layer rules.",
+    "vmap": "\nOnly the vmap path was tried (grad_sample_mode='vmap'): grad_sample_mode='auto' (the default) first "
+            "tries the layerwise path, which differentiates the whole batch with autograd and forms each layer's "
+            "per-example gradients from its inputs and output gradients (it also runs fused kernels that torch.func "
+            "cannot differentiate, e.g. attention with a learned attn_mask).",
+}
 
 
 def fix_hint(error: Exception) -> str:

@@ -203,6 +203,18 @@ class OutputSized(nn.Module):
         return self.up(x, output_size=size)
 
 
+class LearnedMaskBias(nn.Module):
+    """A learned [T, T] relative-position bias passed as nn.MultiheadAttention's float attn_mask (d = 8, T = 5)."""
+
+    def __init__(self, T: int = 5) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.rel_bias = nn.Parameter(0.5 * torch.randn(T, T))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.attn(h, h, h, attn_mask=self.rel_bias, need_weights=False)[0]
+
+
 def circular():
     return nn.Conv2d(2, 4, 3, padding=1, padding_mode="circular")
 
@@ -1159,6 +1171,8 @@ def _cases():
              notes="fix_model; h0 [1, B, H] computed from the input"),
         Case("mha_need_weights_causal", "N", P(build_token, lambda: MHAVariant(True, True)), EXACT,
              notes="MHA(need_weights=True) with a float causal attn_mask"),
+        Case("mha_learned_attn_mask", "N", P(build_token, LearnedMaskBias), {"vmap": EXACT_OR_REFUSED}, ("TokenModel",),
+             "a learned relative-position bias as attn_mask (torch.func cannot differentiate the fused CPU attention in it)"),
         Case("mha_weights_used", "N", P(build_token, lambda: MHAVariant(True, False, use_weights=True)), EXACT,
              notes="the returned averaged attention weights feed the output"),
         Case("mha_bias_kv_zero_attn", "N", P(build_token, lambda: MHAVariant(False, False, True, True)), EXACT,

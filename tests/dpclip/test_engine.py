@@ -902,6 +902,42 @@ def test_a_refusal_on_the_layerwise_path_alone_points_to_auto():
     assert step("auto").grad_sample_path == "vmap"
 
 
+def test_a_refusal_on_the_vmap_path_alone_points_to_auto():
+    """grad_sample_mode='vmap' on a model torch.func cannot differentiate (a learned relative-position bias passed
+    as nn.MultiheadAttention's attn_mask: CPU's fused attention is not differentiable in the mask under its
+    transforms): the refusal says that 'auto' also tries the layerwise path, and 'auto' accepts the model and
+    trains it on that path."""
+
+    class BiasedAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.rel_bias = nn.Parameter(0.5 * torch.randn(5, 5))
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.attn(x, x, x, attn_mask=self.rel_bias, need_weights=False)
+            return self.head(out.mean(dim=1))
+
+    data = TensorDataset(torch.randn(12, 5, 8), torch.randint(0, 3, (12,)))
+
+    def step(mode: str) -> PrivacyEngine:
+        torch.manual_seed(0)
+        model = BiasedAttention()
+        engine = PrivacyEngine(seed=0)
+        model_p, optimizer, loader = engine.make_private(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data, batch_size=12), noise_multiplier=1.0,
+            max_grad_norm=1.0, grad_sample_mode=mode)
+        xb, yb = next(iter(loader))
+        nn.functional.cross_entropy(model_p(xb), yb).backward()
+        optimizer.step()
+        return engine
+
+    with pytest.raises(ModelNotSupportedError, match=r"(?s)vmap path: .*Only the vmap path was tried.*grad_sample_mode='auto'"):
+        step("vmap")
+    assert step("auto").grad_sample_path == "layerwise"
+
+
 def test_a_small_float32_norm_difference_gets_the_rounding_hint():
     from dpclip.grads.verify import _NormMismatch, _rounding_hint
 
