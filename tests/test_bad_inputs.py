@@ -361,10 +361,21 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return x[:8], y[:8]
 
 
+def _class_weighted(reduction: str):
+    """Cross-entropy with class weights 0.5 … 2: with reduction "mean", torch divides by the batch's Σ w_y (a batch
+    statistic); with "none", averaged afterwards, each example is weighted alone."""
+    def loss(out, y):
+        weight = torch.linspace(0.5, 2.0, out.shape[1])
+        losses = nn.functional.cross_entropy(out, y, weight=weight, reduction=reduction)
+        return losses if reduction == "mean" else losses.mean()
+    return loss
+
+
 def test_check_loss_accepts_per_example_losses():
     x, y = _batch()
     dpclip.check_loss(mlp(), nn.CrossEntropyLoss(), x, y)
     dpclip.check_loss(mlp(), nn.CrossEntropyLoss(reduction="sum"), x, y, loss_reduction="sum")
+    dpclip.check_loss(mlp(), _class_weighted("none"), x, y)  # each example weighted alone (README § Private training)
     torch.manual_seed(0)  # padding_idx: under vmap torch gives the padding row gradients; both sides must drop them
     padded = nn.Sequential(nn.Embedding(10, 4, padding_idx=0), nn.Flatten(), nn.Linear(12, 2))
     tokens = torch.randint(0, 10, (6, 3))
@@ -378,7 +389,9 @@ def test_check_loss_accepts_per_example_losses():
     (lambda out, y: nn.functional.cross_entropy(out, y) / out.norm(), "mean", ["depends on the other examples"]),
     (nn.CrossEntropyLoss(reduction="sum"), "mean", ["sums over the batch", "loss_reduction='mean'", "loss_reduction='sum'"]),
     (nn.CrossEntropyLoss(), "sum", ["averages over the batch", "loss_reduction='sum'", "loss_reduction='mean'"]),
-], ids=["normalised by batch statistics", "divided by a batch norm", "declared mean, sums", "declared sum, averages"])
+    (_class_weighted("mean"), "mean", ["depends on the other examples"]),
+], ids=["normalised by batch statistics", "divided by a batch norm", "declared mean, sums", "declared sum, averages",
+        "class-weighted mean"])
 def test_check_loss_detects_losses_that_are_not_per_example(loss_fn, reduction, words):
     model = mlp()
     model.train()

@@ -169,12 +169,15 @@ class _LayerStack:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.entered: list[str] = []
+        self.autocast_in: str | None = None  # the first layer entered with autocast on (the checks turn it off)
         self._names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         self._handles: list[Any] = []
 
     def __enter__(self) -> _LayerStack:
         def enter(module: nn.Module, inputs: Any) -> None:
             self.entered.append(f"{self._names.get(id(module), type(module).__name__)} ({type(module).__name__})")
+            if self.autocast_in is None and any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
+                self.autocast_in = self.entered[-1]
 
         def leave(module: nn.Module, inputs: Any, output: Any) -> None:
             if self.entered:
@@ -507,7 +510,7 @@ def verify_paths(
         "(no batch statistics), call layers through their forward, or register a layer rule "
         "(dpclip.register_layer) for a custom layer."
         + _OTHER_PATH.get(chosen_path or "", "")
-        + _rounding_hint(failures)
+        + (_autocast_hint(layers.autocast_in) if layers.autocast_in is not None else _rounding_hint(failures))
     )
 
 
@@ -711,6 +714,14 @@ def _prefixed(prefix: str, reason: str) -> str:
     if isinstance(reason, _NormMismatch):
         return _NormMismatch(prefix + reason, relative=reason.relative, float32=reason.float32)
     return prefix + reason
+
+
+def _autocast_hint(layer: str) -> str:
+    """The refusal's hint for a model whose forward turns autocast on itself (first seen entering ``layer``)."""
+    return (f"\nThe model's forward turns autocast on itself ({layer} ran under it): verification compares the "
+            "batch with each example alone with autocast off, and half-precision rounding inside the forward makes "
+            "them differ. Take torch.autocast out of forward and wrap the training step's forward and loss in it "
+            "instead (README § Mixed precision): dpclip then checks the model in float32 and trains it in bf16.")
 
 
 def _rounding_hint(failures: Mapping[str, str]) -> str:

@@ -286,3 +286,48 @@ def test_a_disabled_grad_scaler_is_a_plain_step():
         assert engine.steps == 1
         releases.append([p.grad for p in module.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*releases))
+
+
+class AutocastInForward(nn.Module):
+    """A model that turns bf16 autocast on inside its own forward (not in the training loop)."""
+
+    def __init__(self, inside: bool) -> None:
+        super().__init__()
+        self.inside = inside
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.hidden = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.inside):
+            h = torch.tanh(self.hidden(F.relu(self.conv(x)).mean((2, 3))))
+        return self.head(h.float())
+
+
+@pytest.mark.parametrize("mode", ["auto", "layerwise", "vmap"])
+def test_autocast_inside_the_forward_is_refused_with_the_fix(mode):
+    """Verification compares the batch with each example alone with autocast off; a forward that turns it on
+    itself rounds both in bf16, so they differ: refused, naming the first layer that ran under autocast and the
+    fix (autocast in the training loop), before anything is applied. The same model with autocast in the loop
+    trains."""
+    data = TensorDataset(torch.randn(12, 2, 5, 5), torch.randint(0, 3, (12,)))
+
+    def step(inside: bool) -> PrivacyEngine:
+        torch.manual_seed(0)
+        model = AutocastInForward(inside)
+        engine = PrivacyEngine(seed=0)
+        private, optimizer, loader = engine.make_private(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data, batch_size=12),
+            noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode)
+        x, y = next(iter(loader))
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not inside):
+            loss = F.cross_entropy(private(x), y)
+        loss.backward()
+        optimizer.step()
+        return engine
+
+    with pytest.raises(dpclip.ModelNotSupportedError,
+                       match=r"(?s)turns autocast on itself \(conv \(Conv2d\) ran under it\).*Take torch.autocast out of forward"):
+        step(inside=True)
+    assert len(step(inside=False).accountant.history) == 1
