@@ -885,21 +885,23 @@ def test_a_refusal_on_the_layerwise_path_alone_points_to_auto():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(nn.functional.dropout(x * self.scale, 0.1, self.training))
 
-    def step(mode: str) -> PrivacyEngine:
-        torch.manual_seed(0)
-        model = RawScale()
-        engine = PrivacyEngine(seed=0)
-        model_p, optimizer, loader = engine.make_private(
-            model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data(), batch_size=20), noise_multiplier=1.0,
-            max_grad_norm=1.0, grad_sample_mode=mode)
-        xb, yb = next(iter(loader))
-        nn.functional.cross_entropy(model_p(xb), yb).backward()
-        optimizer.step()
-        return engine
-
     with pytest.raises(ModelNotSupportedError, match=r"Only the layerwise path was tried.*grad_sample_mode='auto'"):
-        step("layerwise")
-    assert step("auto").grad_sample_path == "vmap"
+        _one_step(RawScale, data(), "layerwise")
+    assert _one_step(RawScale, data(), "auto").grad_sample_path == "vmap"
+
+
+def _one_step(build: Callable[[], nn.Module], dataset: TensorDataset, mode: str, batch: int = 20) -> PrivacyEngine:
+    """One private step (expected batch ``batch``) with ``grad_sample_mode=mode``; the engine."""
+    torch.manual_seed(0)
+    model = build()
+    engine = PrivacyEngine(seed=0)
+    model_p, optimizer, loader = engine.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(dataset, batch_size=batch),
+        noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode)
+    xb, yb = next(iter(loader))
+    nn.functional.cross_entropy(model_p(xb), yb).backward()
+    optimizer.step()
+    return engine
 
 
 def test_a_refusal_on_the_vmap_path_alone_points_to_auto():
@@ -920,22 +922,9 @@ def test_a_refusal_on_the_vmap_path_alone_points_to_auto():
             return self.head(out.mean(dim=1))
 
     data = TensorDataset(torch.randn(12, 5, 8), torch.randint(0, 3, (12,)))
-
-    def step(mode: str) -> PrivacyEngine:
-        torch.manual_seed(0)
-        model = BiasedAttention()
-        engine = PrivacyEngine(seed=0)
-        model_p, optimizer, loader = engine.make_private(
-            model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data, batch_size=12), noise_multiplier=1.0,
-            max_grad_norm=1.0, grad_sample_mode=mode)
-        xb, yb = next(iter(loader))
-        nn.functional.cross_entropy(model_p(xb), yb).backward()
-        optimizer.step()
-        return engine
-
     with pytest.raises(ModelNotSupportedError, match=r"(?s)vmap path: .*Only the vmap path was tried.*grad_sample_mode='auto'"):
-        step("vmap")
-    assert step("auto").grad_sample_path == "layerwise"
+        _one_step(BiasedAttention, data, "vmap", batch=12)
+    assert _one_step(BiasedAttention, data, "auto", batch=12).grad_sample_path == "layerwise"
 
 
 def test_a_small_float32_norm_difference_gets_the_rounding_hint():
