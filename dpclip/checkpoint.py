@@ -243,6 +243,7 @@ def engine_state(engine: PrivacyEngine, *, key: Key | None = None, extra: Mappin
         "steps": engine.steps,
         "release_trail": list(engine.release_trail),
         "nonfinite_refusals": engine.nonfinite_refusals,
+        "seeded_steps": engine.seeded_steps,
         "noise": engine.noise.state_dict(),
         # open here: handed out, not used yet (a secure-mode draw cannot be repeated: it stays consumed)
         "loader": engine._loader.state_dict(unread_step_returns=engine.guard.open and not engine.secure_mode),
@@ -294,6 +295,7 @@ class _Parsed:
     steps: int
     release_trail: list[float]
     nonfinite_refusals: int
+    seeded_steps: int
     loader_generator: Tensor
     steps_in_epoch: int
     torch_rng: Tensor
@@ -460,6 +462,8 @@ def _parse(engine: PrivacyEngine, state: Mapping[str, Any]) -> _Parsed:
             release_trail=_release_trail(state, steps),
             # written by dpclip since it kept the count (0 before: the earlier file's statement named its refusals)
             nonfinite_refusals=check_count("nonfinite_refusals", state.get("nonfinite_refusals", 0), minimum=0),
+            # written by dpclip since it kept the count; before, every step is taken as seeded (the caveat stays)
+            seeded_steps=min(check_count("seeded_steps", state.get("seeded_steps", steps), minimum=0), steps),
             loader_generator=loader_generator,
             steps_in_epoch=check_count("steps_done_in_epoch", state["loader"]["steps_done_in_epoch"], minimum=0),
             torch_rng=torch_rng,
@@ -613,6 +617,8 @@ def _apply(engine: PrivacyEngine, parsed: _Parsed, state: Mapping[str, Any]) -> 
     # refusals told something of this data set without noise; a load does not undo that (the checkpoint's line
     # may include this engine's own): the larger count stays, so the report keeps saying ε does not cover them
     engine.nonfinite_refusals = max(engine.nonfinite_refusals, parsed.nonfinite_refusals)
+    # steps drawn from seeded generators stay so in a secure-mode engine that continues them
+    engine.seeded_steps = max(engine.seeded_steps, parsed.seeded_steps)
     engine.noise.load_state_dict(state["noise"])
     engine._loader.load_state_dict({"generator": parsed.loader_generator, "steps_done_in_epoch": parsed.steps_in_epoch})
     torch.set_rng_state(parsed.torch_rng)

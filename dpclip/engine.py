@@ -103,6 +103,9 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         #: steps refused with NonFiniteGradientError (nonfinite="error"): each refusal tells, without noise, that its
         #: batch held an example with a non-finite gradient, which ε does not cover (the privacy report says so)
         self.nonfinite_refusals = 0
+        #: released steps whose noise and batches came from seeded generators (every step without secure_mode, and
+        #: those a checkpoint of such a run brings): ε then assumes the seeds stay secret (the privacy report says so)
+        self.seeded_steps = 0
         self._module: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._loader: PoissonDataLoader | None = None
@@ -197,6 +200,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
             chunk_size=chunk_size, nonfinite=nonfinite, target_epsilon=target_epsilon, target_delta=target_delta,
             sample_rate=sample_rate, grad_sample_mode=grad_sample_mode, verify=verify, memory=memory,
         )
+        step_event = plan.mechanism.step_event()  # the accountant's event: its checks refuse here, before any change
         if sharded is not None and plan.grad_sample_mode == "vmap":
             raise PrivacyParameterError(
                 "grad_sample_mode='vmap' is not available for FSDP2 (fully_shard) models: sharded training runs on the "
@@ -225,7 +229,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         self._forwarder = PerExampleForward(module, mode, plan.verify, plan.chunk_size, plan.kept_bytes)
         self._settings, self.clipping, self.budget = plan.mechanism, plan.clipping, plan.budget
         self._bound = plan.clipping.max_norm
-        self._step_event = plan.mechanism.step_event()
+        self._step_event = step_event
         self._sum = ClippedSum(plan.mechanism, plan.clipping, plan.nonfinite, self.collective.defer_error)
         loader.listener = self
         self._module, self._optimizer, self._loader = module, optimizer, loader
@@ -347,6 +351,8 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         settings = self._require_setup()
         assert self._module is not None and self._optimizer is not None and self.clipping is not None
         assert self._forwarder is not None and self._sum is not None
+        # a parameter group appended by hand after the forward would be stepped with its raw gradient
+        self._forwarder.check_optimizer_holds(self._module, self._optimizer, None if self._sharded is None else self._sharded.sharded)
         self.guard.before_step(self._forwarder.gradients_arrived())
         check_bound(self.clipping, self._bound)
         if self._forwarder.state is not None:
@@ -374,6 +380,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         # can neither leave an uncharged release nor let a retry release the same batch again
         self.accountant.compose(self._step_event)
         self.steps += 1
+        self.seeded_steps += 0 if self.secure_mode else 1
         self._bound = self.clipping.after_release(count, settings.expected_batch_size)
         self._abandon_step()
         try:

@@ -42,6 +42,12 @@ def privacy_report(engine: PrivacyEngine, delta: float) -> dict[str, Any]:
             "seed drawn from the OS, which checkpoints keep): this ε assumes those seeds stay secret, since anyone "
             "who knows them can regenerate the noise (secure_mode=True draws every value from the OS)."
         )
+    elif engine.seeded_steps:
+        extra = (extra + " " if extra else "") + (
+            f"{engine.seeded_steps} of the {engine.steps} steps come from a checkpoint of a run without secure_mode: "
+            "their noise and batches came from seeded generators, and for them this ε assumes those seeds stay "
+            "secret, since anyone who knows them can regenerate that noise."
+        )
     if engine.nonfinite_refusals:
         extra = (extra + " " if extra else "") + (
             f"{engine.nonfinite_refusals} step(s) were refused for non-finite gradients: each refusal revealed, "
@@ -70,6 +76,7 @@ def privacy_report(engine: PrivacyEngine, delta: float) -> dict[str, Any]:
         "layer_bounds": None if settings.layer_bounds is None else dict(settings.layer_bounds),
         "non_private": settings.non_private,
         "nonfinite_refusals": engine.nonfinite_refusals,
+        "seeded_steps": engine.seeded_steps,
         "budget": None if engine.budget is None else {"epsilon": engine.budget[0], "delta": engine.budget[1]},
         "history": [str(entry) for entry in engine.accountant.history],
         "statement": privacy_statement(

@@ -139,6 +139,8 @@ BAD_ARGUMENTS = [
     ("sigma negative", dict(noise_multiplier=-1.0), ["noise_multiplier", ">= 0"]),
     ("sigma nan", dict(noise_multiplier=math.nan), ["noise_multiplier", "finite"]),
     ("sigma inf", dict(noise_multiplier=math.inf), ["noise_multiplier", "finite"]),
+    ("sigma tiny", dict(noise_multiplier=1e-300), ["noise_multiplier", "[1e-100, 1e+100]"]),  # the accountant's event
+    ("sigma huge", dict(noise_multiplier=1e200), ["noise_multiplier", "[1e-100, 1e+100]"]),
     ("C zero", dict(max_grad_norm=0.0), ["max_grad_norm", "> 0"]),
     ("C negative", dict(max_grad_norm=-0.5), ["max_grad_norm", "> 0"]),
     ("C nan", dict(max_grad_norm=math.nan), ["max_grad_norm", "finite"]),
@@ -754,3 +756,28 @@ def test_a_batch_larger_than_the_data_set_warns_that_q_is_1():
         engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data(), batch_size=500),
                             noise_multiplier=1.0, max_grad_norm=1.0)
     assert engine.settings.sample_rate == 1.0
+
+
+@pytest.mark.parametrize("returned", [None, 1.5], ids=["None", "a float"])
+def test_a_forward_that_returns_no_tensor_is_refused_with_the_cause(returned):
+    """A forward that forgets its `return` (or returns a Python number): refused naming the cause and the fix, not
+    with the error the empty output met inside the check; nothing charged."""
+
+    class NoOutput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(10, 2)
+
+        def forward(self, x: torch.Tensor) -> Any:
+            self.fc(x)
+            return returned
+
+    torch.manual_seed(0)
+    model = NoOutput()
+    engine = PrivacyEngine(seed=0)
+    private_model, optimizer, loader = engine.make_private(model, sgd(model), DataLoader(data(), batch_size=20),
+                                                           noise_multiplier=1.0, max_grad_norm=1.0)
+    x, _ = next(iter(loader))
+    refused(lambda: private_model(x), dpclip.ModelNotSupportedError,
+            "returned no floating-point tensor", f"returned {type(returned).__name__}", "without `return`")
+    assert engine.steps == 0 and len(engine.accountant.history) == 0

@@ -167,6 +167,7 @@ class PerExampleForward:
         self.seen_several = False  # whether the path was verified on a batch of two or more examples
         self.chunk_size = chunk_size
         self.trainable = list(trainable_parameters(module))
+        self._checked: tuple | None = None  # the trainable set and the optimizer's parameters last checked
         self.batched_arguments: tuple[bool, ...] | None = None
         self.collectors: list[ChunkCollector] = []
         self.state: StateGuard | None = None
@@ -177,12 +178,13 @@ class PerExampleForward:
 
     def follow_trainable(self, module: nn.Module, optimizer: torch.optim.Optimizer,
                          held: Mapping[str, Tensor] | None = None) -> None:
-        """Follow ``requires_grad`` changes made after make_private: re-read the trainable set and re-verify.
+        """Follow changes made after make_private, each forward: :meth:`check_optimizer_holds`, and
+        ``requires_grad`` changes re-read the trainable set and re-verify.
         ``held``: the parameters the optimizer must hold, if not the module's own (FSDP2: the shards)."""
+        self.check_optimizer_holds(module, optimizer, held)
         names = list(trainable_parameters(module))
         if names == self.trainable:
             return
-        check_optimizer(module, optimizer, held)
         for handle in self._gradient_guards:
             handle.remove()
         self._gradient_guards = refuse_nonprivate_gradients(module)
@@ -191,6 +193,18 @@ class PerExampleForward:
             self.tape.rebuild()
         if self.verify != "off":
             self.path = None
+
+    def check_optimizer_holds(self, module: nn.Module, optimizer: torch.optim.Optimizer,
+                              held: Mapping[str, Tensor] | None = None) -> None:
+        """The optimizer still holds every trainable parameter and nothing outside the model (:func:`check_optimizer`)
+        — a group appended to ``param_groups`` by hand, a parameter replaced under its name: checked by identity,
+        again only when either set changed (a tuple of ids per call)."""
+        trainable = trainable_parameters(module)
+        checked = (tuple(id(p) for p in trainable.values()),
+                   tuple(id(p) for group in optimizer.param_groups for p in group["params"]))
+        if checked != self._checked:
+            check_optimizer(module, optimizer, held)
+            self._checked = checked
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, mean: bool, consume: Consumer) -> Any:
         """The forward whose backward delivers per-example gradients (scaled back from a mean loss) to ``consume``."""

@@ -653,7 +653,14 @@ def _reference(model: nn.Module, probe_args: tuple, probe_kwargs: dict, k: int, 
                args: tuple, kwargs: dict, trainable: list[Tensor]) -> _Reference:
     """Brute force: the probe's outputs, and each example's gradient computed on that example alone."""
     with torch.no_grad():
-        outputs = float_leaves(model(*probe_args, **probe_kwargs))
+        returned = model(*probe_args, **probe_kwargs)
+    outputs = float_leaves(returned)
+    if not outputs:
+        raise ModelNotSupportedError(
+            f"the model's forward returned no floating-point tensor (it returned {type(returned).__name__}), so no "
+            "loss can be formed from it: return the outputs the loss is computed from (a forward that ends without "
+            "`return` returns None)"
+        )
     for j, out in enumerate(outputs):
         if out.dim() == 0 or out.shape[0] != k:
             raise ModelNotSupportedError(

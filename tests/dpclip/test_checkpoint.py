@@ -157,6 +157,39 @@ def test_a_checkpoint_of_an_earlier_format_is_refused() -> None:
         engine.load_state_dict(state)
 
 
+def test_a_secure_mode_engine_continuing_a_seeded_run_keeps_the_seed_caveat_for_its_steps() -> None:
+    """The noise of a run without secure_mode comes from seeded generators whose state the checkpoint holds: a
+    secure-mode engine that loads it keeps saying, for those steps, that ε assumes the seeds stay secret (it said
+    nothing before), and its own steps add none; a checkpoint written before the count was kept counts every step."""
+    seeded, m, o, l = private()
+    train(m, o, l, 3)
+    state = seeded.state_dict()
+    assert seeded.privacy_report(1e-5)["seeded_steps"] == 3
+
+    def secure_engine() -> tuple[PrivacyEngine, nn.Module, Any, Any]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 2))
+        engine = PrivacyEngine(secure_mode=True)
+        return (engine, *engine.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                             DataLoader(data(), batch_size=20), noise_multiplier=1.0, max_grad_norm=1.0))
+
+    secure, m2, o2, l2 = secure_engine()
+    train(m2, o2, l2, 1)
+    assert "seeds stay secret" not in secure.privacy_report(1e-5)["statement"]  # its own steps: no caveat
+    secure, m2, o2, l2 = secure_engine()
+    secure.load_state_dict(state)
+    train(m2, o2, l2, 1)
+    report = secure.privacy_report(1e-5)
+    assert (report["steps"], report["seeded_steps"]) == (4, 3)
+    assert "3 of the 4 steps come from a checkpoint of a run without secure_mode" in report["statement"]
+    assert "seeds stay secret" in report["statement"]
+    older = {key: value for key, value in state.items() if key != "seeded_steps"}  # written before the count
+    older["integrity"] = {**state["integrity"], "digest": state_digest(older)}
+    secure, m2, o2, l2 = secure_engine()
+    secure.load_state_dict(older)
+    assert secure.privacy_report(1e-5)["seeded_steps"] == 3
+
+
 # ------------------------------------------------------------------------------------------------------
 # 1. The engine's budget and C stand
 # ------------------------------------------------------------------------------------------------------

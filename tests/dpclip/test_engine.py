@@ -509,6 +509,42 @@ def test_add_param_group_refuses_a_parameter_outside_the_model():
     assert head.weight.grad is not None and engine.steps == 2
 
 
+@pytest.mark.parametrize("when", ["before the forward", "between backward and step"])
+def test_a_parameter_group_appended_by_hand_is_refused_before_anything_changes(when):
+    """``optimizer.param_groups.append(...)`` goes around add_param_group: a loss temperature appended so would be
+    stepped with its raw batch gradient (it was, before). Refused at the next forward, or at step() if appended
+    after the forward, before anything is released, charged or applied."""
+    engine, model, optimizer, loader = private()
+    train(model, optimizer, loader, steps=1)
+    temperature = nn.Parameter(torch.ones(1))
+    group = {**{k: v for k, v in optimizer.param_groups[0].items() if k != "params"}, "params": [temperature]}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    with pytest.raises(dpclip.PrivacyParameterError, match="not the model's.*raw, non-private batch gradient"):
+        if when == "before the forward":
+            optimizer.param_groups.append(group)
+        loss = nn.functional.cross_entropy(model(x) / temperature, y)
+        loss.backward()
+        if when != "before the forward":
+            optimizer.param_groups.append(group)
+        optimizer.step()
+    assert torch.equal(temperature.detach(), torch.ones(1)) and engine.steps == 1
+    assert len(engine.accountant.history) == 1
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_a_parameter_replaced_under_its_name_is_refused():
+    """A layer's weight replaced by a new Parameter after make_private: the optimizer still steps the old one, so
+    the layer would never train (silently, before). Refused at the next forward, naming the parameter."""
+    engine, model, optimizer, loader = private()
+    train(model, optimizer, loader, steps=1)
+    model[0].weight = nn.Parameter(model[0].weight.detach().clone())
+    with pytest.raises(dpclip.PrivacyParameterError, match=r"misses the trainable parameter\(s\) 0\.weight"):
+        train(model, optimizer, loader, steps=1)
+    assert engine.steps == 1
+
+
 @pytest.mark.parametrize("skip", ["empty batch", "by label"])
 def test_skipping_a_batch_the_model_never_read_is_refused(skip):
     """`if len(y) == 0: continue` (or a skip that looks at the labels) left the batch uncharged although the skip
