@@ -181,8 +181,7 @@ class PerExampleForward:
         """Follow changes made after make_private, each forward: :meth:`check_optimizer_holds`, and
         ``requires_grad`` changes re-read the trainable set and re-verify.
         ``held``: the parameters the optimizer must hold, if not the module's own (FSDP2: the shards)."""
-        self.check_optimizer_holds(module, optimizer, held)
-        names = list(trainable_parameters(module))
+        names = list(self.check_optimizer_holds(module, optimizer, held))
         if names == self.trainable:
             return
         for handle in self._gradient_guards:
@@ -195,16 +194,17 @@ class PerExampleForward:
             self.path = None
 
     def check_optimizer_holds(self, module: nn.Module, optimizer: torch.optim.Optimizer,
-                              held: Mapping[str, Tensor] | None = None) -> None:
+                              held: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The optimizer still holds every trainable parameter and nothing outside the model (:func:`check_optimizer`)
         — a group appended to ``param_groups`` by hand, a parameter replaced under its name: checked by identity,
-        again only when either set changed (a tuple of ids per call)."""
+        again only when either set changed (a tuple of ids per call). Returns the trainable parameters it read."""
         trainable = trainable_parameters(module)
         checked = (tuple(id(p) for p in trainable.values()),
                    tuple(id(p) for group in optimizer.param_groups for p in group["params"]))
         if checked != self._checked:
             check_optimizer(module, optimizer, held)
             self._checked = checked
+        return trainable
 
     def forward(self, module: nn.Module, args: tuple, kwargs: dict, mean: bool, consume: Consumer) -> Any:
         """The forward whose backward delivers per-example gradients (scaled back from a mean loss) to ``consume``."""
