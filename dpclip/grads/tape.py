@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..clipping import Norm
-from ..errors import EngineUsageError, ModelNotSupportedError
+from ..errors import EngineUsageError, LossNotPerExampleError, ModelNotSupportedError, PrivacyBudgetExceeded
 from ..norms import clip_norm
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from .contributions import CacheBudget, Contribution, LinearWeight, Summed, vector_norms
@@ -374,9 +374,9 @@ class LayerwiseTape:
             for layer, rule in self._replaced:  # an instance attribute shadows the class's forward for this call
                 layer.forward = rule.recorded_forward(layer, self)  # type: ignore[method-assign]
             if not probe:
-                return module(*args, **kwargs)
+                return self._run(module, args, kwargs)
             with _OutsideUses(self._recorded, self.names) as watch:
-                out = module(*args, **kwargs)
+                out = self._run(module, args, kwargs)
             watch.check()
             return out
         finally:
@@ -385,6 +385,27 @@ class LayerwiseTape:
             for layer, _ in self._replaced:
                 layer.__dict__.pop("forward", None)
             self.recording = False
+
+    def _run(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """The model's forward; a torch error after a shared call was given its batch dim is refused naming it."""
+        try:
+            return module(*args, **kwargs)
+        except (EngineUsageError, LossNotPerExampleError, ModelNotSupportedError, PrivacyBudgetExceeded):
+            raise
+        except (RuntimeError, IndexError, ValueError) as error:
+            shared = sorted({use.where for use in self.uses if use.layout.shared})
+            if not shared:
+                raise
+            raise ModelNotSupportedError(
+                f"{type(error).__name__} in the model's forward after the layerwise path gave the output of "
+                f"{', '.join(shared)} one copy per example: {error}. Such a layer is called on tensors that hold no "
+                "examples (a table looked up on positions, a relative-position bias), so its output is shared by the "
+                "batch; the layerwise path adds a leading dim of the batch's size to it, so that each example gets "
+                "its own gradient, and code that then reorders or reshapes that output's dims (a permute, a view) "
+                "cannot take the extra dim. Use grad_sample_mode='auto' (or 'vmap'): the vmap path runs each "
+                "example alone and adds no dim. Or call the layer on inputs that hold the batch (e.g. "
+                "positions.expand(batch, *positions.shape)) and write the code after it for that dim."
+            ) from error
 
     def _layout(self, where: str, main: Tensor, output: Tensor, leaves: list[Tensor]) -> Layout:
         batch = self.batch

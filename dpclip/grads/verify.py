@@ -28,8 +28,8 @@ trains on nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -537,6 +537,9 @@ def fix_hint(error: Exception) -> str:
         return (" (if an argument holds one row per example inside an object dpclip does not look into, e.g. a "
                 "dataclass, dpclip passes it whole to each example: pass those tensors as arguments, or in tuples, "
                 "lists or dicts)")
+    if "is_contiguous" in text:
+        return (" (a kernel that needs contiguous inputs met a slice or transpose of another tensor, e.g. GroupNorm on "
+                "h[:, :6] under vmap: pass it h[:, :6].contiguous(), or use grad_sample_mode='auto')")
     if "must only return Tensors" in text:
         return " (the model returns non-tensor outputs, e.g. a Hugging Face cache: pass use_cache=False)"
     return ""
@@ -801,7 +804,15 @@ def _check_path(model: nn.Module, run: PathRunner, run_args: tuple, run_kwargs: 
                 relative=difference / scale, float32=tol == _FLOAT32_TOLERANCE,
             )
     if size > k:  # (the tensors behind the gradients serve one weighted sum)
-        return _check_every_row(model, run_args, run_kwargs, size, cotangents, gradients, names)
+        with _batch_frequency_scaling_off(model) as scaled:
+            if scaled:  # the layout checked once more without it, where autograd's batch gradient is a plain sum
+                del gradients
+                output, collect = run(model, run_args, run_kwargs, size)
+                loss = sum((out * cot).sum() for out, cot in zip(float_leaves(output), cotangents))
+                if isinstance(loss, Tensor) and loss.requires_grad:
+                    loss.backward()
+                gradients = collect()
+            return _check_every_row(model, run_args, run_kwargs, size, cotangents, gradients, names)
     sums = gradients.weighted_sum(torch.ones(size, len(names), dtype=torch.float64))
     for name, total in zip(names, expected.total):
         if not _same(sums[name], total, max(_scale(total), scale), tol):
@@ -811,6 +822,23 @@ def _check_path(model: nn.Module, run: PathRunner, run_args: tuple, run_kwargs: 
                 "h @ emb.weight.T), or a hook changes what the layer returns"
             )
     return None
+
+
+@contextmanager
+def _batch_frequency_scaling_off(model: nn.Module) -> Iterator[bool]:
+    """``scale_grad_by_freq`` turned off on the model's embeddings for the block (yields whether any had it).
+    Autograd's backward of such a table divides each row's gradient by its id's count over the whole batch, so
+    its batch gradient is no sum of per-example ones and cannot check which example each row belongs to; without
+    the scaling it can, and the rows belong to the same examples either way (the scaling by each example's own
+    counts is checked on the probe, against each example run alone)."""
+    scaled = [m for m in model.modules() if getattr(m, "scale_grad_by_freq", False) is True]
+    for module in scaled:
+        module.scale_grad_by_freq = False
+    try:
+        yield bool(scaled)
+    finally:
+        for module in scaled:
+            module.scale_grad_by_freq = True
 
 
 def _check_every_row(model: nn.Module, run_args: tuple, run_kwargs: dict, size: int, cotangents: list[Tensor],
@@ -839,12 +867,7 @@ def _check_every_row(model: nn.Module, run_args: tuple, run_kwargs: dict, size: 
     # dtype, since the two sides add in other orders (and float64 models may compute parts in float32: HF's
     # RMSNorm), while a misattributed row is about 1/√size of the scale
     scale = max((_scale(g) for g in truth), default=1e-12)
-    # autograd's batch gradient is no sum of per-example ones where the backward itself mixes examples: an
-    # Embedding with scale_grad_by_freq divides by counts over the batch (its per-example rows are checked on the probe)
-    batch_backward = {id(p) for m in model.modules() if getattr(m, "scale_grad_by_freq", False) for p in m.parameters(recurse=False)}
     for name, parameter, exact in zip(names, trainable, truth):
-        if id(parameter) in batch_backward:
-            continue
         if not _same(sums[name], exact, scale, _FLOAT32_TOLERANCE):
             return (
                 f"the per-example gradients of {name} (in {_owner(name)}) on the batch's rows past the probe are not "

@@ -633,6 +633,39 @@ def test_an_embedding_scaling_its_gradient_by_batch_frequency_keeps_the_layerwis
     assert max(errors) < TOL, errors
 
 
+class FrequencyScaledSelectedTokens(nn.Module):
+    """A frequency-scaled table looked up on the tokens a mask selects (rows are tokens, not examples), summed back
+    to their examples; with one example selecting two tokens and a later one none, the lookup's rows line up with
+    the examples on the probe but not on two rows past it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookup, self.head = nn.Embedding(10, 6, scale_grad_by_freq=True), nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rows = self.lookup(ids[mask])
+        summed = torch.zeros(ids.shape[0], 6, dtype=rows.dtype).index_add(0, mask.nonzero()[:, 0], rows)
+        return self.head(torch.tanh(summed))
+
+
+@pytest.mark.parametrize("mode", ["auto", "layerwise"])
+def test_rows_credited_to_other_examples_are_refused_in_a_frequency_scaled_embedding(mode: str) -> None:
+    """The every-row check skipped scale_grad_by_freq tables (autograd divides by counts over the batch, so its
+    batch gradient is no sum of per-example ones), and this model was trained with example 8's second token
+    clipped by example 9's factor (0.04 of the scale off in float64). The check now runs such models once more
+    with the scaling off, where rows are credited the same way and autograd's sum can tell."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 10, (20, 4), generator=g)
+    mask = torch.zeros(20, 4, dtype=torch.bool)
+    mask[:, 0] = True
+    mask[8, 2], mask[10, 0] = True, False
+    y = torch.randint(0, 3, (20,), generator=g)
+    model = FrequencyScaledSelectedTokens().double()
+    with pytest.raises(ModelNotSupportedError, match=r"on the whole batch of 20 .*rows of one example credited to another"):
+        run_steps(model, (ids, mask, y), lambda m, b: F.cross_entropy(m(b[0], b[1]), b[2]), [list(range(20))], mode=mode)
+    assert model.lookup.scale_grad_by_freq is True  # restored after the check
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Sixth adversarial round (unseen models, batches past the probe)
 # ------------------------------------------------------------------------------------------------------------
@@ -1059,3 +1092,58 @@ def test_verification_comparisons_read_large_tensors_a_chunk_at_a_time(monkeypat
     assert verify._scale(a) == 50.0 and verify._scale(torch.full((20,), float("nan"))) == 1e-12
     finite = torch.randn(4, 11, dtype=torch.float32)
     torch.testing.assert_close(verify._norm64(finite), finite.double().norm(), rtol=1e-15, atol=0)
+
+
+class RelativePositionBias(nn.Module):
+    """Attention with a learned bias per relative distance and head (T5, DeBERTa): an Embedding looked up on a
+    [T, T] bucket matrix that holds no examples, then permuted to [heads, T, T]."""
+
+    def __init__(self, T: int = 5, heads: int = 2, d: int = 8) -> None:
+        super().__init__()
+        self.qkv, self.rel, self.head = nn.Linear(4, 3 * d), nn.Embedding(2 * T - 1, heads), nn.Linear(d, 3)
+        self.heads, self.d = heads, d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.d // self.heads).permute(2, 0, 3, 1, 4)
+        buckets = torch.arange(T)[None, :] - torch.arange(T)[:, None] + T - 1
+        bias = self.rel(buckets).permute(2, 0, 1)
+        h = (torch.softmax(q @ k.transpose(-1, -2) / 2 + bias, -1) @ v).transpose(1, 2).reshape(B, T, self.d)
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_a_shared_table_whose_output_is_permuted_is_refused_by_name_on_layerwise_and_trained_on_auto() -> None:
+    """The layerwise path gives a call on tensors without examples (a relative-position table) a leading batch
+    dim, which the model's own permute cannot take: the refusal carried torch's permute error naming only the
+    whole model; it now names the table and the fix. auto trains it on the vmap path, exactly."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 5, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    torch.manual_seed(0)
+    with pytest.raises(ModelNotSupportedError, match=r"gave the output of rel one copy per example: .*permute.*"
+                                                     r"Use grad_sample_mode='auto'"):
+        run_steps(RelativePositionBias(), (x, y), loss, [list(range(12))], mode="layerwise")
+    torch.manual_seed(0)
+    errors = run_steps(RelativePositionBias(), (x, y), loss, [list(range(12)), list(range(3, 10))])
+    assert max(errors) < TOL, errors
+
+
+class GroupNormOnASlice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.norm, self.head = nn.Linear(6, 8), nn.GroupNorm(2, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.norm(self.fc(x)[:, :6])))
+
+
+def test_a_non_contiguous_input_that_vmap_cannot_take_gets_the_fix() -> None:
+    """GroupNorm's backward under vmap needs a contiguous input: fed a slice, the vmap-only refusal carried torch's
+    "Expected X.is_contiguous" with no fix; it now says to pass .contiguous() (or use auto, which trains it)."""
+    x, y = _data()
+    torch.manual_seed(0)
+    with pytest.raises(ModelNotSupportedError, match=r"is_contiguous.*pass it h\[:, :6\]\.contiguous\(\), or use grad_sample_mode='auto'"):
+        run_steps(GroupNormOnASlice(), (x, y), _ce, [list(range(40))], mode="vmap")
+    torch.manual_seed(0)
+    errors = run_steps(GroupNormOnASlice(), (x, y), _ce, [list(range(40))])
+    assert max(errors) < TOL, errors
