@@ -39,8 +39,9 @@ class PrivacyProgress:
       a terminal", gives nothing in logs too).
     - ``"bar"``: always the tqdm bar (as tqdm itself would draw it);
     - ``"lines"``: plain lines, ``"<desc>: step n/total, eps=…, loss=…"``: the first once ``every_seconds``
-      (default 30) have passed, then at most one per ``every_seconds``, and one at the end of the iteration (or
-      at :meth:`close`, if the loop was left early). ``step`` is where the iteration stands, like the bar.
+      (default 30) have passed, then at most one per ``every_seconds`` (with ``done``, a logical batch's line
+      waits for its release), and one at the end of the iteration (or at :meth:`close`, if the loop was left
+      early). ``step`` is where the iteration stands, like the bar.
     - ``"off"``: nothing is printed, and ε is never computed.
 
     ``disable=True`` means ``"off"`` whatever ``mode`` says. The other keywords (``desc``, ``total``, ``file``,
@@ -102,6 +103,7 @@ class PrivacyProgress:
         self._last_print = clock()
         self._count = 0  # where the iteration stands (items handed out, or ``done``)
         self._printed_count = -1  # the count at the last plain line
+        self._printed_steps = steps()  # the engine's steps at the last plain line (or at the start)
         self._closed = False
 
     def log(self, **values: Any) -> None:
@@ -128,11 +130,17 @@ class PrivacyProgress:
         where = f"step {self._count}" + ("" if total is None else f"/{total}")
         values = ", ".join([where, f"eps={postfix.pop('eps')}", *(f"{k}={v}" for k, v in postfix.items())])
         print(values if not self._desc else f"{self._desc}: {values}", file=self._stream, flush=True)
-        self._printed_count = self._count
+        self._printed_count, self._printed_steps = self._count, self._seen_steps
         self._last_print = self._clock()
 
+    def _released_since_line(self) -> bool:
+        """Counting logical batches (``done``), whose micro-batches share a count: whether a step was released since
+        the last line, so that a batch's line waits for its release and its ε counts it. Counting items: always."""
+        return self._done is None or self._steps() != self._printed_steps
+
     def _final_line(self) -> None:
-        if self.mode == "lines" and self._printed_count != self._count:
+        # also when only ε moved: a line printed after a logical batch's first micro-batch, before its release
+        if self.mode == "lines" and (self._printed_count != self._count or self._printed_steps != self._steps()):
             self._print_line()
 
     def __iter__(self) -> Iterator[Any]:
@@ -146,9 +154,9 @@ class PrivacyProgress:
             yield item
             if self.mode == "bar":
                 self._refresh()
-            elif (self.mode == "lines" and self._count != self._printed_count
+            elif (self.mode == "lines" and self._count != self._printed_count and self._released_since_line()
                   and self._clock() - self._last_print >= self.every_seconds):
-                self._print_line()  # (micro-batches of one logical batch share a count: one line for them)
+                self._print_line()
         self._final_line()
 
     def __len__(self) -> int:

@@ -239,6 +239,17 @@ def map_style_size(dataset: Any) -> int:
     return size
 
 
+def _taken_over() -> EngineUsageError:
+    """An iteration resumed in the middle of a logical batch that the loader no longer holds as handed out."""
+    return EngineUsageError(
+        "this iterator over the private loader was in the middle of a logical batch (micro-batches of "
+        "max_physical_batch_size) that the loader has since handed out again or moved past: a newer iteration "
+        "(iter(loader), a nested loop) took the batch back unread, or a checkpoint was loaded. Its other "
+        "micro-batches would reach the model a second time. Nothing was handed out; iterate the loader with one "
+        "loop at a time (or finish a batch's micro-batches before starting another iteration)."
+    )
+
+
 class PoissonDataLoader:
     """Iterate over Poisson-sampled batches of ``dataset``; ``len()`` is the number of logical steps per epoch.
 
@@ -480,11 +491,13 @@ class PoissonDataLoader:
                 # example is read.
                 self.listener.begin_step()
             # where a checkpoint, or the next iteration if this step comes back unread, starts: before this step
-            self._handed_out = (self.generator.get_state(), self.steps_done_in_epoch, self.batches_drawn)
+            handed_out = self._handed_out = (self.generator.get_state(), self.steps_done_in_epoch, self.batches_drawn)
             parts = self._micro_batches(self.sample_indices())
             self.steps_done_in_epoch += 1
             self.batches_drawn += 1
             for index, part in enumerate(parts):
+                if index > 0 and self._handed_out is not handed_out:
+                    raise _taken_over()
                 if index > 0 and self.listener is not None and not self.listener.step_open():
                     break  # the step was abandoned (e.g. a non-finite gradient): its other micro-batches are not used
                 batch = self._fetch(part)
@@ -531,13 +544,16 @@ class PoissonDataLoader:
                     # Before the step's first micro-batch is even requested: a refused step hands out nothing.
                     self.listener.begin_step()
                 # before this step (the first sampled ahead and not handed out, or the generator's next draw)
-                self._handed_out = (run.states[0].clone() if run.states else self.generator.get_state(),
-                                    self.steps_done_in_epoch, self.batches_drawn)
+                handed_out = self._handed_out = (run.states[0].clone() if run.states else self.generator.get_state(),
+                                                 self.steps_done_in_epoch, self.batches_drawn)
                 if run.batches is None:
                     run.batches = iter(self.workers_loader)
                 step = self.steps_done_in_epoch
-                last = False
+                last = started = False
                 while not last:
+                    if started and (self._handed_out is not handed_out or self._run is not run):
+                        raise _taken_over()
+                    started = True
                     batch = next(run.batches)
                     meta = run.pending.popleft()
                     last = meta.last

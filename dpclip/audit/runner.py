@@ -232,6 +232,17 @@ def _collect_scores(plan: _Plan, trials: int, rng: np.random.Generator, tamper: 
     return pooled, claimed, runs
 
 
+def _check_device(device: str) -> None:
+    """A clear error for a device this torch cannot use (a typo, or "cuda" on a CPU build), before any run."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError, TypeError) as error:
+        raise PrivacyParameterError(
+            f"device {device!r} cannot be used by this torch ({type(error).__name__}: {error}); pass one it has, e.g. "
+            + ("'cpu' or 'cuda'" if torch.cuda.is_available() else "'cpu'")
+        ) from None
+
+
 def audit_config(
     noise_multiplier: float,
     sample_rate: float,
@@ -280,6 +291,7 @@ def audit_config(
     check_delta(delta)
     check_positive("canary_norm", canary_norm)
     slots = _checked_slots(trials, canaries_per_run, background, background_norm, confidence, calibration_fraction)
+    _check_device(device)
     if clipping == "median" and count_noise_multiplier is None:
         holding = background + (1 if slots == 1 else slots // 2)
         count_noise_multiplier = sample_rate * holding / 20.0

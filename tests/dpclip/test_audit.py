@@ -297,7 +297,9 @@ def test_command_line_prints_the_bound_next_to_the_claim(capsys):
     for flag in ("--noise-multiplier", "--sample-rate", "--norm", "--clipping", "--trials", "--confidence", "--canaries-per-run"):
         assert flag in text
     # a bad value exits 2 with a message (1 means a violation was found, so a typo must not look like one)
-    for bad in (["--noise-multiplier", "-1"], ["--sample-rate", "2"], ["--delta", "1"], ["--trials", "1"]):
+    # (a device this torch lacks raised torch's own error with exit status 1, read as a violation)
+    for bad in (["--noise-multiplier", "-1"], ["--sample-rate", "2"], ["--delta", "1"], ["--trials", "1"],
+                ["--device", "bogus"], ["--device", "meta:x"]):
         args = dict(zip(["--noise-multiplier", "--sample-rate"], ["1.0", "1"])) | dict(zip(bad[::2], bad[1::2]))
         with pytest.raises(SystemExit) as exit_info:
             main([part for pair in args.items() for part in pair])

@@ -243,7 +243,15 @@ def test_micro_batches_print_one_line_per_logical_batch() -> None:
     engine, model, optimizer, loader = _micro_batched(max_physical_batch_size=2)
     out = io.StringIO()
     bar = engine.progress(loader, delta=1e-5, file=out, mode="lines", every_seconds=0)
-    seen = _train_micro(model, optimizer, bar)
+    seen, spent = 0, {}
+    for x, y in bar:
+        seen += 1
+        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        spent[engine.steps] = engine.get_epsilon(1e-5)
     bar.close()
-    counts = [int(line["n"]) for line in lines_of(out)]
-    assert seen > 4 and counts == [1, 2, 3, 4]
+    lines = lines_of(out)
+    assert seen > 4 and [int(line["n"]) for line in lines] == [1, 2, 3, 4]
+    # each line once its logical batch was released: the epoch's last line read the ε of 3 steps, not 4, before
+    assert [float(line["eps"]) for line in lines] == [round(spent[n], 3) for n in (1, 2, 3, 4)]
