@@ -157,6 +157,8 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
           2021); its noisy count is accounted.
         - The loader is replaced by Poisson sampling at q = batch_size / N (``sample_rate`` overrides); the noisy sum
           is divided by the expected batch size q·N. ``loss_reduction``: how your criterion combines examples.
+          The loader's ``collate_fn`` must treat each example alone; one seen to combine examples (mixup across
+          the batch) is refused (:mod:`dpclip.collation`).
         - ``target_epsilon``/``target_delta``: a budget; a step that would exceed it raises
           :class:`PrivacyBudgetExceeded` before any example is read.
         - ``nonfinite="drop"`` zeroes examples with NaN/inf gradients instead of raising (still private: such an

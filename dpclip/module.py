@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .errors import EngineUsageError
+from .hooks import DEEPCOPY_MESSAGE, PICKLE_MESSAGE
 from .per_sample import batch_size_of, batched_parameter_forward, trainable_parameters
 
 Tensor = torch.Tensor
@@ -121,6 +122,12 @@ class PrivateModule(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             return self._module(*args, **kwargs)
         return self._private_forward(self._module, args, kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise EngineUsageError(PICKLE_MESSAGE)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise EngineUsageError(DEEPCOPY_MESSAGE)
 
     @property
     def module(self) -> nn.Module:

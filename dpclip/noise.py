@@ -82,7 +82,10 @@ class NoiseSource:
 
     def __init__(self, seed: int | None = None, secure_mode: bool = False) -> None:
         if secure_mode and seed is not None:
-            raise ValueError("secure_mode=True draws seeds from the OS; do not pass a seed (got seed=%r)" % (seed,))
+            raise PrivacyParameterError(
+                f"secure_mode=True draws seeds from the OS; do not pass a seed (got seed={seed!r}): drop the seed for "
+                "secure noise and sampling, or drop secure_mode=True for a reproducible run"
+            )
         self.secure_mode = secure_mode
         self.seed = int.from_bytes(os.urandom(8), "little") if seed is None else int(seed)
         self._generators: dict[torch.device, torch.Generator] = {}

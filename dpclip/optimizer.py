@@ -21,6 +21,13 @@ def outside_parameters_message(who: str, outside: list[torch.Tensor], fix: str) 
             f"parameters of the model (then they are clipped and noised with the rest) {fix}")
 
 
+_COPY_MESSAGE = (
+    "the private optimizer cannot be copied or pickled: it is a view of your optimizer bound to its PrivacyEngine. "
+    "Copy or save its state with optimizer.state_dict() (load it with load_state_dict), or the whole run with "
+    "dpclip.save_checkpoint."
+)
+
+
 class DPOptimizer(torch.optim.Optimizer):
     """Shares the wrapped optimizer's parameter groups and state (so LR schedulers work) and routes
     ``step()`` through the engine: noise is added once per logical batch, then the original optimizer steps."""
@@ -119,6 +126,21 @@ class DPOptimizer(torch.optim.Optimizer):
             "without the scaler (README § Mixed precision). This batch's step was abandoned: nothing was released, "
             "charged or applied, and the data loader's next batch starts a new step."
         )
+
+    def virtual_step(self) -> None:
+        """Opacus 0.x's gradient accumulation: refused with what to do instead."""
+        raise EngineUsageError(
+            "optimizer.virtual_step() (Opacus 0.x gradient accumulation) does not exist here: pass "
+            "max_physical_batch_size= to make_private, and the loader cuts each logical batch into micro-batches; call "
+            "optimizer.step() after every micro-batch (a no-op until the batch's last one). README § Large batches and "
+            "gradient accumulation."
+        )
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise EngineUsageError(_COPY_MESSAGE)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise EngineUsageError(_COPY_MESSAGE)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.original_optimizer.zero_grad(set_to_none=set_to_none)

@@ -24,8 +24,10 @@ from accountants.checks import (
 )
 
 from .clipping import ClippingPolicy, FixedClipping, MedianClipping
+from .collation import check_collate
+from .errors import EngineUsageError
 from .mechanism import DPSGDMechanism
-from .sampling import map_style_size
+from .sampling import PoissonDataLoader, map_style_size
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,23 @@ class TrainingPlan:
     def kept_bytes(self) -> int | None:
         """The layerwise path's budget for kept per-example gradients: its default ("fast"), or none ("low")."""
         return 0 if self.memory == "low" else None
+
+
+def check_loader(data_loader: Any) -> None:
+    """make_private's loader: a torch ``DataLoader`` over the data set, not one make_private returned."""
+    if isinstance(data_loader, PoissonDataLoader):
+        raise EngineUsageError(
+            "this loader is already private: make_private returned it (each engine samples its own batches, and two "
+            "engines drawing on one loader would each charge only their own steps). Pass the original torch "
+            "DataLoader, or use the engine that returned this loader"
+        )
+    if not isinstance(data_loader, DataLoader):
+        raise PrivacyParameterError(
+            f"make_private takes a torch.utils.data.DataLoader, got {type(data_loader).__name__}: dpclip draws each "
+            "step's batch itself (Poisson sampling over the data set's examples), so it needs the data set, not "
+            "batches. Put the examples in a data set (e.g. TensorDataset(x, y)) and pass DataLoader(dataset, "
+            "batch_size=<expected batch size>)"
+        )
 
 
 def dataset_size(data_loader: DataLoader) -> int:
@@ -162,7 +181,9 @@ def plan_training(
     memory: str = "fast",
 ) -> TrainingPlan:
     """Validate every argument of ``make_private`` into a :class:`TrainingPlan`."""
+    check_loader(data_loader)
     size = dataset_size(data_loader)
+    check_collate(data_loader)
     layer_bounds = layer_bounds_of(max_grad_norm, parameter_names)
     if layer_bounds is not None and clipping == "median":
         raise PrivacyParameterError("per-layer bounds (a list or dict max_grad_norm) are only available with clipping='fixed'")
@@ -212,6 +233,7 @@ def calibrated_noise_multiplier(data_loader: DataLoader, target_epsilon: float, 
             "make_private_with_epsilon computes noise_multiplier from target_epsilon, target_delta and epochs; "
             "do not pass it (or call make_private(noise_multiplier=...) instead)"
         )
+    check_loader(data_loader)
     check_delta(target_delta, "target_delta")
     q = sample_rate_of(data_loader, options.get("sample_rate"))
     fields = dict(

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import math
+import pickle
 import subprocess
 import sys
 from typing import Any, Callable
@@ -240,7 +242,8 @@ def test_a_layer_no_path_can_serve_is_refused_at_the_first_step_naming_it_before
 def test_engine_constructor_arguments():
     refused(lambda: PrivacyEngine(accountant="moments"), PrivacyParameterError, "accountant must be", "'rdp'")
     refused(lambda: PrivacyEngine(accountant=["pld"]), PrivacyParameterError, "accountant must be", "['pld']")
-    refused(lambda: PrivacyEngine(secure_mode=True, seed=3), ValueError, "secure_mode=True", "do not pass a seed")
+    refused(lambda: PrivacyEngine(secure_mode=True, seed=3), PrivacyParameterError, "secure_mode=True", "do not pass a seed",
+            "drop secure_mode=True for a reproducible run")
     refused(lambda: PrivacyEngine(secure_mode="no"), PrivacyParameterError, "secure_mode must be True or False")
     for seed in (1.5, True, "7", -1, 2**70):  # truncated, a bool, a string, or out of torch's seed range
         refused(lambda: PrivacyEngine(seed=seed), PrivacyParameterError, "seed must be an integer")
@@ -268,6 +271,23 @@ class IterableWithLength(NoLength):
 ], ids=["empty data set", "iterable data set", "iterable data set with a length", "loader without batch_size"])
 @pytest.mark.parametrize("entry", ["make_private", "make_private_with_epsilon"])
 def test_unusable_data_sets_are_refused(loader, words, entry):
+    _refused_loader(loader, entry, PrivacyParameterError, words)
+
+
+@pytest.mark.parametrize("loader, error, words", [
+    ((batch for batch in [data()[:8]]), PrivacyParameterError, ["takes a torch.utils.data.DataLoader, got generator",
+                                                               "TensorDataset(x, y)"]),
+    ([data()[:8]], PrivacyParameterError, ["got list", "needs the data set, not batches"]),
+    (private()[3], EngineUsageError, ["already private", "Pass the original torch DataLoader"]),
+], ids=["a generator of batches", "a list of batches", "another engine's private loader"])
+@pytest.mark.parametrize("entry", ["make_private", "make_private_with_epsilon"])
+def test_what_is_not_a_data_loader_is_refused_with_the_fix(loader, error, words, entry):
+    """A generator or list of batches raised AttributeError ('no attribute dataset'); another engine's returned
+    loader raised AttributeError on batch_size."""
+    _refused_loader(loader, entry, error, words)
+
+
+def _refused_loader(loader: Any, entry: str, error: type[BaseException], words: list[str]) -> None:
     model = mlp()
     optimizer = sgd(model)
     engine = PrivacyEngine()
@@ -277,7 +297,7 @@ def test_unusable_data_sets_are_refused(loader, words, entry):
     else:
         call = lambda: engine.make_private_with_epsilon(  # noqa: E731
             model, optimizer, loader, target_epsilon=3.0, target_delta=1e-5, epochs=1, max_grad_norm=1.0)
-    refused(call, PrivacyParameterError, *words)
+    refused(call, error, *words)
     assert_unchanged(before, snapshot(engine, model, optimizer))
     assert engine.settings is None
 
@@ -541,6 +561,33 @@ def test_wrapping_twice_is_refused():
     refused(lambda: engine.make_private(other, sgd(other), fresh(), **args), EngineUsageError,
             "already manages a model", "one engine per model")
     assert_unchanged(before, snapshot(engine, model.module, optimizer))
+
+
+@pytest.mark.parametrize("mode", ["layerwise", "vmap"])
+def test_pickling_or_copying_what_the_engine_holds_is_refused_with_the_fix(mode):
+    """pickle / torch.save of the private model (and, on the layerwise path, of the model it wraps) raised pickle's
+    "Can't pickle local object"; copy.deepcopy of the private model silently cloned the engine with its noise and
+    sampling generators; copy.deepcopy of the private optimizer raised AttributeError; optimizer.virtual_step()
+    (Opacus 0.x) raised AttributeError. A deep copy of the plain model (an EMA or teacher) works and pickles."""
+    engine, model, optimizer, loader = private(grad_sample_mode=mode)
+    train(model, optimizer, loader, steps=1)
+    before = snapshot(engine, model.module, optimizer)
+    for target in [model] + ([model.module] if mode == "layerwise" else []):
+        refused(lambda: pickle.dumps(target), EngineUsageError, "cannot be pickled whole", "model.state_dict()")
+        refused(lambda: torch.save(target, io.BytesIO()), EngineUsageError, "cannot be pickled whole")
+    refused(lambda: copy.deepcopy(model), EngineUsageError, "copy.deepcopy(model.module)")
+    for call in (lambda: copy.deepcopy(optimizer), lambda: pickle.dumps(optimizer)):
+        refused(call, EngineUsageError, "cannot be copied or pickled", "optimizer.state_dict()")
+    refused(optimizer.virtual_step, EngineUsageError, "max_physical_batch_size=", "optimizer.step() after every micro-batch")
+    teacher = copy.deepcopy(model.module)
+    assert isinstance(pickle.loads(pickle.dumps(teacher)), nn.Module)
+    x, y = next(iter(DataLoader(data(), batch_size=8)))
+    teacher_optimizer = sgd(teacher)
+    nn.functional.cross_entropy(teacher(x), y).backward()  # plain training of the copy touches nothing of the engine
+    teacher_optimizer.step()
+    assert_unchanged(before, snapshot(engine, model.module, optimizer))
+    train(model, optimizer, loader, steps=1)
+    assert engine.steps == 2
 
 
 def test_a_second_live_engine_on_the_same_model_or_its_parameters_is_refused():

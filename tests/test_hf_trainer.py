@@ -84,7 +84,8 @@ def test_one_step_equals_brute_force_clipped_sum(tmp_path, max_physical_batch_si
         warnings.simplefilter("ignore")  # noise_multiplier=0: dpclip's PrivacyWarning (non-private baseline)
         t = trainer(tmp_path, model, data, collator, noise_multiplier=0.0, max_grad_norm=clip,
                     max_physical_batch_size=max_physical_batch_size)
-        collator.batches.clear()  # DPTrainer collated one example at __init__ to check the labels
+        t.get_train_dataloader()  # builds the engine: make_private tests the collator on examples 0 and 1
+        collator.batches.clear()  # (and DPTrainer collated one example at __init__ to check the labels)
         t.train()
     assert t.engine.steps == 1 and t.state.global_step == 1
     sampled = [i for part in collator.batches for i in part]
@@ -175,6 +176,22 @@ def test_refuses_missing_privacy_arguments(tmp_path):
         DPTrainer(model=tiny_bert(), args=arguments(tmp_path), train_dataset=dataset(), noise_multiplier=1.0)
     with pytest.raises(PrivacyParameterError, match="noise_multiplier"):
         DPTrainer(model=tiny_bert(), args=arguments(tmp_path), train_dataset=dataset(), target_delta=1e-5)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"max_physical_batch_size": 2}, r"private_options\['max_physical_batch_size'\] is set by DPTrainer itself: "
+                                     r"pass DPTrainer\(max_physical_batch_size=\.\.\.\)"),
+    ({"noise_multiplier": 2.0}, r"pass DPTrainer\(noise_multiplier=\.\.\.\)"),
+    ({"target_epsilon": 3.0}, r"pass DPTrainer\(target_epsilon=\.\.\.\)"),
+    ({"clip": "median"}, r"'clip'\] is not a make_private keyword argument; .*clipping"),
+    ([("clipping", "median")], r"must be a dict"),
+], ids=["dropped before", "passed twice", "passed twice (calibrated)", "unknown key", "not a dict"])
+def test_private_options_that_dptrainer_sets_itself_or_make_private_lacks_are_refused_at_once(tmp_path, options, match):
+    """private_options={"max_physical_batch_size": 2} was silently replaced by DPTrainer's own None; a key DPTrainer
+    also passes, or an unknown one, failed only at train() with a raw TypeError."""
+    with pytest.raises(PrivacyParameterError, match=match):
+        trainer(tmp_path, private_options=options)
+    trainer(tmp_path, private_options={"clipping": "median"})  # a make_private option DPTrainer does not set
 
 
 def test_trainer_clipping_is_switched_off_with_a_note(tmp_path, caplog):

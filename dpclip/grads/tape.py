@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..clipping import Norm
 from ..errors import EngineUsageError, LossNotPerExampleError, ModelNotSupportedError, PrivacyBudgetExceeded
+from ..hooks import EngineHook
 from ..norms import clip_norm
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from .contributions import CacheBudget, Contribution, LinearWeight, Summed, vector_norms
@@ -359,7 +360,7 @@ class LayerwiseTape:
         def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             return self._record(name or type(mod).__name__, mod, rule, args, kwargs, output)
 
-        self._handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=True))
+        self._handles.append(module.register_forward_hook(EngineHook(hook), with_kwargs=True, prepend=True))
         self._recorded.append((module, frozenset(id(p) for p in module.parameters(recurse=recurse))))
 
     # -- recording ---------------------------------------------------------------------------------

@@ -20,8 +20,10 @@ each example by the others' lengths).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any, Literal
 
 try:
@@ -94,6 +96,40 @@ class _PrivateTrainLoader:
             yield first if engine.guard.last else _MicroBatches(first, batches, engine)
 
 
+#: make_private's keyword arguments that DPTrainer sets from its own arguments (private_options may not hold them)
+_OWN_ARGUMENTS = {
+    "noise_multiplier": "noise_multiplier", "max_grad_norm": "max_grad_norm", "target_epsilon": "target_epsilon",
+    "target_delta": "target_delta", "epochs": "epochs", "max_physical_batch_size": "max_physical_batch_size",
+    "loss_reduction": "loss_reduction", "grad_sample_mode": "grad_sample_mode",
+}
+
+
+def _checked_private_options(private_options: Any) -> dict[str, Any]:
+    """``private_options`` as a dict of make_private keyword arguments that DPTrainer does not set itself; else a
+    PrivacyParameterError naming the key and where it goes (it failed at train() with a raw TypeError, or was
+    silently replaced by DPTrainer's own value)."""
+    if private_options is None:
+        return {}
+    if not isinstance(private_options, Mapping):
+        raise PrivacyParameterError(
+            f"private_options must be a dict of make_private keyword arguments, got {type(private_options).__name__}"
+        )
+    accepted = {name for name, parameter in inspect.signature(PrivacyEngine.make_private).parameters.items()
+                if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
+    for key in private_options:
+        if key in _OWN_ARGUMENTS:
+            raise PrivacyParameterError(
+                f"private_options[{key!r}] is set by DPTrainer itself: pass DPTrainer({_OWN_ARGUMENTS[key]}=...) "
+                "instead (it would be replaced, or passed twice)"
+            )
+        if key not in accepted:
+            raise PrivacyParameterError(
+                f"private_options[{key!r}] is not a make_private keyword argument; those DPTrainer passes on are: "
+                f"{', '.join(sorted(accepted - set(_OWN_ARGUMENTS)))}"
+            )
+    return dict(private_options)
+
+
 class DPTrainer(Trainer):
     """``transformers.Trainer`` with DP-SGD by :class:`dpclip.PrivacyEngine`.
 
@@ -145,7 +181,8 @@ class DPTrainer(Trainer):
         self.noise_multiplier, self.target_epsilon, self.target_delta = noise_multiplier, target_epsilon, target_delta
         self.dp_epochs, self.dp_max_grad_norm = epochs, max_grad_norm
         self.max_physical_batch_size = max_physical_batch_size
-        self.private_options = dict(private_options or {}, loss_reduction=loss_reduction, grad_sample_mode=grad_sample_mode)
+        self.private_options = dict(_checked_private_options(private_options), loss_reduction=loss_reduction,
+                                    grad_sample_mode=grad_sample_mode)
         #: The engine (built at the first ``train()``/``get_train_dataloader()``); None before.
         self.engine: PrivacyEngine | None = None
         self._engine_args = dict(accountant=accountant, secure_mode=secure_mode, seed=dp_seed)

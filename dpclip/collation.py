@@ -1,0 +1,135 @@
+"""Whether a loader's ``collate_fn`` keeps examples apart: each row of a collated batch must be one example's own.
+
+DP-SGD bounds each example's influence on a step by clipping its gradient to C (Abadi et al. 2016, Alg. 1), which
+holds only if the example reaches one row of the batch. A ``collate_fn`` that combines examples (mixup or cutmix
+with a partner from the same batch) lets one example reach several rows, so one example could move the release by
+several times C while ε is charged for C. The engine cannot see inside the collate function, so
+:func:`collate_mixing` tests it on two examples of the data set before training: their batch must hold, row for
+row, what each example gives collated alone (on the region both share: padding to the batch's longest example, at
+the end or at the start, is fine; so is a collate that reorders the rows, e.g. by length).
+
+Random augmentation is compared under one seed for both calls (torch's, numpy's and Python's global generators,
+each restored afterwards): an augmentation that draws per example, in order, gives the batch's first example the
+draws it gets alone, so only that example's row is compared for a collate that draws random numbers. Three seeds
+are tried, so a partner picked at random is seen in all but rare cases.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_flatten
+from torch.utils.data import DataLoader, default_collate
+
+from .errors import EngineUsageError
+
+Tensor = torch.Tensor
+
+_SEEDS = (20_231, 77_003, 5_150)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """torch's CPU, numpy's and Python's global generators seeded with ``seed`` for the block, then restored."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def _plain_sequence(value: Any) -> bool:
+    """A list or tuple holding no tensors (a text column's strings): one leaf, whatever its length."""
+    return isinstance(value, (list, tuple)) and not any(isinstance(v, Tensor) for v in tree_flatten(list(value))[0])
+
+
+def _rows(batch: Any) -> tuple[Any, list[Tensor]]:
+    """The batch's structure and its tensors with at least one dim (the ones that hold rows)."""
+    leaves, spec = tree_flatten(batch, is_leaf=_plain_sequence)
+    return spec, [leaf for leaf in leaves if isinstance(leaf, Tensor) and leaf.dim() > 0]
+
+
+def _same_region(x: Tensor, y: Tensor) -> bool:
+    """Whether ``x`` and ``y`` (one row each) agree on the region both have, aligned at the start or at the end."""
+    if x.dim() != y.dim() or x.dtype != y.dtype:
+        return False
+    common = [min(a, b) for a, b in zip(x.shape, y.shape)]
+    if 0 in common:
+        return True
+    for at_end in (False, True):
+        region_x = tuple(slice(a - c, a) if at_end else slice(0, c) for a, c in zip(x.shape, common))
+        region_y = tuple(slice(b - c, b) if at_end else slice(0, c) for b, c in zip(y.shape, common))
+        u, v = x[region_x], y[region_y]
+        if not (u.is_floating_point() or u.is_complex()):
+            if torch.equal(u, v):
+                return True
+        elif torch.allclose(u.double(), v.double(), rtol=1e-5, atol=1e-6 * max(float(v.abs().max()), 1e-12)):
+            return True
+    return False
+
+
+def _matches(pair: list[Tensor], alone: list[Tensor], row: int) -> bool:
+    return all(_same_region(p[row], a[0]) for p, a in zip(pair, alone))
+
+
+def collate_mixing(collate_fn: Callable[[list], Any], dataset: Sequence) -> str | None:
+    """Why ``collate_fn`` is seen to mix examples of a batch (a sentence for the refusal), or None: it keeps them
+    apart on the two examples tried, or cannot be tested (torch's ``default_collate``, a data set of one example, a
+    collate that fails on these examples or gives no tensor with one row per example)."""
+    if collate_fn is default_collate or len(dataset) < 2:
+        return None
+    first, second = dataset[0], dataset[1]
+    try:
+        calls = []
+        for seed in _SEEDS:
+            outputs = []
+            for items in ([first, second], [first], [second]):
+                with _seeded(seed):
+                    outputs.append(_rows(collate_fn(items)))
+            calls.append(outputs)
+    except Exception:  # noqa: BLE001 (the collate's own failures are the training loop's to report)
+        return None
+    for (spec, pair), (spec_a, alone_a), (spec_b, alone_b) in calls:
+        if not (spec == spec_a == spec_b and len(pair) == len(alone_a) == len(alone_b)):
+            return None
+        if not all(p.shape[0] == 2 and a.shape[0] == 1 and b.shape[0] == 1 for p, a, b in zip(pair, alone_a, alone_b)):
+            return None
+        if not pair:
+            return None
+    first_alone = [outputs[1][1] for outputs in calls]
+    random_draws = not all(_matches(first_alone[0], other, 0) for other in first_alone[1:])
+    for (_, pair), (_, alone_a), (_, alone_b) in calls:
+        if random_draws:  # only the first example's draws are the same in the batch and alone
+            kept = any(_matches(pair, alone_a, row) for row in (0, 1))
+        else:
+            kept = ((_matches(pair, alone_a, 0) and _matches(pair, alone_b, 1))
+                    or (_matches(pair, alone_a, 1) and _matches(pair, alone_b, 0)))
+        if not kept:
+            return (
+                "collated together, examples 0 and 1 of the data set give rows that are not what each gives collated "
+                f"alone{' (under the same random seed)' if random_draws else ''}: the collate_fn combines examples "
+                "(mixup or cutmix with a partner from the batch), so one example reaches several rows and its "
+                "influence on a step is no longer bounded by C"
+            )
+    return None
+
+
+def check_collate(data_loader: DataLoader) -> None:
+    """Refuse a loader whose ``collate_fn`` is seen to mix examples (:func:`collate_mixing`), with the fix."""
+    reason = collate_mixing(data_loader.collate_fn, data_loader.dataset)  # type: ignore[arg-type]
+    if reason is not None:
+        raise EngineUsageError(
+            f"the data loader's collate_fn cannot be trained on privately: {reason}. Augment each example alone, in "
+            "the data set's __getitem__ or per example inside collate_fn (mixup between examples of one batch has "
+            "no DP-SGD guarantee at C). Nothing was changed."
+        )
