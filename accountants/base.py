@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 from .checks import MAX_STEPS, check_count, check_delta, check_nonnegative
 from .errors import PrivacyParameterError
 from .events import Event, event_from_dict, releases_without_noise
+from .statement import format_delta, format_epsilon
 
 __all__ = ["Accountant", "EpsilonResult", "HistoryEntry"]
 
@@ -226,7 +227,7 @@ class Accountant(ABC):
         lines += [f"  {entry}" for entry in self._history]
         if delta is not None:
             result = self.epsilon_result(delta)
-            line = f"  => (ε = {result.epsilon:.4g}, δ = {delta:g})"
+            line = f"  => (ε = {format_epsilon(result.epsilon)}, δ = {format_delta(delta, 6)})"
             if result.order is not None:
                 line += f" at order α = {result.order:g}"
             if result.error is not None:

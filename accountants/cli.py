@@ -32,7 +32,7 @@ from .checks import (
 from .errors import PrivacyParameterError, PrivacyWarning
 from .calibration import epochs_to_steps, noise_multiplier_for, step_event, steps_for
 from .factory import make_accountant
-from .statement import accountant_label, format_epsilon, privacy_statement
+from .statement import accountant_label, format_delta, format_epsilon, privacy_statement
 
 ACCOUNTANT_HELP = (
     "pld (default): privacy loss distributions, near-exact and never optimistic - the smallest epsilon a "
@@ -164,7 +164,7 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     if args.command == "epsilon":
         sigma = check_noise_multiplier("--noise-multiplier", args.noise_multiplier)
         result = _report(args, q, sigma, _steps(args, q), delta)
-        headline = f"epsilon = {format_epsilon(result['epsilon'])} at delta = {delta:g}"
+        headline = f"epsilon = {format_epsilon(result['epsilon'])} at delta = {format_delta(delta, 6)}"
     elif args.command == "noise":
         target = check_positive("--target-epsilon", args.target_epsilon)
         steps = _steps(args, q)
@@ -177,7 +177,7 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
                       statement=at_shown["statement"])
         headline = (
             f"noise multiplier = {shown:.{DECIMALS}f} (the smallest meeting epsilon <= {target:g}, {sigma:.6f}, rounded "
-            f"up; it gives epsilon = {format_epsilon(result['epsilon_at_shown'])} at delta = {delta:g})"
+            f"up; it gives epsilon = {format_epsilon(result['epsilon_at_shown'])} at delta = {format_delta(delta, 6)})"
         )
     else:
         target = check_positive("--target-epsilon", args.target_epsilon)
@@ -186,7 +186,7 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         if steps == 0:
             one = _report(args, q, sigma, 1, delta)["epsilon"]
             raise PrivacyParameterError(
-                f"no step fits epsilon <= {target:g} at delta = {delta:g}: one step already spends epsilon = "
+                f"no step fits epsilon <= {target:g} at delta = {format_delta(delta, 6)}: one step already spends epsilon = "
                 f"{format_epsilon(one)}. Raise --noise-multiplier (dpclip-budget noise finds the smallest that "
                 "fits a number of steps), lower --sample-rate, or raise --target-epsilon"
             )
@@ -194,7 +194,7 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         result["target_epsilon"] = target
         headline = (
             f"steps = {steps:,} ({steps * q:.2f} epochs) fit epsilon <= {target:g}; "
-            f"they give epsilon = {format_epsilon(result['epsilon'])} at delta = {delta:g}"
+            f"they give epsilon = {format_epsilon(result['epsilon'])} at delta = {format_delta(delta, 6)}"
         )
     return result, headline
 

@@ -18,6 +18,14 @@ def format_epsilon(epsilon: float, digits: int = 4) -> str:
     return f"{math.ceil(epsilon * scale - 1e-9) / scale:.{digits}g}"
 
 
+def format_delta(delta: float, digits: int = 3) -> str:
+    """δ to ``digits`` significant digits, rounded *up* where they do not hold it exactly (ε holds at the δ it
+    was computed for and at every larger one, so a δ rounded down would claim a pair the accountant did not
+    certify)."""
+    text = f"{delta:.{digits}g}"
+    return text if float(text) >= delta else format_epsilon(delta, digits)
+
+
 def accountant_label(name: str, error: float | None = None) -> str:
     """How a statement names the accountant: "RDP", or "PLD (...; numerical error ≤ e)" with its error bound."""
     if name.lower() == "pld":
@@ -48,9 +56,9 @@ def privacy_statement(
     if math.isinf(epsilon):
         why = "the updates were released without noise (noise multiplier 0)" if noise_multiplier == 0 else \
             "no finite ε bounds this history"
-        headline = f"NO privacy guarantee: ε = ∞ at δ = {delta:.3g}, because {why}."
+        headline = f"NO privacy guarantee: ε = ∞ at δ = {format_delta(delta)}, because {why}."
     else:
-        headline = f"Privacy guarantee: (ε = {format_epsilon(epsilon)}, δ = {delta:.3g})-differential privacy for each {unit}."
+        headline = f"Privacy guarantee: (ε = {format_epsilon(epsilon)}, δ = {format_delta(delta)})-differential privacy for each {unit}."
     lines = [
         headline,
         f"Mechanism: {steps:,} steps of {noise}{sigma}, each on a Poisson sample of the data "

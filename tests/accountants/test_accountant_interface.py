@@ -254,3 +254,34 @@ def test_a_release_without_noise_has_no_finite_epsilon(kind):
     restored.load_state_dict(json.loads(json.dumps(accountant.state_dict())))
     assert restored == accountant and restored.get_epsilon(0.5) == math.inf
     assert accountants.event_from_dict(sampled_no_noise.to_dict()) == sampled_no_noise
+
+
+# ---------------------------------------------------------------------------------------------------
+# The printed (ε, δ) pair
+# ---------------------------------------------------------------------------------------------------
+def test_a_printed_delta_is_never_below_the_delta_epsilon_was_computed_at():
+    """The statement printed δ to 3 digits rounded to nearest (δ = 1.2349e-5 as 1.23e-05), and ε rounded up to 4
+    digits did not always cover the gap: at σ = 1.0007 it claimed (1.798, 1.23e-05) where the accountant itself
+    gives ε = 1.79825 at δ = 1.23e-05. The Gaussian's exact ε (Balle & Wang 2018) at the printed δ, for 40 steps
+    without sampling, must not exceed the printed ε either."""
+    import re
+
+    from accountants.statement import format_delta
+
+    for value in (1.2349e-5, 1 / 30000, 1 / 60000, 9.9951e-7, 0.05, 1e-5):
+        for digits in (3, 6):
+            assert float(format_delta(value, digits)) >= value
+    delta = 1.2349e-5
+    for i in range(40):
+        sigma = 1.0 + 0.0007 * i
+        for event, count, exact in ((PoissonSampled(0.01, Gaussian(sigma)), 1000, None),
+                                    (Gaussian(sigma * 6), 40, lambda d, s=sigma: gaussian_epsilon(s * 6 / math.sqrt(40), d))):
+            accountant = PLDAccountant()
+            accountant.compose(event, count)
+            text = accountants.privacy_statement(accountant.get_epsilon(delta), delta, steps=count, sample_rate=0.01,
+                                                 noise_multiplier=sigma, accountant="PLD")
+            printed = re.search(r"ε = ([0-9.e+-]+), δ = ([0-9.e+-]+)\)", text)
+            epsilon_shown, delta_shown = float(printed.group(1)), float(printed.group(2))
+            assert delta_shown >= delta and accountant.get_epsilon(delta_shown) <= epsilon_shown, (sigma, text)
+            if exact is not None:
+                assert exact(delta_shown) <= epsilon_shown
