@@ -1006,16 +1006,21 @@ def test_a_loop_left_right_after_an_epochs_last_batch_gets_a_full_next_epoch(wor
     assert all(torch.equal(a, b) for a, b in zip(weights, plain_weights))
 
 
+def _indexed_private(n: int, batch_size: int, workers: int, **options: Any) -> tuple[PrivacyEngine, Any, Any, Any]:
+    """An engine over n examples (x, y, index), a linear model, SGD, and the private loader."""
+    g = torch.Generator().manual_seed(1)
+    dataset = TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 2, (n,), generator=g), torch.arange(n))
+    model = nn.Linear(4, 2)
+    engine = PrivacyEngine(seed=0)
+    return (engine, *engine.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(dataset, batch_size=batch_size, num_workers=workers),
+        noise_multiplier=1.0, max_grad_norm=1.0, **options))
+
+
 def _indexed_run(workers: int, loop: Callable[[Any, Callable[[Any], None]], None]) -> tuple[list[list[int]], int]:
     """The example indices of each step a loop (``loop(loader, train)``) trains on, and the engine's steps."""
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    dataset = TensorDataset(torch.randn(24, 4, generator=g), torch.randint(0, 2, (24,), generator=g), torch.arange(24))
-    model = nn.Linear(4, 2)
-    engine = PrivacyEngine(seed=0)
-    model, optimizer, loader = engine.make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(dataset, batch_size=6, num_workers=workers),
-        noise_multiplier=1.0, max_grad_norm=1.0)
+    engine, model, optimizer, loader = _indexed_private(24, 6, workers)
     seen: list[list[int]] = []
 
     def train(batch: Any) -> None:
@@ -1070,13 +1075,7 @@ def test_an_iterator_whose_batch_a_newer_iteration_took_back_hands_out_no_more_m
     again. it1 then handed out the rest of its copy of the draw into the step it2 opened: 20 rows in one released
     step, only 17 distinct (sensitivity 2C, charged C); with workers it raised TypeError. Refused now, and the
     step it2 trains on holds each of its examples once."""
-    g = torch.Generator().manual_seed(1)
-    dataset = TensorDataset(torch.randn(40, 4, generator=g), torch.randint(0, 2, (40,), generator=g), torch.arange(40))
-    model = nn.Linear(4, 2)
-    engine = PrivacyEngine(seed=0)
-    model, optimizer, loader = engine.make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(dataset, batch_size=20, num_workers=workers),
-        noise_multiplier=1.0, max_grad_norm=1.0, max_physical_batch_size=3)
+    engine, model, optimizer, loader = _indexed_private(40, 20, workers, max_physical_batch_size=3)
     fed: list[int] = []
 
     def step(batch: Any) -> None:
