@@ -375,9 +375,9 @@ class LayerwiseTape:
             for layer, rule in self._replaced:  # an instance attribute shadows the class's forward for this call
                 layer.forward = rule.recorded_forward(layer, self)  # type: ignore[method-assign]
             if not probe:
-                return self._run(module, args, kwargs)
+                return module(*args, **kwargs)
             with _OutsideUses(self._recorded, self.names) as watch:
-                out = self._run(module, args, kwargs)
+                out = self._run_probe(module, args, kwargs)
             watch.check()
             return out
         finally:
@@ -387,8 +387,9 @@ class LayerwiseTape:
                 layer.__dict__.pop("forward", None)
             self.recording = False
 
-    def _run(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        """The model's forward; a torch error after a shared call was given its batch dim is refused naming it."""
+    def _run_probe(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """The model's forward on the probe; a torch error after a shared call was given its batch dim is refused
+        naming that call (later forwards run what the probe passed)."""
         try:
             return module(*args, **kwargs)
         except (EngineUsageError, LossNotPerExampleError, ModelNotSupportedError, PrivacyBudgetExceeded):
