@@ -112,7 +112,21 @@ def test_a_collate_that_combines_examples_is_refused_before_anything_changes(col
 
 @pytest.mark.parametrize("collate_fn", [_stack, noisy_per_example, flipped_per_example])
 def test_a_collate_that_augments_each_example_alone_trains(collate_fn: Callable) -> None:
-    engine, (model, optimizer, loader) = _make_private(_images(), collate_fn, nn.Linear(6, 3))
+    class Jittered(Dataset):  # draws from torch's global generator in __getitem__, as torchvision transforms do
+        def __init__(self) -> None:
+            self.data = _images()
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def __getitem__(self, i: int) -> Any:
+            x, y = self.data[i]
+            return x + 0.01 * torch.randn_like(x), y
+
+    data, model = Jittered(), nn.Linear(6, 3)
+    state = torch.random.get_rng_state()
+    engine, (model, optimizer, loader) = _make_private(data, collate_fn, model)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the check's draws leave the generators as they were
     for x, y in loader:
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
