@@ -118,7 +118,8 @@ def fix_model(model: nn.Module, batchnorm: str = "groupnorm") -> nn.Module:
     fixed (the pretrained layer's eval-mode function in every mode, affine parameters still trained: for fine-tuning
     a pretrained network). InstanceNorm drops its running statistics, and ``nn.RNN``/``nn.LSTM``/``nn.GRU``
     become :class:`~dpclip.recurrent.DPRNN`/``DPLSTM``/``DPGRU`` (same function, weights and ``state_dict``
-    keys). If ``model`` itself is such a layer, the replacement is returned (use the return value). Raises
+    keys; a layer shared by several sub-modules or names gets one replacement, shared the same way). If ``model``
+    itself is such a layer, the replacement is returned (use the return value). Raises
     :class:`ModelNotSupportedError` for ``nn.LSTM(proj_size > 0)`` and, with "freeze", for a BatchNorm without
     running statistics; nothing is replaced then.
     """
@@ -141,7 +142,7 @@ def fix_model(model: nn.Module, batchnorm: str = "groupnorm") -> nn.Module:
     replacement = _replacement(model, type(model).__name__, batchnorm)
     if replacement is not None:
         return replacement
-    _fix_children(model, "", batchnorm)
+    _fix_children(model, "", batchnorm, {})
     return model
 
 
@@ -159,13 +160,21 @@ def _replacement(layer: nn.Module, where: str, batchnorm: str) -> nn.Module | No
     return None
 
 
-def _fix_children(model: nn.Module, prefix: str, batchnorm: str) -> None:
-    for name, child in list(model.named_children()):
-        replacement = _replacement(child, prefix + name, batchnorm)
+def _fix_children(model: nn.Module, prefix: str, batchnorm: str,
+                  done: dict[int, tuple[nn.Module, nn.Module | None]]) -> None:
+    """Replace ``model``'s children in place, each module once: a layer registered in several places (shared by
+    two sub-modules, or under two names) gets one replacement everywhere, so tied weights stay tied. ``done``
+    maps id(module) to (the module, kept alive while ids are compared, and its replacement or None)."""
+    for name, child in list(model._modules.items()):  # (named_children() skips a second name of the same child)
+        if child is None:
+            continue
+        if id(child) not in done:
+            done[id(child)] = (child, _replacement(child, prefix + name, batchnorm))
+            if done[id(child)][1] is None:
+                _fix_children(child, f"{prefix}{name}.", batchnorm, done)
+        replacement = done[id(child)][1]
         if replacement is not None:
             setattr(model, name, replacement)
-        else:
-            _fix_children(child, f"{prefix}{name}.", batchnorm)
 
 
 def check_loss(
