@@ -301,6 +301,14 @@ class DPRNNBase(nn.Module):
             x = input.unsqueeze(0) if unbatched else (input if self.batch_first else input.transpose(0, 1))
         if x.shape[-1] != self.input_size:
             raise ValueError(f"{name}: input has {x.shape[-1]} features but input_size={self.input_size}")
+        if x.shape[1] == 0:  # as torch's layers refuse it (they would return h_0 as h_n)
+            raise ValueError(f"{name}: the input has no time steps (sequence length 0); torch's layers refuse it too")
+        weight = next(self.parameters(), None)
+        if weight is not None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"{name}: input dtype {x.dtype} differs from the parameters' {weight.dtype}: convert the input "
+                f"(x.to({weight.dtype})) or the layer (layer.to({x.dtype})), as torch's layers ask"
+            )
         batch, length = x.shape[0], x.shape[1]
         states = self._initial_states(hx, x, batch, unbatched)
         finals: list[list[Tensor]] = [[] for _ in range(self._state_count())]

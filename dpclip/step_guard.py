@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.rnn import PackedSequence
 
 from .errors import EngineUsageError
 from .guards import check_batch_is_yielded
@@ -108,6 +109,14 @@ class StepGuard:
             raise EngineUsageError(
                 "a second training-mode forward on the same batch: its examples would be counted twice. "
                 "Run one forward per batch (use torch.no_grad() or model.eval() for extra forwards)."
+            )
+        if any(isinstance(value, PackedSequence) for value in [*args, *kwargs.values()]):
+            raise EngineUsageError(
+                f"{type(module).__name__} was called on a PackedSequence: its data holds the batch's time steps "
+                "packed together, not one row per example, so dpclip cannot give each example its own gradient. Have "
+                "the collate_fn return the padded batch (examples in dim 0) and the lengths, and pack inside the "
+                "model's forward with pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False) "
+                "(nothing was computed)"
             )
         first = first_batched_tensor(args, kwargs)  # its dim 0 is the batch
         batch = first.shape[0]

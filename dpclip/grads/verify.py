@@ -537,6 +537,9 @@ def fix_hint(error: Exception) -> str:
         return (" (if an argument holds one row per example inside an object dpclip does not look into, e.g. a "
                 "dataclass, dpclip passes it whole to each example: pass those tensors as arguments, or in tuples, "
                 "lists or dicts)")
+    if "enforce_sorted" in text:
+        return (" (verification runs the model on batches it makes itself, the probe and each example alone, whose "
+                "rows are not sorted by length: pack with enforce_sorted=False, which keeps the rows' order)")
     if "is_contiguous" in text:
         return (" (a kernel that needs contiguous inputs met a slice or transpose of another tensor, e.g. GroupNorm on "
                 "h[:, :6] under vmap: pass it h[:, :6].contiguous(), or use grad_sample_mode='auto')")

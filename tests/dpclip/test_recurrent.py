@@ -222,6 +222,26 @@ def test_refusals_are_clear():
         DPGRU(3, 5)(torch.randn(6))
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_what_torch_refuses_the_replacements_refuse(kind):
+    """A sequence of length 0 (torch: "Expected sequence length to be larger than 0"; the replacement returned an
+    empty output and h_0 as h_n) and an input whose dtype is not the weights' (torch names the conversion; the
+    replacement raised matmul's dtype error)."""
+    layer = torch_layer(kind)
+    fixed = dpclip.fix_model(copy.deepcopy(layer))
+    for bad in (torch.randn(0, 2, 3), torch.randn(0, 3)):
+        with pytest.raises(RuntimeError, match="sequence length"):
+            layer(bad)
+        with pytest.raises(ValueError, match="no time steps"):
+            fixed(bad)
+    with pytest.raises(ValueError, match="dtype"):
+        layer(torch.randn(5, 2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"input dtype torch.float64 differs .*x.to\(torch.float32\)"):
+        fixed(torch.randn(5, 2, 3, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts inside: no dtype refusal
+        fixed(torch.randn(5, 2, 3, dtype=torch.bfloat16))
+
+
 class ProjectedEncoder(nn.Module):
     """A model whose projected LSTM sits at encoder.lstm."""
 
@@ -450,3 +470,43 @@ def test_fix_model_keeps_a_shared_recurrent_layer_shared(aliased, mode):
     assert set(got) == set(expected)
     for name, g in expected.items():
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-5 * float(g.abs().max()))
+
+
+class PacksSorted(nn.Module):
+    """Packs its padded batch with enforce_sorted=True (the batch must come sorted by length)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = dpclip.fix_model(nn.GRU(3, 4, batch_first=True)), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        _, h = self.rnn(pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=True))
+        return self.head(h[-1])
+
+
+def test_packed_batches_the_engine_cannot_cut_are_refused_with_the_fix():
+    """A PackedSequence from the collate_fn was refused as "a batch of 25 examples" (its packed time steps) with a
+    hint about transposes; packing with enforce_sorted=True was refused with torch's sorting error and no word on
+    why the sorted batch failed (verification's own batches are not sorted). Both now say what to do."""
+    g = torch.Generator().manual_seed(2)
+    sequences = [(torch.randn(n, 3, generator=g), torch.randn(2, generator=g)) for n in (5, 1, 3, 5, 2, 4, 1, 4)]
+
+    def packed(items):
+        return torch.nn.utils.rnn.pack_sequence([x for x, _ in items], enforce_sorted=False), torch.stack([y for _, y in items])
+
+    model = dpclip.fix_model(Tagger(nn.GRU(3, 4)))
+    private, optimizer, loader = PrivacyEngine(seed=0).make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(sequences, batch_size=8, collate_fn=packed),
+        noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0)
+    x, y = next(iter(loader))
+    with pytest.raises(dpclip.EngineUsageError, match=r"called on a PackedSequence.*enforce_sorted=False"):
+        private(x)
+    lengths = torch.tensor([5, 5, 4, 4, 3, 2, 1, 1])
+    padded = torch.randn(8, 5, 3, generator=g) * (torch.arange(5)[None, :, None] < lengths[:, None, None])
+    model = PacksSorted()
+    private, optimizer, loader = PrivacyEngine(seed=0).make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(TensorDataset(padded, lengths, torch.randn(8, 2)), batch_size=8),
+        noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0)
+    x, n, y = next(iter(loader))
+    with pytest.raises(ModelNotSupportedError, match=r"verification runs the model on batches it makes itself.*enforce_sorted=False"):
+        loss_fn(private(x, n), y).backward()
