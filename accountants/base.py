@@ -210,6 +210,8 @@ class Accountant(ABC):
                 raise PrivacyParameterError(f"{name} state holds more than {MAX_STEPS:,} steps")
         except (KeyError, TypeError) as error:
             raise PrivacyParameterError(f"corrupt {name} state: {error!r}") from None
+        except RecursionError:  # events nested thousands deep: no accountant writes such a state
+            raise PrivacyParameterError(f"corrupt {name} state: its events are nested too deeply to read") from None
         self._apply_settings(settings)
         self._history = history
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from numbers import Real
 from typing import Literal
 
 import numpy as np
@@ -35,7 +36,7 @@ __all__ = [
 
 Mechanism = Literal["gaussian", "laplace"]
 
-_SIGMA_FLOOR = 1e-3
+SIGMA_FLOOR = 1e-3
 _SIGMA_CEILING = 1e7
 
 
@@ -177,10 +178,14 @@ def calibrate_noise(
     upper end of the final bracket, whose ε was computed and is ≤ target — a guarantee, whatever the curve's
     numerical monotonicity. ``accountant`` ("rdp" or "pld", see :func:`~accountants.make_accountant`) says
     whose ε must meet the target; for "pld" the search starts at RDP's σ, so it never returns a larger one.
+    The search stops below σ = :data:`SIGMA_FLOOR`: a target met there returns a σ under 4 × that floor, which
+    meets the target but need not be the smallest that does.
     """
     target = check_positive("target_epsilon", target_epsilon)
     delta = check_delta(delta)
     steps = check_count("steps", steps, maximum=MAX_STEPS)
+    if not (isinstance(rtol, Real) and not isinstance(rtol, bool) and 1e-12 <= rtol <= 0.5):
+        raise PrivacyParameterError(f"rtol (the relative tolerance on σ) must be a number in [1e-12, 0.5], got {rtol!r}")
     make_accountant(accountant, orders=orders)  # validate the name (and orders) before searching
 
     def eps(sigma: float) -> float:
@@ -208,7 +213,7 @@ def calibrate_noise(
     while eps_lo <= target:
         factor = min(factor * factor, 4.0)  # from RDP's σ: small steps first, then faster
         hi, eps_hi, lo = lo, eps_lo, lo / factor
-        if lo < _SIGMA_FLOOR:
+        if lo < SIGMA_FLOOR:
             return hi
         eps_lo = eps(lo)
     tight = lambda good, bad: good / bad - 1.0 <= rtol  # noqa: E731 - the bracket [bad, good] is within rtol

@@ -30,7 +30,7 @@ from .checks import (
     warn_if_delta_too_large,
 )
 from .errors import PrivacyParameterError, PrivacyWarning
-from .calibration import epochs_to_steps, noise_multiplier_for, step_event, steps_for
+from .calibration import SIGMA_FLOOR, epochs_to_steps, noise_multiplier_for, step_event, steps_for
 from .factory import make_accountant
 from .statement import accountant_label, format_delta, format_epsilon, privacy_statement
 
@@ -175,8 +175,9 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         # the statement describes the σ the user is told to use (and its ε), not the unrounded one
         result.update(target_epsilon=target, noise_multiplier_shown=shown, epsilon_at_shown=at_shown["epsilon"],
                       statement=at_shown["statement"])
+        smallest = "the smallest" if sigma >= 4 * SIGMA_FLOOR else f"the search stops below {SIGMA_FLOOR:g}: one"
         headline = (
-            f"noise multiplier = {shown:.{DECIMALS}f} (the smallest meeting epsilon <= {target:g}, {sigma:.6f}, rounded "
+            f"noise multiplier = {shown:.{DECIMALS}f} ({smallest} meeting epsilon <= {target:g}, {sigma:.6f}, rounded "
             f"up; it gives epsilon = {format_epsilon(result['epsilon_at_shown'])} at delta = {format_delta(delta, 6)})"
         )
     else:

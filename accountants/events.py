@@ -106,6 +106,11 @@ class Composed(Event):
     count: int = 1
 
     def __init__(self, events: Iterable[Event], count: int = 1) -> None:
+        if isinstance(events, Event) or not isinstance(events, Iterable):
+            raise PrivacyParameterError(
+                f"Composed takes a list of events, got {events!r}: write Composed([event, ...], count), or use the "
+                "event itself for one mechanism"
+            )
         events = tuple(events)
         if not events:
             raise PrivacyParameterError("Composed needs at least one event, got an empty list")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -18,10 +19,22 @@ from .rdp import DEFAULT_ORDERS, pure_epsilon, rdp_curve
 __all__ = ["HistoryEntry", "RDPAccountant"]
 
 
+#: The largest Rényi order accepted: the sampled Gaussian's RDP at an integer order α sums α + 1 terms, and
+#: orders past the defaults' 4096 only matter for ε in the thousands.
+MAX_ORDER = 100_000.0
+
+
 def _check_orders(orders: Sequence[float]) -> tuple[float, ...]:
-    values = np.asarray(orders, dtype=np.float64).ravel()
-    if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values <= 1.0):
-        raise PrivacyParameterError(f"orders must be a non-empty list of finite numbers > 1, got {list(orders)!r}")
+    usage = ("orders must be a non-empty list of finite numbers > 1 (Rényi orders α, at most "
+             f"{MAX_ORDER:g}; the default list suits DP-SGD)")
+    if isinstance(orders, (str, bytes)) or not isinstance(orders, Iterable):
+        raise PrivacyParameterError(f"{usage}, got {orders!r}")
+    items = list(orders)
+    if not all(isinstance(v, Real) and not isinstance(v, bool) for v in items):
+        raise PrivacyParameterError(f"{usage}, got {items!r}")
+    values = np.asarray(items, dtype=np.float64).ravel()
+    if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values <= 1.0) or np.any(values > MAX_ORDER):
+        raise PrivacyParameterError(f"{usage}, got {items!r}")
     return tuple(float(v) for v in values)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from .errors import PrivacyParameterError
+
 _MECHANISM_NAMES = {
     "gaussian": "Gaussian noise (std = noise multiplier × L2 clipping bound)",
     "laplace": "Laplace noise (scale = noise multiplier × L1 clipping bound)",
@@ -48,6 +50,10 @@ def privacy_statement(
     extra: str | None = None,
 ) -> str:
     """A short statement of what (ε, δ) protects, what it assumes, and that it is an upper bound."""
+    if not (isinstance(epsilon, (int, float)) and epsilon >= 0):  # (NaN fails this too)
+        raise PrivacyParameterError(f"epsilon must be a number >= 0 (or inf), got {epsilon!r}")
+    if not (isinstance(delta, (int, float)) and 0 <= delta < 1):
+        raise PrivacyParameterError(f"delta must be a number in [0, 1), got {delta!r}")
     noise = _MECHANISM_NAMES.get(mechanism, mechanism)
     sigma = "" if noise_multiplier is None else f", noise multiplier {noise_multiplier:.6g}"
     where = ""

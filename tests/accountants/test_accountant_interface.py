@@ -285,3 +285,45 @@ def test_a_printed_delta_is_never_below_the_delta_epsilon_was_computed_at():
             assert delta_shown >= delta and accountant.get_epsilon(delta_shown) <= epsilon_shown, (sigma, text)
             if exact is not None:
                 assert exact(delta_shown) <= epsilon_shown
+
+
+def _deeply_nested_state() -> dict[str, Any]:
+    event: dict[str, Any] = {"type": "gaussian", "noise_multiplier": 1.0}
+    for _ in range(5000):
+        event = {"type": "poisson_sampled", "sample_rate": 0.999, "mechanism": event}
+    state = RDPAccountant().state_dict()
+    state["history"] = [{"event": event, "count": 1}]
+    return state
+
+
+def _rdp_state_with_orders(orders: Any) -> dict[str, Any]:
+    state = RDPAccountant().state_dict()
+    state["orders"] = orders
+    return state
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: accountants.calibrate_noise(lambda s: PoissonSampled(0.01, Gaussian(s)), 3.0, 1e-5, 100, rtol=math.nan,
+                                         accountant="rdp"), "rtol"),  # never returned before
+    (lambda: accountants.calibrate_noise(lambda s: PoissonSampled(0.01, Gaussian(s)), 3.0, 1e-5, 100, rtol=0.0), "rtol"),
+    (lambda: accountants.calibrate_noise(lambda s: PoissonSampled(0.01, Gaussian(s)), 3.0, 1e-5, 100, rtol=-1.0), "rtol"),
+    (lambda: RDPAccountant(orders="abc"), "list of finite numbers"),
+    (lambda: RDPAccountant(orders=[2, "x"]), "list of finite numbers"),
+    (lambda: RDPAccountant(orders=5), "list of finite numbers"),
+    (lambda: RDPAccountant(orders=[2.0**40]), "at most"),  # accepted, then MemoryError at the first query
+    (lambda: RDPAccountant().load_state_dict(_rdp_state_with_orders("abc")), "list of finite numbers"),
+    (lambda: PLDAccountant(value_discretization_interval=1e-9), "finer than"),  # accepted, then 31 GiB asked for
+    (lambda: PLDAccountant(points_per_std=1e6), "exceeds"),
+    (lambda: accountants.Composed(Gaussian(1.0)), "takes a list of events"),  # TypeError before
+    (lambda: RDPAccountant().load_state_dict(_deeply_nested_state()), "nested too deeply"),  # RecursionError before
+    (lambda: accountants.privacy_statement(math.nan, 1e-5, steps=1, sample_rate=0.1), "epsilon must be"),
+    (lambda: accountants.privacy_statement(-1.0, 1e-5, steps=1, sample_rate=0.1), "epsilon must be"),
+    (lambda: accountants.privacy_statement(1.0, 2.0, steps=1, sample_rate=0.1), "delta must be"),
+], ids=["rtol nan", "rtol 0", "rtol negative", "orders a string", "orders with a string", "orders a scalar",
+        "order 2^40", "state orders a string", "grid step 1e-9", "points per std 1e6", "Composed of one event",
+        "state nested 5000 deep", "statement ε nan", "statement ε negative", "statement δ 2"])
+def test_accountant_inputs_that_raised_numpy_errors_hung_or_printed_nonsense_are_refused(call, words):
+    """Found by a probe: each raised numpy/scipy/Python errors, hung, ran out of memory later, or printed
+    "(ε = nan ...)"; now PrivacyParameterError with what to pass."""
+    with pytest.raises(PrivacyParameterError, match=words):
+        call()
