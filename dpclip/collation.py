@@ -34,7 +34,7 @@ _SEEDS = (20_231, 77_003, 5_150)
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded_global_generators(seed: int) -> Iterator[None]:
     """torch's CPU, numpy's and Python's global generators seeded with ``seed`` for the block, then restored."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
@@ -90,14 +90,14 @@ def collate_mixing(collate_fn: Callable[[list], Any], dataset: Sequence) -> str 
     collate that fails on these examples or gives no tensor with one row per example)."""
     if collate_fn is default_collate or len(dataset) < 2:
         return None
-    with _seeded(_SEEDS[0]):  # a data set that augments in __getitem__ draws here, and leaves the generators as they were
+    with seeded_global_generators(_SEEDS[0]):  # a data set that augments in __getitem__ draws here, and leaves the generators as they were
         first, second = dataset[0], dataset[1]
     try:
         calls = []
         for seed in _SEEDS:
             outputs = []
             for items in ([first, second], [first], [second]):
-                with _seeded(seed):
+                with seeded_global_generators(seed):
                     outputs.append(_rows(collate_fn(items)))
             calls.append(outputs)
     except Exception:  # noqa: BLE001 (the collate's own failures are the training loop's to report)

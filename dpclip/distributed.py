@@ -76,6 +76,48 @@ if TYPE_CHECKING:  # pragma: no cover
 Tensor = torch.Tensor
 
 
+#: Examples read by :func:`dataset_digest` from a data set that is not a TensorDataset.
+DIGEST_EXAMPLES = 32
+
+
+def dataset_digest(dataset: Any) -> str:
+    """A fingerprint of the data set's examples in their order, for comparing ranks: all of a ``TensorDataset``'s
+    tensors, else :data:`DIGEST_EXAMPLES` examples at fixed positions (first, last and spread between), read with
+    the global generators seeded alike on every rank (so augmentation in ``__getitem__`` draws the same) and
+    restored. Tensors and arrays by their bytes, numbers and strings by value, other objects by type only."""
+    from torch.utils.data import TensorDataset
+    from torch.utils._pytree import tree_flatten
+
+    from .collation import seeded_global_generators
+
+    digest = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        for leaf in tree_flatten(value)[0]:
+            if isinstance(leaf, Tensor):
+                digest.update(f"{leaf.dtype}{tuple(leaf.shape)}".encode())
+                digest.update(leaf.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            elif hasattr(leaf, "__array_interface__") or hasattr(leaf, "__array__"):
+                import numpy as np
+
+                array = np.ascontiguousarray(np.asarray(leaf))
+                digest.update(f"{array.dtype}{array.shape}".encode() + array.tobytes())
+            elif isinstance(leaf, (str, bytes, int, float, bool, type(None))):
+                digest.update(repr(leaf).encode())
+            else:
+                digest.update(type(leaf).__qualname__.encode())
+
+    size = len(dataset)
+    if isinstance(dataset, TensorDataset):
+        add(list(dataset.tensors))
+    else:
+        positions = sorted({0, size - 1, *(k * (size - 1) // (DIGEST_EXAMPLES - 1) for k in range(DIGEST_EXAMPLES))})
+        with seeded_global_generators(0):
+            for position in positions:
+                add(dataset[position])
+    return f"{size} examples, sha256 {digest.hexdigest()[:16]}"
+
+
 def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -189,7 +231,7 @@ class DistributedContext:
 
     def synchronize_setup(
         self, wrapper: nn.Module, module: nn.Module, loader: PoissonDataLoader, fingerprint: Mapping[str, Any],
-        noise_seed: int, steps_released: Callable[[], int],
+        noise_seed: int, steps_released: Callable[[], int], checked: bool = False,
     ) -> int | None:
         """At make_private, after every local check: make sure every rank has the same mechanism, then give all
         ranks rank 0's model (as DDP does), rank 0's sampling seed (outside secure mode) and this rank's shard of
@@ -198,26 +240,12 @@ class DistributedContext:
         this rank's engine released.
 
         ``fingerprint`` holds what must agree across ranks (settings, clipping strategy, budget, ...); the data
-        set size is part of the settings. Raises :class:`PrivacyParameterError` on every rank, before changing
+        set's size is part of the settings, its examples are compared by :func:`dataset_digest`. Raises :class:`PrivacyParameterError` on every rank, before changing
         anything, when a rank differs.
         """
         self._steps_released, self._loader = steps_released, loader
-        self.exchange_header("make_private")
-        mine = {key: repr(value) for key, value in fingerprint.items()}
-        mine.update(
-            world_size=repr(self.world_size),
-            model=repr([(name, tuple(p.shape), p.dtype, p.requires_grad) for name, p in module.named_parameters()]),
-        )
-        gathered: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(gathered, mine)
-        for rank, other in enumerate(gathered):
-            diff = sorted(k for k in set(gathered[0]) | set(other) if gathered[0].get(k) != other.get(k))
-            if diff:
-                raise PrivacyParameterError(
-                    f"rank {rank} called make_private with other {', '.join(diff)} than rank 0: "
-                    + "; ".join(f"{k}: {gathered[0].get(k)} (rank 0) vs {other.get(k)} (rank {rank})" for k in diff)
-                    + ". Every rank must pass the same data set, privacy settings and model."
-                )
+        if not checked:  # (``checked``: the caller compared the ranks already, before changing anything)
+            self.check_same_setup(module, loader, fingerprint)
         if _is_ddp(wrapper):
             _guard_ddp_wrapper(wrapper)
         with torch.no_grad():
@@ -231,6 +259,29 @@ class DistributedContext:
         torch.distributed.broadcast_object_list(seeds, src=0, device=self.device)
         loader.generator.manual_seed(int(seeds[1]))
         return int(seeds[0])
+
+    def check_same_setup(self, module: nn.Module, loader: PoissonDataLoader, fingerprint: Mapping[str, Any]) -> None:
+        """Every rank's settings, model layout and data (:func:`dataset_digest`) equal rank 0's, else
+        :class:`PrivacyParameterError` on every rank, before anything changes."""
+        self.exchange_header("make_private")
+        mine = {key: repr(value) for key, value in fingerprint.items()}
+        mine.update(
+            world_size=repr(self.world_size),
+            model=repr([(name, tuple(p.shape), p.dtype, p.requires_grad) for name, p in module.named_parameters()]),
+            data=dataset_digest(loader.dataset),
+        )
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, mine)
+        for rank, other in enumerate(gathered):
+            diff = sorted(k for k in set(gathered[0]) | set(other) if gathered[0].get(k) != other.get(k))
+            if diff:
+                raise PrivacyParameterError(
+                    f"rank {rank} called make_private with other {', '.join(diff)} than rank 0: "
+                    + "; ".join(f"{k}: {gathered[0].get(k)} (rank 0) vs {other.get(k)} (rank {rank})" for k in diff)
+                    + ". Every rank must pass the same data set, in the same order (each rank trains on its share of "
+                    "the sampled positions: a data set shuffled or split per rank would count some examples twice "
+                    "and others never), the same privacy settings and the same model."
+                )
 
     # ---------------------------------------------------------------------------------------------------
     # The private step

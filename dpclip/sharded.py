@@ -225,13 +225,16 @@ class ShardedContext(DistributedContext):
         return self.sharded_model
 
     def synchronize_setup(self, wrapper: nn.Module, module: nn.Module, loader: Any, fingerprint: Mapping[str, Any],
-                          noise_seed: int, steps_released: Callable[[], int]) -> int | None:
+                          noise_seed: int, steps_released: Callable[[], int], checked: bool = False) -> int | None:
         """As :meth:`DistributedContext.synchronize_setup` (rank 0's model on every rank: gathered, broadcast,
         written back into each rank's shards), then each rank's own noise generator for its rows."""
         model = self.sharded_model
+        self._steps_released, self._loader = steps_released, loader
+        if not checked:
+            self.check_same_setup(module, loader, fingerprint)  # before FSDP2's settings or the parameters change
         model.take_over()
         model.gather()
-        shared = super().synchronize_setup(wrapper, module, loader, fingerprint, noise_seed, steps_released)
+        shared = super().synchronize_setup(wrapper, module, loader, fingerprint, noise_seed, steps_released, checked=True)
         model.copy_gathered_into_shards()
         model.reshard()
         self.shard_noise = (NoiseSource(secure_mode=True) if shared is None

@@ -79,6 +79,8 @@ def run(
     nan_index: int | None = None,
     batch_size: int = BATCH,
     accountant: str = "pld",
+    rotate: int = 0,
+    as_list: bool = False,
     **private: Any,
 ) -> dict[str, Any]:
     """Train ``steps`` steps with the ordinary loop; returns parameters, per-step updates, batch sizes, ε, C."""
@@ -89,8 +91,11 @@ def run(
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
     private.setdefault("noise_multiplier", 1.0)
     private.setdefault("max_grad_norm", 1.0)
+    data: Any = TensorDataset(*(t.roll(rotate, 0) for t in dataset(nan_index).tensors))
+    if as_list:  # a map-style data set that is not a TensorDataset: its examples are sampled for the digest
+        data = list(data)
     pm, po, loader = engine.make_private(
-        net, optimizer, DataLoader(dataset(nan_index), batch_size=batch_size), distributed=distributed, **private
+        net, optimizer, DataLoader(data, batch_size=batch_size), distributed=distributed, **private
     )
     if load is not None:
         engine.load_state_dict(torch.load(load, weights_only=True))
@@ -206,6 +211,10 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     # an accountant or optimizer hyper-parameter of its own: per-rank ε, or models drifting apart
     out["mismatch_accountant"] = expect(PrivacyParameterError, lambda: run(1, distributed=True, accountant=("pld", "rdp")[rank]))
     out["mismatch_lr"] = expect(PrivacyParameterError, lambda: run(1, distributed=True, lr=0.5 + rank))
+    # the same examples in another order on rank 1 (a per-rank shuffle): each rank takes its share of the sampled
+    # positions, so some examples would be counted twice and others never
+    out["mismatch_order"] = [expect(PrivacyParameterError, lambda: run(1, distributed=True, rotate=rank, as_list=as_list))
+                             for as_list in (False, True)]
     return out
 
 
@@ -355,6 +364,11 @@ def test_ranks_with_different_settings_are_refused(ranks: list[dict[str, Any]]) 
         assert "clipping" in r["mismatch"]
         assert r["mismatch_accountant"].startswith("PrivacyParameterError") and "accountant" in r["mismatch_accountant"]
         assert r["mismatch_lr"].startswith("PrivacyParameterError") and "optimizer" in r["mismatch_lr"]
+        # a data set in another order on one rank was accepted: the release counted every even example twice and
+        # every odd one never (2·Σ_even clip(g_i) to 2e-7), while ε was charged as usual
+        for refusal in r["mismatch_order"]:
+            assert refusal.startswith("PrivacyParameterError") and "other data than rank 0" in refusal
+            assert "in the same order" in refusal
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dpclip import ModelNotSupportedError, PrivacyEngine
 from dpclip.checkpoint import CheckpointError
 from dpclip.errors import PrivacyParameterError
+from dpclip.optimizer import DPOptimizer
 
 from .ranks import (
     assert_same_params, composed_epsilon, expect, on_ranks, train_distributed_in_this_process, train_distributed_on_two_ranks,
@@ -184,6 +185,15 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     out["no_root"] = expect(ModelNotSupportedError, lambda: PrivacyEngine().make_private(
         build(mesh=mesh, root=False), torch.optim.SGD([torch.zeros(1)], lr=1), DataLoader(dataset(), batch_size=8),
         noise_multiplier=1.0, max_grad_norm=1.0))
+    # (9) ranks disagreeing on C: refused before FSDP2's settings or the parameters change; the model still trains
+    net = build(mesh=mesh)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    out["disagree"] = expect(PrivacyParameterError, lambda: PrivacyEngine(seed=0).make_private(
+        net, optimizer, DataLoader(dataset(), batch_size=BATCH), noise_multiplier=1.0, max_grad_norm=1.0 + rank))
+    out["after_refusal_dtensors"] = all(isinstance(p, DTensor) for p in net.parameters())
+    _, private_optimizer, loader = PrivacyEngine(seed=0).make_private(
+        net, optimizer, DataLoader(dataset(), batch_size=BATCH), noise_multiplier=1.0, max_grad_norm=1.0)
+    out["retry_accepted"] = isinstance(private_optimizer, DPOptimizer)
     return out
 
 
@@ -281,6 +291,10 @@ def test_unsupported_fsdp2_setups_are_refused_with_the_fix(ranks: list[dict[str,
         assert "grad_sample_mode='vmap' is not available for FSDP2" in r["vmap"]
         assert "MixedPrecisionPolicy" in r["mixed"] and "torch.autocast" in r["mixed"]
         assert "fully_shard(model) on the root" in r["no_root"]
+        # the refusal came after the parameters were gathered and FSDP2's resharding and gradient sync switched off:
+        # plain tensors after it, a plain FSDP step moving nothing, and a retry refused as 'not sharded'
+        assert r["disagree"].startswith("PrivacyParameterError") and "other" in r["disagree"], r["disagree"]
+        assert r["after_refusal_dtensors"] and r["retry_accepted"]
 
 
 def test_train_distributed_script_with_fsdp_under_torchrun(tmp_path: Path) -> None:
