@@ -118,6 +118,12 @@ def dataset_digest(dataset: Any) -> str:
     return f"{size} examples, sha256 {digest.hexdigest()[:16]}"
 
 
+def _layout_code(summed: Mapping[str, Tensor]) -> int:
+    """48 bits of SHA-256 over the names, shapes and dtypes of a step's sums (exact in a float64 header)."""
+    text = repr([(name, tuple(t.shape), str(t.dtype)) for name, t in summed.items()])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "little")
+
+
 def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -157,7 +163,7 @@ def _guard_ddp_wrapper(wrapper: nn.Module) -> None:
 
 
 #: Header columns: (phase, logical batches drawn, steps released, non-finite flag, centred median count).
-_PHASE, _BATCH, _STEP, _FLAG, _COUNT = range(5)
+_PHASE, _BATCH, _STEP, _FLAG, _COUNT, _LAYOUT = range(6)
 #: The phases of the header, with what a rank in that phase is doing (for the error message).
 PHASES: dict[str, str] = {
     "make_private": "in make_private",
@@ -297,23 +303,33 @@ class DistributedContext:
         steps = int(self._steps_released()) if self._steps_released is not None else 0
         return batches, steps
 
-    def exchange_header(self, phase: str, count: float = 0.0, flag: bool = False) -> Tensor:
-        """The tagged all-reduce that opens every collective operation; returns the (world_size, 5) header
-        (one row per rank: phase, batch, step, flag, count) after checking that all ranks are at the same
-        (phase, batch, step). Raises :class:`EngineUsageError` on every rank otherwise (all ranks see the same
-        header, so all of them decide alike), before any payload collective is issued."""
+    def exchange_header(self, phase: str, count: float = 0.0, flag: bool = False, layout: int = 0) -> Tensor:
+        """The tagged all-reduce that opens every collective operation; returns the (world_size, 6) header
+        (one row per rank: phase, batch, step, flag, count, layout) after checking that all ranks are at the same
+        (phase, batch, step) and, for a step, reduce the same parameters (``layout``: :func:`_layout_code` of
+        the sums). Raises :class:`EngineUsageError` on every rank otherwise (all ranks see the same header, so
+        all of them decide alike), before any payload collective is issued."""
         if phase not in _PHASE_CODES:
             raise ValueError(f"unknown phase {phase!r}; one of {sorted(_PHASE_CODES)}")
         batches, steps = self.position()
-        header = torch.zeros(self.world_size, 5, dtype=torch.float64, device=self.device)
+        header = torch.zeros(self.world_size, 6, dtype=torch.float64, device=self.device)
         header[self.rank] = torch.tensor(
-            [_PHASE_CODES[phase], batches, steps, 1.0 if flag else 0.0, count], dtype=torch.float64
+            [_PHASE_CODES[phase], batches, steps, 1.0 if flag else 0.0, count, float(layout)], dtype=torch.float64
         )
         torch.distributed.all_reduce(header)
         rows = header.cpu()
         tags = [tuple(int(v) for v in rows[r, :3].tolist()) for r in range(self.world_size)]
         if any(tag != tags[0] for tag in tags):
             raise EngineUsageError(self._out_of_step_message(tags))
+        layouts = [int(rows[r, _LAYOUT].item()) for r in range(self.world_size)]
+        if any(code != layouts[0] for code in layouts):
+            differ = [r for r, code in enumerate(layouts) if code != layouts[0]]
+            raise EngineUsageError(
+                f"ranks {differ} train other parameters than rank 0 in this step (a layer frozen or unfrozen with "
+                "requires_grad on some ranks only?): their clipped sums would be added to other parameters' and the "
+                "models would drift apart. Nothing was reduced or applied, on any rank. Change requires_grad "
+                "identically on every rank, then restart every rank from the last checkpoint."
+            )
         return rows
 
     def _out_of_step_message(self, tags: list[tuple[int, ...]]) -> str:
@@ -344,7 +360,7 @@ class DistributedContext:
         The header (step tag, count, flags) is exchanged and checked first; the sums are reduced only when every
         rank is at the same step (see :meth:`exchange_header`)."""
         local_error, self._pending_error = self._pending_error, None
-        header = self.exchange_header("step", count=count, flag=local_error is not None)
+        header = self.exchange_header("step", count=count, flag=local_error is not None, layout=_layout_code(summed))
         bad = [rank for rank in range(self.world_size) if header[rank, _FLAG].item() > 0]
         if bad:
             here = f" (here: {local_error})" if local_error else ""

@@ -215,7 +215,23 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     # positions, so some examples would be counted twice and others never
     out["mismatch_order"] = [expect(PrivacyParameterError, lambda: run(1, distributed=True, rotate=rank, as_list=as_list))
                              for as_list in (False, True)]
+    out["frozen_on_one_rank"] = expect(EngineUsageError, lambda: _step_with_first_layer_frozen_on_rank_1(rank))
     return out
+
+
+def _step_with_first_layer_frozen_on_rank_1(rank: int) -> None:
+    """One step after rank 1 alone froze the first layer (requires_grad_(False) after make_private)."""
+    net = model(32, 0)
+    engine = PrivacyEngine(seed=0)
+    private, optimizer, loader = engine.make_private(
+        net, torch.optim.SGD(net.parameters(), lr=0.1), DataLoader(dataset(), batch_size=BATCH), distributed=True,
+        noise_multiplier=1.0, max_grad_norm=1.0)
+    if rank == 1:
+        next(iter(net.parameters())).requires_grad_(False)
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(private(x), y).backward()
+    optimizer.step()
 
 
 @pytest.fixture(scope="module")
@@ -366,6 +382,9 @@ def test_ranks_with_different_settings_are_refused(ranks: list[dict[str, Any]]) 
         assert r["mismatch_lr"].startswith("PrivacyParameterError") and "optimizer" in r["mismatch_lr"]
         # a data set in another order on one rank was accepted: the release counted every even example twice and
         # every odd one never (2·Σ_even clip(g_i) to 2e-7), while ε was charged as usual
+        # a layer frozen on one rank only: the ranks' sums were reduced into other parameters (two layers of one
+        # shape frozen one per rank: silently cross-wired) or gloo aborted the process
+        assert r["frozen_on_one_rank"].startswith("EngineUsageError") and "train other parameters" in r["frozen_on_one_rank"]
         for refusal in r["mismatch_order"]:
             assert refusal.startswith("PrivacyParameterError") and "other data than rank 0" in refusal
             assert "in the same order" in refusal
