@@ -356,6 +356,13 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         # a parameter group appended by hand after the forward would be stepped with its raw gradient
         self._forwarder.check_optimizer_holds(self._module, self._optimizer, None if self._sharded is None else self._sharded.sharded)
         self.guard.before_step(self._forwarder.gradients_arrived())
+        if self._sharded is not None and not self.guard.forwarded:
+            raise EngineUsageError(
+                "optimizer.step() without a forward on this (empty) batch: under FSDP2 the forward gathers the "
+                "sharded parameters that the step's collectives work on, so every rank must run the model on every "
+                "batch its private loader yields, an empty shard too (model(x) on the 0-row batch, then backward "
+                "and step). Nothing was reduced or applied here."
+            )
         check_bound(self.clipping, self._bound)
         if self._forwarder.state is not None:
             try:

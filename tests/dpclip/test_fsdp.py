@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dpclip import ModelNotSupportedError, PrivacyEngine
 from dpclip.checkpoint import CheckpointError
-from dpclip.errors import PrivacyParameterError
+from dpclip.errors import EngineUsageError, PrivacyParameterError
 from dpclip.optimizer import DPOptimizer
 
 from .ranks import (
@@ -194,6 +194,15 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     _, private_optimizer, loader = PrivacyEngine(seed=0).make_private(
         net, optimizer, DataLoader(dataset(), batch_size=BATCH), noise_multiplier=1.0, max_grad_norm=1.0)
     out["retry_accepted"] = isinstance(private_optimizer, DPOptimizer)
+    # (10) every rank's shard empty (q tiny), step() without a forward: raised torch's "mixed torch.Tensor and
+    # DTensor" out of the reduce-scatter on every rank
+    net = build(mesh=mesh)
+    _, private_optimizer, loader = PrivacyEngine(seed=0).make_private(
+        net, torch.optim.SGD(net.parameters(), lr=0.5), DataLoader(dataset(), batch_size=BATCH), noise_multiplier=1.0,
+        max_grad_norm=1.0, sample_rate=1e-6)
+    batch = next(iter(loader))
+    out["empty_batch"] = len(batch[0])
+    out["step_without_forward"] = expect(EngineUsageError, private_optimizer.step)
     return out
 
 
@@ -295,6 +304,7 @@ def test_unsupported_fsdp2_setups_are_refused_with_the_fix(ranks: list[dict[str,
         # plain tensors after it, a plain FSDP step moving nothing, and a retry refused as 'not sharded'
         assert r["disagree"].startswith("PrivacyParameterError") and "other" in r["disagree"], r["disagree"]
         assert r["after_refusal_dtensors"] and r["retry_accepted"]
+        assert r["empty_batch"] == 0 and "every rank must run the model on every batch" in r["step_without_forward"]
 
 
 def test_train_distributed_script_with_fsdp_under_torchrun(tmp_path: Path) -> None:
