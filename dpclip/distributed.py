@@ -286,7 +286,7 @@ class DistributedContext:
                     + "; ".join(f"{k}: {gathered[0].get(k)} (rank 0) vs {other.get(k)} (rank {rank})" for k in diff)
                     + ". Every rank must pass the same data set, in the same order (each rank trains on its share of "
                     "the sampled positions: a data set shuffled or split per rank would count some examples twice "
-                    "and others never), the same privacy settings and the same model."
+                    "and others never), the same privacy settings, the same model and the same optimizer, its state included."
                 )
 
     # ---------------------------------------------------------------------------------------------------

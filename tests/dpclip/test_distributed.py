@@ -216,7 +216,21 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     out["mismatch_order"] = [expect(PrivacyParameterError, lambda: run(1, distributed=True, rotate=rank, as_list=as_list))
                              for as_list in (False, True)]
     out["frozen_on_one_rank"] = expect(EngineUsageError, lambda: _step_with_first_layer_frozen_on_rank_1(rank))
+    out["mismatch_optimizer_state"] = expect(PrivacyParameterError, lambda: _momentum_on_rank_1(rank))
     return out
+
+
+def _momentum_on_rank_1(rank: int) -> None:
+    """make_private after rank 1 alone took a plain SGD step (its optimizer holds momentum buffers)."""
+    net = model(32, 0)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    if rank == 1:
+        x, y = dataset().tensors
+        nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    PrivacyEngine(seed=0).make_private(net, optimizer, DataLoader(dataset(), batch_size=BATCH), distributed=True,
+                                       noise_multiplier=1.0, max_grad_norm=1.0)
 
 
 def _step_with_first_layer_frozen_on_rank_1(rank: int) -> None:
@@ -385,6 +399,9 @@ def test_ranks_with_different_settings_are_refused(ranks: list[dict[str, Any]]) 
         # a layer frozen on one rank only: the ranks' sums were reduced into other parameters (two layers of one
         # shape frozen one per rank: silently cross-wired) or gloo aborted the process
         assert r["frozen_on_one_rank"].startswith("EngineUsageError") and "train other parameters" in r["frozen_on_one_rank"]
+        # momentum buffers on one rank only: accepted before, the models drifted apart from the first step
+        assert r["mismatch_optimizer_state"].startswith("PrivacyParameterError")
+        assert "other optimizer_state than rank 0" in r["mismatch_optimizer_state"]
         for refusal in r["mismatch_order"]:
             assert refusal.startswith("PrivacyParameterError") and "other data than rank 0" in refusal
             assert "in the same order" in refusal
