@@ -269,7 +269,13 @@ class DistributedContext:
     def check_same_setup(self, module: nn.Module, loader: PoissonDataLoader, fingerprint: Mapping[str, Any]) -> None:
         """Every rank's settings, model layout and data (:func:`dataset_digest`) equal rank 0's, else
         :class:`PrivacyParameterError` on every rank, before anything changes."""
-        self.exchange_header("make_private")
+        rows = self.exchange_header("make_private")
+        refused = [rank for rank in range(self.world_size) if rows[rank, _FLAG].item() > 0]
+        if refused:
+            raise PrivacyParameterError(
+                f"rank(s) {refused} refused make_private's arguments on their own (their error says why), so no rank "
+                "trains: fix the arguments there and call make_private again on every rank. Nothing was changed."
+            )
         mine = {key: repr(value) for key, value in fingerprint.items()}
         mine.update(
             world_size=repr(self.world_size),
@@ -288,6 +294,14 @@ class DistributedContext:
                     "the sampled positions: a data set shuffled or split per rank would count some examples twice "
                     "and others never), the same privacy settings, the same model and the same optimizer, its state included."
                 )
+
+    def announce_local_refusal(self) -> None:
+        """This rank refused make_private's arguments on its own: its part of the setup's header exchange, flagged,
+        so that the other ranks (there already, or on their way) refuse too instead of waiting for this one."""
+        try:
+            self.exchange_header("make_private", flag=True)
+        except EngineUsageError:  # out of step as well: every rank refuses on that already
+            pass
 
     # ---------------------------------------------------------------------------------------------------
     # The private step

@@ -203,31 +203,36 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         check_wrappable(self._module, module, optimizer)
         dist_context = DistributedContext.resolve(distributed, module, self.secure_mode)
         wrapper, module = module, unwrap_model(module)  # DDP → ddp.module (its reducer is bypassed); FSDP1 refused
-        sharded = dist_context.attach(module) if isinstance(dist_context, ShardedContext) else None  # FSDP2
-        check_model(module, optimizer)
-        check_opacus_options(poisson_sampling=poisson_sampling, batch_first=batch_first, criterion=criterion,
-                             clipping=clipping, grad_sample_mode=grad_sample_mode)
-        # Everything is validated into locals first: a refused call leaves the engine, model and optimizer as they were.
-        noise = self.noise if noise_generator is None else NoiseSource.from_generator(
-            noise_generator, module, self.secure_mode, dist_context is not None)
-        plan = plan_training(
-            data_loader, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            parameter_names=list(trainable_parameters(module)), norm=norm, clipping=clipping,
-            target_quantile=target_quantile, clip_learning_rate=clip_learning_rate,
-            count_noise_multiplier=count_noise_multiplier, per_layer=per_layer, loss_reduction=loss_reduction,
-            chunk_size=chunk_size, nonfinite=nonfinite, target_epsilon=target_epsilon, target_delta=target_delta,
-            sample_rate=sample_rate, grad_sample_mode=grad_sample_mode, verify=verify, memory=memory,
-        )
-        step_event = plan.mechanism.step_event()  # the accountant's event: its checks refuse here, before any change
-        if sharded is not None and plan.grad_sample_mode == "vmap":
-            raise PrivacyParameterError(
-                "grad_sample_mode='vmap' is not available for FSDP2 (fully_shard) models: sharded training runs on the "
-                "layerwise path, which needs no per-example weight gradients. Pass grad_sample_mode='auto' or 'layerwise'"
+        try:  # a refusal on one rank alone is announced, so the others refuse too instead of waiting for it
+            sharded = dist_context.attach(module) if isinstance(dist_context, ShardedContext) else None  # FSDP2
+            check_model(module, optimizer)
+            check_opacus_options(poisson_sampling=poisson_sampling, batch_first=batch_first, criterion=criterion,
+                                 clipping=clipping, grad_sample_mode=grad_sample_mode)
+            # Everything is validated into locals first: a refused call leaves the engine, model and optimizer as they were.
+            noise = self.noise if noise_generator is None else NoiseSource.from_generator(
+                noise_generator, module, self.secure_mode, dist_context is not None)
+            plan = plan_training(
+                data_loader, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                parameter_names=list(trainable_parameters(module)), norm=norm, clipping=clipping,
+                target_quantile=target_quantile, clip_learning_rate=clip_learning_rate,
+                count_noise_multiplier=count_noise_multiplier, per_layer=per_layer, loss_reduction=loss_reduction,
+                chunk_size=chunk_size, nonfinite=nonfinite, target_epsilon=target_epsilon, target_delta=target_delta,
+                sample_rate=sample_rate, grad_sample_mode=grad_sample_mode, verify=verify, memory=memory,
             )
-        loader = PoissonDataLoader.from_loader(  # keeps the loader's collate_fn, workers, pinning, prefetching
-            data_loader, plan.mechanism.sample_rate, max_physical_batch_size=max_physical_batch_size,
-            seed=None if self._seed is None else self._seed + 1, secure_mode=self.secure_mode,
-        )
+            step_event = plan.mechanism.step_event()  # the accountant's event: its checks refuse here, before any change
+            if sharded is not None and plan.grad_sample_mode == "vmap":
+                raise PrivacyParameterError(
+                    "grad_sample_mode='vmap' is not available for FSDP2 (fully_shard) models: sharded training runs on the "
+                    "layerwise path, which needs no per-example weight gradients. Pass grad_sample_mode='auto' or 'layerwise'"
+                )
+            loader = PoissonDataLoader.from_loader(  # keeps the loader's collate_fn, workers, pinning, prefetching
+                data_loader, plan.mechanism.sample_rate, max_physical_batch_size=max_physical_batch_size,
+                seed=None if self._seed is None else self._seed + 1, secure_mode=self.secure_mode,
+            )
+        except Exception:
+            if dist_context is not None:
+                dist_context.announce_local_refusal()
+            raise
         if dist_context is not None:  # same mechanism, model and seeds on every rank; this rank's shard
             fingerprint = dict(settings=plan.mechanism, clipping=plan.clipping, budget=plan.budget,
                                nonfinite=plan.nonfinite, secure_mode=self.secure_mode, accountant=self.accountant_name,

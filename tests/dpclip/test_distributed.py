@@ -217,6 +217,7 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
                              for as_list in (False, True)]
     out["frozen_on_one_rank"] = expect(EngineUsageError, lambda: _step_with_first_layer_frozen_on_rank_1(rank))
     out["mismatch_optimizer_state"] = expect(PrivacyParameterError, lambda: _momentum_on_rank_1(rank))
+    out["refused_on_one_rank"] = expect(PrivacyParameterError, lambda: run(1, distributed=True, max_grad_norm=(1.0, -1.0)[rank]))
     return out
 
 
@@ -396,15 +397,18 @@ def test_ranks_with_different_settings_are_refused(ranks: list[dict[str, Any]]) 
         assert r["mismatch_lr"].startswith("PrivacyParameterError") and "optimizer" in r["mismatch_lr"]
         # a data set in another order on one rank was accepted: the release counted every even example twice and
         # every odd one never (2·Σ_even clip(g_i) to 2e-7), while ε was charged as usual
+        for refusal in r["mismatch_order"]:
+            assert refusal.startswith("PrivacyParameterError") and "other data than rank 0" in refusal
+            assert "in the same order" in refusal
         # a layer frozen on one rank only: the ranks' sums were reduced into other parameters (two layers of one
         # shape frozen one per rank: silently cross-wired) or gloo aborted the process
         assert r["frozen_on_one_rank"].startswith("EngineUsageError") and "train other parameters" in r["frozen_on_one_rank"]
         # momentum buffers on one rank only: accepted before, the models drifted apart from the first step
         assert r["mismatch_optimizer_state"].startswith("PrivacyParameterError")
         assert "other optimizer_state than rank 0" in r["mismatch_optimizer_state"]
-        for refusal in r["mismatch_order"]:
-            assert refusal.startswith("PrivacyParameterError") and "other data than rank 0" in refusal
-            assert "in the same order" in refusal
+    # an argument rank 1 alone refuses: rank 0 waited in the setup's collective until rank 1's process ended
+    assert "rank(s) [1] refused make_private's arguments on their own" in ranks[0]["refused_on_one_rank"]
+    assert "max_grad_norm must be a finite number > 0" in ranks[1]["refused_on_one_rank"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
