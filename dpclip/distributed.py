@@ -172,6 +172,7 @@ PHASES: dict[str, str] = {
     "load_state_dict": "in engine.load_state_dict",
     "assert_in_sync": "in assert_in_sync",
     "skipped batch": "refusing a batch its loop skipped without optimizer.step()",
+    "forward": "in the training forward of a logical batch's first micro-batch (FSDP2)",
 }
 _PHASE_CODES = {name: code for code, name in enumerate(PHASES, start=1)}
 _PHASE_NAMES = {code: name for name, code in _PHASE_CODES.items()}

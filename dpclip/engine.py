@@ -127,6 +127,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         self._loader: PoissonDataLoader | None = None
         self._forwarder: PerExampleForward | None = None
         self._sharded: ShardedModel | None = None  # FSDP2 models (dpclip.sharded)
+        self._micro_index = 0  # the index, within its logical batch, of the micro-batch the loader handed out last
         self.distributed: DistributedContext | None = None  # set by make_private under torch.distributed
         self.collective: Collective = LocalCollective(self._abandon_step)
         self.guard = StepGuard()
@@ -349,6 +350,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         if index > 0 and self.guard.open and not self.guard.micro_stepped:
             self._refuse_skip()
         self.guard.begin_micro_batch(last, size, batch)
+        self._micro_index = index
 
     def _add(self, example_grads: ExampleGradients, scale: float) -> None:
         self.guard.delivered = True
@@ -365,6 +367,10 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         check_bound(self.clipping, self._bound)
         assert self._forwarder is not None and self._optimizer is not None
         if self._sharded is not None:
+            if self._micro_index == 0 and self.distributed is not None:
+                # FSDP2's gather is a collective of its own: a rank out of step (a skipped batch, a checkpoint loaded
+                # alone) would pair it with another rank's header and hang; this header refuses that on every rank
+                self.distributed.exchange_header("forward")
             self._sharded.gather()
         self._forwarder.follow_trainable(module, self._optimizer, None if self._sharded is None else self._sharded.sharded)
         out = self._forwarder.forward(module, args, kwargs, settings.loss_reduction == "mean", self._add)

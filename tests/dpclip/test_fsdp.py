@@ -203,7 +203,26 @@ def _scenarios(rank: int, tmp: Path) -> dict[str, Any]:
     batch = next(iter(loader))
     out["empty_batch"] = len(batch[0])
     out["step_without_forward"] = expect(EngineUsageError, private_optimizer.step)
+    # (11) rank 1 skips its second batch: FSDP2's all-gather in rank 0's next forward met rank 1's refusal header,
+    # and both ranks hung until the process group's timeout (raw gloo errors)
+    out["skip_on_one_rank"] = expect(EngineUsageError, lambda: _skipping_on_rank_1(rank, mesh))
     return out
+
+
+def _skipping_on_rank_1(rank: int, mesh: Any) -> None:
+    net = build(mesh=mesh)
+    private, optimizer, loader = PrivacyEngine(seed=0).make_private(
+        net, torch.optim.SGD(net.parameters(), lr=0.5), DataLoader(dataset(), batch_size=BATCH), noise_multiplier=1.0,
+        max_grad_norm=1.0)
+    for i, (x, y) in enumerate(loader):
+        if rank == 1 and i == 1:
+            continue
+        out = private(x)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(out, y).backward()
+        optimizer.step()
+        if i == 3:
+            break
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +324,8 @@ def test_unsupported_fsdp2_setups_are_refused_with_the_fix(ranks: list[dict[str,
         assert r["disagree"].startswith("PrivacyParameterError") and "other" in r["disagree"], r["disagree"]
         assert r["after_refusal_dtensors"] and r["retry_accepted"]
         assert r["empty_batch"] == 0 and "every rank must run the model on every batch" in r["step_without_forward"]
+    assert "out of step" in ranks[0]["skip_on_one_rank"]
+    assert "without optimizer.step()" in ranks[1]["skip_on_one_rank"]
 
 
 def test_train_distributed_script_with_fsdp_under_torchrun(tmp_path: Path) -> None:
