@@ -90,7 +90,7 @@ def collate_mixing(collate_fn: Callable[[list], Any], dataset: Sequence) -> str 
     collate that fails on these examples or gives no tensor with one row per example)."""
     if collate_fn is default_collate or len(dataset) < 2:
         return None
-    with seeded_global_generators(_SEEDS[0]):  # a data set that augments in __getitem__ draws here, and leaves the generators as they were
+    with seeded_global_generators(_SEEDS[0]):  # augmentation in __getitem__ draws here; the generators are restored
         first, second = dataset[0], dataset[1]
     try:
         calls = []
@@ -102,16 +102,18 @@ def collate_mixing(collate_fn: Callable[[list], Any], dataset: Sequence) -> str 
             calls.append(outputs)
     except Exception:  # noqa: BLE001 (the collate's own failures are the training loop's to report)
         return None
+    rows: list[list[list[Tensor]]] = []  # per seed: (pair, alone_a, alone_b), the tensors that hold one row per example
     for (spec, pair), (spec_a, alone_a), (spec_b, alone_b) in calls:
         if not (spec == spec_a == spec_b and len(pair) == len(alone_a) == len(alone_b)):
             return None
-        if not all(p.shape[0] == 2 and a.shape[0] == 1 and b.shape[0] == 1 for p, a, b in zip(pair, alone_a, alone_b)):
+        kept_leaves = [j for j, (p, a, b) in enumerate(zip(pair, alone_a, alone_b))
+                       if p.shape[0] == 2 and a.shape[0] == 1 and b.shape[0] == 1]
+        if not kept_leaves:
             return None
-        if not pair:
-            return None
-    first_alone = [outputs[1][1] for outputs in calls]
+        rows.append([[tensors[j] for j in kept_leaves] for tensors in (pair, alone_a, alone_b)])
+    first_alone = [alone_a for _, alone_a, _ in rows]
     random_draws = not all(_matches(first_alone[0], other, 0) for other in first_alone[1:])
-    for (_, pair), (_, alone_a), (_, alone_b) in calls:
+    for pair, alone_a, alone_b in rows:
         if random_draws:  # only the first example's draws are the same in the batch and alone
             kept = any(_matches(pair, alone_a, row) for row in (0, 1))
         else:

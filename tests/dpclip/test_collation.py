@@ -194,3 +194,14 @@ def _released_sum(n: int) -> torch.Tensor:
 
 def test_why_mixing_collates_are_refused_one_example_moves_the_release_by_more_than_c() -> None:
     assert float((_released_sum(8) - _released_sum(7)).norm()) > 2.0  # sensitivity C = 1 is what ε is charged for
+
+
+def test_a_batch_level_tensor_beside_the_rows_does_not_hide_mixing() -> None:
+    """A collate that also returns one tensor for the whole batch (here the batch's size) is still checked on the
+    tensors that hold one row per example."""
+    def mixed_with_count(items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = mixup_with_neighbour(items)
+        return x, y, torch.tensor([len(items)] * 3)
+
+    with pytest.raises(EngineUsageError, match="combines examples"):
+        _make_private(_images(), mixed_with_count, nn.Linear(6, 3))
