@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, default_collate
 
 from .errors import EngineUsageError
@@ -81,52 +81,103 @@ def _same_region(x: Tensor, y: Tensor) -> bool:
 
 
 def _matches(pair: list[Tensor], alone: list[Tensor], row: int) -> bool:
+    """Whether row ``row`` of a pair's tensors is what one example collated alone gives."""
     return all(_same_region(p[row], a[0]) for p, a in zip(pair, alone))
+
+
+def _same_row(first: list[Tensor], second: list[Tensor], row: int) -> bool:
+    """Whether row ``row`` is the same in two collated batches."""
+    return all(_same_region(x[row], y[row]) for x, y in zip(first, second))
+
+
+def _perturbed(item: Any) -> tuple[Any, bool]:
+    """``item`` with 1 added to its floating-point tensors and arrays (same shapes), and whether any was changed."""
+    changed = []
+
+    def shift(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.is_floating_point():
+            changed.append(True)
+            return value + 1.0
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            changed.append(True)
+            return value + 1.0
+        return value
+
+    return tree_map(shift, item), bool(changed)
+
+
+def _collated(collate_fn: Callable[[list], Any], groups: Sequence[list], seed: int) -> list[tuple[Any, list[Tensor]]]:
+    """Each group collated under the same seed."""
+    outputs = []
+    for items in groups:
+        with seeded_global_generators(seed):
+            outputs.append(_rows(collate_fn(items)))
+    return outputs
+
+
+def _row_leaves(outputs: list[tuple[Any, list[Tensor]]], rows: Sequence[int]) -> list[list[Tensor]] | None:
+    """The tensors holding one row per example in every output (``rows[k]`` rows in output k), or None if the
+    outputs differ in structure or hold no such tensor."""
+    specs, tensors = zip(*outputs)
+    if any(spec != specs[0] or len(t) != len(tensors[0]) for spec, t in zip(specs, tensors)):
+        return None
+    kept = [j for j in range(len(tensors[0])) if all(t[j].shape[0] == n for t, n in zip(tensors, rows))]
+    return [[t[j] for j in kept] for t in tensors] if kept else None
 
 
 def collate_mixing(collate_fn: Callable[[list], Any], dataset: Sequence) -> str | None:
     """Why ``collate_fn`` is seen to mix examples of a batch (a sentence for the refusal), or None: it keeps them
-    apart on the two examples tried, or cannot be tested (torch's ``default_collate``, a data set of one example, a
-    collate that fails on these examples or gives no tensor with one row per example)."""
+    apart on the examples tried, or cannot be tested (torch's ``default_collate``, a data set of one example, a
+    collate that fails on these examples or gives no tensor with one row per example).
+
+    A deterministic collate must give, row for row, what each example gives alone. One that draws random numbers
+    (whose draws for a batch need not be those for one example: masked-token collators draw over the padded
+    batch) must leave example 0's row unchanged when example 1's floating-point values change (same shapes,
+    same seed): a mixup partner's values reach the other row. Without floating-point values to change, a random
+    collate cannot be tested."""
     if collate_fn is default_collate or len(dataset) < 2:
         return None
     with seeded_global_generators(_SEEDS[0]):  # augmentation in __getitem__ draws here; the generators are restored
         first, second = dataset[0], dataset[1]
+    shifted, changeable = _perturbed(second)
     try:
-        calls = []
+        # random draws, told by the pair collated under several seeds (a coin flip per example agrees across
+        # eight seeds with probability 2^-14)
+        pairs = [_collated(collate_fn, [[first, second]], seed)[0] for seed in range(8)]
+        leaves = _row_leaves(pairs, (2,) * len(pairs))
+        if leaves is None:
+            return None
+        random_draws = not all(_same_row(leaves[0], other, row) for other in leaves[1:] for row in (0, 1))
+        reason = None
         for seed in _SEEDS:
-            outputs = []
-            for items in ([first, second], [first], [second]):
-                with seeded_global_generators(seed):
-                    outputs.append(_rows(collate_fn(items)))
-            calls.append(outputs)
+            if random_draws:
+                if not changeable:
+                    return None
+                leaves = _row_leaves(_collated(collate_fn, [[first, second], [first, shifted]], seed), (2, 2))
+                if leaves is None:
+                    return None
+                pair, changed = leaves
+                kept = any(_same_row(pair, changed, row) for row in (0, 1))
+            else:
+                leaves = _row_leaves(_collated(collate_fn, [[first, second], [first], [second]], seed), (2, 1, 1))
+                if leaves is None:
+                    return None
+                pair, alone_a, alone_b = leaves
+                kept = ((_matches(pair, alone_a, 0) and _matches(pair, alone_b, 1))
+                        or (_matches(pair, alone_a, 1) and _matches(pair, alone_b, 0)))
+            if not kept:
+                reason = (
+                    "collated together, examples 0 and 1 of the data set give rows that are not each example's own ("
+                    + ("under one random seed, example 0's row changes when example 1's values do" if random_draws
+                       else "each collated alone gives another row")
+                    + "): the collate_fn combines examples (mixup or cutmix with a partner from the batch, batch "
+                    "statistics), so one example reaches several rows and its influence on a step is no longer bounded "
+                    "by C"
+                )
+                break
     except Exception:  # noqa: BLE001 (the collate's own failures are the training loop's to report)
         return None
-    rows: list[list[list[Tensor]]] = []  # per seed: (pair, alone_a, alone_b), the tensors that hold one row per example
-    for (spec, pair), (spec_a, alone_a), (spec_b, alone_b) in calls:
-        if not (spec == spec_a == spec_b and len(pair) == len(alone_a) == len(alone_b)):
-            return None
-        kept_leaves = [j for j, (p, a, b) in enumerate(zip(pair, alone_a, alone_b))
-                       if p.shape[0] == 2 and a.shape[0] == 1 and b.shape[0] == 1]
-        if not kept_leaves:
-            return None
-        rows.append([[tensors[j] for j in kept_leaves] for tensors in (pair, alone_a, alone_b)])
-    first_alone = [alone_a for _, alone_a, _ in rows]
-    random_draws = not all(_matches(first_alone[0], other, 0) for other in first_alone[1:])
-    for pair, alone_a, alone_b in rows:
-        if random_draws:  # only the first example's draws are the same in the batch and alone
-            kept = any(_matches(pair, alone_a, row) for row in (0, 1))
-        else:
-            kept = ((_matches(pair, alone_a, 0) and _matches(pair, alone_b, 1))
-                    or (_matches(pair, alone_a, 1) and _matches(pair, alone_b, 0)))
-        if not kept:
-            return (
-                "collated together, examples 0 and 1 of the data set give rows that are not what each gives collated "
-                f"alone{' (under the same random seed)' if random_draws else ''}: the collate_fn combines examples "
-                "(mixup or cutmix with a partner from the batch), so one example reaches several rows and its "
-                "influence on a step is no longer bounded by C"
-            )
-    return None
+    return reason
 
 
 def check_collate(data_loader: DataLoader) -> None:

@@ -205,3 +205,21 @@ def test_a_batch_level_tensor_beside_the_rows_does_not_hide_mixing() -> None:
 
     with pytest.raises(EngineUsageError, match="combines examples"):
         _make_private(_images(), mixed_with_count, nn.Linear(6, 3))
+
+
+def test_a_masking_collate_that_draws_over_the_padded_batch_trains() -> None:
+    """As transformers' DataCollatorForLanguageModeling: two Bernoulli draws over the whole padded batch, so
+    example 0's draws in a batch are not those it gets alone; it was refused as mixing (a probe)."""
+    def masked(items: list) -> dict[str, Any]:
+        batch = _padded(items, left=False, by_length=False)
+        chosen = torch.bernoulli(torch.full(batch["ids"].shape, 0.3)).bool()
+        replaced = torch.bernoulli(torch.full(batch["ids"].shape, 0.8)).bool() & chosen
+        batch["ids"] = batch["ids"].masked_fill(replaced, 1)
+        return batch
+
+    engine, (model, optimizer, loader) = _make_private(Sentences(), masked, Bag())
+    batch = next(iter(loader))
+    optimizer.zero_grad()
+    F.cross_entropy(model(batch["ids"], batch["mask"]), batch["labels"]).backward()
+    optimizer.step()
+    assert engine.steps == 1
