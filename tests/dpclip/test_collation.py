@@ -212,8 +212,8 @@ def test_a_masking_collate_that_draws_over_the_padded_batch_trains() -> None:
     example 0's draws in a batch are not those it gets alone; it was refused as mixing (a probe)."""
     def masked(items: list) -> dict[str, Any]:
         batch = _padded(items, left=False, by_length=False)
-        chosen = torch.bernoulli(torch.full(batch["ids"].shape, 0.3)).bool()
-        replaced = torch.bernoulli(torch.full(batch["ids"].shape, 0.8)).bool() & chosen
+        chosen = torch.bernoulli(torch.full(batch["ids"].shape, 0.9)).bool()
+        replaced = torch.bernoulli(torch.full(batch["ids"].shape, 0.5)).bool() & chosen
         batch["ids"] = batch["ids"].masked_fill(replaced, 1)
         return batch
 
