@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, default_collate
 
@@ -55,7 +56,8 @@ def _plain_sequence(value: Any) -> bool:
 
 def _rows(batch: Any) -> tuple[Any, list[Tensor]]:
     """The batch's structure and its tensors with at least one dim (the ones that hold rows)."""
-    leaves, spec = tree_flatten(batch, is_leaf=_plain_sequence)
+    # (a PackedSequence holds the batch's time steps, not rows: one opaque leaf)
+    leaves, spec = tree_flatten(batch, is_leaf=lambda v: _plain_sequence(v) or isinstance(v, PackedSequence))
     return spec, [leaf for leaf in leaves if isinstance(leaf, Tensor) and leaf.dim() > 0]
 
 
