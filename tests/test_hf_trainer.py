@@ -73,11 +73,18 @@ def flat(model: torch.nn.Module) -> torch.Tensor:
 
 
 # -- one step against a brute-force computation -------------------------------------------------------------
-@pytest.mark.parametrize("max_physical_batch_size", [None, 3])
-def test_one_step_equals_brute_force_clipped_sum(tmp_path, max_physical_batch_size):
+@pytest.mark.parametrize("max_physical_batch_size, ignored", [(None, False), (3, False), (None, True)],
+                         ids=["whole batch", "micro-batches", "some labels -100"])
+def test_one_step_equals_brute_force_clipped_sum(tmp_path, max_physical_batch_size, ignored):
+    """``ignored``: every third example is labelled -100. The stock loss divided by the examples not ignored, so
+    each example's weight depended on how many others were (the update was B/(B-k) times the clipped sum's);
+    now an ignored example contributes 0 and the others their own clipped gradients."""
     model = tiny_bert()
     initial = copy.deepcopy(model)
     data = dataset()
+    if ignored:
+        for i in range(0, len(data), 3):
+            data[i]["labels"] = torch.tensor(-100)
     collator = RecordingCollator()
     clip, lr, batch = 0.858, 0.5, 8  # per-example norms here are 0.85-0.89: some clipped, some not
     with warnings.catch_warnings():
@@ -96,7 +103,10 @@ def test_one_step_equals_brute_force_clipped_sum(tmp_path, max_physical_batch_si
     # Brute force: each sampled example's gradient alone, clipped to C, summed, / expected batch q·N, SGD step.
     initial.train()
     total, clipped = torch.zeros_like(flat(initial)), 0
+    assert not ignored or any(int(data[i]["labels"]) == -100 for i in sampled)
     for i in sampled:
+        if int(data[i]["labels"]) == -100:
+            continue  # an ignored example's loss is 0: so is its gradient
         initial.zero_grad()
         logits = initial(input_ids=data[i]["input_ids"][None], attention_mask=data[i]["attention_mask"][None]).logits
         torch.nn.functional.cross_entropy(logits, data[i]["labels"][None]).backward()
@@ -169,6 +179,33 @@ def test_refuses_custom_sampler(tmp_path):
 def test_refuses_token_level_loss(tmp_path):
     with pytest.raises(LossNotPerExampleError, match="token-level"):
         trainer(tmp_path, data=dataset(token_labels=True))
+
+
+def test_refuses_a_sum_reduction_with_the_stock_mean_loss(tmp_path):
+    """The stock loss is a mean over the batch: with loss_reduction="sum" each example reached the clipping divided
+    by the sampled batch's size (the update was 1/B of the clipped sum)."""
+    with pytest.raises(LossNotPerExampleError, match=r"loss_reduction='sum' with DPTrainer's stock loss"):
+        trainer(tmp_path, loss_reduction="sum")
+
+
+def test_a_refused_resume_leaves_the_model_as_it_was(tmp_path):
+    """transformers loaded the checkpoint's weights into the model before DPTrainer refused the folder (no engine
+    state, or one of another σ): the model then held weights trained outside the new run's ε."""
+    first = trainer(tmp_path, args=arguments(tmp_path, max_steps=2, save_strategy="steps", save_steps=2))
+    first.train()
+    folder = tmp_path / "out" / "checkpoint-2"
+    for damage in ("missing", "other sigma"):
+        if damage == "missing":
+            (folder / ENGINE_STATE_NAME).rename(folder / "moved.pt")
+        else:
+            (folder / "moved.pt").rename(folder / ENGINE_STATE_NAME)
+        fresh = tiny_bert(seed=1)
+        before = flat(fresh)
+        t = trainer(tmp_path, model=fresh, args=arguments(tmp_path, max_steps=4),
+                    noise_multiplier=1.0 if damage == "missing" else 2.0)
+        with pytest.raises(CheckpointError):
+            t.train(resume_from_checkpoint=str(folder))
+        assert torch.equal(flat(fresh), before), damage
 
 
 def test_refuses_missing_privacy_arguments(tmp_path):

@@ -274,11 +274,18 @@ class DPTrainer(Trainer):
             return  # a subclass that computes its own loss declares it per-example (loss_reduction)
         if self.compute_loss_func is not None:
             return  # the user's loss, called as compute_loss_func(outputs, labels, num_items_in_batch=None)
+        if self.private_options["loss_reduction"] != "mean":
+            raise LossNotPerExampleError(
+                f"loss_reduction={self.private_options['loss_reduction']!r} with DPTrainer's stock loss, which is a "
+                "mean over the batch: each example's gradient would reach the clipping divided by the sampled "
+                "batch's size, a weight that depends on which other examples were sampled. Keep "
+                "loss_reduction='mean' (the default), or pass a compute_loss_func that sums."
+            )
         try:
             batch = self._training_collator()([self.train_dataset[0]])
         except Exception:  # noqa: BLE001 - cannot tell here; the engine's verification still runs
             return
-        labels = batch.get("labels") if isinstance(batch, dict) else None
+        labels = batch.get("labels") if isinstance(batch, Mapping) else None  # (a BatchEncoding is no dict)
         fix = ("Pass compute_loss_func=f (f(outputs, labels, num_items_in_batch=None) -> the mean over examples of "
                "each example's loss; dpclip.check_loss checks it on a batch), or subclass DPTrainer and override "
                "compute_loss.")
@@ -369,7 +376,9 @@ class DPTrainer(Trainer):
         if self.dp_epochs is not None:
             return float(self.dp_epochs)
         if self.args.max_steps and self.args.max_steps > 0:
-            q = self.args.per_device_train_batch_size / dataset_size
+            if dataset_size == 0:
+                raise PrivacyParameterError("the training data set is empty: DPTrainer needs examples to sample from")
+            q = min(1.0, self.args.per_device_train_batch_size / dataset_size)
             return self.args.max_steps / _steps_per_epoch(q)
         return float(self.args.num_train_epochs)
 
@@ -432,11 +441,13 @@ class DPTrainer(Trainer):
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=None)
         elif labels is None:
             raise LossNotPerExampleError("DPTrainer's stock loss needs 'labels' in the batch (see DPTrainer docs)")
-        elif self.label_smoother is not None:
-            loss = self.label_smoother(outputs, labels)
         else:
-            config = self.accelerator.unwrap_model(self.model).config
-            loss = ForSequenceClassificationLoss(labels, outputs["logits"], config)
+            if self.label_smoother is not None:
+                loss = self.label_smoother(outputs, labels)
+            else:
+                config = self.accelerator.unwrap_model(self.model).config
+                loss = ForSequenceClassificationLoss(labels, outputs["logits"], config)
+            loss = _over_every_example(loss, labels, outputs["logits"])
         return (loss, outputs) if return_outputs else loss
 
     # -- logs -------------------------------------------------------------------------------------------------
@@ -466,18 +477,28 @@ class DPTrainer(Trainer):
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             save_checkpoint(os.path.join(folder, ENGINE_STATE_NAME), self.engine, global_step=self.state.global_step)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """The Trainer loads the checkpoint's weights here, before the engine's state can be checked: a folder
+        without the engine's state is refused first, and the weights are kept so that a later refusal of the
+        engine's state (another σ, C, q or data set) puts them back."""
+        _require_engine_state(resume_from_checkpoint)
+        target = model if model is not None else self.model
+        self._weights_before_resume = {k: v.detach().clone() for k, v in target.state_dict().items()}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or self.engine is None:
+            super()._load_optimizer_and_scheduler(checkpoint)
             return
-        path = os.path.join(checkpoint, ENGINE_STATE_NAME)
-        if not os.path.isfile(path):
-            raise CheckpointError(
-                f"{checkpoint} has no {ENGINE_STATE_NAME}: it was not written by DPTrainer, so the privacy spent "
-                "before it (accountant history, sampling and noise state) is unknown. Resume from a DPTrainer "
-                "checkpoint, or start a new run."
-            )
-        extra = load_checkpoint(path, self.engine)
+        path = _require_engine_state(checkpoint)
+        try:  # (the engine's refusal changes nothing of the engine, the optimizer or the scheduler)
+            extra = load_checkpoint(path, self.engine)
+        except CheckpointError:
+            weights = getattr(self, "_weights_before_resume", None)
+            if weights is not None:
+                self.model.load_state_dict(weights)  # the weights the Trainer had loaded from the folder go back
+            raise
+        super()._load_optimizer_and_scheduler(checkpoint)
         if extra.get("global_step") != self.state.global_step:
             raise CheckpointError(
                 f"{path} was saved at step {extra.get('global_step')} but the Trainer state in {checkpoint} is at "
@@ -485,8 +506,35 @@ class DPTrainer(Trainer):
             )
 
 
+def _require_engine_state(checkpoint: str) -> str:
+    """The engine's state file in a Trainer checkpoint folder, or a CheckpointError before anything is loaded."""
+    path = os.path.join(checkpoint, ENGINE_STATE_NAME)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{checkpoint} has no {ENGINE_STATE_NAME}: it was not written by DPTrainer, so the privacy spent before it "
+            "(accountant history, sampling and noise state) is unknown. Resume from a DPTrainer checkpoint, or start "
+            "a new run. Nothing was loaded."
+        )
+    return path
+
+
+def _over_every_example(loss: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The stock loss as a mean over every example of the batch. Cross-entropy (and the label smoother) leave out
+    examples labelled -100 and divide by the number of the others, so each example's weight would depend on how
+    many others are ignored: rescaled to divide by the batch size, an ignored example contributes 0 and every
+    other its own loss / B, as loss_reduction="mean" assumes. Float labels (regression, multi-label) ignore none."""
+    if labels.is_floating_point() or labels.numel() == 0:
+        return loss
+    kept = int((labels != -100).sum())
+    if kept == labels.numel():
+        return loss
+    if kept == 0:  # (the mean over no example is NaN): every example contributes 0
+        return logits.sum() * 0.0
+    return loss * (kept / labels.numel())
+
+
 def _rows(batch: Any) -> int:
-    for value in (batch.values() if isinstance(batch, dict) else batch):
+    for value in (batch.values() if isinstance(batch, Mapping) else batch):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
     return 0
