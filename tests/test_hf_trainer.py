@@ -151,6 +151,8 @@ def test_logged_epsilon_matches_dp_accounting(tmp_path, kind):
     (dict(train_sampling_strategy="sequential"), "Poisson sampling"),
     (dict(auto_find_batch_size=True), "auto_find_batch_size"),
     (dict(neftune_noise_alpha=5.0), "NEFTune"),
+    # refused only at the first step before, with a vmap hint that failed too
+    (dict(gradient_checkpointing=True), r"TrainingArguments\(gradient_checkpointing=False\)"),
 ])
 def test_refused_training_arguments(tmp_path, overrides, match):
     model = tiny_bert()
@@ -179,6 +181,18 @@ def test_refuses_custom_sampler(tmp_path):
 def test_refuses_token_level_loss(tmp_path):
     with pytest.raises(LossNotPerExampleError, match="token-level"):
         trainer(tmp_path, data=dataset(token_labels=True))
+
+
+def test_refuses_an_overridden_train_dataloader(tmp_path):
+    """An override of get_train_dataloader was accepted, then train() failed with 'call trainer.train()' after
+    the user's loader had been read."""
+    class OwnLoader(DPTrainer):
+        def get_train_dataloader(self):
+            return torch.utils.data.DataLoader(self.train_dataset, batch_size=8)
+
+    with pytest.raises(EngineUsageError, match=r"overrides get_train_dataloader.*Remove the override"):
+        OwnLoader(model=tiny_bert(), args=arguments(tmp_path), train_dataset=dataset(), data_collator=RecordingCollator(),
+                  noise_multiplier=1.0, target_delta=1e-5)
 
 
 def test_refuses_a_sum_reduction_with_the_stock_mean_loss(tmp_path):

@@ -235,6 +235,20 @@ class DPTrainer(Trainer):
                 "samples batches by Poisson sampling (what the accountant charges). Remove the override; to weight "
                 "or filter examples, change the data set."
             )
+        if type(self).get_train_dataloader is not DPTrainer.get_train_dataloader:
+            raise EngineUsageError(
+                f"{type(self).__name__} overrides get_train_dataloader: DPTrainer's own builds the engine and its "
+                "Poisson loader (what the accountant charges), so an override would train on batches no step "
+                "accounts for. Remove the override; pass data_collator= and the dataloader_* training arguments "
+                "for the loading, and change the data set for what the batches hold."
+            )
+        if getattr(args, "gradient_checkpointing", False):
+            raise EngineUsageError(
+                "gradient_checkpointing=True is refused: checkpointing recomputes layers inside backward, which the "
+                "per-example gradient paths cannot follow (the first step would refuse the model). Set "
+                "TrainingArguments(gradient_checkpointing=False); for memory, cut each logical batch with "
+                "DPTrainer(max_physical_batch_size=...)."
+            )
         if args.fp16:
             raise EngineUsageError(
                 "fp16=True is refused: it trains with loss scaling (GradScaler), which dpclip cannot clip correctly "
