@@ -8,7 +8,6 @@ Each job lives in its own module; the engine only wires them: :mod:`.setup` (arg
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Literal
 
 import torch
@@ -32,7 +31,7 @@ from .module import PrivateModule
 from .noise import NoiseSource
 from .optimizer import DPOptimizer
 from .per_sample import trainable_parameters
-from .checkpoint import Checkpointing
+from .checkpoint import Checkpointing, state_digest
 from .report import BudgetGuard, PrivacyReporting, check_budget
 from .sampling import PoissonDataLoader
 from .sharded import ShardedContext, ShardedModel
@@ -53,21 +52,6 @@ def _optimizer_signature(optimizer: torch.optim.Optimizer) -> tuple[str, list[di
 
     return type(optimizer).__name__, [{k: v for k, v in sorted(group.items()) if k != "params" and comparable(v)}
                                       for group in optimizer.param_groups]
-
-
-def _optimizer_state_digest(optimizer: torch.optim.Optimizer) -> str:
-    """SHA-256 over the optimizer's state (momentum buffers, Adam's moments and step counts), parameter by
-    parameter in the groups' order: ranks whose states differ would step their equal models apart."""
-    digest = hashlib.sha256()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in sorted(optimizer.state.get(p, {}).items()):
-                digest.update(str(key).encode())
-                if isinstance(value, torch.Tensor):
-                    digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-                else:
-                    digest.update(repr(value).encode())
-    return digest.hexdigest()[:16]
 
 
 class PrivacyEngine(PrivacyReporting, Checkpointing):
@@ -239,7 +223,7 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
                                nonfinite=plan.nonfinite, secure_mode=self.secure_mode, accountant=self.accountant_name,
                                optimizer=_optimizer_signature(optimizer),
                                # (FSDP2: each rank holds its own shard's state)
-                               optimizer_state=None if sharded is not None else _optimizer_state_digest(optimizer))
+                               optimizer_state=None if sharded is not None else state_digest({"state": optimizer.state_dict()["state"]}))
             shared_seed = dist_context.synchronize_setup(wrapper, module, loader, fingerprint, noise.seed, lambda: self.steps)
             if shared_seed is not None:
                 noise = NoiseSource(seed=shared_seed, secure_mode=False)
