@@ -27,17 +27,24 @@ class ClippedSum:
     """Σ_i clip(g_i, C) and the policy's statistic over the micro-batches of one logical step."""
 
     def __init__(self, mechanism: DPSGDMechanism, clipping: ClippingPolicy, nonfinite: str,
-                 on_nonfinite: Callable[[str], None]) -> None:
+                 on_nonfinite: Callable[[str], None], sum_in_noise: bool = False) -> None:
+        """``sum_in_noise``: the sums stay in this process and are released with the default sampler (one process,
+        no secure mode), so the step's last batch may be summed inside the drawn noise (:func:`noisy_release`)."""
         self.mechanism, self.clipping, self.nonfinite = mechanism, clipping, nonfinite
         self.on_nonfinite = on_nonfinite  # raises (one process) or defers the error to the step (distributed)
+        self.sum_in_noise = sum_in_noise
         self.reset()
 
     def reset(self) -> None:
         self.sums: dict[str, Tensor] = {}
         self.count = 0.0
+        #: the step's last batch, clipped but not yet summed: its gradients and weights (:meth:`add` with ``last``)
+        self.pending: tuple[ExampleGradients, Tensor] | None = None
 
-    def add(self, example_grads: ExampleGradients, scale: float) -> None:
-        """Clip one batch (or chunk) and add it; ``scale`` undoes a mean-reduced loss (runs inside backward)."""
+    def add(self, example_grads: ExampleGradients, scale: float, last: bool = False) -> None:
+        """Clip one batch (or chunk) and add it; ``scale`` undoes a mean-reduced loss (runs inside backward).
+        ``last``: the step's last batch, whole (nothing of the step runs after it but the release): with
+        ``sum_in_noise`` its weighted sum is left to the release, which forms it inside the noise."""
         per_param = example_grads.norms(self.mechanism.norm) * scale  # type: ignore[arg-type]
         norm = self.mechanism.clip_norm
         norms = norm.combine(per_param)
@@ -53,9 +60,44 @@ class ClippedSum:
         else:
             factors = clip_factors(norms, bound)[:, None].expand(-1, per_param.shape[1])
         factors = torch.where(finite[:, None], factors, 0.0)  # nonfinite="drop": those examples contribute 0
-        for name, contribution in example_grads.weighted_sum(factors * scale, sparse_rows=True).items():
-            self.sums[name] = contribution if name not in self.sums else accumulate(self.sums[name], contribution)
+        self.sum_pending()
+        if last and self.sum_in_noise:
+            self.pending = (example_grads, factors * scale)
+        else:
+            self._sum(example_grads, factors * scale)
         self.count += self.clipping.observe(norms)
+
+    def _sum(self, example_grads: ExampleGradients, weights: Tensor) -> None:
+        for name, contribution in example_grads.weighted_sum(weights, sparse_rows=True).items():
+            self.sums[name] = contribution if name not in self.sums else accumulate(self.sums[name], contribution)
+
+    def sum_pending(self) -> None:
+        """Sum the batch :meth:`add` left to the release into :attr:`sums` (its sum is then formed apart)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self._sum(*pending)
+
+    def release_in_noise(self, params: Mapping[str, Tensor], source: NoiseSource, bound: float,
+                         factor: float) -> dict[str, Tensor] | None:
+        """The release with the noise drawn first: factor·(Σ clip(g_i) + noise) as noise(factor·σC), drawn for the
+        parameters in their order (the draws :func:`add_noise` makes), then factor·Σ clip(g_i) added into it — the
+        earlier batches' sums, and the pending batch's formed inside the noise (:meth:`Contribution.add_weighted`:
+        a linear layer's ``addmm_``, no sum block and no pass to add it; ``profile_step.py``'s floor does the same).
+        Post-processing by ``factor`` as :meth:`NoiseSource.noisy`. None where it does not apply (no pending batch,
+        no noise, or a summed parameter that is no longer trainable): then :meth:`sum_pending` and add the noise."""
+        sigma = self.mechanism.gradient_noise_multiplier
+        if self.pending is None or not sigma > 0 or not set(self.pending[0].names) <= params.keys() \
+                or not self.sums.keys() <= params.keys():
+            return None
+        law = self.mechanism.clip_norm.noise
+        noisy = {name: source.draw(torch.empty((), dtype=p.dtype, device=p.device).expand(p.shape), sigma * bound * factor, law)
+                 for name, p in params.items()}  # (stride-0 stand-ins: the noise is laid out contiguously)
+        for name, total in self.sums.items():
+            noisy[name].add_(total, alpha=factor)
+        pending, weights = self.pending
+        self.pending = None
+        pending.add_weighted_sum(weights * factor, noisy)
+        return noisy
 
 
 def accumulate(total: Tensor, more: Tensor) -> Tensor:
@@ -71,14 +113,18 @@ def noisy_release(clipped: ClippedSum, params: Mapping[str, Tensor], collective:
     NonFiniteGradientError if a process flagged NaN/inf gradients."""
     mechanism, policy = clipped.mechanism, clipped.clipping
     bound = policy.max_norm
-    summed = {name: clipped.sums[name] if name in clipped.sums else torch.zeros_like(p) for name, p in params.items()}
-    summed, count, error = collective.all_reduce(summed, clipped.count)
-    if error is not None:
-        raise NonFiniteGradientError(error)
-    noisy = collective.release_sums(
-        lambda source: add_noise(summed, mechanism.gradient_noise_multiplier, bound, mechanism.norm, source, 1 / batch_size),  # type: ignore[arg-type]
-        summed, noise,
-    )
+    noisy = clipped.release_in_noise(params, noise, bound, 1 / batch_size)  # one process: the sum inside the noise
+    count = clipped.count
+    if noisy is None:
+        clipped.sum_pending()
+        summed = {name: clipped.sums[name] if name in clipped.sums else torch.zeros_like(p) for name, p in params.items()}
+        summed, count, error = collective.all_reduce(summed, clipped.count)
+        if error is not None:
+            raise NonFiniteGradientError(error)
+        noisy = collective.release_sums(
+            lambda source: add_noise(summed, mechanism.gradient_noise_multiplier, bound, mechanism.norm, source, 1 / batch_size),  # type: ignore[arg-type]
+            summed, noise,
+        )
     if not policy.adaptive:
         return noisy, None
     total = torch.tensor(count, dtype=torch.float64)  # the adaptive-clipping count: Gaussian, charged in the step event

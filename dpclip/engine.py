@@ -240,7 +240,8 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         self._settings, self.clipping, self.budget = plan.mechanism, plan.clipping, plan.budget
         self._bound = plan.clipping.max_norm
         self._step_event = step_event
-        self._sum = ClippedSum(plan.mechanism, plan.clipping, plan.nonfinite, self.collective.defer_error)
+        self._sum = ClippedSum(plan.mechanism, plan.clipping, plan.nonfinite, self.collective.defer_error,
+                               sum_in_noise=dist_context is None and not self.secure_mode)
         loader.listener = self
         self._module, self._optimizer, self._loader = module, optimizer, loader
         optimizer._dpclip_wrapped = True  # type: ignore[attr-defined]
@@ -339,8 +340,12 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
     def _add(self, example_grads: ExampleGradients, scale: float) -> None:
         self.guard.delivered = True
         assert self._sum is not None
+        assert self._forwarder is not None
+        # the last micro-batch's layerwise sum is formed at the release, inside the noise (one backward, one delivery;
+        # the vmap path delivers chunk after chunk, each summed at once to keep one chunk's gradients at a time)
+        last = self.guard.last and self._forwarder.path == "layerwise"
         try:
-            self._sum.add(example_grads, scale)
+            self._sum.add(example_grads, scale, last=last)
         except NonFiniteGradientError:  # raised in backward (with several ranks: deferred to the release)
             self.nonfinite_refusals += 1
             raise
@@ -394,6 +399,9 @@ class PrivacyEngine(PrivacyReporting, Checkpointing):
         except NonFiniteGradientError:
             self._abandon_step()
             self.nonfinite_refusals += 1
+            raise
+        except ModelNotSupportedError:  # a layer rule refused while the last batch was summed: nothing released
+            self._abandon_step()
             raise
         fingerprint = release_checksum(noisy)  # before anything is released: nothing after it may fail uncharged
         self.collective.assign_gradients(params, noisy)

@@ -30,6 +30,10 @@ class ExampleGradients(Protocol):
         ``sparse_rows``: a sum may be a sparse COO tensor of the parameter's shape (rows of an embedding)."""
         ...
 
+    def add_weighted_sum(self, factors: Tensor, into: Mapping[str, Tensor]) -> None:
+        """``into[names[j]]`` += Σ_i factors[i, j] · g_i[names[j]] in place (dense tensors of the parameters' shapes)."""
+        ...
+
 
 def as_dense(values: Tensor) -> Tensor:
     """A clipped sum as a dense tensor: a sparse COO one (``weighted_sum(..., sparse_rows=True)``) summed into
@@ -81,3 +85,7 @@ class MaterializedGradients:
 
     def weighted_sum(self, factors: Tensor, sparse_rows: bool = False) -> dict[str, Tensor]:
         return {name: weighted_example_sum(g, factors[:, j]) for j, (name, g) in enumerate(self.grads.items())}
+
+    def add_weighted_sum(self, factors: Tensor, into: Mapping[str, Tensor]) -> None:
+        for name, total in self.weighted_sum(factors).items():
+            into[name].add_(total.to(into[name].dtype))

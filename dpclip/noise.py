@@ -72,6 +72,14 @@ def secure_standard_laplace(shape: torch.Size | tuple[int, ...], generator: torc
     return torch.log1p(-u[0]) * torch.cos(math.pi * u[1]) + torch.log1p(-u[2]) * torch.cos(math.pi * u[3])
 
 
+def check_real(values: Tensor) -> None:
+    """Refuse a complex tensor: ``normal_`` on one gives each real coordinate std scale/√2, not scale."""
+    if values.is_complex():
+        raise ModelNotSupportedError(f"dpclip adds noise to real tensors only, got {values.dtype}: store the "
+                                     "parameter as a real tensor with a trailing dimension of 2 and use "
+                                     "torch.view_as_complex on it in forward")
+
+
 class NoiseSource:
     """One ``torch.Generator`` per device, so noise is drawn where the parameters live (no host copies).
 
@@ -154,6 +162,15 @@ class NoiseSource:
         second = torch.empty_like(like).exponential_(generator=gen)
         return (first - second) * scale
 
+    def draw(self, like: Tensor, scale: float, law: NoiseLaw) -> Tensor:
+        """The noise alone, shaped and placed like ``like`` (a real float32/float64 tensor): Gaussian of std ``scale``
+        or Laplace of scale ``scale`` per coordinate, from the default sampler (secure mode snaps the noisy *sum*,
+        :meth:`noisy`, so it never draws through here). The same draws :meth:`noisy` adds its values to."""
+        if self.secure_mode:
+            raise RuntimeError("secure_mode noise is drawn by noisy(), which snaps the sum")
+        check_real(like)
+        return self.gaussian(like, scale) if law == "gaussian" else self.laplace(like, scale)
+
     def noisy(self, values: Tensor, scale: float, law: NoiseLaw, factor: float = 1.0) -> Tensor:
         """``values`` + Gaussian (std ``scale``) or Laplace (scale ``scale``) noise: the released tensor, times
         ``factor`` (post-processing, e.g. 1/B for an average: Gaussian draws take it into their std, one pass).
@@ -165,21 +182,17 @@ class NoiseSource:
         """
         if law not in ("gaussian", "laplace"):
             raise ValueError(f"the noise law must be 'gaussian' or 'laplace', got {law!r}")
-        if values.is_complex():  # normal_ on a complex tensor gives each real coordinate std scale/√2, not scale
-            raise ModelNotSupportedError(f"dpclip adds noise to real tensors only, got {values.dtype}: store the "
-                                         "parameter as a real tensor with a trailing dimension of 2 and use "
-                                         "torch.view_as_complex on it in forward")
+        check_real(values)
         if self.secure_mode:  # (a sparse sum, an embedding's rows, is clamped and snapped densely below)
             values = as_dense(values)
         if values.dtype in (torch.bfloat16, torch.float16):  # half-precision sums: noise drawn, added and scaled in
             return self.noisy(values.float(), scale, law, factor).to(values.dtype)  # float32; the release cast once
         if not self.secure_mode:  # factor·(values + noise(scale)) = noise(factor·scale) + factor·values: one pass
-            draw = self.gaussian if law == "gaussian" else self.laplace
             # a sparse sum (an embedding's rows) is added into dense noise, only its rows read; the draw is asked for
             # a dense tensor of its shape (a stride-0 stand-in, no memory), as a subclass's gaussian() expects
             like = (values if not values.is_sparse
                     else torch.empty((), dtype=values.dtype, device=values.device).expand(values.shape))
-            return draw(like, scale * factor).add_(values, alpha=factor)
+            return self.draw(like, scale * factor, law).add_(values, alpha=factor)
         grid, bound = snapping_grid(scale), snapping_bound(scale)
         sampler = secure_standard_gaussian if law == "gaussian" else secure_standard_laplace
         noise = sampler(values.shape, self.generator(values.device), values.device) * scale

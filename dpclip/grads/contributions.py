@@ -136,6 +136,11 @@ class Contribution:
         forming or reading a dense block of zeros. Dense here; a contribution overrides it where rows pay."""
         return self.weighted(factors)
 
+    def add_weighted(self, out: Tensor, factors: Tensor) -> None:
+        """``out`` += Σ_i factors[i] · g_i in place (``out``: a dense tensor shaped like the block, e.g. the noise the
+        sum is released in). A contribution overrides it where the sum can be formed inside ``out``."""
+        out.add_(self.weighted_rows(factors).to(out.dtype))
+
     def joined(self, others: list[Contribution]) -> Contribution | None:
         """One contribution equal to the sum of this one and ``others`` (further uses of the same block: a layer
         called more than once per example), or None where this kind cannot join them (the caller then adds their
@@ -296,13 +301,30 @@ class LinearWeight(Contribution):
         out.positions = out.a.shape[1]
         return out
 
-    def weighted(self, factors: Tensor) -> Tensor:
-        if self._cached is not None:  # the per-example gradients the norm formed
-            return self._shaped(self._cached.weighted(factors))
+    def _operands(self, factors: Tensor) -> tuple[Tensor, Tensor]:
+        """The clipped sum's two factors, Σ_i c_i G_iᵀA_i = (c ⊙ G)ᵀA over all rows: [B·T, in] and [B·T, out]."""
         kept = all_kept(factors)
         g = masked_scale(self.g, factors, kept).reshape(-1, self.g.shape[2])
         a = kept_rows(self.a, factors, kept).reshape(-1, self.a.shape[2])
+        return a, g
+
+    def weighted(self, factors: Tensor) -> Tensor:
+        if self._cached is not None:  # the per-example gradients the norm formed
+            return self._shaped(self._cached.weighted(factors))
+        a, g = self._operands(factors)
         return self._shaped(a.transpose(0, 1) @ g if self.transposed else g.transpose(0, 1) @ a)
+
+    def add_weighted(self, out: Tensor, factors: Tensor) -> None:
+        """The clipped sum's matrix product accumulated straight into ``out`` (``addmm_``: no block of its own, no
+        pass to add it), where the block is stored as the product gives it and in ``out``'s precision."""
+        if self._cached is not None or self.a.dtype != out.dtype or not out.is_contiguous():
+            return super().add_weighted(out, factors)
+        a, g = self._operands(factors)
+        matrix = out.view(self.d_in, self.d_out) if self.transposed else out.view(self.d_out, self.d_in)
+        if self.transposed:
+            matrix.addmm_(a.transpose(0, 1), g)
+        else:
+            matrix.addmm_(g.transpose(0, 1), a)
 
 
 class Summed(Contribution):
@@ -630,3 +652,6 @@ class ConvPatches(LinearWeight):
 
     def weighted(self, factors: Tensor) -> Tensor:
         return super().weighted(factors).contiguous()
+
+    def add_weighted(self, out: Tensor, factors: Tensor) -> None:
+        Contribution.add_weighted(self, out, factors)  # the product's columns are permuted to the weight's order

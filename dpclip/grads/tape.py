@@ -20,7 +20,7 @@ import functools
 import math
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -727,9 +727,7 @@ class LayerwiseGradients:
         """Σ_i factors[i, j] · g_i[names[j]]; single use: it frees the recorded tensors as it goes.
         ``sparse_rows``: a parameter with one whole contribution may come back as a sparse COO tensor of its
         shape (:meth:`Contribution.weighted_rows`: an embedding's rows); dense otherwise."""
-        if self._summed:
-            raise EngineUsageError("LayerwiseGradients.weighted_sum can be called once (its tensors are freed)")
-        self._summed = True
+        self._claim()
         sums = {}
         for j, name in enumerate(self.names):
             param = self.params[name]
@@ -746,3 +744,18 @@ class LayerwiseGradients:
                     total[part.rows] += block
             sums[name] = torch.zeros_like(param) if total is None else total
         return sums
+
+    def add_weighted_sum(self, factors: Tensor, into: Mapping[str, Tensor]) -> None:
+        """``into[names[j]]`` += Σ_i factors[i, j] · g_i[names[j]] in place, each contribution formed inside its
+        block of ``into`` (:meth:`Contribution.add_weighted`); single use, as :meth:`weighted_sum`."""
+        self._claim()
+        for j, name in enumerate(self.names):
+            out = into[name]
+            for part in self.by_name.pop(name, []):
+                with refusing(name):
+                    part.add_weighted(out if part.rows is None else out[part.rows], factors[:, j])
+
+    def _claim(self) -> None:
+        if self._summed:
+            raise EngineUsageError("LayerwiseGradients.weighted_sum can be called once (its tensors are freed)")
+        self._summed = True
