@@ -9,8 +9,10 @@ The models, sizes and synthetic data are those of ``benchmarks/compare_opacus.py
 - ``forward``: ``model(x)`` and the loss (dpclip: with the layerwise tape's forward hooks recording each layer);
 - ``backward (autograd)``: ``loss.backward()`` less the part below;
 - ``norms + clipped sum`` (dpclip): what the tape computes when backward ends (``LayerwiseTape.finish``: each
-  layer's per-example norms, the clipping factors and Σ_i c_i g_i), timed by wrapping that method;
-- ``noise`` (dpclip): ``dpclip.aggregation.noisy_release`` (the sum of the clipped sums and the Gaussian draw);
+  layer's per-example norms and the clipping factors; Σ_i c_i g_i too for a micro-batch other than the step's
+  last), timed by wrapping that method;
+- ``noise`` (dpclip): ``dpclip.aggregation.noisy_release`` (the Gaussian draw, and the step's last batch's
+  Σ_i c_i g_i formed inside it: ``ClippedSum.release_in_noise``);
 - ``optimizer``: the rest of ``optimizer.step()`` (dpclip: setting .grad, the SGD update, the accountant's step);
 - ``other``: ``optimizer.zero_grad()`` and the Python between the timers.
 
@@ -22,8 +24,8 @@ bar for the MLP on the machine at hand, where the non-private step leaves out th
 altogether. Its phases are timed like dpclip's (the noise draw apart from the clipped sum it is fused with).
 
 The wrappers are installed by this script only (monkeypatching, nothing in dpclip changes); the JSON also keeps
-two parts of ``norms + clipped sum`` (``LayerwiseGradients.norms`` and ``.weighted_sum``) and the forward hooks'
-own time. One thread (``torch.set_num_threads``), every (model, library) pair run ``--repeats`` times interleaved
+the time of ``LayerwiseGradients.norms``, of the clipped sums (``.weighted_sum`` and ``.add_weighted_sum``,
+wherever they ran) and of the forward hooks. One thread (``torch.set_num_threads``), every (model, library) pair run ``--repeats`` times interleaved
 (each repeat runs every pair once, starting one pair further along) in this process; each repeat reports the median
 of ``--steps`` timed steps (after ``--warmup``; dpclip's first step carries its path verification) per phase, and
 the tables give the median over repeats. Then a ``torch.profiler`` run of ``--profile-steps`` dpclip steps per
@@ -88,7 +90,7 @@ PRIVATE_ONLY = {"norms_clipped_sum", "noise"}
 DETAILS = [
     ("tape_hooks", "forward: the tape's forward hooks"),
     ("norms", "norms + clipped sum: LayerwiseGradients.norms"),
-    ("weighted_sum", "norms + clipped sum: LayerwiseGradients.weighted_sum"),
+    ("weighted_sum", "the clipped sums: LayerwiseGradients.weighted_sum / .add_weighted_sum (inside noise)"),
 ]
 ENV_RECORDED = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "PYTHONPATH")
 
@@ -121,6 +123,7 @@ def install_timers() -> None:
         (tape.LayerwiseTape, "_record", "tape_hooks"),
         (tape.LayerwiseGradients, "norms", "norms"),
         (tape.LayerwiseGradients, "weighted_sum", "weighted_sum"),
+        (tape.LayerwiseGradients, "add_weighted_sum", "weighted_sum"),
         (dpclip.engine, "noisy_release", "noise"),
     ]
     for owner, name, key in targets:

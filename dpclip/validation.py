@@ -215,7 +215,17 @@ def check_loss(
         for m, mode in modes.items():
             m.training = mode
     scale = float(batch) if loss_reduction == "mean" else 1.0
-    pairs = [(together[name] * scale, alone[name]) for name in leaves]
+    refuse_unless_per_example([(together[name] * scale, alone[name]) for name in leaves], batch, loss_reduction,
+                              "the loss", "loss_reduction={!r} to make_private", rtol, atol)
+
+
+def refuse_unless_per_example(pairs: list[tuple[torch.Tensor, torch.Tensor]], batch: int, loss_reduction: str,
+                              subject: str, setting: str, rtol: float, atol: float) -> None:
+    """Raise :class:`LossNotPerExampleError` unless, in every pair, the gradient for example i of the batch loss
+    (times B for a mean) equals the gradient of example i's loss alone: the loss is then a mean (or sum) of
+    per-example losses, and clipping each example's gradient bounds its influence. Where they agree up to a factor
+    B or 1/B, the message names the reduction to declare (``setting``, formatted with it); ``subject`` names the
+    loss."""
 
     def matches(factor: float) -> bool:
         return all(torch.allclose(g * factor, a, rtol=rtol, atol=atol) for g, a in pairs)
@@ -225,12 +235,13 @@ def check_loss(
     for factor, actual, fix in ((1.0 / batch, "sums", "sum"), (float(batch), "averages", "mean")):
         if matches(factor):
             raise LossNotPerExampleError(
-                f"the loss {actual} over the batch but loss_reduction={loss_reduction!r}: pass loss_reduction={fix!r} "
-                "to make_private or change the criterion's reduction (otherwise each example's gradient is off by "
-                "a factor of the batch size before clipping)"
+                f"{subject} {actual} over the batch's examples but loss_reduction={loss_reduction!r}: pass "
+                f"{setting.format(fix)} or change its reduction (otherwise each example's gradient is off by a factor "
+                "of the batch size before clipping)"
             )
     raise LossNotPerExampleError(
-        "the loss of one example depends on the other examples of the batch (e.g. it normalises with batch "
-        "statistics or compares examples with each other): clipping each example's gradient would not bound its "
-        "influence, so DP-SGD cannot account it. Compute a loss per example and reduce it with mean or sum."
+        f"with {subject}, the loss of one example depends on the other examples of the batch (e.g. it normalises with "
+        "batch statistics, takes a token mean over all the batch's tokens, or compares examples with each other): "
+        "clipping each example's gradient would not bound its influence, so DP-SGD cannot account it. Compute a loss "
+        "per example (e.g. each example's token mean) and reduce it over the examples with mean (or sum)."
     )

@@ -355,3 +355,85 @@ def test_empty_poisson_batches_release_noise_without_a_forward(tmp_path):
     t.train()
     assert t.engine.steps == 12 and t.state.global_step == 12
     assert t.engine.accountant.steps == 12
+
+
+# -- compute_loss_func: checked on the first training batch, before anything is released -------------------------
+def _varying_lengths(data: list[dict]) -> list[dict]:
+    """Token labels: example i keeps its first 1 + i % LENGTH tokens, the others are -100 (padding)."""
+    for i, example in enumerate(data):
+        example["labels"][1 + i % LENGTH:] = -100
+    return data
+
+
+def _token_logits(outputs, labels):  # the sequence logits repeated at every token, with token labels
+    return outputs.logits[:, None, :].expand(-1, labels.shape[1], -1)
+
+
+def _ce_mean(outputs, labels, num_items_in_batch=None):
+    return torch.nn.functional.cross_entropy(outputs.logits, labels)
+
+
+def _ce_sum(outputs, labels, num_items_in_batch=None):
+    return torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="sum")
+
+
+def _per_example_token_mean(outputs, labels, num_items_in_batch=None):
+    logits = _token_logits(outputs, labels)
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+    kept = (labels != -100).float()
+    return ((per_token * kept).sum(1) / kept.sum(1)).mean()
+
+
+def _batch_token_mean(outputs, labels, num_items_in_batch=None):
+    logits = _token_logits(outputs, labels)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def _minus_batch_mean(outputs, labels, num_items_in_batch=None):
+    logits = outputs.logits
+    return torch.nn.functional.cross_entropy(logits - logits.mean(0, keepdim=True), labels)
+
+
+@pytest.mark.parametrize("loss, reduction, token_labels", [
+    (_ce_mean, "mean", False), (_ce_sum, "sum", False), (_per_example_token_mean, "mean", True),
+], ids=["mean of cross-entropies", "sum with loss_reduction='sum'", "mean of per-example token means"])
+def test_a_per_example_compute_loss_func_trains(tmp_path, caplog, loss, reduction, token_labels):
+    data = _varying_lengths(dataset(token_labels=True)) if token_labels else dataset()
+    t = trainer(tmp_path, data=data, compute_loss_func=loss, loss_reduction=reduction)
+    with caplog.at_level(logging.WARNING, logger="dpclip.integrations.transformers"):
+        t.train()
+    assert t.engine.steps == 1 and t._loss_func_checked and "not checked" not in caplog.text
+    if loss is _ce_mean:  # the stock loss, by hand: the same step
+        stock = trainer(tmp_path / "stock")
+        stock.train()
+        torch.testing.assert_close(flat(t.model), flat(stock.model), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss, token_labels, match", [
+    (_minus_batch_mean, False, r"compute_loss_func, the loss of one example depends on the other examples of the batch.*per example"),
+    (_batch_token_mean, True, r"compute_loss_func, the loss of one example depends on the other examples of the batch.*per example"),
+    (_ce_sum, False, r"sums over the batch's examples but loss_reduction='mean': pass DPTrainer\(loss_reduction='sum'\)"),
+], ids=["minus the batch mean of the logits", "token mean over the whole batch", "sum with loss_reduction='mean'"])
+def test_a_compute_loss_func_that_is_not_per_example_is_refused_before_any_step(tmp_path, loss, token_labels, match):
+    """compute_loss_func was never checked: a loss mixing the batch's examples, or summing under
+    loss_reduction='mean', trained silently, and the reported ε was not an upper bound."""
+    model = tiny_bert()
+    before = flat(model).clone()
+    data = _varying_lengths(dataset(token_labels=True)) if token_labels else dataset()
+    t = trainer(tmp_path, model, data=data, compute_loss_func=loss)
+    with pytest.raises(LossNotPerExampleError, match=match):
+        t.train()
+    assert t.engine.steps == 0 and not t._loss_func_checked
+    assert torch.equal(flat(model), before)
+
+
+def test_a_batch_of_one_is_not_checked_but_the_next_batch_is():
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from dpclip.integrations.transformers import _check_loss_func
+
+    logits, labels = torch.randn(3, 2), torch.tensor([0, 1, 1])
+    assert _check_loss_func(_minus_batch_mean, SequenceClassifierOutput(logits=logits[:1]), labels[:1], 1, "mean") is False
+    with pytest.raises(LossNotPerExampleError):
+        _check_loss_func(_minus_batch_mean, SequenceClassifierOutput(logits=logits), labels, 3, "mean")
+    assert _check_loss_func(_ce_mean, SequenceClassifierOutput(logits=logits), labels, 3, "mean") is True

@@ -44,6 +44,7 @@ from accountants import steps_per_epoch as _steps_per_epoch
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..engine import PrivacyEngine
 from ..errors import EngineUsageError, LossNotPerExampleError, PrivacyBudgetExceeded, PrivacyParameterError
+from ..validation import refuse_unless_per_example
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +194,8 @@ class DPTrainer(Trainer):
         #: The budget guard's message once it stopped training (None otherwise).
         self.budget_exhausted: str | None = None
         self._loss_checked_for: Any = None
+        #: Set once compute_loss_func has passed :func:`_check_loss_func` on a training batch of 2+ examples.
+        self._loss_func_checked = False
         self._refuse_unsafe_settings()
         # The model must never see num_items_in_batch: a loss normalised by the whole batch's item count weighs
         # each example by the others (see _check_loss_is_per_example).
@@ -452,6 +455,9 @@ class DPTrainer(Trainer):
         labels = inputs.pop("labels", None)
         outputs = model(**inputs)
         if self.compute_loss_func is not None:
+            if not self._loss_func_checked and model is self._private_model:  # training only, once (not B = 1)
+                self._loss_func_checked = _check_loss_func(
+                    self.compute_loss_func, outputs, labels, _rows(inputs), self.private_options["loss_reduction"])
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=None)
         elif labels is None:
             raise LossNotPerExampleError("DPTrainer's stock loss needs 'labels' in the batch (see DPTrainer docs)")
@@ -530,6 +536,68 @@ def _require_engine_state(checkpoint: str) -> str:
             "a new run. Nothing was loaded."
         )
     return path
+
+
+def _check_loss_func(loss_func: Any, outputs: Any, labels: Any, batch: int, loss_reduction: str,
+                     rtol: float = 1e-4, atol: float = 1e-6) -> bool:
+    """Check ``compute_loss_func`` on a training batch's model outputs, before its loss is used: DP-SGD clips each
+    example's gradient of the batch loss, which bounds its influence only if example i's loss depends on example i's
+    outputs and labels alone (a mean, or with loss_reduction="sum" a sum, of per-example losses). The outputs with
+    the batch in dim 0 are detached into leaves; for the first min(B, 4) examples, the gradient of the batch loss at
+    row i, times B for "mean", must equal the gradient of the loss on example i alone (rtol, atol relative to the
+    gradients' scale, as :func:`dpclip.check_loss`). A loss that normalises over the batch (a token mean over all its
+    tokens, batch statistics) or a reduction other than ``loss_reduction`` raises :class:`LossNotPerExampleError`.
+    The model is not run again. Returns True once checked, False when it cannot tell: a batch of one example (the
+    next batch is checked), or outputs or labels it cannot cut into examples (not checked)."""
+    if batch < 2:
+        return False
+
+    def rows(value: Any, index: slice) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return value[index]
+        if isinstance(value, Mapping):
+            return {key: rows(item, index) for key, item in value.items()}
+        raise TypeError(type(value).__name__)
+
+    fields = {key: value for key, value in (outputs.items() if isinstance(outputs, Mapping) else [(None, outputs)])
+              if value is not None}
+    try:  # a structure that cannot be cut into examples (tuples of hidden states, a field without the batch in
+        # dim 0, labels that are neither a tensor, a dict of tensors nor None) is not checked
+        if not fields or not all(isinstance(value, torch.Tensor) for value in fields.values()):
+            raise TypeError("outputs")
+        rows(fields, slice(0, 1)), rows(labels, slice(0, 1))
+    except TypeError:
+        logger.warning("DPTrainer: compute_loss_func was not checked (outputs or labels cannot be cut into examples)")
+        return True
+
+    def grads_at(index: slice) -> list[torch.Tensor] | None:
+        """The gradient of the loss on rows ``index`` with respect to those rows' floating-point outputs (zeros
+        where it does not depend on them); None if the loss is not a scalar tensor."""
+        leaves = {key: value[index].detach().float().requires_grad_() if value.is_floating_point()
+                  else value[index] for key, value in fields.items()}
+        wrt = [leaf for leaf in leaves.values() if leaf.requires_grad]
+        with torch.enable_grad():
+            loss = loss_func(leaves[None] if None in leaves else type(outputs)(**leaves), rows(labels, index),
+                             num_items_in_batch=None)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                return None
+            grads = torch.autograd.grad(loss, wrt, allow_unused=True) if loss.requires_grad else [None] * len(wrt)
+        return [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)]
+
+    with torch.autocast(next(iter(fields.values())).device.type, enabled=False):  # float32, as the tolerances assume
+        together = grads_at(slice(None))
+        if together is None:
+            return True  # not a scalar loss: backward refuses it anyway
+        pairs = []
+        for i in range(min(batch, 4)):
+            alone = grads_at(slice(i, i + 1)) or []
+            pairs += [(g[i:i + 1] * (batch if loss_reduction == "mean" else 1), a) for g, a in zip(together, alone)]
+    scale = max((float(a.abs().max()) for _, a in pairs if a.numel()), default=0.0) or 1.0
+    refuse_unless_per_example(pairs, batch, loss_reduction, "the loss passed as compute_loss_func",
+                              "DPTrainer(loss_reduction={!r})", rtol, atol * scale)
+    return True
 
 
 def _over_every_example(loss: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
